@@ -1,0 +1,193 @@
+"""
+Sample from a checkpoint's EMA weights.
+
+    python sample.py --ckpt runs/000-shapes-XS-4-ours --classes 0,6,7 --flip 0,1 --cfg-scale 1,3
+    python sample.py --ckpt runs/000-shapes-XS-4-ours --eval-per-class 50      # the checker's accuracies (shapes)
+
+A grid has one row per class and one column per (guidance scale, control variant, seed); the same noise is reused
+across rows and control variants, so a column-to-column change is caused by the condition alone.
+"""
+import argparse
+import itertools
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from data import CHIRAL, SHAPE_NAMES, Autoencoder, ShapesChecker, default_control, expected_position, to_uint8
+from diffusion import guided_velocity, sample
+
+#################################################################################
+#                              Generation                                       #
+#################################################################################
+
+
+def make_noise(seeds, shape, device):
+    """One noise tensor per seed, independent of batch composition: (len(seeds), *shape)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+@torch.no_grad()
+def generate(model, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, alpha=1.0, method="euler",
+             interval=(0.0, 1.0), batch=256, progress=False):
+    """Latents for labels y (B,) and controls ctrl (B, S) from the given noise (B, C, H, W), in chunks of `batch`."""
+    out = []
+    for i in range(0, noise.shape[0], batch):
+        yi, ci = y[i:i + batch], ctrl[i:i + batch]
+        fn = lambda x, t: guided_velocity(model, x, t, yi, ci, model.y_embed.num_classes, cfg_scale, ctrl_scale,
+                                          interval)
+        out.append(sample(fn, noise[i:i + batch], steps, alpha, method, progress))
+    return torch.cat(out)
+
+
+def alpha_of(args):
+    from train import shift_alpha
+    return shift_alpha(args)
+
+
+def latent_shape(args, vae):
+    return (vae.channels, args.res // vae.factor, args.res // vae.factor)
+
+
+def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None, cfg_scales=None,
+               cfg_scale=1.0, steps=50, method="euler"):
+    """Save a PNG grid: rows = classes, columns = guidance scale x control variant x seed."""
+    from torchvision.utils import save_image
+    was_training = model.training
+    model.eval()
+    classes = list(range(min(args.num_classes, 10))) if classes is None else classes
+    base = default_control(args.dataset, args.res)
+    if controls is None:  # show the flip: it is the control whose effect is easiest to see
+        controls = [base.clone(), base.clone()]
+        controls[1][4] = 1.0
+    cfg_scales = cfg_scales or [cfg_scale]
+    cols = list(itertools.product(cfg_scales, range(len(controls)), seeds))
+    noise = make_noise([s for _, _, s in cols], latent_shape(args, vae), device).repeat(len(classes), 1, 1, 1)
+    y = torch.tensor([c for c in classes for _ in cols], device=device)
+    ctrl = torch.stack([controls[k] for _ in classes for _, k, _ in cols]).to(device)
+    imgs = []
+    for g in cfg_scales:  # guidance scale is a scalar per call: group the columns by it
+        sel = torch.tensor([i for i, (gi, _, _) in enumerate(cols * len(classes)) if gi == g], device=device)
+        imgs.append((sel, generate(model, noise[sel], y[sel], ctrl[sel], g, steps=steps, alpha=alpha_of(args),
+                                   method=method)))
+    lat = torch.empty_like(noise)
+    for sel, x in imgs:
+        lat[sel] = x
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_image(vae.decode(lat), path, nrow=len(cols), padding=1, pad_value=1.0)
+    model.train(was_training)
+    return path
+
+
+#################################################################################
+#                     Evaluation on shapes with the checker                     #
+#################################################################################
+
+@torch.no_grad()
+def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, seed=10_000, method="euler"):
+    """Checker accuracies of samples drawn per class, each seed drawn with flip 0 and flip 1.
+
+    class_acc  measured class == requested class
+    flip_acc   on chiral classes: measured orientation == requested flip (a wrong class counts as wrong)
+    mirrored   on chiral classes: fraction of (flip 0, flip 1) pairs of the same seed that both come out right
+    crop_err   mean distance (pixels) between the shape centre and where the crop condition puts it
+    """
+    was_training = model.training
+    model.eval()
+    vae = Autoencoder("none")
+    checker = ShapesChecker()
+    base = default_control(args.dataset, args.res)
+    rng = np.random.default_rng(seed)
+    rows = []  # (class, flip, seed, control)
+    for k in range(args.num_classes):
+        for j in range(per_class):
+            c = base.clone()
+            c[2], c[3] = rng.integers(0, round(args.res * 0.25) + 1, size=2)  # random crop offsets
+            for flip in (0, 1):
+                c2 = c.clone()
+                c2[4] = flip
+                rows.append((k, flip, seed + k * per_class + j, c2))
+    noise = make_noise([r[2] for r in rows], latent_shape(args, vae), device)
+    y = torch.tensor([r[0] for r in rows], device=device)
+    ctrl = torch.stack([r[3] for r in rows]).to(device)
+    x = generate(model, noise, y, ctrl, cfg_scale, steps=steps, alpha=alpha_of(args), method=method)
+    meas = checker(to_uint8(vae.decode(x)).cpu())
+    model.train(was_training)
+    class_ok = np.array([m["label"] == r[0] for m, r in zip(meas, rows)])
+    chiral = np.array([SHAPE_NAMES[r[0]] in CHIRAL for r in rows])
+    flip_ok = np.array([m["label"] == r[0] and m["orientation"] == r[1] for m, r in zip(meas, rows)])
+    pairs = flip_ok.reshape(-1, 2).all(axis=1)[chiral.reshape(-1, 2)[:, 0]]
+    err = [np.hypot(*(np.subtract(m["position"], expected_position(r[3], args.res)))) for m, r in zip(meas, rows)]
+    return dict(class_acc=float(class_ok.mean()), flip_acc=float(flip_ok[chiral].mean()),
+                mirrored=float(pairs.mean()), crop_err=float(np.nanmean(err)))
+
+
+#################################################################################
+#                                   CLI                                         #
+#################################################################################
+
+def load_checkpoint(path, device):
+    """EMA model and the run's config from a checkpoint file or run folder."""
+    from train import find_checkpoint, make_model
+    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
+    args = SimpleNamespace(**ckpt["args"])
+    model = make_model(args)
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval(), args
+
+
+def floats(s):
+    return [float(v) for v in s.split(",")] if s else None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
+    p.add_argument("--out", default=None, help="PNG path (default: <run folder>/grid.png)")
+    p.add_argument("--classes", default=None, help="comma-separated class indices (default: the first 10)")
+    p.add_argument("--seeds", type=int, default=4, help="noise seeds per cell")
+    p.add_argument("--cfg-scale", default="1.0", help="semantic guidance scale(s), comma-separated")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="euler", choices=("euler", "heun"))
+    p.add_argument("--flip", default=None, help="flip values to sweep, e.g. 0,1")
+    p.add_argument("--orig-size", default=None, help="original-size values (pixels) to sweep, e.g. 16,64")
+    p.add_argument("--crop-offset", default=None, help="crop offsets (pixels, top = left) to sweep, e.g. 0,8")
+    p.add_argument("--eval-per-class", type=int, default=0, help="shapes: run the checker on N samples per class")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, args = load_checkpoint(a.ckpt, device)
+    vae = Autoencoder(args.vae).to(device)
+    scales = floats(a.cfg_scale)
+    if a.eval_per_class:
+        if args.dataset != "shapes":
+            raise SystemExit("--eval-per-class uses the shapes checker: it needs a checkpoint trained on shapes")
+        res = evaluate_shapes(model, args, a.eval_per_class, device, cfg_scale=scales[0], steps=a.steps,
+                              method=a.sampler)
+        print(json.dumps(dict(res, cfg_scale=scales[0], per_class=a.eval_per_class, steps=a.steps)))
+        return res
+    base = default_control(args.dataset, args.res)
+    controls = []
+    for flip, size, off in itertools.product(floats(a.flip) or [None], floats(a.orig_size) or [None],
+                                             floats(a.crop_offset) or [None]):
+        c = base.clone()
+        if flip is not None:
+            c[4] = flip
+        if size is not None:
+            c[0] = c[1] = size
+        if off is not None:
+            c[2] = c[3] = off
+        controls.append(c)
+    classes = [int(c) for c in a.classes.split(",")] if a.classes else None
+    if classes and max(classes) >= args.num_classes:
+        raise SystemExit(f"--classes: the model knows classes 0..{args.num_classes - 1}")
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt,
+                                "grid.png")
+    class_grid(model, vae, args, out, device, classes=classes, seeds=range(a.seeds), controls=controls,
+               cfg_scales=scales, steps=a.steps, method=a.sampler)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""conditioning.py: embedder shapes, gate schedules, control dropout, independent condition dropout."""
+import math
+
+import pytest
+import torch
+
+from conditioning import (CONTROL_GROUPS, ClassEmbedder, ControlEmbedder, TimestepEmbedder, drop_conditions, gate,
+                          normalise_control)
+from data import CONTROL_SIGNALS, make_control
+
+
+def ctrl_batch(n=4):
+    return torch.stack([make_control(16 + 8 * i, 64, i, 2 * i, i % 2, 32) for i in range(n)])
+
+
+def test_gate_values_at_the_ends():
+    t = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(gate("cosine", t), torch.tensor([1.0, math.cos(math.pi / 4), 0.0]), atol=1e-6)
+    assert torch.equal(gate("none", t), torch.ones(3))
+    assert torch.allclose(gate("linear", t), torch.tensor([1.0, 0.5, 0.0]))
+    assert torch.allclose(gate("cosine_pow", t), torch.tensor([1.0, 0.5, 0.0]), atol=1e-6)
+    assert torch.equal(gate("off", t), torch.zeros(3))
+    with pytest.raises(ValueError, match="unknown gate"):
+        gate("sigmoid", t)
+
+
+def test_embedder_shapes():
+    assert TimestepEmbedder(32)(torch.rand(5)).shape == (5, 32)
+    tok, pooled = ClassEmbedder(10, 32, tokens=3)(torch.tensor([0, 10]))
+    assert tok.shape == (2, 3, 32) and pooled.shape == (2, 32)
+    emb = ControlEmbedder(32)(ctrl_batch())
+    assert emb.shape == (4, len(CONTROL_GROUPS), 32)
+    assert ControlEmbedder(32).gate_weights(torch.rand(4)).shape == (4, len(CONTROL_GROUPS))
+
+
+def test_control_normalisation_is_resolution_relative():
+    a = normalise_control(make_control(256, 256, 32, 16, 1, 256)[None])[0]
+    b = normalise_control(make_control(512, 512, 64, 32, 1, 512)[None])[0]
+    i = {s: k for k, s in enumerate(CONTROL_SIGNALS)}
+    assert a[i["crop_top"]] == b[i["crop_top"]] == 0.125 and a[i["flip"]] == 1
+    assert b[i["orig_h"]] - a[i["orig_h"]] == 1  # log2 scale: doubling a size adds 1
+
+
+def test_control_groups_are_separate_and_drop_uses_null():
+    emb = ControlEmbedder(16)
+    torch.nn.init.normal_(emb.null)
+    c = ctrl_batch(2)
+    c2 = c.clone()
+    c2[:, CONTROL_SIGNALS.index("flip")] = 1 - c2[:, CONTROL_SIGNALS.index("flip")]
+    e1, e2 = emb(c), emb(c2)
+    groups = list(CONTROL_GROUPS)
+    for g, name in enumerate(groups):  # flipping changes the flip group's embedding only
+        assert torch.equal(e1[:, g], e2[:, g]) == (name != "flip")
+    dropped = emb(c, drop=torch.tensor([True, False]))
+    assert torch.equal(dropped[0], emb.null) and torch.equal(dropped[1], e1[1])
+
+
+def test_condition_dropout_rates_are_independent():
+    g = torch.Generator().manual_seed(0)
+    y = torch.zeros(20000, dtype=torch.long)
+    y2, drop = drop_conditions(y, 10, 0.1, 0.3, g)
+    sem = (y2 == 10).float()
+    assert abs(sem.mean() - 0.1) < 0.01 and abs(drop.float().mean() - 0.3) < 0.015
+    assert abs((sem * drop.float()).mean() - 0.03) < 0.006  # joint rate = product: independent
+    y3, drop3 = drop_conditions(y, 10, 0.0, 0.0, g)
+    assert torch.equal(y3, y) and not drop3.any()

@@ -1,0 +1,120 @@
+"""data.py: the shapes dataset is deterministic and records its metadata; the checker reads real samples right;
+image folders record the crop / flip they apply; bad paths fail with a clear message."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import spearmanr
+
+from data import (CANVAS_MARGIN, CHIRAL, CONTROL_SIGNALS, SHAPE_NAMES, ImageFolderDataset, ShapesChecker,
+                  ShapesDataset, build_dataset, crop_flip, expected_position)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return ShapesDataset(size=400, res=32, seed=3)
+
+
+def test_shapes_deterministic_and_typed(shapes):
+    again = ShapesDataset(size=20, res=32, seed=3)
+    other = ShapesDataset(size=20, res=32, seed=4)
+    img, label, ctrl, caption = shapes[5]
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32)
+    assert ctrl.shape == (len(CONTROL_SIGNALS),)
+    assert torch.equal(img, again[5][0]) and label == again[5][1] and torch.equal(ctrl, again[5][2])
+    assert not all(torch.equal(shapes[i][0], other[i][0]) for i in range(20))
+    assert SHAPE_NAMES[label] in caption
+
+
+def test_shapes_metadata_ranges_and_balance(shapes):
+    ctrl = torch.stack([shapes[i][2] for i in range(len(shapes))])
+    labels = np.array([shapes[i][1] for i in range(len(shapes))])
+    c = dict(zip(CONTROL_SIGNALS, ctrl.unbind(1)))
+    max_off = round(32 * CANVAS_MARGIN) - 32
+    assert c["crop_top"].min() >= 0 and c["crop_top"].max() <= max_off and c["crop_left"].max() <= max_off
+    assert set(c["flip"].tolist()) == {0.0, 1.0}
+    assert c["orig_h"].min() >= 16 and c["orig_h"].max() <= 64 and torch.equal(c["orig_h"], c["orig_w"])
+    assert torch.all(c["res"] == 32) and torch.all(c["aspect"] == 1)
+    assert len(set(labels)) == 10 and len(CHIRAL) >= 3
+
+
+def test_augmentation_changes_with_epoch_only(shapes):
+    a = shapes[7]
+    assert torch.equal(a[0], shapes[7][0]) and torch.equal(a[2], shapes[7][2])  # same epoch, same crop
+    draws = set()
+    for e in range(8):
+        shapes.set_epoch(e)
+        draws.add(tuple(shapes[7][2].tolist()))
+    shapes.set_epoch(0)
+    assert len(draws) > 1
+
+
+def test_checker_reads_dataset_images(shapes):
+    checker = ShapesChecker()
+    class_ok, orient_ok, n_chiral, errs, sharp, orig = 0, 0, 0, [], [], []
+    for i in range(len(shapes)):
+        img, label, ctrl, caption = shapes[i]
+        m = checker(img)
+        class_ok += m["label"] == label
+        if SHAPE_NAMES[label] in CHIRAL:
+            n_chiral += 1
+            orient_ok += m["orientation"] == int(ctrl[4])
+        else:
+            assert m["orientation"] is None or m["label"] != label
+        errs.append(np.hypot(*np.subtract(m["position"], expected_position(ctrl, 32))))
+        sharp.append(m["sharpness"])
+        orig.append(ctrl[0].item())
+        assert m["colour"] in caption
+    assert class_ok / len(shapes) >= 0.98
+    assert orient_ok == n_chiral
+    assert np.mean(errs) < 0.5 and np.max(errs) <= 2.0
+    orig, sharp = np.array(orig), np.array(sharp)
+    small = orig < 32 * CANVAS_MARGIN  # larger originals are downsampled: all equally sharp
+    assert spearmanr(orig[small], sharp[small]).statistic > 0.6
+
+
+def test_checker_sees_a_mirror(shapes):
+    checker = ShapesChecker()
+    i = next(i for i in range(len(shapes)) if SHAPE_NAMES[shapes[i][1]] in CHIRAL)
+    img = shapes[i][0]
+    a, b = checker(img), checker(img.flip(-1))
+    assert a["label"] == b["label"] and a["orientation"] == 1 - b["orientation"]
+
+
+def test_crop_flip_records_what_it_did():
+    arr = np.arange(40 * 50 * 3, dtype=np.uint32).reshape(40, 50, 3) % 251
+    img = Image.fromarray(arr.astype(np.uint8))
+    seen_flip = set()
+    for seed in range(20):
+        out, ctrl = crop_flip(img, 32, np.random.default_rng(seed), margin=40 / 32)
+        top, left, flip = int(ctrl[2]), int(ctrl[3]), bool(ctrl[4])
+        ref = torch.from_numpy(arr[top:top + 32, left:left + 32].astype(np.uint8)).permute(2, 0, 1)
+        assert torch.equal(out, ref.flip(-1) if flip else ref)
+        assert ctrl[0] == 40 and ctrl[1] == 50 and ctrl[6] == 32
+        seen_flip.add(flip)
+    assert seen_flip == {True, False}
+    out, ctrl = crop_flip(img, 32, np.random.default_rng(0), margin=40 / 32, crop="center", hflip=False)
+    assert (int(ctrl[2]), int(ctrl[3]), int(ctrl[4])) == (4, 9, 0)
+
+
+def test_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for j, (h, w) in enumerate([(40, 60), (70, 50), (33, 33)]):
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / cls / f"{j}.png")
+    ds = build_dataset("folder", 32, str(tmp_path))
+    assert len(ds) == 6 and ds.num_classes == 2
+    img, label, ctrl, name = ds[1]
+    assert img.shape == (3, 32, 32) and label == 0 and name == "cat"
+    assert (ctrl[0].item(), ctrl[1].item()) == (70, 50)  # the file's own size is the original size
+    assert ctrl[2] >= 0 and ctrl[2] <= round(70 * 32 / 50) - 32 and ctrl[3] == 0
+
+
+def test_bad_paths_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="--data-path"):
+        build_dataset("imagenet", 32, None)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ImageFolderDataset(str(tmp_path / "missing"), 32)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_dataset("cifar", 32)

@@ -1,0 +1,133 @@
+"""model.py: shapes, zero-init identity, the routes' conditioning, positional embeddings, attention masking."""
+import pytest
+import torch
+
+from data import make_control
+from model import CONDS, SIZES, JointBlock, build_model, count_params, sincos_2d
+
+
+def tiny(cond="ours", **kw):
+    kw = dict(dict(input_size=16, in_channels=3, num_classes=10), **kw)
+    return build_model("T/4", cond=cond, **kw)
+
+
+def perturb(model, std=0.05):
+    """Give every zero-initialised layer random weights, so conditioning paths are live."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def inputs(b=3, res=16):
+    ctrl = torch.stack([make_control(16, 16, 0, 0, i % 2, res) for i in range(b)])
+    return torch.randn(b, 3, res, res), torch.rand(b), torch.randint(0, 10, (b,)), ctrl
+
+
+@pytest.mark.parametrize("cond", CONDS)
+def test_forward_backward_shapes(cond):
+    model = perturb(tiny(cond))
+    x, t, y, c = inputs()
+    out = model(x, t, y, c)
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "null" not in n)
+
+
+@pytest.mark.parametrize("cond", CONDS)
+def test_fresh_model_is_identity_per_block_and_outputs_zero(cond):
+    model = tiny(cond)
+    x, t, y, c = inputs()
+    assert torch.equal(model(x, t, y, c), torch.zeros_like(x))
+    vec, ctx = model.condition(t, y, c)
+    tokens = torch.randn(3, 16, model.width)
+    for i, block in enumerate(model.blocks):
+        out, ctx_out = block(tokens, ctx, vec)
+        assert torch.equal(out, tokens)
+        if ctx is not None and i < len(model.blocks) - 1:
+            assert torch.equal(ctx_out, ctx)
+
+
+def test_ours_keeps_semantics_out_of_adaln_and_gates_control():
+    model = perturb(tiny("ours"))
+    x, t, y, c = inputs()
+    vec_a, _ = model.condition(t, y, c)
+    vec_b, _ = model.condition(t, (y + 1) % 10, c)
+    assert torch.equal(vec_a, vec_b)  # the class only reaches the model through tokens
+    bigger = c.clone()
+    bigger[:, 0] = bigger[:, 1] = 64
+    ones, zeros = torch.ones(3), torch.zeros(3)
+    # at pure noise the size gate is closed: changing the original size changes nothing
+    assert torch.allclose(model.condition(ones, y, c)[0], model.condition(ones, y, bigger)[0], atol=1e-6)
+    assert not torch.allclose(model.condition(zeros, y, c)[0], model.condition(zeros, y, bigger)[0])
+    flipped = c.clone()
+    flipped[:, 4] = 1 - flipped[:, 4]  # the flip gate is open everywhere
+    assert not torch.allclose(model.condition(ones, y, c)[0], model.condition(ones, y, flipped)[0])
+
+
+@pytest.mark.parametrize("cond", ["adaln", "mmdit"])
+def test_baselines_add_semantics_into_adaln(cond):
+    model = perturb(tiny(cond))
+    x, t, y, c = inputs()
+    assert not torch.equal(model.condition(t, y, c)[0], model.condition(t, (y + 1) % 10, c)[0])
+    assert (model.condition(t, y, c)[1] is None) == (cond == "adaln")
+
+
+def test_pos_embed_resample_and_extend():
+    base = sincos_2d(64, 4, 4, 4, 4)
+    big = sincos_2d(64, 8, 8, 4, 4, "resample").view(8, 8, 64)
+    assert torch.allclose(big[::2, ::2].reshape(16, 64), base, atol=1e-6)  # even positions = the base grid
+    ext = sincos_2d(64, 8, 8, 4, 4, "extend").view(8, 8, 64)
+    assert torch.allclose(ext[:4, :4].reshape(16, 64), base, atol=1e-6)  # the base grid's corner is unchanged
+    assert not torch.allclose(ext[4:, 4:], big[4:, 4:])
+    wide = sincos_2d(64, 4, 8, 4, 4, "resample").view(4, 8, 64)
+    assert wide.shape == (4, 8, 64) and torch.allclose(wide[:, ::2].reshape(16, 64), base, atol=1e-6)
+
+
+def test_non_square_and_larger_inputs():
+    model = perturb(tiny("ours"))
+    x, t, y, _ = inputs()
+    for h, w in [(16, 32), (32, 16), (32, 32)]:
+        c = torch.stack([make_control(h, w, 0, 0, 0, (h * w) ** 0.5, w / h)] * 3)
+        assert model(torch.randn(3, 3, h, w), t, y, c).shape == (3, 3, h, w)
+    with pytest.raises(ValueError, match="divisible by the patch"):
+        model(torch.randn(3, 3, 18, 16), t, y, c)
+
+
+def test_padded_context_tokens_are_masked():
+    block = JointBlock(32, 2)
+    perturb(block)
+    x, c, vec = torch.randn(2, 9, 32), torch.randn(2, 4, 32), torch.randn(2, 32)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    c2 = c.clone()
+    c2[~mask] = torch.randn(int((~mask).sum()), 32) * 10
+    out1, _ = block(x, c, vec, mask)
+    out2, _ = block(x, c2, vec, mask)
+    assert torch.allclose(out1, out2, atol=1e-5)
+    assert not torch.allclose(block(x, c, vec)[0], block(x, c2, vec)[0])
+
+
+def test_joint_attention_matches_a_plain_reference():
+    """SDPA over [context; image] equals softmax(q k^T / sqrt(d)) v written out by hand."""
+    block = perturb(JointBlock(32, 2))
+    x, c, vec = torch.randn(2, 9, 32), torch.randn(2, 3, 32), torch.randn(2, 32)
+    qi, ki, vi, mod_i = block.img.pre_attention(x, vec)
+    qc, kc, vc, mod_c = block.ctx.pre_attention(c, vec)
+    q, k, v = torch.cat([qc, qi], 2), torch.cat([kc, ki], 2), torch.cat([vc, vi], 2)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+    ref_x = block.img.post_attention(x, attn[:, :, 3:], mod_i)
+    assert torch.allclose(block(x, c, vec)[0], ref_x, atol=1e-5)
+
+
+def test_presets_and_bad_names():
+    assert set(SIZES) >= {"XL", "L", "B", "S"}
+    m = build_model("S/8", input_size=32, in_channels=4, num_classes=10)
+    assert len(m.blocks) == 12 and m.width == 384 and count_params(m) > 1e6
+    with pytest.raises(ValueError, match="unknown --model"):
+        build_model("XXL/2")
+    with pytest.raises(ValueError, match="unknown --cond"):
+        tiny("concat")
+    with pytest.raises(ValueError, match="not divisible"):
+        build_model("T/4", input_size=18, in_channels=3, num_classes=10)

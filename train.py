@@ -1,0 +1,396 @@
+"""
+Train a diffusion transformer. One loop for every setting.
+
+    python train.py                                               # small model on the embedded shapes dataset (CPU)
+    torchrun --nproc_per_node=8 train.py --dataset imagenet --res 256 --data-path /data/imagenet/train
+
+DDP under torchrun (NCCL on GPU, gloo on CPU; the *local* rank picks the GPU), bf16 autocast + TF32 on GPU, fused
+attention through scaled_dot_product_attention, AdamW with warmup, gradient clipping, EMA, atomic checkpoints that
+resume exactly (model, EMA, optimizer, step, data position, RNG states), a JSON-lines log and sample grids.
+Flags left unset take the dataset's preset (PRESETS below); every flag is printed and stored in the checkpoint.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from conditioning import DEFAULT_GATES, GATES, drop_conditions
+from data import DATASETS, Autoencoder, build_dataset
+from diffusion import flow_loss, resolution_shift, sample_t
+from model import CONDS, MODELS, POS_MODES, build_model, count_params
+
+CONFIG_VERSION = 1
+
+# Per-dataset recipes for the flags left unset. imagenet/folder follow the ImageNet-256 recipe (SPEC.md); shapes is
+# a small CPU preset (higher lr, shorter EMA) that converges in minutes on 2 cores.
+PRESETS = {
+    "shapes": dict(res=32, model="XS/4", batch=64, lr=1e-3, steps=3000, warmup=200, ema=0.999, decay="cosine",
+                   vae="none", base_res=32, log_every=50, ckpt_every=1000, sample_every=0, workers=0),
+    "imagenet": dict(res=256, model="XL/2", batch=256, lr=1e-4, steps=400_000, warmup=1000, ema=0.9999,
+                     decay="constant", vae="sd-ema", base_res=256, log_every=100, ckpt_every=10_000,
+                     sample_every=10_000, workers=8),
+}
+PRESETS["folder"] = PRESETS["imagenet"]
+
+# Config keys that must agree between a checkpoint and the run that resumes it.
+ARCH_KEYS = ("model", "cond", "class_tokens", "pos_mode", "res", "vae", "num_classes", "gate_size", "gate_crop",
+             "gate_flip", "dataset")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--dataset", default="shapes", choices=DATASETS, help="shapes (embedded, default) | imagenet | folder")
+    a("--data-path", default=None, help="ImageFolder root for imagenet / folder")
+    a("--res", type=int, help="training resolution in pixels (shapes 32, imagenet 256)")
+    a("--crop", default="random", choices=("random", "center"), help="crop policy; crop offsets are recorded")
+    a("--no-hflip", dest="hflip", action="store_false", help="disable random horizontal flips")
+    a("--shapes-size", type=int, default=10000, help="number of distinct shapes images")
+    a("--vae", help="none (pixel space) | sd-ema | sd-mse | a diffusers AutoencoderKL path")
+    # model
+    a("--model", help=f"size/patch preset: {', '.join(MODELS)}")
+    a("--cond", default="ours", choices=CONDS, help="conditioning route (ours = disentangled, the paper's)")
+    a("--class-tokens", type=int, default=1, help="context tokens per class label")
+    a("--pos-mode", default="resample", choices=POS_MODES, help="positional embedding on grids beyond the base")
+    for group, default in DEFAULT_GATES.items():
+        a(f"--gate-{group}", default=default, choices=GATES, help=f"schedule g(t) of the {group} control group")
+    # diffusion
+    a("--t-mean", type=float, default=0.0, help="logit-normal mean of training t")
+    a("--t-std", type=float, default=1.0, help="logit-normal std of training t")
+    a("--shift", type=float, default=None, help="resolution shift alpha (default sqrt(tokens / base tokens))")
+    a("--base-res", type=int, help="resolution whose token count has shift 1 and defines the positional grid")
+    a("--p-drop-sem", type=float, default=0.1, help="probability of dropping the semantic condition (guidance)")
+    a("--p-drop-ctrl", type=float, default=0.1, help="probability of dropping the control metadata (guidance)")
+    # optimisation
+    a("--batch", type=int, help="global batch size (split across ranks)")
+    a("--steps", type=int, help="optimizer steps")
+    a("--lr", type=float, help="peak learning rate")
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.95)
+    a("--wd", type=float, default=0.0, help="AdamW weight decay")
+    a("--warmup", type=int, help="linear warm-up steps")
+    a("--decay", choices=("constant", "cosine"), help="learning-rate shape after warm-up")
+    a("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    a("--ema", type=float, help="EMA decay")
+    # system
+    a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = bf16 on GPU, fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--workers", type=int, help="data-loader workers per rank")
+    a("--seed", type=int, default=0)
+    a("--out", default="runs", help="folder for run folders")
+    a("--resume", default=None, help="checkpoint file or run folder to continue")
+    a("--log-every", type=int)
+    a("--ckpt-every", type=int)
+    a("--sample-every", type=int, help="steps between sample grids (0 = only at the end)")
+    a("--keep", type=int, default=2, help="checkpoints kept in the run folder")
+    a("--eval-per-class", type=int, default=20, help="shapes: checker evaluation samples per class at the end")
+    a("--cfg-scale", type=float, default=2.0, help="semantic guidance scale for end-of-run samples")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.dataset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def validate(args):
+    """Fail before any work with a message that says what to change."""
+    patch = int(args.model.split("/")[-1]) if "/" in args.model else 1
+    if args.model not in MODELS:
+        raise SystemExit(f"--model {args.model!r} is unknown; choose one of {', '.join(MODELS)}")
+    factor = 1 if args.vae == "none" else 8
+    if args.res % (patch * factor):
+        raise SystemExit(f"--res {args.res} must be divisible by patch {patch} x autoencoder factor {factor} "
+                         f"= {patch * factor}; try --res {args.res // (patch * factor) * patch * factor}")
+    if args.dataset != "shapes" and not args.data_path:
+        raise SystemExit(f"--dataset {args.dataset} needs --data-path DIR (an ImageFolder tree DIR/<class>/<images>)")
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise SystemExit(f"--data-path {args.data_path!r} does not exist or is not a directory")
+    for name in ("batch", "steps", "res", "class_tokens"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("p_drop_sem", "p_drop_ctrl"):
+        if not 0 <= getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+
+
+#################################################################################
+#                              Distributed set-up                               #
+#################################################################################
+
+def setup_distributed():
+    """(rank, world, device). The LOCAL rank picks the GPU: the global rank is wrong on every node but the first."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_mean(x, world):
+    if world > 1:
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+#################################################################################
+#                           Data order that can resume                          #
+#################################################################################
+
+def epoch_indices(n, epoch, seed, rank, world, batch):
+    """This rank's indices for one epoch: a seeded permutation, strided across ranks, whole batches only."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_rank = (n // world) // batch * batch
+    if per_rank == 0:
+        raise SystemExit(f"dataset of {n} images is smaller than one batch of {batch} on each of {world} ranks")
+    return perm[rank::world][:per_rank]
+
+
+def batches(dataset, args, rank, world, local_batch, epoch, position):
+    """Yield (epoch, position_after, batch) forever, starting at `position` batches into `epoch`."""
+    while True:
+        dataset.set_epoch(epoch)
+        idx = epoch_indices(len(dataset), epoch, args.seed, rank, world, local_batch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=idx[position * local_batch:],
+                                             num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                                             drop_last=True)
+        for b in loader:
+            position += 1
+            yield epoch, position, b
+        epoch, position = epoch + 1, 0
+
+
+#################################################################################
+#                                 Checkpoints                                   #
+#################################################################################
+
+def save_checkpoint(path, state):
+    """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path):
+    """A checkpoint file, or the newest complete one in a run folder."""
+    if os.path.isdir(path):
+        ckpts = sorted(f for f in os.listdir(path) if f.startswith("ckpt-") and f.endswith(".pt"))
+        if not ckpts:
+            raise SystemExit(f"--resume {path!r}: no ckpt-*.pt in that folder")
+        return os.path.join(path, ckpts[-1])
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume {path!r}: no such checkpoint file or run folder")
+    return path
+
+
+def config_mismatch(saved, args):
+    """Human-readable list of architecture / data settings that differ between a checkpoint and this run."""
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k, None)!r}"
+            for k in ARCH_KEYS if saved.get(k) != getattr(args, k, None)]
+
+
+def lr_at(step, args):
+    """Linear warm-up, then constant or cosine decay to 10 % of the peak."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.decay == "cosine":
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return args.lr
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    ema_p = [p for p in ema.parameters()]
+    torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+def make_model(args):
+    input_size = args.res // (1 if args.vae == "none" else 8)
+    channels = 3 if args.vae == "none" else 4
+    base = args.base_res // (1 if args.vae == "none" else 8)
+    return build_model(args.model, input_size=input_size, in_channels=channels, num_classes=args.num_classes,
+                       class_tokens=args.class_tokens, cond=args.cond, pos_mode=args.pos_mode, base_size=base,
+                       gates={"size": args.gate_size, "crop": args.gate_crop, "flip": args.gate_flip})
+
+
+def shift_alpha(args):
+    if args.shift is not None:
+        return args.shift
+    return resolution_shift(args.res ** 2, args.base_res ** 2)  # token ratio = pixel ratio at a fixed patch size
+
+
+#################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+def main(argv=None):
+    args = get_args(argv)
+    validate(args)
+    rank, world, device = setup_distributed()
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes {world}")
+    local_batch = args.batch // world
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    # ---- resume: read the checkpoint first so that a mismatch fails before any work --------------------------
+    ckpt = None
+    if args.resume:
+        ckpt_path = find_checkpoint(args.resume)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("config_version") != CONFIG_VERSION:
+            raise SystemExit(f"{ckpt_path}: config schema {ckpt.get('config_version')} != {CONFIG_VERSION}")
+    dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, size=args.shapes_size,
+                            crop=args.crop, hflip=args.hflip, progress=rank == 0)
+    args.num_classes = dataset.num_classes
+    if ckpt is not None:
+        bad = config_mismatch(ckpt["args"], args)
+        if bad:
+            raise SystemExit(f"--resume {ckpt_path}: checkpoint was made with another configuration:\n  "
+                             + "\n  ".join(bad) + "\nresume with the same flags, or start a new run")
+        run_dir = os.path.dirname(ckpt_path)
+    else:
+        run_dir = None
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            n = len([d for d in os.listdir(args.out) if os.path.isdir(os.path.join(args.out, d))])
+            run_dir = os.path.join(args.out, f"{n:03d}-{args.dataset}-{args.model.replace('/', '-')}-{args.cond}")
+            os.makedirs(run_dir, exist_ok=True)
+        if world > 1:
+            box = [run_dir]
+            dist.broadcast_object_list(box, src=0)
+            run_dir = box[0]
+
+    # ---- model, EMA, optimizer -------------------------------------------------------------------------------
+    model = make_model(args).to(device)
+    ema = make_model(args).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    vae = Autoencoder(args.vae).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd,
+                            fused=device.type == "cuda")
+    gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)  # noise, t and condition dropout
+    step, epoch, position = 0, 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, epoch, position = ckpt["step"], ckpt["epoch"], ckpt["position"]
+        gen.set_state(ckpt["gen"][rank] if world == len(ckpt["gen"]) else ckpt["gen"][0])
+        torch.set_rng_state(ckpt["torch_rng"])
+    if rank == 0:
+        print(f"model {args.model} cond={args.cond}: {count_params(model) / 1e6:.2f} M parameters")
+        print(json.dumps(vars(args)))
+    alpha = shift_alpha(args)
+    train_model = torch.compile(model) if args.compile else model
+    ddp = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else train_model
+
+    log = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
+    data = batches(dataset, args, rank, world, local_batch, epoch, position)
+    loss_sum, n_acc, t0 = torch.zeros((), device=device), 0, time.time()
+    model.train()
+    while step < args.steps:
+        epoch, position, (img, y, ctrl, _) = next(data)
+        img, y, ctrl = img.to(device, non_blocking=True), y.to(device), ctrl.to(device)
+        with torch.no_grad():
+            x0 = vae.encode(img)
+        y, ctrl_drop = drop_conditions(y, args.num_classes, args.p_drop_sem, args.p_drop_ctrl, gen)
+        t = sample_t(x0.shape[0], args.t_mean, args.t_std, alpha, gen, device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        with autocast:
+            loss = flow_loss(ddp, x0, t, noise, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
+        opt.step()
+        update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        step += 1
+        loss_sum += loss.detach()  # summed on the device: no host sync until the log line
+        n_acc += 1
+        if bar is not None:
+            bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            mean_loss = all_mean(loss_sum / n_acc, world).item()
+            dt = time.time() - t0
+            rec = dict(step=step, loss=mean_loss, lr=lr_at(step - 1, args), grad_norm=gnorm.item(),
+                       img_per_s=n_acc * args.batch / dt, epoch=epoch)
+            if rank == 0:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            loss_sum.zero_()
+            n_acc, t0 = 0, time.time()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            gens = [gen.get_state()]
+            if world > 1:
+                gens = [None] * world
+                dist.all_gather_object(gens, gen.get_state())
+            if rank == 0:
+                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                             epoch=epoch, position=position, gen=gens, torch_rng=torch.get_rng_state(),
+                             args=vars(args), config_version=CONFIG_VERSION)
+                save_checkpoint(os.path.join(run_dir, f"ckpt-{step:07d}.pt"), state)
+                old = sorted(f for f in os.listdir(run_dir) if f.startswith("ckpt-") and f.endswith(".pt"))
+                for f in old[:-args.keep]:
+                    os.remove(os.path.join(run_dir, f))
+        if args.sample_every and step % args.sample_every == 0 and rank == 0 and step < args.steps:
+            write_grid(ema, vae, args, os.path.join(run_dir, f"samples-{step:07d}.png"), device)
+    if bar is not None:
+        bar.close()
+    if world > 1:  # DDP must keep the replicas identical; check it rather than trust it
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+        gathered = [torch.zeros_like(sums) for _ in range(world)]
+        dist.all_gather(gathered, sums)
+        if rank == 0:
+            same = all(torch.equal(gathered[0], g) for g in gathered[1:])
+            log.write(json.dumps(dict(step=step, replicas_identical=same)) + "\n")
+            if not same:
+                raise RuntimeError("model replicas diverged across ranks")
+
+    # ---- end of run: a sample grid, and on shapes the checker's verdict ---------------------------------------
+    if rank == 0:
+        write_grid(ema, vae, args, os.path.join(run_dir, "samples.png"), device)
+        print(f"run folder: {run_dir}")
+        if args.dataset == "shapes" and args.eval_per_class > 0:
+            from sample import evaluate_shapes
+            res = evaluate_shapes(ema, args, args.eval_per_class, device, cfg_scale=args.cfg_scale)
+            print("checker on EMA samples: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+            with open(os.path.join(run_dir, "eval.json"), "w") as f:
+                json.dump(dict(res, cfg_scale=args.cfg_scale, per_class=args.eval_per_class, step=step), f)
+        log.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run_dir
+
+
+def write_grid(ema, vae, args, path, device):
+    from sample import class_grid
+    class_grid(ema, vae, args, path, device, cfg_scale=args.cfg_scale)
+
+
+if __name__ == "__main__":
+    main()
