@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from conditioning import ClassEmbedder, ControlEmbedder, TimestepEmbedder
 
 CONDS = ("ours", "mmdit", "adaln")
+PREDS = ("v", "x")
 POS_MODES = ("resample", "extend")
 
 
@@ -152,7 +153,8 @@ class FinalLayer(nn.Module):
 
 class DiffusionTransformer(nn.Module):
     def __init__(self, input_size=32, patch=2, in_channels=4, depth=28, width=1152, heads=16, mlp_ratio=4.0,
-                 num_classes=1000, class_tokens=1, cond="ours", gates=None, pos_mode="resample", base_size=None):
+                 num_classes=1000, class_tokens=1, cond="ours", gates=None, pos_mode="resample", base_size=None,
+                 pred="v"):
         super().__init__()
         if cond not in CONDS:
             raise ValueError(f"unknown --cond {cond!r}; choose one of {CONDS}")
@@ -160,7 +162,10 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"unknown --pos-mode {pos_mode!r}; choose one of {POS_MODES}")
         if input_size % patch:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch}")
+        if pred not in PREDS:
+            raise ValueError(f"unknown --pred {pred!r}; choose one of {PREDS}")
         self.patch, self.in_channels, self.width, self.cond, self.pos_mode = patch, in_channels, width, cond, pos_mode
+        self.pred = pred
         self.base_grid = (base_size or input_size) // patch  # the grid the positional embedding is defined on
         self.x_embed = nn.Conv2d(in_channels, width, patch, stride=patch)
         self.t_embed = TimestepEmbedder(width)
@@ -215,6 +220,7 @@ class DiffusionTransformer(nn.Module):
     def forward(self, x, t, y, ctrl, ctrl_drop=None):
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels, ctrl (B, S) raw control, ctrl_drop (B,) bool -> (B, C, H, W)"""
         B, C, H, W = x.shape
+        x_t = x
         if H % self.patch or W % self.patch:
             raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch}")
         h, w = H // self.patch, W // self.patch
@@ -223,8 +229,10 @@ class DiffusionTransformer(nn.Module):
         for block in self.blocks:
             x, c = block(x, c, vec)
         x = self.final(x, vec)  # (B, N, p * p * C)
-        x = x.view(B, h, w, self.patch, self.patch, C).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, C, H, W)
+        x = x.view(B, h, w, self.patch, self.patch, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        if self.pred == "x":  # the network outputs the clean image; report the velocity it implies
+            return (x_t - x) / t.clamp(min=0.05).view(B, 1, 1, 1).to(x.dtype)
+        return x
 
 
 #################################################################################

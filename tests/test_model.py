@@ -75,6 +75,14 @@ def test_baselines_add_semantics_into_adaln(cond):
     assert (model.condition(t, y, c)[1] is None) == (cond == "adaln")
 
 
+def test_x_prediction_reports_a_velocity():
+    """--pred x: the network's output is the clean image x0; the model returns (x_t - x0) / t."""
+    model = tiny("ours", pred="x")
+    x, _, y, c = inputs()
+    t = torch.tensor([0.1, 0.5, 1.0])
+    assert torch.allclose(model(x, t, y, c), x / t.view(-1, 1, 1, 1))  # a fresh network predicts x0 = 0
+
+
 def test_pos_embed_resample_and_extend():
     base = sincos_2d(64, 4, 4, 4, 4)
     big = sincos_2d(64, 8, 8, 4, 4, "resample").view(8, 8, 64)

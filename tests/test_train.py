@@ -13,7 +13,7 @@ import sample
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "T/4", "--res", "16", "--shapes-size", "256", "--batch", "16", "--eval-per-class", "0",
+TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "256", "--batch", "16", "--eval-per-class", "0",
         "--log-every", "1", "--warmup", "5"]
 
 
