@@ -52,7 +52,7 @@ def latent_shape(args, vae):
 
 
 def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None, cfg_scales=None,
-               cfg_scale=1.0, steps=50, method="euler"):
+               cfg_scale=1.0, steps=50, method="euler", progress=False):
     """Save a PNG grid: rows = classes, columns = guidance scale x control variant x seed."""
     from torchvision.utils import save_image
     was_training = model.training
@@ -71,7 +71,7 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
     for g in cfg_scales:  # guidance scale is a scalar per call: group the columns by it
         sel = torch.tensor([i for i, (gi, _, _) in enumerate(cols * len(classes)) if gi == g], device=device)
         imgs.append((sel, generate(model, noise[sel], y[sel], ctrl[sel], g, steps=steps, alpha=alpha_of(args),
-                                   method=method)))
+                                   method=method, progress=progress)))
     lat = torch.empty_like(noise)
     for sel, x in imgs:
         lat[sel] = x
@@ -86,7 +86,8 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
 #################################################################################
 
 @torch.no_grad()
-def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, seed=10_000, method="euler"):
+def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, seed=10_000, method="euler",
+                    progress=False):
     """Checker accuracies of samples drawn per class, each seed drawn with flip 0 and flip 1.
 
     class_acc  measured class == requested class
@@ -112,7 +113,8 @@ def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, see
     noise = make_noise([r[2] for r in rows], latent_shape(args, vae), device)
     y = torch.tensor([r[0] for r in rows], device=device)
     ctrl = torch.stack([r[3] for r in rows]).to(device)
-    x = generate(model, noise, y, ctrl, cfg_scale, steps=steps, alpha=alpha_of(args), method=method)
+    x = generate(model, noise, y, ctrl, cfg_scale, steps=steps, alpha=alpha_of(args), method=method,
+                 progress=progress)
     meas = checker(to_uint8(vae.decode(x)).cpu())
     model.train(was_training)
     class_ok = np.array([m["label"] == r[0] for m, r in zip(meas, rows)])
@@ -164,7 +166,7 @@ def main(argv=None):
         if args.dataset != "shapes":
             raise SystemExit("--eval-per-class uses the shapes checker: it needs a checkpoint trained on shapes")
         res = evaluate_shapes(model, args, a.eval_per_class, device, cfg_scale=scales[0], steps=a.steps,
-                              method=a.sampler)
+                              method=a.sampler, progress=True)
         print(json.dumps(dict(res, cfg_scale=scales[0], per_class=a.eval_per_class, steps=a.steps)))
         return res
     base = default_control(args.dataset, args.res)
@@ -185,7 +187,7 @@ def main(argv=None):
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt,
                                 "grid.png")
     class_grid(model, vae, args, out, device, classes=classes, seeds=range(a.seeds), controls=controls,
-               cfg_scales=scales, steps=a.steps, method=a.sampler)
+               cfg_scales=scales, steps=a.steps, method=a.sampler, progress=True)
     print(f"wrote {out}")
 
 

@@ -386,7 +386,7 @@ def main(argv=None):
         print(f"run folder: {run_dir}")
         if args.dataset == "shapes" and args.eval_per_class > 0:
             from sample import evaluate_shapes
-            res = evaluate_shapes(ema, args, args.eval_per_class, device, cfg_scale=args.cfg_scale)
+            res = evaluate_shapes(ema, args, args.eval_per_class, device, cfg_scale=args.cfg_scale, progress=True)
             print("checker on EMA samples: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
             with open(os.path.join(run_dir, "eval.json"), "w") as f:
                 json.dump(dict(res, cfg_scale=args.cfg_scale, per_class=args.eval_per_class, step=step), f)

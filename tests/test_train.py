@@ -64,6 +64,22 @@ def test_bad_arguments_fail_fast(tmp_path, capsys):
     assert "invalid choice: 'concat'" in capsys.readouterr().err
 
 
+def test_trains_on_an_image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for j in range(6):
+            size = (int(rng.integers(16, 40)), int(rng.integers(16, 40)))
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{j}.jpg")
+    run = train.main(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--vae", "none", "--model", "T/4",
+                      "--res", "16", "--base-res", "16", "--batch", "8", "--steps", "3", "--workers", "0", "--out", str(tmp_path / "runs")])
+    ckpt = torch.load(os.path.join(run, "ckpt-0000003.pt"), weights_only=False)
+    assert ckpt["args"]["num_classes"] == 3 and len(losses(run)) >= 1
+    assert os.path.exists(os.path.join(run, "samples.png"))
+
+
 def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            "train.py"] + TINY + ["--steps", "6", "--out", str(tmp_path)]
