@@ -281,8 +281,58 @@ def expected_position(control, res):
 #                        Image folders (ImageNet layout)                        #
 #################################################################################
 
+# What can go wrong with an image file in a crawl, and what we do about it. The first three are skipped (another
+# image takes the slot, so batches stay full and ranks stay in step); the rest are converted to 8-bit RGB and counted.
+SKIPPED = ("unreadable", "truncated", "tiny")
+CONVERTED = ("cmyk", "palette", "16bit", "alpha", "gray")
+EVENTS = ("ok",) + SKIPPED + CONVERTED
+MIN_SIDE = 8  # images smaller than this on either side carry no usable content at any training resolution
+
+
+class BadImage(Exception):
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+
+
+def load_rgb(path):
+    """Open an image as 8-bit RGB. Returns (image, conversion kind or None); raises BadImage(kind) for a skip."""
+    from PIL import UnidentifiedImageError
+    try:
+        with Image.open(path) as f:
+            f.load()  # decode now: truncated files fail here, not later in a worker
+            mode, img = f.mode, f.copy()
+    except (UnidentifiedImageError, ValueError) as e:
+        raise BadImage("unreadable", f"{path}: {e}") from e
+    except OSError as e:
+        raise BadImage("truncated" if "truncated" in str(e) else "unreadable", f"{path}: {e}") from e
+    if min(img.size) < MIN_SIDE:
+        raise BadImage("tiny", f"{path}: {img.width}x{img.height} is smaller than {MIN_SIDE} px")
+    kind = None
+    if mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: rescale instead of clipping at 255
+        a = np.asarray(img, dtype=np.float64)
+        a = a / 257.0 if mode != "I" or a.max() > 255 else a
+        img, kind = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB"), "16bit"
+    elif mode == "CMYK":
+        kind = "cmyk"
+    elif mode in ("P", "PA"):
+        kind = "palette"
+    elif mode in ("RGBA", "LA"):
+        kind = "alpha"
+    elif mode in ("L", "1"):
+        kind = "gray"
+    return img.convert("RGB"), kind
+
+
+_REPORTED = set()  # kinds already reported by this process
+
+
 class ImageFolderDataset(Dataset):
-    """`root/<class>/<image>` like torchvision's ImageFolder; random crop / flip record their control metadata."""
+    """`root/<class>/<image>` like torchvision's ImageFolder; random crop / flip record their control metadata.
+
+    A bad file never crashes a run: it is counted in `events` (a shared-memory tensor, so data-loader workers add to
+    it), reported once per kind, and replaced by another image chosen deterministically.
+    """
 
     def __init__(self, root, res, seed=0, crop="random", hflip=True):
         import torchvision
@@ -294,6 +344,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"no images found under {root!r}")
         self.res, self.seed, self.crop, self.hflip, self.epoch = res, seed, crop, hflip, 0
         self.num_classes = len(self.folder.classes)
+        self.events = torch.zeros(len(EVENTS), dtype=torch.int64).share_memory_()
 
     def __len__(self):
         return len(self.folder)
@@ -301,16 +352,29 @@ class ImageFolderDataset(Dataset):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def _count(self, kind, message=None):
+        self.events[EVENTS.index(kind)] += 1
+        if kind not in _REPORTED and kind != "ok":
+            _REPORTED.add(kind)
+            print(f"data: {'skipping' if kind in SKIPPED else 'converting'} {kind} image ({message}); "
+                  f"further {kind} images are counted in the log without a message", flush=True)
+
     def __getitem__(self, i):
-        path, label = self.folder.samples[i]
-        try:
-            with Image.open(path) as f:
-                img = f.convert("RGB")
-        except OSError as e:
-            raise OSError(f"cannot read image {path}: {e}; remove or replace the file") from e
-        rng = np.random.default_rng([self.seed, self.epoch, i, 1])
-        img, ctrl = crop_flip(img, self.res, rng, crop=self.crop, hflip=self.hflip)
-        return img, label, ctrl, self.folder.classes[label]
+        for attempt in range(50):
+            j = (i + attempt * 7919) % len(self)  # a deterministic stand-in, so a resume sees the same data
+            path, label = self.folder.samples[j]
+            try:
+                img, kind = load_rgb(path)
+            except BadImage as e:
+                self._count(e.kind, str(e))
+                continue
+            if kind:
+                self._count(kind, path)
+            self._count("ok")
+            rng = np.random.default_rng([self.seed, self.epoch, j, 1])
+            img, ctrl = crop_flip(img, self.res, rng, crop=self.crop, hflip=self.hflip)
+            return img, label, ctrl, self.folder.classes[label]
+        raise RuntimeError(f"50 bad images in a row around index {i} of {self.folder.root}: is the dataset corrupt?")
 
 
 def folder_default_control(res):

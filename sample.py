@@ -133,7 +133,7 @@ def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, see
 def load_checkpoint(path, device):
     """EMA model and the run's config from a checkpoint file or run folder."""
     from train import find_checkpoint, make_model
-    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
+    _, ckpt = find_checkpoint(path)
     args = SimpleNamespace(**ckpt["args"])
     model = make_model(args)
     model.load_state_dict(ckpt["ema"])

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 
@@ -27,6 +28,7 @@ from diffusion import flow_loss, resolution_shift, sample_t
 from model import CONDS, MODELS, POS_MODES, build_model, count_params
 
 CONFIG_VERSION = 1
+PREEMPTED = 75  # exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
 
 # Per-dataset recipes for the flags left unset. imagenet/folder follow the ImageNet-256 recipe (SPEC.md). shapes is
 # a small CPU preset that converges in about ten minutes on 2 cores: 24 px pixel space, a higher lr and a short EMA,
@@ -91,13 +93,17 @@ def get_args(argv=None):
     a("--workers", type=int, help="data-loader workers per rank")
     a("--seed", type=int, default=0)
     a("--out", default="runs", help="folder for run folders")
-    a("--resume", default=None, help="checkpoint file or run folder to continue")
+    a("--resume", default=None, help="checkpoint file, run folder, or `auto` (newest complete checkpoint under --out)")
     a("--log-every", type=int)
     a("--ckpt-every", type=int)
     a("--sample-every", type=int, help="steps between sample grids (0 = only at the end)")
     a("--keep", type=int, default=2, help="checkpoints kept in the run folder")
     a("--eval-per-class", type=int, default=20, help="shapes: checker evaluation samples per class at the end")
     a("--cfg-scale", type=float, default=2.0, help="semantic guidance scale for end-of-run samples")
+    # reliability
+    a("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
+    a("--max-skip-rate", type=float, default=0.05, help="stop if more than this fraction of images are unreadable")
+    a("--debug-nan-steps", default="", help="fault injection for tests: comma-separated steps whose loss is NaN")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.dataset].items():
         if getattr(args, k) is None:
@@ -118,12 +124,19 @@ def validate(args):
         raise SystemExit(f"--dataset {args.dataset} needs --data-path DIR (an ImageFolder tree DIR/<class>/<images>)")
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f"--data-path {args.data_path!r} does not exist or is not a directory")
-    for name in ("batch", "steps", "res", "class_tokens"):
+    for name in ("batch", "steps", "res", "class_tokens", "log_every", "ckpt_every", "keep", "max_bad_steps"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("p_drop_sem", "p_drop_ctrl"):
+    for name in ("p_drop_sem", "p_drop_ctrl", "ema", "max_skip_rate"):
         if not 0 <= getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    for name in ("lr", "shift", "t_std"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.warmup < 0 or args.clip < 0 or args.workers < 0:
+        raise SystemExit("--warmup, --clip and --workers must be >= 0")
+    if args.resume and args.resume != "auto" and not os.path.exists(args.resume):
+        raise SystemExit(f"--resume {args.resume!r}: no such checkpoint file or run folder (or use --resume auto)")
 
 
 #################################################################################
@@ -179,6 +192,51 @@ def batches(dataset, args, rank, world, local_batch, epoch, position):
 
 
 #################################################################################
+#                      Preemption and data-health accounting                    #
+#################################################################################
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (what SLURM and most schedulers send before a kill) set a flag; the loop finishes its step,
+    every rank agrees through an all-reduce, one checkpoint is written and the run exits with status PREEMPTED."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, world, device):
+        flag = torch.tensor(float(self.signal is not None), device=device)
+        if world > 1:  # a signal may reach one rank first: stop together or not at all
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def data_events(dataset, world, args):
+    """Counts of skipped / converted images summed over ranks (and their workers); stop when too many are bad."""
+    from data import EVENTS, SKIPPED
+    if not hasattr(dataset, "events"):
+        return {}
+    counts = dataset.events.clone()
+    if world > 1:
+        dist.all_reduce(counts)
+    counts = dict(zip(EVENTS, counts.tolist()))
+    skipped = sum(counts[k] for k in SKIPPED)
+    seen = skipped + counts["ok"]
+    if seen >= 100 and skipped > args.max_skip_rate * seen:
+        raise SystemExit(f"{skipped} of {seen} images could not be used ({ {k: counts[k] for k in SKIPPED} }), more "
+                         f"than --max-skip-rate {args.max_skip_rate}: check --data-path")
+    return {"data": {k: v for k, v in counts.items() if v}}
+
+
+#################################################################################
 #                                 Checkpoints                                   #
 #################################################################################
 
@@ -189,16 +247,44 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def find_checkpoint(path):
-    """A checkpoint file, or the newest complete one in a run folder."""
+def checkpoints_in(folder):
+    """Complete checkpoints of a run folder, newest first (a `.tmp` file is a write that never finished)."""
+    names = sorted((f for f in os.listdir(folder) if f.startswith("ckpt-") and f.endswith(".pt")), reverse=True)
+    return [os.path.join(folder, f) for f in names]
+
+
+def load_latest(paths):
+    """(path, state) of the first checkpoint in `paths` that loads; damaged files are reported and passed over."""
+    for path in paths:
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file: fall back to the one before it
+            print(f"resume: skipping unreadable checkpoint {path} ({type(e).__name__}: {e})", flush=True)
+    return None, None
+
+
+def find_checkpoint(path, out="runs"):
+    """Resolve --resume: a checkpoint file, a run folder (its newest complete checkpoint), or `auto` (the newest
+    complete checkpoint of the newest run folder under --out that has one; None if there is none)."""
+    if path == "auto":
+        folders = sorted((os.path.join(out, d) for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))),
+                         reverse=True) if os.path.isdir(out) else []
+        for folder in folders:
+            found = load_latest(checkpoints_in(folder))
+            if found[0]:
+                return found
+        return None, None
     if os.path.isdir(path):
-        ckpts = sorted(f for f in os.listdir(path) if f.startswith("ckpt-") and f.endswith(".pt"))
-        if not ckpts:
-            raise SystemExit(f"--resume {path!r}: no ckpt-*.pt in that folder")
-        return os.path.join(path, ckpts[-1])
+        found = load_latest(checkpoints_in(path))
+        if found[0] is None:
+            raise SystemExit(f"--resume {path!r}: no complete ckpt-*.pt in that folder")
+        return found
     if not os.path.isfile(path):
         raise SystemExit(f"--resume {path!r}: no such checkpoint file or run folder")
-    return path
+    found = load_latest([path])
+    if found[0] is None:
+        raise SystemExit(f"--resume {path!r}: the file is not a readable checkpoint")
+    return found
 
 
 def config_mismatch(saved, args):
@@ -258,9 +344,10 @@ def main(argv=None):
     # ---- resume: read the checkpoint first so that a mismatch fails before any work --------------------------
     ckpt = None
     if args.resume:
-        ckpt_path = find_checkpoint(args.resume)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt.get("config_version") != CONFIG_VERSION:
+        ckpt_path, ckpt = find_checkpoint(args.resume, args.out)
+        if ckpt is None and rank == 0:
+            print(f"--resume auto: no checkpoint under {args.out!r}, starting a new run")
+        if ckpt is not None and ckpt.get("config_version") != CONFIG_VERSION:
             raise SystemExit(f"{ckpt_path}: config schema {ckpt.get('config_version')} != {CONFIG_VERSION}")
     dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, size=args.shapes_size,
                             crop=args.crop, hflip=args.hflip, progress=rank == 0)
@@ -318,7 +405,10 @@ def main(argv=None):
         from tqdm import tqdm
         bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
     data = batches(dataset, args, rank, world, local_batch, epoch, position)
-    loss_sum, n_acc, t0 = torch.zeros((), device=device), 0, time.time()
+    preempt = Preemption()
+    nan_steps = {int(s) for s in args.debug_nan_steps.split(",")} if args.debug_nan_steps else set()
+    loss_sum, n_acc, n_steps, t0 = torch.zeros((), device=device), 0, 0, time.time()
+    bad_in_a_row, bad_total, last_ckpt = 0, 0, (ckpt_path if ckpt is not None else None)
     model.train()
     while step < args.steps:
         epoch, position, (img, y, ctrl, _) = next(data)
@@ -332,28 +422,46 @@ def main(argv=None):
             group["lr"] = lr_at(step, args)
         with autocast:
             loss = flow_loss(net, x0, t, noise, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop).mean()
+        if step + 1 in nan_steps and rank == 0:  # fault injection for tests: one rank's loss goes bad
+            loss = loss * float("nan")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
-        opt.step()
-        update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        step += 1
-        loss_sum += loss.detach()  # summed on the device: no host sync until the log line
-        n_acc += 1
+        # DDP has averaged the gradients, so a NaN on any rank is a NaN in every rank's norm: all ranks agree
+        if torch.isfinite(gnorm):
+            opt.step()
+            update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
+            loss_sum += loss.detach()  # summed on the device: no host sync until the log line
+            n_acc += 1
+            bad_in_a_row = 0
+        else:
+            opt.zero_grad(set_to_none=True)
+            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            if rank == 0:
+                print(f"step {step + 1}: non-finite loss or gradient, optimizer step skipped "
+                      f"({bad_in_a_row} in a row, {bad_total} in all)", flush=True)
+            if bad_in_a_row >= args.max_bad_steps:
+                raise SystemExit(f"stopping: {bad_in_a_row} non-finite steps in a row ending at step {step + 1}; "
+                                 f"last good checkpoint: {last_ckpt or 'none'}. Lower --lr or check the data, then "
+                                 f"--resume from that checkpoint")
+        step, n_steps = step + 1, n_steps + 1
         if bar is not None:
             bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
-            mean_loss = all_mean(loss_sum / n_acc, world).item()
+            mean_loss = all_mean(loss_sum / max(n_acc, 1), world).item() if n_acc else float("nan")
             dt = time.time() - t0
             rec = dict(step=step, loss=mean_loss, lr=lr_at(step - 1, args), grad_norm=gnorm.item(),
-                       img_per_s=n_acc * args.batch / dt, epoch=epoch)
+                       img_per_s=n_steps * args.batch / dt,
+                       epoch=epoch, skipped_steps=bad_total, **data_events(dataset, world, args))
             if rank == 0:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
             loss_sum.zero_()
-            n_acc, t0 = 0, time.time()
-        if step % args.ckpt_every == 0 or step == args.steps:
+            n_acc, n_steps, t0 = 0, 0, time.time()
+        stopping = preempt.requested(world, device)
+        if step % args.ckpt_every == 0 or step == args.steps or stopping:
+            last_ckpt = os.path.join(run_dir, f"ckpt-{step:07d}.pt")
             gens = [gen.get_state()]
             if world > 1:
                 gens = [None] * world
@@ -362,12 +470,22 @@ def main(argv=None):
                 state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                              epoch=epoch, position=position, gen=gens, torch_rng=torch.get_rng_state(),
                              args=vars(args), config_version=CONFIG_VERSION)
-                save_checkpoint(os.path.join(run_dir, f"ckpt-{step:07d}.pt"), state)
-                old = sorted(f for f in os.listdir(run_dir) if f.startswith("ckpt-") and f.endswith(".pt"))
-                for f in old[:-args.keep]:
-                    os.remove(os.path.join(run_dir, f))
+                save_checkpoint(last_ckpt, state)
+                for f in checkpoints_in(run_dir)[args.keep:]:
+                    os.remove(f)
+        if stopping:
+            if rank == 0:
+                bar.close()
+                print(f"preempted by signal {preempt.signal}: wrote {last_ckpt}; continue with --resume {run_dir}")
+                log.close()
+            preempt.restore()
+            if world > 1:
+                dist.barrier()
+                dist.destroy_process_group()
+            raise SystemExit(PREEMPTED)
         if args.sample_every and step % args.sample_every == 0 and rank == 0 and step < args.steps:
             write_grid(ema, vae, args, os.path.join(run_dir, f"samples-{step:07d}.png"), device)
+    preempt.restore()
     if bar is not None:
         bar.close()
     if world > 1:  # DDP must keep the replicas identical; check it rather than trust it

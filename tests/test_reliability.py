@@ -1,0 +1,216 @@
+"""Faults a long run meets: kills during a checkpoint write, preemption signals, broken image files, non-finite
+losses. Each test injects the fault and checks that no work is lost and the run continues (or stops) cleanly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from data import load_rgb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "256", "--batch", "16",
+        "--eval-per-class", "0", "--log-every", "1", "--warmup", "5"]
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def wait_for(predicate, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+def only_run(out):
+    (run,) = [os.path.join(out, d) for d in os.listdir(out)]
+    return run
+
+
+# ---------------------------------------------------------------- checkpoints ---
+
+def test_resume_auto_skips_partial_and_damaged_checkpoints(tmp_path):
+    out = str(tmp_path)
+    run = train.main(TINY + ["--steps", "8", "--ckpt-every", "4", "--keep", "5", "--out", out])
+    good = os.path.join(run, "ckpt-0000008.pt")
+    with open(good, "rb") as f:
+        head = f.read(200)
+    with open(os.path.join(run, "ckpt-0000012.pt.tmp"), "wb") as f:  # a write that never finished
+        f.write(head)
+    with open(os.path.join(run, "ckpt-0000010.pt"), "wb") as f:  # a damaged file under a complete name
+        f.write(head)
+    path, state = train.find_checkpoint("auto", out)
+    assert path == good and state["step"] == 8
+    train.main(TINY + ["--steps", "10", "--resume", "auto", "--out", out])
+    assert [r["step"] for r in records(run) if "loss" in r][-2:] == [9, 10]
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
+    run = train.main(TINY + ["--steps", "2", "--resume", "auto", "--out", str(tmp_path)])
+    assert sorted(losses(run)) == [1, 2]
+
+
+def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
+    cmd = [sys.executable, "train.py"] + TINY + ["--steps", "100000", "--ckpt-every", "1", "--keep", "3",
+                                                 "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.isdir(tmp_path) and os.listdir(tmp_path) and
+                 len(train.checkpoints_in(only_run(tmp_path))) >= 3)
+        time.sleep(0.37)  # checkpoints are written every step: the kill lands in or near a write
+    finally:
+        proc.kill()
+        proc.wait()
+    run = only_run(tmp_path)
+    path, state = train.find_checkpoint(run)
+    s = state["step"]
+    train.main(TINY + ["--steps", str(s + 2), "--ckpt-every", "1", "--resume", "auto", "--out", str(tmp_path)])
+    assert [r["step"] for r in records(run) if "loss" in r][-2:] == [s + 1, s + 2]
+
+
+# ----------------------------------------------------------------- preemption ---
+
+def test_sigterm_single_process_checkpoints_and_exits_75(tmp_path):
+    cmd = [sys.executable, "train.py"] + TINY + ["--steps", "100000", "--ckpt-every", "100000", "--out",
+                                                 str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: os.path.isdir(tmp_path) and os.listdir(tmp_path) and
+             os.path.exists(os.path.join(only_run(tmp_path), "log.jsonl")) and
+             len(records(only_run(tmp_path))) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == train.PREEMPTED, out[-2000:]
+    assert "preempted by signal" in out
+    run = only_run(tmp_path)
+    (ckpt,) = train.checkpoints_in(run)
+    assert torch.load(ckpt, weights_only=False)["step"] == max(losses(run))
+
+
+def torchrun(args, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "train.py"]
+    return subprocess.Popen(cmd + args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_sigterm_under_torchrun_resumes_exactly(tmp_path):
+    steps = ["--steps", "150", "--ckpt-every", "100000"]
+    ref = torchrun(TINY + steps + ["--out", str(tmp_path / "ref")])
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out[-3000:]
+    reference = losses(only_run(tmp_path / "ref"))
+
+    cut = tmp_path / "cut"
+    proc = torchrun(TINY + steps + ["--out", str(cut)], start_new_session=True)
+    wait_for(lambda: os.path.isdir(cut) and os.listdir(cut) and
+             os.path.exists(os.path.join(only_run(cut), "log.jsonl")) and len(records(only_run(cut))) >= 10)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the launcher and every rank get the signal
+    out, _ = proc.communicate(timeout=120)
+    run = only_run(cut)
+    ckpts = train.checkpoints_in(run)
+    assert len(ckpts) == 1, out[-3000:]  # one consistent checkpoint, written once by rank 0
+    stopped = torch.load(ckpts[0], weights_only=False)["step"]
+    assert 10 <= stopped < 150 and "preempted by signal" in out
+    assert len(torch.load(ckpts[0], weights_only=False)["gen"]) == 2  # both ranks' noise streams
+
+    again = torchrun(TINY + steps + ["--resume", run, "--out", str(cut)])
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-3000:]
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, 151))
+    assert all(resumed[s] == reference[s] for s in range(1, 151)), "resumed losses differ from the uninterrupted run"
+
+
+# ------------------------------------------------------------------- bad data ---
+
+def broken_folder(root):
+    """A dozen kinds of files a crawl contains, next to good images."""
+    rng = np.random.default_rng(0)
+    good, bad = root / "good", root / "bad"
+    good.mkdir(parents=True)
+    bad.mkdir()
+    rgb = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    for i in range(20):
+        Image.fromarray(rgb(24, 30)).save(good / f"{i}.png")
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_bytes(b"this is not an image")
+    (bad / "noise.png").write_bytes(rng.integers(0, 255, 500, dtype=np.uint8).tobytes())
+    Image.fromarray(rgb(64, 64)).save(bad / "full.jpg", quality=90)
+    data = (bad / "full.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Image.fromarray(rgb(4, 4)).save(bad / "tiny.png")
+    Image.fromarray(rgb(20, 20)).convert("CMYK").save(bad / "cmyk.jpg")
+    Image.fromarray(rgb(20, 20)).convert("P").save(bad / "palette.png")
+    Image.fromarray(rgb(20, 20)).convert("RGBA").save(bad / "alpha.png")
+    Image.fromarray(rgb(20, 20)).convert("L").save(bad / "gray.png")
+    Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(bad / "deep.png")
+    Image.fromarray(rgb(20, 20)).convert("1").save(bad / "bitmap.png")
+    return root
+
+
+def test_sixteen_bit_images_are_rescaled_not_clipped(tmp_path):
+    Image.fromarray(np.full((10, 10), 65535, np.uint16)).save(tmp_path / "white.png")
+    Image.fromarray(np.full((10, 10), 32896, np.uint16)).save(tmp_path / "mid.png")
+    white, kind = load_rgb(tmp_path / "white.png")
+    mid, _ = load_rgb(tmp_path / "mid.png")
+    assert kind == "16bit" and np.asarray(white).min() == 255 and np.asarray(mid).max() == 128
+
+
+def test_broken_files_are_skipped_and_counted(tmp_path, capfd):
+    root = broken_folder(tmp_path / "data")
+    run = train.main(["--dataset", "folder", "--data-path", str(root), "--vae", "none", "--model", "T/4",
+                      "--res", "16", "--base-res", "16", "--batch", "8", "--steps", "6", "--workers", "2",
+                      "--max-skip-rate", "0.5", "--log-every", "3", "--out", str(tmp_path / "runs")])
+    counts = records(run)[-1]["data"]
+    for kind in ("unreadable", "truncated", "tiny", "cmyk", "palette", "alpha", "gray", "16bit"):
+        assert counts.get(kind, 0) >= 1, (kind, counts)
+    assert counts["ok"] >= 6 * 8
+    printed = capfd.readouterr().out  # reported by the loader workers: capture at the file-descriptor level
+    assert "skipping truncated image" in printed and "converting cmyk image" in printed
+
+
+def test_too_many_broken_files_stop_the_run(tmp_path):
+    root = broken_folder(tmp_path / "data")
+    with pytest.raises(SystemExit, match="could not be used"):
+        train.main(["--dataset", "folder", "--data-path", str(root), "--vae", "none", "--model", "T/4", "--res",
+                    "16", "--base-res", "16", "--batch", "8", "--steps", "40", "--workers", "0",
+                    "--max-skip-rate", "0.01", "--log-every", "5", "--out", str(tmp_path / "runs")])
+
+
+# ----------------------------------------------------------------- divergence ---
+
+def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path):
+    run = train.main(TINY + ["--steps", "6", "--debug-nan-steps", "3", "--out", str(tmp_path)])
+    recs = [r for r in records(run) if "loss" in r]
+    assert recs[-1]["skipped_steps"] == 1 and np.isnan(recs[2]["loss"]) and np.isfinite(recs[3]["loss"])
+    state = torch.load(train.checkpoints_in(run)[0], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_nan_on_one_rank_is_skipped_on_all(tmp_path):
+    proc = torchrun(TINY + ["--steps", "5", "--debug-nan-steps", "2", "--out", str(tmp_path)])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    recs = records(only_run(tmp_path))
+    assert recs[-2]["skipped_steps"] == 1 and recs[-1]["replicas_identical"] is True
+
+
+def test_nan_steps_in_a_row_stop_the_run(tmp_path):
+    with pytest.raises(SystemExit, match=r"3 non-finite steps in a row ending at step 6; last good checkpoint: .*"
+                                         r"ckpt-0000003\.pt"):
+        train.main(TINY + ["--steps", "10", "--ckpt-every", "3", "--debug-nan-steps", "4,5,6",
+                           "--max-bad-steps", "3", "--out", str(tmp_path)])
