@@ -3,6 +3,8 @@ Sample from a checkpoint's EMA weights.
 
     python sample.py --ckpt runs/000-shapes-XS-4-ours --classes 0,6,7 --flip 0,1 --cfg-scale 1,3
     python sample.py --ckpt runs/000-shapes-XS-4-ours --eval-per-class 50      # the checker's accuracies (shapes)
+    torchrun --nproc_per_node=8 sample.py --ckpt runs/001-imagenet-XL-2-ours --num-samples 50000 --cfg-scale 1.5
+                                                                        # an .npz (+ .json of settings) for fid.py
 
 A grid has one row per class and one column per (guidance scale, control variant, seed); the same noise is reused
 across rows and control variants, so a column-to-column change is caused by the condition alone.
@@ -16,7 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from data import CHIRAL, SHAPE_NAMES, Autoencoder, ShapesChecker, default_control, expected_position, to_uint8
+from data import (CHIRAL, CONTROL_SIGNALS, SHAPE_NAMES, Autoencoder, ShapesChecker, default_control, expected_position,
+                  to_uint8)
 from diffusion import guided_velocity, sample
 
 #################################################################################
@@ -127,14 +130,77 @@ def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, see
 
 
 #################################################################################
+#                        Large-scale sampling for FID                           #
+#################################################################################
+# One .npz in the ADM evaluation suite's format (uint8 N x H x W x 3 under arr_0, class labels under `labels`) and a
+# JSON of every setting that made it, so that `fid.py REF samples.npz` can print them next to the number.
+
+def fid_labels(n, num_classes, mode, seed):
+    """Labels of samples 0..n-1: `equal` gives class k the consecutive block of about n / num_classes samples
+    (exactly 50 each for 50k ImageNet samples), `random` draws them uniformly from `seed`."""
+    if mode == "equal":
+        return np.arange(n) * num_classes // n
+    if mode == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, n)
+    raise ValueError(f"unknown label mode {mode!r}; choose 'equal' or 'random'")
+
+
+@torch.no_grad()
+def sample_npz(model, vae, args, path, num_samples, control, labels="equal", seed=0, batch=64, cfg_scale=1.0,
+               ctrl_scale=0.0, interval=(0.0, 1.0), steps=50, method="euler", bf16=False, rank=0, world=1,
+               record=None):
+    """Write `num_samples` images to `path` (.npz) and their settings, with `record` added, to the same path .json.
+
+    Sample i starts from the noise of seed `seed + i`, and global batch b (samples b * batch ...) is drawn by rank
+    b % world: every image comes out of the same computation whatever the number of ranks. Each rank saves its
+    batches to a part file next to `path` (so `path` must be on a file system every rank sees); rank 0 assembles them
+    in order, holding N x H x W x 3 bytes (10 GB for 50k at 256 px), and removes the parts.
+    """
+    from tqdm import tqdm
+    device = next(model.parameters()).device
+    y_all = fid_labels(num_samples, args.num_classes, labels, seed)
+    mine = range(rank * batch, num_samples, world * batch)
+    images, index = [np.zeros((0, args.res, args.res, 3), np.uint8)], [np.zeros(0, np.int64)]  # a rank may get none
+    for start in tqdm(mine, desc="sampling", disable=rank != 0, dynamic_ncols=True):
+        idx = np.arange(start, min(start + batch, num_samples))
+        noise = make_noise(seed + idx, latent_shape(args, vae), device)
+        ctrl = control.to(device).expand(len(idx), -1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = generate(model, noise, torch.from_numpy(y_all[idx]).to(device), ctrl, cfg_scale, ctrl_scale,
+                         steps=steps, alpha=alpha_of(args), method=method, interval=interval, batch=batch)
+        images.append(to_uint8(vae.decode(x)).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
+        index.append(idx)
+    part = lambda r: f"{path[:-len('.npz')]}.rank{r}.npz"
+    np.savez(part(rank), arr_0=np.concatenate(images), index=np.concatenate(index))
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        arr = np.zeros((num_samples, args.res, args.res, 3), np.uint8)
+        for r in range(world):
+            with np.load(part(r)) as z:
+                arr[z["index"]] = z["arr_0"]
+            os.remove(part(r))
+        np.savez(path, arr_0=arr, labels=y_all)
+        settings = dict(record or {}, num_samples=num_samples, labels=labels, seed=seed, batch=batch,
+                        sampler=method, steps=steps, cfg_scale=cfg_scale, ctrl_scale=ctrl_scale,
+                        interval=list(interval), control=dict(zip(CONTROL_SIGNALS, control.tolist())),
+                        precision="bf16" if bf16 else "fp32", vae=args.vae, model=args.model, cond=args.cond,
+                        res=args.res, dataset=args.dataset, num_classes=args.num_classes, shift_alpha=alpha_of(args),
+                        world_size=world)
+        with open(path[:-len(".npz")] + ".json", "w") as f:
+            json.dump(settings, f, indent=1)
+    return path
+
+
+#################################################################################
 #                                   CLI                                         #
 #################################################################################
 
 def load_checkpoint(path, device):
     """EMA model and the run's config from a checkpoint file or run folder."""
     from train import find_checkpoint, make_model
-    _, ckpt = find_checkpoint(path)
-    args = SimpleNamespace(**ckpt["args"])
+    file, ckpt = find_checkpoint(path)
+    args = SimpleNamespace(**ckpt["args"], ckpt_file=os.path.abspath(file), ckpt_step=ckpt.get("step"))
     model = make_model(args)
     model.load_state_dict(ckpt["ema"])
     return model.to(device).eval(), args
@@ -147,7 +213,8 @@ def floats(s):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
-    p.add_argument("--out", default=None, help="PNG path (default: <run folder>/grid.png)")
+    p.add_argument("--out", default=None, help="PNG path (default: <run folder>/grid.png), or the .npz path of "
+                                              "--num-samples (default: <run folder>/samples-N-cfgS-SAMPLERSTEPS.npz)")
     p.add_argument("--classes", default=None, help="comma-separated class indices (default: the first 10)")
     p.add_argument("--seeds", type=int, default=4, help="noise seeds per cell")
     p.add_argument("--cfg-scale", default="1.0", help="semantic guidance scale(s), comma-separated")
@@ -157,8 +224,23 @@ def main(argv=None):
     p.add_argument("--orig-size", default=None, help="original-size values (pixels) to sweep, e.g. 16,64")
     p.add_argument("--crop-offset", default=None, help="crop offsets (pixels, top = left) to sweep, e.g. 0,8")
     p.add_argument("--eval-per-class", type=int, default=0, help="shapes: run the checker on N samples per class")
+    p.add_argument("--num-samples", type=int, default=0, help="write N samples as one .npz for fid.py (ranks share "
+                                                                "the work under torchrun); --out is then the .npz path")
+    p.add_argument("--labels", default="equal", choices=("equal", "random"),
+                   help="--num-samples: N / classes per class in order, or uniform from --seed")
+    p.add_argument("--seed", type=int, default=0, help="--num-samples: sample i starts from noise seed SEED + i")
+    p.add_argument("--batch", type=int, default=64, help="--num-samples: images per forward pass")
+    p.add_argument("--ctrl-scale", type=float, default=0.0, help="--num-samples: control guidance scale")
+    p.add_argument("--interval", default="0,1", help="--num-samples: guide only while t is in LO,HI")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="--num-samples: auto = bf16 autocast on GPU, fp32 on CPU")
     a = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = 0, 1
+    if a.num_samples:  # torchrun: one process per GPU, the local rank picks it
+        from train import setup_distributed
+        rank, world, device = setup_distributed()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, args = load_checkpoint(a.ckpt, device)
     vae = Autoencoder(args.vae).to(device)
     scales = floats(a.cfg_scale)
@@ -181,6 +263,23 @@ def main(argv=None):
         if off is not None:
             c[2] = c[3] = off
         controls.append(c)
+    if a.num_samples:
+        if len(controls) > 1 or len(scales) > 1:
+            raise SystemExit("--num-samples draws one setting: give --cfg-scale, --flip, --orig-size and "
+                             "--crop-offset one value each")
+        out = a.out or os.path.join(os.path.dirname(args.ckpt_file),
+                                    f"samples-{a.num_samples}-cfg{scales[0]:g}-{a.sampler}{a.steps}.npz")
+        if not out.endswith(".npz"):
+            raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
+        bf16 = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda")
+        sample_npz(model, vae, args, out, a.num_samples, controls[0], a.labels, a.seed, a.batch, scales[0],
+                   a.ctrl_scale, tuple(floats(a.interval)), a.steps, a.sampler, bf16, rank, world,
+                   record=dict(ckpt=args.ckpt_file, ckpt_step=args.ckpt_step))
+        if rank == 0:
+            print(f"wrote {out} and its settings {out[:-len('.npz')]}.json")
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        return out
     classes = [int(c) for c in a.classes.split(",")] if a.classes else None
     if classes and max(classes) >= args.num_classes:
         raise SystemExit(f"--classes: the model knows classes 0..{args.num_classes - 1}")

@@ -1,0 +1,565 @@
+"""
+Sample-quality metrics: FID as the ADM evaluation suite computes it, plus Inception Score, improved precision /
+recall and (for text-to-image) CLIP score.
+
+    python fid.py VIRTUAL_imagenet256_labeled.npz runs/000-imagenet-XL-2-ours/samples-50000.npz
+    python fid.py REF SAMPLE --is --pr                            # + Inception Score, precision and recall
+    python fid.py /data/imagenet/val --save-stats val_stats.npz   # cache a reference set's statistics
+    torchrun --nproc_per_node=8 fid.py REF SAMPLE                 # features on 8 GPUs, same numbers
+
+REF and SAMPLE are each a folder of images (searched recursively), an .npz of uint8 images (N, H, W, 3) under `arr_0`
+(the ADM format, what `sample.py --num-samples` writes) or an .npz of statistics (`mu`, `sigma`). When SAMPLE has a
+sidecar JSON of its sampler settings (samples.npz -> samples.json), the settings are printed next to the numbers
+and everything is written to samples.metrics.json, so every FID stays traceable to what made it.
+
+Numbers are comparable with the ADM suite (guided-diffusion/evaluations) and torch-fidelity because every step
+follows the TensorFlow graph they use: Inception-v3 with the 2015-12-05 weights (pytorch-fid's port), TF1's bilinear
+resize to 299 x 299, the graph's (x - 128) / 128 input scaling, fp32 features (TF32 off) and float64 statistics.
+"""
+import argparse
+import json
+import os
+import struct
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+#################################################################################
+#                   Inception-v3 as the FID graph computes it                   #
+#################################################################################
+# The FID network is TensorFlow's 2015 Inception graph, not torchvision's Inception-v3: its pool branches average over
+# real pixels only (TF's avg_pool ignores the zero padding), and the last block max-pools where the paper
+# average-pools. We take torchvision's network and swap in those four block variants, as pytorch-fid does, so the
+# state dict keeps torchvision's names and the published weights load as they are.
+
+
+def tf_pool(x, kind):
+    """The 3 x 3, stride 1, 'SAME' pool of a pool branch: `avg` counts real pixels only, `max` pads with -inf."""
+    if kind == "max":
+        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(InceptionA):
+    """Mixed_5b..5d: torchvision's InceptionA with the TF average pool."""
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(tf_pool(x, "avg"))
+        return torch.cat([b1, b5, b3, bp], 1)
+
+
+class FIDInceptionC(InceptionC):
+    """Mixed_6b..6e: torchvision's InceptionC with the TF average pool."""
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7d = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            b7d = conv(b7d)
+        bp = self.branch_pool(tf_pool(x, "avg"))
+        return torch.cat([b1, b7, b7d, bp], 1)
+
+
+class FIDInceptionE(InceptionE):
+    """Mixed_7b (pool `avg`, the TF average pool) and Mixed_7c (pool `max`: the graph max-pools here)."""
+
+    def __init__(self, in_channels, pool):
+        super().__init__(in_channels)
+        self.pool = pool
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
+        bp = self.branch_pool(tf_pool(x, self.pool))
+        return torch.cat([b1, b3, b3d, bp], 1)
+
+
+def build_inception():
+    """torchvision's Inception-v3 (no aux head, 1008-way fc) with the FID blocks; weights left uninitialised."""
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE(1280, pool="avg")
+    net.Mixed_7c = FIDInceptionE(2048, pool="max")
+    return net
+
+
+# Up to the global average pool, in the graph's order.
+TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
+         "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a",
+         "Mixed_7b", "Mixed_7c")
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images (N, 3, H, W) of any size -> pool3 features (N, 2048) and logits (N, 1008).
+
+    The logits are pool3 @ fc.weight.T *without* the bias: the quantity the original Inception Score code, the ADM
+    suite and torch-fidelity all feed to the softmax.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.net = build_inception().eval().requires_grad_(False)
+
+    def forward(self, images):
+        x = resize_bilinear_tf1(images.float(), 299)  # (N, 3, 299, 299) in [0, 255]
+        x = (x - 128) / 128  # the graph's Sub / Mul; pytorch-fid's x / 127.5 - 1 is off by up to 1/128
+        for name in TRUNK:
+            x = getattr(self.net, name)(x)  # -> (N, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))  # (N, 2048)
+        return pool, pool @ self.net.fc.weight.T
+
+
+def weights_file(path=None):
+    """The FID weights: `path`, or the published file, downloaded once (sha256-checked) into torch hub's cache."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--inception {path!r}: no such file; download {FID_WEIGHTS_URL} or omit --inception "
+                             "to fetch it into torch hub's cache")
+        return path
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, path, hash_prefix="6726825d", progress=True)
+    return path
+
+
+def load_inception(path):
+    """InceptionFeatures with the state dict in `path`; any other layout fails with the keys that differ.
+
+    The published file has no BatchNorm `num_batches_tracked` counters (it was converted from the TF graph); they
+    are ignored on both sides.
+    """
+    model = InceptionFeatures()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: not a readable PyTorch state dict ({type(e).__name__}); download the FID weights "
+                         f"from {FID_WEIGHTS_URL}") from e
+    want = {k: tuple(v.shape) for k, v in model.net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    got = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")} if isinstance(state, dict) else {}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    shapes = [f"{k} {tuple(got[k].shape)} (expected {want[k]})" for k in want if k in got
+              and tuple(got[k].shape) != want[k]]
+    if missing or unexpected or shapes:
+        raise SystemExit(f"{path} is not the FID Inception-v3 state dict (pt_inception-2015-12-05-6726825d.pth): "
+                         f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:3]}, {len(shapes)} wrong shapes {shapes[:3]}. Download the right file from "
+                         f"{FID_WEIGHTS_URL}, or omit --inception to fetch it automatically")
+    model.net.load_state_dict(got, strict=False)
+    return model
+
+
+#################################################################################
+#                      TensorFlow-compatible resize                             #
+#################################################################################
+# The ADM suite resizes inside the TF graph with TF1's tf.image.resize_bilinear(align_corners=False): output pixel i
+# reads source coordinate i * in / out, with no half-pixel offset. torch's F.interpolate uses half-pixel centres,
+# (i + 0.5) in / out - 0.5, so the two images are shifted by (in / out - 1) / 2 source pixels against each other and
+# differ by tens of grey levels at edges; FID is known to be sensitive to such resizing differences (Parmar et al.,
+# clean-fid, 2022). We reproduce TF's arithmetic: float32 coordinates, the same floor / ceil, the same two-step lerp.
+
+def tf1_source_pixels(n_in, n_out):
+    """For each output index: the two source indices and the weight of the second, as TF1 computes them."""
+    src = np.arange(n_out, dtype=np.float32) * (np.float32(n_in) / np.float32(n_out))
+    lo = np.floor(src)
+    hi = np.minimum(np.ceil(src), n_in - 1)
+    return torch.from_numpy(lo.astype(np.int64)), torch.from_numpy(hi.astype(np.int64)), torch.from_numpy(src - lo)
+
+
+def resize_bilinear_tf1(x, size):
+    """float (N, C, H, W) -> (N, C, size, size), TF1 resize_bilinear(align_corners=False), as an index/weight gather."""
+    y0, y1, wy = (t.to(x.device) for t in tf1_source_pixels(x.shape[2], size))
+    x0, x1, wx = (t.to(x.device) for t in tf1_source_pixels(x.shape[3], size))
+    rows0, rows1 = x[:, :, y0], x[:, :, y1]  # (N, C, size, W)
+    top = rows0[..., x0] + (rows0[..., x1] - rows0[..., x0]) * wx
+    bottom = rows1[..., x0] + (rows1[..., x1] - rows1[..., x0]) * wx
+    return top + (bottom - top) * wy[:, None]  # (N, C, size, size)
+
+
+#################################################################################
+#                 Inputs: image folders, image .npz, statistics .npz            #
+#################################################################################
+
+class FolderImages(torch.utils.data.Dataset):
+    """Every .png / .jpg / .jpeg / .webp under `root`, recursively, in sorted path order: uint8 (3, H, W)."""
+
+    def __init__(self, root):
+        self.paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.paths:
+            raise SystemExit(f"{root!r}: no {'/'.join(IMAGE_EXTENSIONS)} files in this folder or below it; point at "
+                             "the folder that holds the images, or pass an .npz")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+class NpzImages(torch.utils.data.Dataset):
+    """`arr_0` of an ADM-style .npz (uint8, N x H x W x 3) as uint8 (3, H, W) items, without loading it whole.
+
+    np.savez stores members uncompressed, so the array is one run of bytes in the file and is memory-mapped
+    (50k ImageNet-256 samples are 9.8 GB, once per rank). Compressed archives are read into memory instead.
+    """
+
+    def __init__(self, path):
+        self.path, self.array, self.offset = path, None, None
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("arr_0.npy")
+            if info.compress_type == zipfile.ZIP_STORED:
+                with open(path, "rb") as f:
+                    f.seek(info.header_offset)
+                    name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
+                    f.seek(info.header_offset + 30 + name_len + extra_len)
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    self.shape, fortran, self.dtype = read_header(f)
+                    self.offset = f.tell()
+            else:
+                self.array = np.load(path)["arr_0"]
+                self.shape, fortran, self.dtype = self.array.shape, False, self.array.dtype
+        if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3 or fortran:
+            nchw = len(self.shape) == 4 and self.shape[1] == 3
+            hint = " (channels first? transpose to N x H x W x 3)" if nchw else ""
+            raise SystemExit(f"{path}: arr_0 is {self.dtype} {self.shape}; FID reads uint8 images of shape "
+                             f"N x H x W x 3 in [0, 255]{hint}")
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        if self.array is None:  # mapped lazily so that data-loader workers open their own map
+            self.array = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
+        return torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)
+
+
+def open_input(path):
+    """(stats, images) of REF or SAMPLE: stats = (mu, sigma) when the file has them, images = a Dataset or None.
+
+    ADM reference batches (VIRTUAL_imagenet256_labeled.npz) hold both; FID then uses their mu / sigma, and the
+    images only serve the metrics that need features (precision / recall).
+    """
+    if os.path.isdir(path):
+        return None, FolderImages(path)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path!r}: no such file or folder; give a folder of images, an .npz of images (arr_0) "
+                         "or an .npz of statistics (mu, sigma)")
+    if not path.endswith(".npz"):
+        raise SystemExit(f"{path!r}: not a folder or an .npz; put single images in a folder")
+    with np.load(path) as z:
+        keys = set(z.files)
+        stats = (z["mu"].astype(np.float64), z["sigma"].astype(np.float64)) if {"mu", "sigma"} <= keys else None
+    images = NpzImages(path) if "arr_0" in keys else None
+    if stats is None and images is None:
+        raise SystemExit(f"{path}: an .npz needs `arr_0` (uint8 images N x H x W x 3) or `mu` and `sigma` "
+                         f"(statistics from --save-stats); this one holds {sorted(keys)}")
+    if stats is not None and (stats[0].ndim != 1 or stats[1].shape != (len(stats[0]),) * 2):
+        raise SystemExit(f"{path}: mu {stats[0].shape} and sigma {stats[1].shape} do not fit (D,) and (D, D)")
+    return stats, images
+
+
+def save_stats(path, mu, sigma):
+    np.savez(path, mu=mu, sigma=sigma)
+
+
+#################################################################################
+#                     Feature extraction across ranks                           #
+#################################################################################
+
+def gather_strided(x, n, world):
+    """Rank r holds rows r, r + world, ... of n: pad to equal length, all-gather, interleave, trim. (n, ...) on CPU."""
+    per = -(-n // world)
+    padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, 1).reshape(per * world, *x.shape[1:])[:n].cpu()  # row j * world + r = parts[r][j]
+
+
+@torch.no_grad()
+def extract(model, images, batch=50, workers=0, rank=0, world=1, device="cpu", desc="features"):
+    """Pool features (N, 2048) and logits (N, 1008), float32 numpy in dataset order, on every rank.
+
+    Rank r embeds images r, r + world, ...; the shards are gathered back, so the result is a single-process run's.
+    TF32 (a 10-bit mantissa in convolutions and matmuls) is switched off meanwhile: the reference numbers are fp32.
+    """
+    from tqdm import tqdm
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        shard = torch.utils.data.Subset(images, range(rank, len(images), world))
+        loader = torch.utils.data.DataLoader(shard, batch_size=batch, num_workers=workers, collate_fn=list)
+        pools, logits = [torch.zeros(0, 2048, device=device)], [torch.zeros(0, 1008, device=device)]
+        for imgs in tqdm(loader, desc=desc, disable=rank != 0, dynamic_ncols=True):
+            if all(im.shape == imgs[0].shape for im in imgs):
+                out = [model(torch.stack(imgs).to(device))]
+            else:  # a folder of mixed sizes: each image is resized on its own
+                out = [model(im[None].to(device)) for im in imgs]
+            pools += [o[0] for o in out]
+            logits += [o[1] for o in out]
+        pool, logit = torch.cat(pools), torch.cat(logits)
+        if world > 1:
+            pool, logit = gather_strided(pool, len(images), world), gather_strided(logit, len(images), world)
+        return pool.float().cpu().numpy(), logit.float().cpu().numpy()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+#################################################################################
+#                      Statistics and the Frechet distance                      #
+#################################################################################
+
+def statistics(features, chunk=4096):
+    """Mean (D,) and unbiased covariance (D, D) of (N, D) features, summed in float64 chunk by chunk (a float64 copy
+    of 50k x 2048 features would be 800 MB)."""
+    n, d = features.shape
+    if n < 2:
+        raise SystemExit(f"statistics need at least 2 images, got {n}")
+    total, outer = np.zeros(d), np.zeros((d, d))
+    for i in range(0, n, chunk):
+        x = np.asarray(features[i:i + chunk], dtype=np.float64)
+        total += x.sum(0)
+        outer += x.T @ x
+    mu = total / n
+    return mu, (outer - n * np.outer(mu, mu)) / (n - 1)
+
+
+def psd_eigenvalues(w):
+    """Eigenvalues of a symmetric PSD matrix with those below its rounding noise (d * eps * largest) set to 0: the
+    square root would turn a 1e-16 rounding residue into 1e-8, summed over every empty direction."""
+    return np.where(w > len(w) * np.finfo(np.float64).eps * max(w.max(), 0), w, 0.0)
+
+
+def sqrtm_psd(a):
+    """Symmetric square root of a symmetric positive semi-definite matrix."""
+    w, v = np.linalg.eigh(a)
+    return (v * np.sqrt(psd_eigenvalues(w))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), in float64.
+
+    S1 S2 is similar to A S2 A with A = S1^1/2, which is symmetric PSD, so tr((S1 S2)^1/2) = sum sqrt(eig(A S2 A))
+    with real, non-negative eigenvalues. The usual scipy.linalg.sqrtm of the non-symmetric product (TTUR, ADM,
+    pytorch-fid) returns NaN or complex values when the product is singular (fewer images than 2048) and then needs
+    an eps * I offset and a discarded imaginary part; this form needs neither and agrees with sqrtm where sqrtm works.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise SystemExit(f"statistics of different feature sizes: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    a = sqrtm_psd(sigma1)
+    m = a @ sigma2 @ a
+    tr_sqrt = np.sqrt(psd_eigenvalues(np.linalg.eigvalsh((m + m.T) / 2))).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
+
+
+#################################################################################
+#                    Inception Score, precision and recall                      #
+#################################################################################
+
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))) on `splits` consecutive equal splits; (mean, std) over the splits.
+
+    As the ADM suite and torch-fidelity: the softmax runs over all 1008 outputs of the unbiased logits, and 50k
+    samples make ten splits of 5000 (ADM's split size). No shuffling first, as ADM (torch-fidelity shuffles).
+    """
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    if len(logits) < splits:
+        raise SystemExit(f"Inception Score with {splits} splits needs at least {splits} images, got {len(logits)}")
+    log_p = torch.log_softmax(logits, dim=1)
+    scores = []
+    for i in range(splits):
+        part = log_p[i * len(log_p) // splits:(i + 1) * len(log_p) // splits]
+        log_py = torch.logsumexp(part, 0) - np.log(len(part))  # log of the split's marginal p(y)
+        scores.append(torch.exp((part.exp() * (part - log_py)).sum(1).mean()).item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def squared_distances(a, b):
+    """(len(a), len(b)) squared Euclidean distances, |a|^2 + |b|^2 - 2 a.b clipped at 0 (as the ADM suite)."""
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T).clamp_(min=0)
+
+
+def knn_radii(feats, k, chunk):
+    """Squared distance of each point to its k-th nearest neighbour, itself excluded."""
+    return torch.cat([squared_distances(feats[i:i + chunk], feats).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(feats), chunk)])
+
+
+@torch.no_grad()
+def precision_recall(ref, sample, k=3, chunk=1024, device="cpu"):
+    """Improved precision and recall (Kynkaanniemi et al. 2019), k = 3 as in the ADM suite.
+
+    The manifold of a set is the union of balls around its points reaching each point's k-th neighbour. Precision =
+    fraction of samples inside the reference manifold; recall = fraction of references inside the sample manifold.
+    Distances go `chunk` rows at a time, so 50k x 50k never sits in memory (ADM computes them in float16 with a float32
+    fallback; we use float32, which can flip a point lying exactly on a ball's surface).
+    """
+    ref = torch.as_tensor(ref, dtype=torch.float32, device=device)
+    sample = torch.as_tensor(sample, dtype=torch.float32, device=device)
+    if min(len(ref), len(sample)) <= k:
+        raise SystemExit(f"precision / recall with k = {k} need more than {k} images on each side")
+    r_ref, r_sample = knn_radii(ref, k, chunk), knn_radii(sample, k, chunk)
+    in_ref = torch.zeros(len(sample), dtype=torch.bool, device=device)
+    in_sample = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    for i in range(0, len(sample), chunk):
+        d = squared_distances(sample[i:i + chunk], ref)  # (chunk, N_ref)
+        in_ref[i:i + chunk] = (d <= r_ref[None]).any(1)
+        in_sample |= (d <= r_sample[i:i + chunk, None]).any(0)
+    return in_ref.double().mean().item(), in_sample.double().mean().item()
+
+
+#################################################################################
+#                         CLIP score (text-to-image)                            #
+#################################################################################
+
+@torch.no_grad()
+def clip_score(images, prompts, model_path, batch=50, device="cpu"):
+    """100 x mean over images of max(cos(CLIP image embedding, CLIP text embedding), 0) (Hessel et al. 2021 with
+    w = 100, the torchmetrics convention). Needs `transformers` and a CLIP checkpoint (a local path or a hub name)."""
+    try:
+        from transformers import CLIPModel, CLIPProcessor
+    except ImportError as e:
+        raise SystemExit("--clip needs the optional package transformers: pip install transformers") from e
+    if len(prompts) != len(images):
+        raise SystemExit(f"--prompts has {len(prompts)} lines for {len(images)} images; give one prompt per image")
+    model = CLIPModel.from_pretrained(model_path).to(device).eval()
+    processor = CLIPProcessor.from_pretrained(model_path)
+    scores = []
+    for i in range(0, len(images), batch):
+        imgs = [images[j].permute(1, 2, 0).numpy() for j in range(i, min(i + batch, len(images)))]
+        inputs = processor(text=prompts[i:i + batch], images=imgs, return_tensors="pt", padding=True,
+                           truncation=True).to(device)
+        img = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
+        txt = F.normalize(model.get_text_features(input_ids=inputs["input_ids"],
+                                                  attention_mask=inputs["attention_mask"]), dim=-1)
+        scores.append((img * txt).sum(-1).clamp(min=0))
+    return 100 * torch.cat(scores).mean().item()
+
+
+#################################################################################
+#                                   CLI                                         #
+#################################################################################
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ref", help="reference: image folder, .npz of images (arr_0) or of statistics (mu, sigma)")
+    p.add_argument("sample", nargs="?", help="samples, the same kinds (omit with --save-stats to only cache REF)")
+    p.add_argument("--inception", default=None, help="FID weights file (default: download into torch hub's cache)")
+    p.add_argument("--batch", type=int, default=50, help="images per forward pass and rank")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding workers per rank")
+    p.add_argument("--save-stats", default=None, metavar="OUT.npz", help="write REF's mu / sigma to this file")
+    p.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception Score of SAMPLE")
+    p.add_argument("--splits", type=int, default=10, help="Inception Score splits")
+    p.add_argument("--pr", action="store_true", help="also improved precision / recall (needs REF images)")
+    p.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall")
+    p.add_argument("--clip", default=None, metavar="MODEL", help="also CLIP score with this CLIP checkpoint")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per SAMPLE image (for --clip)")
+    p.add_argument("--out", default=None, help="result JSON (default: SAMPLE.metrics.json when SAMPLE has a "
+                                              "sidecar JSON of its settings)")
+    a = p.parse_args(argv)
+    if a.sample is None and a.save_stats is None:
+        p.error("give SAMPLE, or --save-stats OUT to only compute REF's statistics")
+    if a.clip and not a.prompts:
+        p.error("--clip needs --prompts FILE (one prompt per sample image)")
+    from train import setup_distributed
+    rank, world, device = setup_distributed()
+
+    # read both inputs before any network work, so that a bad path fails at once
+    ref_stats, ref_images = open_input(a.ref)
+    sample_stats, sample_images = open_input(a.sample) if a.sample else (None, None)
+    need = {"ref": ref_stats is None or a.pr,  # FID prefers stored statistics; features only when they are missing
+            "sample": a.sample is not None and (sample_stats is None or a.inception_score or a.pr)}
+    if a.pr and ref_images is None:
+        raise SystemExit(f"--pr compares features: REF {a.ref!r} holds statistics only; give its images")
+    if (a.pr or a.inception_score or a.clip) and sample_images is None:
+        raise SystemExit(f"--is / --pr / --clip need SAMPLE images; {a.sample!r} holds statistics only")
+
+    if any(need.values()):
+        path = a.inception
+        if rank == 0:
+            path = weights_file(a.inception)  # one rank downloads, the others wait for it
+        if world > 1:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        model = load_inception(path).to(device)
+    feats = {}
+    for side, images in (("ref", ref_images), ("sample", sample_images)):
+        if need[side]:
+            feats[side] = extract(model, images, a.batch, a.workers, rank, world, device, desc=side)
+
+    res = None
+    if rank == 0:
+        if ref_stats is None:
+            ref_stats = statistics(feats["ref"][0])
+        if a.save_stats:
+            save_stats(a.save_stats, *ref_stats)
+            print(f"wrote {a.save_stats} (statistics of {a.ref})")
+        if a.sample:
+            if sample_stats is None:
+                sample_stats = statistics(feats["sample"][0])
+            res = dict(fid=frechet_distance(*sample_stats, *ref_stats), ref=os.path.abspath(a.ref),
+                       sample=os.path.abspath(a.sample),
+                       num_samples=len(sample_images) if sample_images is not None else None,
+                       inception_weights=os.path.abspath(path) if any(need.values()) else None)
+            if a.inception_score:
+                res["inception_score"], res["inception_score_std"] = inception_score(feats["sample"][1], a.splits)
+            if a.pr:
+                res["precision"], res["recall"] = precision_recall(feats["ref"][0], feats["sample"][0], a.k,
+                                                                   device=device)
+            if a.clip:
+                with open(a.prompts) as f:
+                    prompts = [line.rstrip("\n") for line in f]
+                res["clip_score"] = clip_score(sample_images, prompts, a.clip, a.batch, device)
+            sidecar = a.sample[:-len(".npz")] + ".json"
+            if a.sample.endswith(".npz") and os.path.isfile(sidecar):
+                with open(sidecar) as f:
+                    res["settings"] = json.load(f)
+            print("  ".join(f"{k} {res[k]:.4f}" for k in ("fid", "inception_score", "precision", "recall",
+                                                            "clip_score") if k in res))
+            if "settings" in res:
+                print("settings: " + json.dumps(res["settings"]))
+            out = a.out or (a.sample[:-len(".npz")] + ".metrics.json" if "settings" in res else None)
+            if out:
+                with open(out, "w") as f:
+                    json.dump(res, f, indent=1)
+                print(f"wrote {out}")
+    if world > 1:  # no barrier: the other ranks need not wait for rank 0's metrics
+        dist.destroy_process_group()
+    return res
+
+
+if __name__ == "__main__":
+    main()
