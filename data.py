@@ -10,7 +10,6 @@ Every dataset returns `(image, label, control, caption)`:
 The control vector is what the model's ControlEmbedder reads; each augmentation writes the values it actually used.
 Randomness of an item depends only on (seed, epoch, index), so data order and augmentation survive a resume exactly.
 """
-import math
 import os
 
 import numpy as np
@@ -286,6 +285,7 @@ def expected_position(control, res):
 SKIPPED = ("unreadable", "truncated", "tiny")
 CONVERTED = ("cmyk", "palette", "16bit", "alpha", "gray")
 EVENTS = ("ok",) + SKIPPED + CONVERTED
+MAX_WORKERS = 64  # data-loader workers per rank whose event counts are kept apart
 MIN_SIDE = 8  # images smaller than this on either side carry no usable content at any training resolution
 
 
@@ -344,7 +344,9 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"no images found under {root!r}")
         self.res, self.seed, self.crop, self.hflip, self.epoch = res, seed, crop, hflip, 0
         self.num_classes = len(self.folder.classes)
-        self.events = torch.zeros(len(EVENTS), dtype=torch.int64).share_memory_()
+        # one row per process (row 0: the main process, row k: loader worker k - 1), so no two processes ever add to
+        # the same number and the counts stay exact; shared memory makes the workers' rows visible to the trainer
+        self.events = torch.zeros(MAX_WORKERS + 1, len(EVENTS), dtype=torch.int64).share_memory_()
 
     def __len__(self):
         return len(self.folder)
@@ -353,7 +355,8 @@ class ImageFolderDataset(Dataset):
         self.epoch = epoch
 
     def _count(self, kind, message=None):
-        self.events[EVENTS.index(kind)] += 1
+        worker = torch.utils.data.get_worker_info()
+        self.events[0 if worker is None else worker.id + 1, EVENTS.index(kind)] += 1
         if kind not in _REPORTED and kind != "ok":
             _REPORTED.add(kind)
             print(f"data: {'skipping' if kind in SKIPPED else 'converting'} {kind} image ({message}); "
@@ -403,6 +406,12 @@ def default_control(name, res):
 #################################################################################
 #                       Autoencoder (pixel or latent space)                     #
 #################################################################################
+
+def latent_geometry(name):
+    """(downsampling factor, channels) of the diffusion space for `--vae NAME`, known before any weights load:
+    pixels for `none`, the SD-family VAE layout (f = 8, 4 channels) otherwise."""
+    return (1, 3) if name == "none" else (8, 4)
+
 
 class Autoencoder(torch.nn.Module):
     """Maps uint8-range images to the diffusion space and back. `none`: pixels scaled to [-1, 1].

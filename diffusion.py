@@ -28,6 +28,12 @@ def resolution_shift(tokens, base_tokens):
     return math.sqrt(tokens / base_tokens)
 
 
+def noise_shift(shift, res, base_res):
+    """alpha for training and sampling at `res`: the base shift times the resolution shift (at a fixed patch size the
+    token ratio is the pixel ratio)."""
+    return shift * resolution_shift(res ** 2, base_res ** 2)
+
+
 def sample_t(n, mean=0.0, std=1.0, alpha=1.0, generator=None, device="cpu"):
     """Training noise levels: logit-normal, then shifted. (n,) in (0, 1)."""
     t = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))

@@ -507,13 +507,18 @@ def main(argv=None):
         raise SystemExit(f"--is / --pr / --clip need SAMPLE images; {a.sample!r} holds statistics only")
 
     if any(need.values()):
-        path = a.inception
-        if rank == 0:
-            path = weights_file(a.inception)  # one rank downloads, the others wait for it
+        path, error = a.inception, None
+        if rank == 0:  # one rank downloads, the others wait for it; a failure is shared so no rank hangs
+            try:
+                path = weights_file(a.inception)
+            except (SystemExit, OSError, RuntimeError) as e:
+                error = str(e)
         if world > 1:
-            box = [path]
+            box = [path, error]
             dist.broadcast_object_list(box, src=0)
-            path = box[0]
+            path, error = box
+        if error:
+            raise SystemExit(error)
         model = load_inception(path).to(device)
     feats = {}
     for side, images in (("ref", ref_images), ("sample", sample_images)):

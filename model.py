@@ -47,18 +47,17 @@ def sincos_1d(dim, pos):
 def sincos_2d(dim, grid_h, grid_w, base_h, base_w, mode="resample"):
     """Fixed 2-D sin-cos embedding (grid_h * grid_w, dim) for a token grid, rows first.
 
-    The model is trained on a base grid (base_h x base_w). On a larger or non-square grid:
-      resample  evaluate the embedding at positions scaled back onto the base grid (i * base / grid), so the image
-                spans the same positional range it was trained on (the paper's choice for 256 -> 512)
+    The model is trained on a base grid (base_h x base_w). On a grid with more tokens:
+      resample  evaluate the embedding at positions scaled back by s = sqrt(base tokens / tokens), one factor for both
+                axes, so the image spans the positional range it was trained on and keeps its aspect ratio (the
+                paper's choice for 256 -> 512: a 2x larger square grid lands its even positions on the base grid)
       extend    keep integer positions 0 .. grid - 1, i.e. new, never-seen positions beyond the base grid
+    Grids with no more tokens than the base use integer positions in both modes.
     """
-    if mode == "resample":
-        ys = torch.arange(grid_h, dtype=torch.float64) * (base_h / grid_h)
-        xs = torch.arange(grid_w, dtype=torch.float64) * (base_w / grid_w)
-    elif mode == "extend":
-        ys, xs = torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64)
-    else:
+    if mode not in POS_MODES:
         raise ValueError(f"unknown pos mode {mode!r}; choose one of {POS_MODES}")
+    s = min(1.0, math.sqrt(base_h * base_w / (grid_h * grid_w))) if mode == "resample" else 1.0
+    ys, xs = torch.arange(grid_h, dtype=torch.float64) * s, torch.arange(grid_w, dtype=torch.float64) * s
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     emb = torch.cat([sincos_1d(dim // 2, gy.reshape(-1)), sincos_1d(dim // 2, gx.reshape(-1))], dim=1)
     return emb.float()
@@ -231,7 +230,7 @@ class DiffusionTransformer(nn.Module):
         x = self.final(x, vec)  # (B, N, p * p * C)
         x = x.view(B, h, w, self.patch, self.patch, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
         if self.pred == "x":  # the network outputs the clean image; report the velocity it implies
-            return (x_t - x) / t.clamp(min=0.05).view(B, 1, 1, 1).to(x.dtype)
+            return (x_t - x) / t.clamp(min=0.05).view(B, 1, 1, 1)  # in fp32: t is not rounded to bf16
         return x
 
 

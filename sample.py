@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from data import (CHIRAL, CONTROL_SIGNALS, SHAPE_NAMES, Autoencoder, ShapesChecker, default_control, expected_position,
-                  to_uint8)
-from diffusion import guided_velocity, sample
+from data import (CANVAS_MARGIN, CHIRAL, CONTROL_SIGNALS, SHAPE_NAMES, Autoencoder, ShapesChecker, default_control,
+                  expected_position, to_uint8)
+from diffusion import guided_velocity, noise_shift, sample
 
 #################################################################################
 #                              Generation                                       #
@@ -46,8 +46,7 @@ def generate(model, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, alp
 
 
 def alpha_of(args):
-    from train import shift_alpha
-    return shift_alpha(args)
+    return noise_shift(args.shift, args.res, args.base_res)
 
 
 def latent_shape(args, vae):
@@ -108,7 +107,7 @@ def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, see
     for k in range(args.num_classes):
         for j in range(per_class):
             c = base.clone()
-            c[2], c[3] = rng.integers(0, round(args.res * 0.25) + 1, size=2)  # random crop offsets
+            c[2], c[3] = rng.integers(0, round(args.res * CANVAS_MARGIN) - args.res + 1, size=2)  # random crop
             for flip in (0, 1):
                 c2 = c.clone()
                 c2[4] = flip

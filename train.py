@@ -17,14 +17,13 @@ import signal
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conditioning import DEFAULT_GATES, GATES, drop_conditions
-from data import DATASETS, Autoencoder, build_dataset
-from diffusion import flow_loss, resolution_shift, sample_t
+from data import DATASETS, MAX_WORKERS, Autoencoder, build_dataset, latent_geometry
+from diffusion import flow_loss, noise_shift, sample_t
 from model import CONDS, MODELS, POS_MODES, build_model, count_params
 
 CONFIG_VERSION = 1
@@ -46,8 +45,10 @@ PRESETS = {
 PRESETS["folder"] = PRESETS["imagenet"]
 
 # Config keys that must agree between a checkpoint and the run that resumes it.
-ARCH_KEYS = ("model", "pred", "cond", "class_tokens", "pos_mode", "res", "vae", "num_classes", "gate_size", "gate_crop",
-             "gate_flip", "dataset")
+ARCH_KEYS = ("model", "pred", "cond", "class_tokens", "pos_mode", "res", "base_res", "vae", "num_classes", "gate_size",
+             "gate_crop", "gate_flip", "dataset")
+# ... and those that the saved data position and noise streams depend on: changing them breaks an exact resume.
+ORDER_KEYS = ("batch", "seed", "shapes_size", "world")
 
 
 def get_args(argv=None):
@@ -56,7 +57,7 @@ def get_args(argv=None):
     # data
     a("--dataset", default="shapes", choices=DATASETS, help="shapes (embedded, default) | imagenet | folder")
     a("--data-path", default=None, help="ImageFolder root for imagenet / folder")
-    a("--res", type=int, help="training resolution in pixels (shapes 32, imagenet 256)")
+    a("--res", type=int, help="training resolution in pixels (shapes 24, imagenet 256)")
     a("--crop", default="random", choices=("random", "center"), help="crop policy; crop offsets are recorded")
     a("--no-hflip", dest="hflip", action="store_false", help="disable random horizontal flips")
     a("--shapes-size", type=int, default=10000, help="number of distinct shapes images")
@@ -116,7 +117,7 @@ def validate(args):
     patch = int(args.model.split("/")[-1]) if "/" in args.model else 1
     if args.model not in MODELS:
         raise SystemExit(f"--model {args.model!r} is unknown; choose one of {', '.join(MODELS)}")
-    factor = 1 if args.vae == "none" else 8
+    factor = latent_geometry(args.vae)[0]
     if args.res % (patch * factor):
         raise SystemExit(f"--res {args.res} must be divisible by patch {patch} x autoencoder factor {factor} "
                          f"= {patch * factor}; try --res {args.res // (patch * factor) * patch * factor}")
@@ -224,7 +225,7 @@ def data_events(dataset, world, args):
     from data import EVENTS, SKIPPED
     if not hasattr(dataset, "events"):
         return {}
-    counts = dataset.events.clone()
+    counts = dataset.events.sum(0)
     if world > 1:
         dist.all_reduce(counts)
     counts = dict(zip(EVENTS, counts.tolist()))
@@ -243,7 +244,10 @@ def data_events(dataset, world, args):
 def save_checkpoint(path, state):
     """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, or a power loss could leave an empty file under the name
     os.replace(tmp, path)
 
 
@@ -290,7 +294,7 @@ def find_checkpoint(path, out="runs"):
 def config_mismatch(saved, args):
     """Human-readable list of architecture / data settings that differ between a checkpoint and this run."""
     return [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k, None)!r}"
-            for k in ARCH_KEYS if saved.get(k) != getattr(args, k, None)]
+            for k in ARCH_KEYS + ORDER_KEYS if saved.get(k) != getattr(args, k, None)]
 
 
 def lr_at(step, args):
@@ -310,9 +314,8 @@ def update_ema(ema, model, decay):
 
 
 def make_model(args):
-    input_size = args.res // (1 if args.vae == "none" else 8)
-    channels = 3 if args.vae == "none" else 4
-    base = args.base_res // (1 if args.vae == "none" else 8)
+    factor, channels = latent_geometry(args.vae)
+    input_size, base = args.res // factor, args.base_res // factor
     return build_model(args.model, input_size=input_size, in_channels=channels, num_classes=args.num_classes,
                        class_tokens=args.class_tokens, cond=args.cond, pos_mode=args.pos_mode, base_size=base,
                        pred=args.pred,
@@ -320,7 +323,7 @@ def make_model(args):
 
 
 def shift_alpha(args):
-    return args.shift * resolution_shift(args.res ** 2, args.base_res ** 2)  # token ratio = pixel ratio
+    return noise_shift(args.shift, args.res, args.base_res)
 
 
 #################################################################################
@@ -331,6 +334,8 @@ def main(argv=None):
     args = get_args(argv)
     validate(args)
     rank, world, device = setup_distributed()
+    if args.workers > MAX_WORKERS:
+        raise SystemExit(f"--workers {args.workers}: at most {MAX_WORKERS} per process")
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes {world}")
     local_batch = args.batch // world
@@ -351,13 +356,19 @@ def main(argv=None):
             raise SystemExit(f"{ckpt_path}: config schema {ckpt.get('config_version')} != {CONFIG_VERSION}")
     dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, size=args.shapes_size,
                             crop=args.crop, hflip=args.hflip, progress=rank == 0)
-    args.num_classes = dataset.num_classes
+    args.num_classes, args.world = dataset.num_classes, world
     if ckpt is not None:
         bad = config_mismatch(ckpt["args"], args)
         if bad:
             raise SystemExit(f"--resume {ckpt_path}: checkpoint was made with another configuration:\n  "
                              + "\n  ".join(bad) + "\nresume with the same flags, or start a new run")
         run_dir = os.path.dirname(ckpt_path)
+        later = [f for f in checkpoints_in(run_dir) if os.path.basename(f) > os.path.basename(ckpt_path)]
+        if later and rank == 0:  # a timeline we are not continuing: keep it out of --resume auto and of pruning
+            os.makedirs(os.path.join(run_dir, "abandoned"), exist_ok=True)
+            for f in later:
+                os.replace(f, os.path.join(run_dir, "abandoned", os.path.basename(f)))
+            print(f"resume: moved {len(later)} later checkpoint(s) to {os.path.join(run_dir, 'abandoned')}")
     else:
         run_dir = None
         if rank == 0:
@@ -389,7 +400,7 @@ def main(argv=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step, epoch, position = ckpt["step"], ckpt["epoch"], ckpt["position"]
-        gen.set_state(ckpt["gen"][rank] if world == len(ckpt["gen"]) else ckpt["gen"][0])
+        gen.set_state(ckpt["gen"][rank])  # same world size: checked with the config above
         torch.set_rng_state(ckpt["torch_rng"])
     if rank == 0:
         print(f"model {args.model} cond={args.cond}: {count_params(model) / 1e6:.2f} M parameters")
@@ -409,6 +420,9 @@ def main(argv=None):
     nan_steps = {int(s) for s in args.debug_nan_steps.split(",")} if args.debug_nan_steps else set()
     loss_sum, n_acc, n_steps, t0 = torch.zeros((), device=device), 0, 0, time.time()
     bad_in_a_row, bad_total, last_ckpt = 0, 0, (ckpt_path if ckpt is not None else None)
+    if ckpt is not None:  # a preemption can fall between log lines: continue the same averaging window
+        loss_sum.fill_(ckpt["loss_window"][0])
+        n_acc, n_steps = ckpt["loss_window"][1:]
     model.train()
     while step < args.steps:
         epoch, position, (img, y, ctrl, _) = next(data)
@@ -469,9 +483,10 @@ def main(argv=None):
             if rank == 0:
                 state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                              epoch=epoch, position=position, gen=gens, torch_rng=torch.get_rng_state(),
+                             loss_window=(loss_sum.item(), n_acc, n_steps),
                              args=vars(args), config_version=CONFIG_VERSION)
                 save_checkpoint(last_ckpt, state)
-                for f in checkpoints_in(run_dir)[args.keep:]:
+                for f in [f for f in checkpoints_in(run_dir) if f != last_ckpt][args.keep - 1:]:
                     os.remove(f)
         if stopping:
             if rank == 0:
@@ -492,11 +507,12 @@ def main(argv=None):
         sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
         gathered = [torch.zeros_like(sums) for _ in range(world)]
         dist.all_gather(gathered, sums)
+        same = all(torch.equal(gathered[0], g) for g in gathered[1:])  # every rank decides alike: none hangs
         if rank == 0:
-            same = all(torch.equal(gathered[0], g) for g in gathered[1:])
             log.write(json.dumps(dict(step=step, replicas_identical=same)) + "\n")
-            if not same:
-                raise RuntimeError("model replicas diverged across ranks")
+            log.flush()
+        if not same:
+            raise RuntimeError("model replicas diverged across ranks")
 
     # ---- end of run: a sample grid, and on shapes the checker's verdict ---------------------------------------
     if rank == 0:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from data import make_control
-from model import CONDS, SIZES, JointBlock, build_model, count_params, sincos_2d
+from model import CONDS, SIZES, JointBlock, build_model, count_params, sincos_1d, sincos_2d
 
 
 def tiny(cond="ours", **kw):
@@ -90,8 +90,15 @@ def test_pos_embed_resample_and_extend():
     ext = sincos_2d(64, 8, 8, 4, 4, "extend").view(8, 8, 64)
     assert torch.allclose(ext[:4, :4].reshape(16, 64), base, atol=1e-6)  # the base grid's corner is unchanged
     assert not torch.allclose(ext[4:, 4:], big[4:, 4:])
+    # a non-square grid: one factor for both axes keeps the aspect ratio (2x the tokens -> positions / sqrt(2))
     wide = sincos_2d(64, 4, 8, 4, 4, "resample").view(4, 8, 64)
-    assert wide.shape == (4, 8, 64) and torch.allclose(wide[:, ::2].reshape(16, 64), base, atol=1e-6)
+    s = 2 ** -0.5
+    row_pos = sincos_2d(64, 1, 8, 4, 4, "extend")[:, 32:]  # the column half of the features, integer positions
+    assert torch.allclose(wide[0, :, 32:], sincos_1d(32, torch.arange(8) * s).float(), atol=1e-6)
+    assert torch.allclose(wide[:, 0, :32], sincos_1d(32, torch.arange(4) * s).float(), atol=1e-6)
+    assert not torch.allclose(wide[0, :, 32:], row_pos)
+    # no more tokens than the base: integer positions in both modes
+    assert torch.allclose(sincos_2d(64, 2, 4, 4, 4, "resample"), sincos_2d(64, 2, 4, 4, 4, "extend"))
 
 
 def test_non_square_and_larger_inputs():

@@ -60,6 +60,22 @@ def test_resume_auto_skips_partial_and_damaged_checkpoints(tmp_path):
     assert [r["step"] for r in records(run) if "loss" in r][-2:] == [9, 10]
 
 
+def test_resuming_an_older_checkpoint_sets_later_ones_aside_and_prunes_right(tmp_path):
+    run = train.main(TINY + ["--steps", "4", "--ckpt-every", "1", "--keep", "5", "--out", str(tmp_path)])
+    train.main(TINY + ["--steps", "4", "--ckpt-every", "1", "--keep", "1", "--out", str(tmp_path),
+                       "--resume", os.path.join(run, "ckpt-0000002.pt")])
+    assert [os.path.basename(f) for f in train.checkpoints_in(run)] == ["ckpt-0000004.pt"]
+    assert torch.load(os.path.join(run, "ckpt-0000004.pt"), weights_only=False)["step"] == 4
+    assert sorted(os.listdir(os.path.join(run, "abandoned"))) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
+
+
+@pytest.mark.parametrize("flag", [["--base-res", "32"], ["--batch", "8"], ["--seed", "1"]])
+def test_resume_refuses_settings_that_break_exactness(tmp_path, flag):
+    run = train.main(TINY + ["--steps", "2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=flag[0][2:].replace("-", "_") + ": checkpoint"):
+        train.main(TINY + flag + ["--steps", "4", "--resume", run])  # argparse: the later flag wins
+
+
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
     run = train.main(TINY + ["--steps", "2", "--resume", "auto", "--out", str(tmp_path)])
     assert sorted(losses(run)) == [1, 2]
@@ -77,6 +93,8 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
         proc.kill()
         proc.wait()
     run = only_run(tmp_path)
+    for f in train.checkpoints_in(run):  # the write is atomic: every file under a complete name loads
+        torch.load(f, weights_only=False)
     path, state = train.find_checkpoint(run)
     s = state["step"]
     train.main(TINY + ["--steps", str(s + 2), "--ckpt-every", "1", "--resume", "auto", "--out", str(tmp_path)])
