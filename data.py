@@ -428,14 +428,10 @@ class Autoencoder(torch.nn.Module):
             except ImportError as e:
                 raise ImportError(f"--vae {name} needs the optional package diffusers: pip install diffusers") from e
             self.vae = AutoencoderKL.from_pretrained(self.SD.get(name, name)).eval().requires_grad_(False)
-
-    @property
-    def factor(self):
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def channels(self):
-        return 3 if self.vae is None else self.vae.config.latent_channels
+            found = (2 ** (len(self.vae.config.block_out_channels) - 1), self.vae.config.latent_channels)
+            if found != latent_geometry(name):  # the model was sized from latent_geometry: they must agree
+                raise ValueError(f"--vae {name}: factor {found[0]} with {found[1]} channels; this code sizes models "
+                                 f"for the SD layout {latent_geometry(name)}")
 
     @torch.no_grad()
     def encode(self, images):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data import (CANVAS_MARGIN, CHIRAL, CONTROL_SIGNALS, SHAPE_NAMES, Autoencoder, ShapesChecker, default_control,
-                  expected_position, to_uint8)
+                  expected_position, latent_geometry, to_uint8)
 from diffusion import guided_velocity, noise_shift, sample
 
 #################################################################################
@@ -50,7 +50,8 @@ def alpha_of(args):
 
 
 def latent_shape(args, vae):
-    return (vae.channels, args.res // vae.factor, args.res // vae.factor)
+    factor, channels = latent_geometry(args.vae)  # the same rule that sized the model (train.make_model)
+    return (channels, args.res // factor, args.res // factor)
 
 
 def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None, cfg_scales=None,

@@ -1,6 +1,5 @@
 """Faults a long run meets: kills during a checkpoint write, preemption signals, broken image files, non-finite
 losses. Each test injects the fault and checks that no work is lost and the run continues (or stops) cleanly."""
-import json
 import os
 import signal
 import subprocess
@@ -15,18 +14,7 @@ from PIL import Image
 import train
 from data import load_rgb
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "256", "--batch", "16",
-        "--eval-per-class", "0", "--log-every", "1", "--warmup", "5"]
-
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+from test_train import ROOT, TINY, losses, records
 
 
 def wait_for(predicate, timeout=120):

@@ -17,9 +17,13 @@ TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "2
         "--log-every", "1", "--warmup", "5"]
 
 
-def losses(run_dir):
+def records(run_dir):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+        return [json.loads(line) for line in f]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
 def test_loss_falls(tmp_path):
