@@ -1,20 +1,34 @@
 """
-Diffusion: rectified flow (SD3 style), its resolution shift, samplers and classifier-free guidance.
+Diffusion: the noising processes, their losses and samplers, and classifier-free guidance.
 
-    x_t = (1 - t) x_0 + t eps          t = 0 data, t = 1 pure noise
-    target v = eps - x_0               so dx_t/dt = v and sampling integrates from t = 1 down to t = 0
-    t ~ sigmoid(N(mean, std))          logit-normal: most training effort on mid-range noise levels
+Two objectives behind one interface (`Diffusion`), so every architecture and conditioning route trains and samples
+through the same code:
 
-Resolution shift (noise-schedule scaling): more tokens carry more redundant signal, so the same t destroys less
-information at a higher resolution. We push t towards noise with t' = a t / (1 + (a - 1) t),
-a = sqrt(tokens / base_tokens), for training and for the sampler's time grid alike.
+    flow (default, SD3)   x_t = (1 - t) x_0 + t eps          t in [0, 1], t = 0 data, t = 1 pure noise
+                          target v = eps - x_0               t ~ sigmoid(N(mean, std)), then shifted
+                          samplers: Euler, Heun (integrate dx/dt = v from t = 1 to 0)
+    ddpm (DiT, LDM)       x_k = sqrt(ab_k) x_0 + sqrt(1 - ab_k) eps,  k = 0 .. 999, ab = prod(1 - beta)
+                          target eps (+ a learned variance trained by the variational bound, DiT's "learn sigma")
+                          samplers: DDIM (eta = 0), ancestral (DDPM)
+
+The network always receives a time in [0, 1] where 1 is noise: t for flow, k / 1000 for ddpm (the time embedder
+multiplies by 1000, so a DiT checkpoint sees its own integer steps).
+
+Resolution shift (noise-schedule scaling, flow only): more tokens carry more redundant signal, so the same t destroys
+less information at a higher resolution. We push t towards noise with t' = a t / (1 + (a - 1) t),
+a = shift * sqrt(tokens / base_tokens), for training and for the sampler's time grid alike.
 """
 import math
 
 import torch
 
+OBJECTIVES = ("flow", "ddpm")
+PREDS = {"flow": ("v", "x"), "ddpm": ("eps",)}
+BETA_SCHEDULES = ("linear", "ldm")
+SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}
+
 #################################################################################
-#                            Noise-level schedule                               #
+#                        Flow: noise-level schedule                             #
 #################################################################################
 
 
@@ -40,74 +54,241 @@ def sample_t(n, mean=0.0, std=1.0, alpha=1.0, generator=None, device="cpu"):
     return shift_time(t, alpha)
 
 
+def time_grid(steps, alpha=1.0, device="cpu"):
+    """steps + 1 noise levels from 1 down to 0, shifted like the training t."""
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), alpha).float()
+
+
+def to_velocity(out, x_t, t, pred):
+    """The velocity implied by the network output: itself (pred v) or, for pred x (the network outputs the clean
+    image), (x_t - x0_hat) / t, computed in fp32 so t is never rounded to bf16. t is clamped at 0.05: near data the
+    division would amplify the error of x0_hat without bound."""
+    if pred == "v":
+        return out
+    return (x_t.float() - out.float()) / t.float().clamp(min=0.05).view(-1, *([1] * (x_t.ndim - 1)))
+
+
 #################################################################################
-#                               Training loss                                   #
+#                     DDPM: a discrete chain of 1000 steps                      #
 #################################################################################
 
-def flow_loss(model, x0, t, noise, **cond):
-    """Per-sample MSE between the predicted and the true velocity eps - x0. Returns (B,)."""
-    tb = t.view(-1, *([1] * (x0.ndim - 1)))
-    xt = (1 - tb) * x0 + tb * noise
-    v = model(xt, t, **cond)
-    return ((v.float() - (noise - x0).float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+def ddpm_betas(schedule="linear", steps=1000):
+    """linear: ADM / DiT, beta from 1e-4 to 0.02 (scaled to keep the chain's total noise at other lengths);
+    ldm: LDM's schedule, linear in sqrt(beta) from 0.0015 to 0.0195."""
+    if schedule == "linear":
+        scale = 1000 / steps
+        return torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+    if schedule == "ldm":
+        return torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, steps, dtype=torch.float64) ** 2
+    raise ValueError(f"unknown --beta-schedule {schedule!r}; choose one of {BETA_SCHEDULES}")
+
+
+class Chain:
+    """The float64 quantities of a Gaussian chain with the given betas (ADM's GaussianDiffusion, reduced to what
+    training and sampling use). `steps` are the original step indices the chain's entries stand for."""
+
+    def __init__(self, betas, steps=None):
+        self.betas = betas
+        self.steps = torch.arange(len(betas)) if steps is None else torch.as_tensor(steps)
+        self.ab = torch.cumprod(1 - betas, 0)
+        self.ab_prev = torch.cat([torch.ones(1, dtype=betas.dtype), self.ab[:-1]])
+        post_var = betas * (1 - self.ab_prev) / (1 - self.ab)
+        # the first posterior variance is 0: clip its log to the second one (ADM)
+        self.post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+        self.coef_x0 = betas * self.ab_prev.sqrt() / (1 - self.ab)
+        self.coef_xt = (1 - self.ab_prev) * (1 - betas).sqrt() / (1 - self.ab)
+
+    def respaced(self, keep):
+        """The chain that visits only the steps `keep` (sorted): its betas join the skipped steps (ADM respacing)."""
+        ab_kept = self.ab[list(keep)]
+        prev = torch.cat([torch.ones(1, dtype=ab_kept.dtype), ab_kept[:-1]])
+        return Chain(1 - ab_kept / prev, steps=self.steps[list(keep)])
+
+    @staticmethod
+    def at(values, j, x):
+        """values[j] for j (B,) as a float32 (B, 1, ..., 1) tensor on x's device."""
+        return values.to(x.device)[j].float().view(-1, *([1] * (x.ndim - 1)))
+
+    def q_sample(self, x0, j, noise):
+        return self.at(self.ab.sqrt(), j, x0) * x0 + self.at((1 - self.ab).sqrt(), j, x0) * noise
+
+    def predict_x0(self, x_t, j, eps):
+        return (x_t - self.at((1 - self.ab).sqrt(), j, x_t) * eps) / self.at(self.ab.sqrt(), j, x_t)
+
+    def posterior(self, x0, x_t, j):
+        """Mean and log-variance of q(x_{j-1} | x_j, x_0)."""
+        mean = self.at(self.coef_x0, j, x_t) * x0 + self.at(self.coef_xt, j, x_t) * x_t
+        return mean, self.at(self.post_logvar, j, x_t)
+
+    def model_logvar(self, out_var, j):
+        """Learned variance: out_var in [-1, 1] interpolates the log-variance between the posterior's and beta's."""
+        frac = (out_var.float() + 1) / 2
+        return frac * self.at(self.betas.log(), j, out_var) + (1 - frac) * self.at(self.post_logvar, j, out_var)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_nll(x, mean, logvar):
+    """-log p(x) of data in [-1, 1] quantised to 256 bins under N(mean, e^logvar) (the chain's last step, ADM)."""
+    approx_cdf = lambda z: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
+    inv_std = torch.exp(-0.5 * logvar)
+    cdf_plus = approx_cdf(inv_std * (x - mean + 1 / 255))
+    cdf_min = approx_cdf(inv_std * (x - mean - 1 / 255))
+    log_p = torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
+                        torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(),
+                                    (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    return -log_p
+
+
+def spaced_steps(total, n, method):
+    """Which of the `total` steps an n-step sampler visits, ascending. DDIM: a uniform stride from 0 (DiT's "ddimN");
+    ancestral: n evenly spaced steps including the first and the last (ADM's respacing of "N")."""
+    if not 1 <= n <= total:
+        raise ValueError(f"sampling steps must be in 1..{total}, got {n}")
+    if method == "ddim" and len(range(0, total, total // n)) == n:
+        return list(range(0, total, total // n))
+    if n == 1:
+        return [total - 1]
+    return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
+
+
+#################################################################################
+#                        The process: loss and sampling                         #
+#################################################################################
+
+class Diffusion:
+    """One objective's training loss and sampler. `predict(x, t)` in `sample` returns the raw network output."""
+
+    def __init__(self, objective="flow", pred=None, alpha=1.0, t_mean=0.0, t_std=1.0, beta_schedule="linear",
+                 learn_sigma=False, num_steps=1000):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown --objective {objective!r}; choose one of {OBJECTIVES}")
+        if learn_sigma and objective != "ddpm":
+            raise ValueError("--learn-sigma applies to --objective ddpm only")
+        pred = pred or PREDS[objective][0]
+        if pred not in PREDS[objective]:
+            raise ValueError(f"--pred {pred!r} does not fit --objective {objective}; choose one of {PREDS[objective]}")
+        self.objective, self.pred, self.alpha, self.t_mean, self.t_std = objective, pred, alpha, t_mean, t_std
+        self.learn_sigma, self.num_steps = learn_sigma, num_steps
+        self.chain = Chain(ddpm_betas(beta_schedule, num_steps)) if objective == "ddpm" else None
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def loss(self, model, x0, generator=None, **cond):
+        """Per-sample loss (B,); the noise level, then the noise, are drawn from `generator`. A model may return n
+        stacked predictions (n B, ...) of the same inputs (the unmasked and masked passes of mDT); their losses are
+        summed."""
+        B = x0.shape[0]
+        if self.objective == "flow":
+            t = sample_t(B, self.t_mean, self.t_std, self.alpha, generator, x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+            x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+            out = model(x_t, t, **cond)
+            n = out.shape[0] // B
+            v = to_velocity(out, x_t.repeat(n, 1, 1, 1), t.repeat(n), self.pred)
+            per = ((v.float() - (noise - x0).float().repeat(n, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
+            return per.view(n, B).sum(0)
+        k = torch.randint(0, self.num_steps, (B,), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        x_t = self.chain.q_sample(x0, k, noise)
+        out = model(x_t, k.float() / self.num_steps, **cond)
+        n, C = out.shape[0] // B, x0.shape[1]
+        x0n, x_tn, kn = x0.repeat(n, 1, 1, 1), x_t.repeat(n, 1, 1, 1), k.repeat(n)
+        eps = out[:, :C].float()
+        per = ((eps - noise.float().repeat(n, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
+        if self.learn_sigma:  # the variational bound trains the variance only: the mean is frozen (ADM's L_hybrid)
+            per = per + self.vb_term(eps.detach(), out[:, C:], x0n.float(), x_tn.float(), kn)
+        return per.view(n, B).sum(0)
+
+    def vb_term(self, eps, out_var, x0, x_t, k):
+        """Bits per dimension of the chain's step k under the model: KL to the true posterior, or the decoder's
+        negative log-likelihood at k = 0."""
+        mean, logvar = self.chain.posterior(self.chain.predict_x0(x_t, k, eps), x_t, k)
+        model_logvar = self.chain.model_logvar(out_var, k)
+        true_mean, true_logvar = self.chain.posterior(x0, x_t, k)
+        kl = normal_kl(true_mean, true_logvar, mean, model_logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
+        nll = discretized_gaussian_nll(x0, mean, model_logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
+        return torch.where(k == 0, nll, kl)
+
+    # ---- sampling -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None):
+        """From noise to data. method None: euler (flow) or ddim (ddpm). `generator` feeds the ancestral sampler's
+        fresh noise; every other sampler is deterministic given `noise`."""
+        method = method or SAMPLERS[self.objective][0]
+        if method not in SAMPLERS[self.objective]:
+            raise ValueError(f"sampler {method!r} does not fit --objective {self.objective}; choose one of "
+                             f"{SAMPLERS[self.objective]}")
+        it = range(steps)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc="sampling", leave=False)
+        if self.objective == "flow":
+            return self._flow(predict, noise, steps, method, it)
+        return self._ddpm(predict, noise, steps, method, it, generator)
+
+    def _flow(self, predict, noise, steps, method, it):
+        velocity = lambda x, t: to_velocity(predict(x, t), x, t, self.pred).float()
+        ts = time_grid(steps, self.alpha, noise.device)
+        x = noise
+        for i in it:
+            t, t_next = ts[i], ts[i + 1]
+            v = velocity(x, t.expand(x.shape[0]))
+            x_next = x + (t_next - t) * v
+            if method == "heun" and t_next > 0:  # trapezoidal correction, skipped on the final step to t = 0
+                v_next = velocity(x_next, t_next.expand(x.shape[0]))
+                x_next = x + (t_next - t) * 0.5 * (v + v_next)
+            x = x_next
+        return x
+
+    def _ddpm(self, predict, noise, steps, method, it, generator):
+        chain = self.chain.respaced(spaced_steps(self.num_steps, steps, method))
+        x, B, C = noise, noise.shape[0], noise.shape[1]
+        for i in it:
+            j = torch.full((B,), len(chain.steps) - 1 - i, dtype=torch.long, device=x.device)
+            k = chain.steps.to(x.device)[j]  # the original step index the network was trained on
+            out = predict(x, k.float() / self.num_steps).float()
+            eps = out[:, :C]
+            x0 = chain.predict_x0(x, j, eps)
+            if method == "ddim":  # eta = 0: move to the next noise level along the predicted eps
+                ab_prev = chain.at(chain.ab_prev, j, x)
+                x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+                continue
+            mean, logvar = chain.posterior(x0, x, j)
+            if self.learn_sigma:
+                logvar = chain.model_logvar(out[:, C:], j)
+            z = torch.randn(x.shape, generator=generator, device=x.device) if j[0] > 0 else torch.zeros_like(x)
+            x = mean + (0.5 * logvar).exp() * z
+        return x
 
 
 #################################################################################
 #                        Classifier-free guidance                               #
 #################################################################################
 
-def guided_velocity(model, x, t, y, ctrl, null_y, s_sem=1.0, s_ctrl=0.0, interval=(0.0, 1.0)):
-    """Guided velocity on ALL channels (DiT-derived code famously guides only 3 of 4).
+def guided_prediction(model, x, t, y, ctrl, null_y, s_sem=1.0, s_ctrl=0.0, interval=(0.0, 1.0)):
+    """Guided network output; guidance acts on ALL data channels (DiT-derived code famously guides only 3 of 4).
 
-        v = v(0s, c) + s_sem (v(s, c) - v(0s, c)) + s_ctrl (v(s, c) - v(s, 0c))
+        out = out(0s, c) + s_sem (out(s, c) - out(0s, c)) + s_ctrl (out(s, c) - out(s, 0c))
 
     The control c is kept in both semantic branches; the control term costs one more forward pass and is skipped when
-    s_ctrl = 0. Outside `interval` (a range of t) guidance is off and v = v(s, c). s_sem = 1, s_ctrl = 0 is exactly
-    the conditional prediction (and costs one pass).
+    s_ctrl = 0. Outside `interval` (a range of t) guidance is off and out = out(s, c). s_sem = 1, s_ctrl = 0 is
+    exactly the conditional prediction (and costs one pass). Guiding the raw output is the same as guiding the
+    velocity or eps it implies: they are affine in it with the same x_t and t in every branch. Channels beyond the
+    data's (a learned variance) are taken from the conditional branch.
     """
-    B = x.shape[0]
+    B, C = x.shape[0], x.shape[1]
     t_now = float(t.reshape(-1)[0])
     if not interval[0] <= t_now <= interval[1] or (s_sem == 1.0 and s_ctrl == 0.0):
         return model(x, t, y=y, ctrl=ctrl)
     branches = [(y, False), (torch.full_like(y, null_y), False)] + ([(y, True)] if s_ctrl else [])
     n = len(branches)
-    v = model(x.repeat(n, 1, 1, 1), t.repeat(n), y=torch.cat([b[0] for b in branches]), ctrl=ctrl.repeat(n, 1),
-              ctrl_drop=torch.tensor([b[1] for b in branches for _ in range(B)], device=x.device))
-    v = v.float().view(n, B, *x.shape[1:])
-    out = v[1] + s_sem * (v[0] - v[1])
+    out = model(x.repeat(n, 1, 1, 1), t.repeat(n), y=torch.cat([b[0] for b in branches]), ctrl=ctrl.repeat(n, 1),
+                ctrl_drop=torch.tensor([b[1] for b in branches for _ in range(B)], device=x.device))
+    out = out.float().view(n, B, *out.shape[1:])
+    guided = out[1, :, :C] + s_sem * (out[0, :, :C] - out[1, :, :C])
     if s_ctrl:
-        out = out + s_ctrl * (v[0] - v[2])
-    return out
-
-
-#################################################################################
-#                                 Samplers                                      #
-#################################################################################
-
-def time_grid(steps, alpha=1.0, device="cpu"):
-    """steps + 1 noise levels from 1 down to 0, shifted like the training t."""
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), alpha).float()
-
-
-@torch.no_grad()
-def sample(velocity, noise, steps=50, alpha=1.0, method="euler", progress=False):
-    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to t = 0 (data).
-    velocity(x, t) takes t as a (B,) tensor. Euler: `steps` evaluations; Heun: 2 per step except the last."""
-    if method not in ("euler", "heun"):
-        raise ValueError(f"unknown sampler {method!r}; choose 'euler' or 'heun'")
-    ts = time_grid(steps, alpha, noise.device)
-    x = noise
-    it = range(steps)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="sampling", leave=False)
-    for i in it:
-        t, t_next = ts[i], ts[i + 1]
-        tb = t.expand(x.shape[0])
-        v = velocity(x, tb).float()
-        x_next = x + (t_next - t) * v
-        if method == "heun" and t_next > 0:  # trapezoidal correction, skipped on the final step to t = 0
-            v_next = velocity(x_next, t_next.expand(x.shape[0])).float()
-            x_next = x + (t_next - t) * 0.5 * (v + v_next)
-        x = x_next
-    return x
+        guided = guided + s_ctrl * (out[0, :, :C] - out[2, :, :C])
+    return torch.cat([guided, out[0, :, C:]], dim=1)

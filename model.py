@@ -11,9 +11,18 @@ Conditioning routes (`cond`), all built from the same blocks:
     ours   semantic tokens only in the context stream; adaLN = e_t + sum_k g_k(t) e_ctrl,k  (gated per control group)
     mmdit  SD3: context stream + pooled semantic vector added into adaLN; control added ungated
     adaln  DiT: no context stream; class embedding and control added to e_t -> adaLN-Zero
+    xattn  PixArt-alpha: image tokens cross-attend to the semantic tokens; control added to e_t; adaLN-single (one
+           shared modulation MLP, per-block learned offsets)
 
-A fresh model is the identity in every block and outputs zero: all adaLN modulations and the final layer are
-zero-initialised (DiT practice), so training starts from a well-behaved function.
+Architectures (`arch`) on the same blocks:
+    dit    a plain stack of blocks
+    mdt    mDT-v2: encoder halves joined by long shortcuts, a side interpolator and decoder blocks; during training
+           a random 30-50 % of the image tokens are dropped and the model predicts the full image from the rest
+(the UNet of the LDM baseline is a different network and lives in unet.py)
+
+A fresh model outputs zero: the final layer is zero-initialised, and with adaLN-Zero (every route but xattn) every
+block is the identity (DiT practice), so training starts from a well-behaved function. xattn follows PixArt-alpha's
+initialisation (random per-block offsets, zero cross-attention output).
 """
 import math
 
@@ -23,9 +32,11 @@ import torch.nn.functional as F
 
 from conditioning import ClassEmbedder, ControlEmbedder, TimestepEmbedder
 
-CONDS = ("ours", "mmdit", "adaln")
-PREDS = ("v", "x")
+CONDS = ("ours", "mmdit", "adaln", "xattn")
+ARCHS = ("dit", "mdt")
 POS_MODES = ("resample", "extend")
+# QK-norm (RMSNorm of queries and keys) as the published recipes have it: SD3 yes, DiT and PixArt-alpha no
+QK_NORM = {"ours": True, "mmdit": True, "adaln": False, "xattn": False}
 
 
 def modulate(x, shift, scale):
@@ -45,7 +56,8 @@ def sincos_1d(dim, pos):
 
 
 def sincos_2d(dim, grid_h, grid_w, base_h, base_w, mode="resample"):
-    """Fixed 2-D sin-cos embedding (grid_h * grid_w, dim) for a token grid, rows first.
+    """Fixed 2-D sin-cos embedding (grid_h * grid_w, dim) for a token grid, rows first; the first half of the
+    channels encodes the column, the second the row (MAE / DiT order, so DiT checkpoints load unchanged).
 
     The model is trained on a base grid (base_h x base_w). On a grid with more tokens:
       resample  evaluate the embedding at positions scaled back by s = sqrt(base tokens / tokens), one factor for both
@@ -59,7 +71,7 @@ def sincos_2d(dim, grid_h, grid_w, base_h, base_w, mode="resample"):
     s = min(1.0, math.sqrt(base_h * base_w / (grid_h * grid_w))) if mode == "resample" else 1.0
     ys, xs = torch.arange(grid_h, dtype=torch.float64) * s, torch.arange(grid_w, dtype=torch.float64) * s
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    emb = torch.cat([sincos_1d(dim // 2, gy.reshape(-1)), sincos_1d(dim // 2, gx.reshape(-1))], dim=1)
+    emb = torch.cat([sincos_1d(dim // 2, gx.reshape(-1)), sincos_1d(dim // 2, gy.reshape(-1))], dim=1)
     return emb.float()
 
 
@@ -73,53 +85,102 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-class Stream(nn.Module):
-    """The per-stream half of a joint block: adaLN modulation, qkv with QK-norm, output projection, MLP.
-    `pre_only`: only the attention inputs (the context stream of the last block, whose output nobody reads; SD3)."""
+def heads_norm(dim, heads, on):
+    """QK-norm on each head's queries or keys: keeps attention logits bounded (SD3); identity when off."""
+    return nn.RMSNorm(dim // heads, eps=1e-6) if on else nn.Identity()
 
-    def __init__(self, dim, heads, mlp_ratio, pre_only=False):
+
+class Stream(nn.Module):
+    """The per-stream half of a joint block: modulation, qkv (+ QK-norm), output projection, MLP.
+
+    modulation "ada"    adaLN-Zero: the block's own SiLU + Linear maps the conditioning vector (B, D) to 6 vectors
+               "single" adaLN-single (PixArt-alpha): the vector is already the shared projection (B, 6 D); the block
+                        adds its learned offsets `table` (6, D)
+    pre_only: only the attention inputs (the context stream of the last block, whose output nobody reads; SD3)."""
+
+    def __init__(self, dim, heads, mlp_ratio, pre_only=False, qk_norm=True, modulation="ada"):
         super().__init__()
-        self.heads = heads
+        self.heads, self.n_mod = heads, 2 if pre_only else 6
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)  # QK-norm keeps attention logits bounded (SD3)
-        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.q_norm, self.k_norm = heads_norm(dim, heads, qk_norm), heads_norm(dim, heads, qk_norm)
         if not pre_only:
             self.proj = nn.Linear(dim, dim)
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(dim, mlp_ratio)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
+        if modulation == "ada":
+            self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim))
+        else:
+            self.table = nn.Parameter(torch.randn(self.n_mod, dim) / dim ** 0.5)
+
+    def modulation(self, vec, dim):
+        """(shift1, scale1, gate1, shift2, scale2, gate2), each (B, D); two of them for a pre-only stream."""
+        if hasattr(self, "ada"):
+            return self.ada(vec).chunk(self.n_mod, dim=-1)
+        return (self.table[None] + vec.view(vec.shape[0], -1, dim)[:, :self.n_mod]).unbind(1)
 
     def pre_attention(self, x, vec):
         """x (B, L, D), vec (B, D) -> q, k, v each (B, H, L, D/H), and the modulation left for later."""
-        shift1, scale1, *mod = self.ada(vec).chunk(self.ada[-1].out_features // x.shape[-1], dim=-1)
         B, L, D = x.shape
+        shift1, scale1, *mod = self.modulation(vec, D)
         qkv = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(B, L, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D/H)
         return self.q_norm(q), self.k_norm(k), v, mod
 
-    def post_attention(self, x, attn, mod):
-        """Residual updates gated by adaLN; attn (B, H, L, D/H)."""
+    def post_attention(self, x, attn, mod, between=None):
+        """Residual updates gated by the modulation; attn (B, H, L, D/H). `between` runs after the attention update
+        and before the MLP (PixArt-alpha's cross-attention)."""
         gate1, shift2, scale2, gate2 = mod
         x = x + gate1[:, None] * self.proj(attn.transpose(1, 2).flatten(2))
+        if between is not None:
+            x = between(x)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class JointBlock(nn.Module):
-    """mmDiT block: image and context streams with separate weights, one attention over both token sets.
-    With no context stream (`context=None`) it is exactly a DiT block (self-attention over image tokens);
-    `context="pre_only"` is the last block, where the context stream only feeds the attention."""
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to the context tokens (keys, values) (PixArt-alpha). Unmodulated, ungated."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, context="full"):
+    def __init__(self, dim, heads, qk_norm=False):
         super().__init__()
-        self.img = Stream(dim, heads, mlp_ratio)
-        self.ctx = Stream(dim, heads, mlp_ratio, pre_only=context == "pre_only") if context else None
+        self.heads = heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = heads_norm(dim, heads, qk_norm), heads_norm(dim, heads, qk_norm)
 
-    def forward(self, x, c, vec, mask=None):
-        """x (B, N, D) image tokens, c (B, K, D) context tokens or None, vec (B, D), mask (B, K) bool (True = keep)."""
+    def forward(self, x, c, mask=None):
+        """x (B, N, D), c (B, K, D), mask (B, K) bool (True = keep) -> (B, N, D)"""
+        (B, N, D), K, H = x.shape, c.shape[1], self.heads
+        q = self.q(x).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
+        k, v = self.kv(c).view(B, K, 2, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, K, D/H)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class JointBlock(nn.Module):
+    """One transformer block; the context route is an option:
+        context "full"      mmDiT: image and context streams with separate weights, ONE attention over both
+                "pre_only"  the same in the last block, where the context stream only feeds the attention
+                "cross"     PixArt-alpha: self-attention over the image, then cross-attention to the context
+                None        DiT: self-attention over the image tokens only
+    `skip`: an mDT long shortcut, Linear(2 D -> D) fusing an earlier activation into the input."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, context="full", qk_norm=True, modulation="ada", skip=False):
+        super().__init__()
+        self.img = Stream(dim, heads, mlp_ratio, qk_norm=qk_norm, modulation=modulation)
+        joint = context in ("full", "pre_only")
+        self.ctx = Stream(dim, heads, mlp_ratio, context == "pre_only", qk_norm, modulation) if joint else None
+        self.cross = CrossAttention(dim, heads, qk_norm) if context == "cross" else None
+        self.skip = nn.Linear(2 * dim, dim) if skip else None
+
+    def forward(self, x, c, vec, mask=None, skip=None):
+        """x (B, N, D) image tokens, c (B, K, D) context tokens or None, vec (B, D) or (B, 6 D) for adaLN-single,
+        mask (B, K) bool (True = keep), skip (B, N, D) for a long shortcut -> (x, c)"""
+        if self.skip is not None:
+            x = self.skip(torch.cat([x, skip], dim=-1))
         qi, ki, vi, mod_i = self.img.pre_attention(x, vec)
         if self.ctx is None:
-            return self.img.post_attention(x, F.scaled_dot_product_attention(qi, ki, vi), mod_i), c
+            between = None if self.cross is None else (lambda h: h + self.cross(h, c, mask))
+            return self.img.post_attention(x, F.scaled_dot_product_attention(qi, ki, vi), mod_i, between), c
         qc, kc, vc, mod_c = self.ctx.pre_attention(c, vec)
         q, k, v = torch.cat([qc, qi], 2), torch.cat([kc, ki], 2), torch.cat([vc, vi], 2)  # (B, H, K + N, D/H)
         attn_mask = None
@@ -133,16 +194,24 @@ class JointBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) + linear to patch pixels; zero-initialised so a fresh model predicts 0."""
+    """Modulated norm + linear to patch pixels; the linear is zero-initialised so a fresh model predicts 0.
+    Modulation "ada": (shift, scale) from SiLU + Linear of the vector (DiT); "single": a learned (2, D) table plus the
+    time embedding itself (PixArt-alpha)."""
 
-    def __init__(self, dim, patch, out_channels):
+    def __init__(self, dim, patch, out_channels, modulation="ada"):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch * patch * out_channels)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        if modulation == "ada":
+            self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        else:
+            self.table = nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
 
     def forward(self, x, vec):
-        shift, scale = self.ada(vec).chunk(2, dim=-1)
+        if hasattr(self, "ada"):
+            shift, scale = self.ada(vec).chunk(2, dim=-1)
+        else:
+            shift, scale = (self.table[None] + vec[:, None]).unbind(1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -151,28 +220,46 @@ class FinalLayer(nn.Module):
 #################################################################################
 
 class DiffusionTransformer(nn.Module):
-    def __init__(self, input_size=32, patch=2, in_channels=4, depth=28, width=1152, heads=16, mlp_ratio=4.0,
-                 num_classes=1000, class_tokens=1, cond="ours", gates=None, pos_mode="resample", base_size=None,
-                 pred="v"):
+    def __init__(self, input_size=32, patch=2, in_channels=4, out_channels=None, depth=28, width=1152, heads=16,
+                 mlp_ratio=4.0, num_classes=1000, class_tokens=1, cond="ours", gates=None, pos_mode="resample",
+                 base_size=None, qk_norm=None, arch="dit", decode_layers=None, mask_ratio=0.3):
         super().__init__()
         if cond not in CONDS:
             raise ValueError(f"unknown --cond {cond!r}; choose one of {CONDS}")
+        if arch not in ARCHS:
+            raise ValueError(f"unknown --arch {arch!r}; choose one of {ARCHS} (or unet)")
         if pos_mode not in POS_MODES:
             raise ValueError(f"unknown --pos-mode {pos_mode!r}; choose one of {POS_MODES}")
         if input_size % patch:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch}")
-        if pred not in PREDS:
-            raise ValueError(f"unknown --pred {pred!r}; choose one of {PREDS}")
         self.patch, self.in_channels, self.width, self.cond, self.pos_mode = patch, in_channels, width, cond, pos_mode
-        self.pred = pred
+        self.out_channels = out_channels or in_channels
+        self.arch, self.mask_ratio = arch, mask_ratio
         self.base_grid = (base_size or input_size) // patch  # the grid the positional embedding is defined on
+        qk_norm = QK_NORM[cond] if qk_norm is None else qk_norm
+        mod = "single" if cond == "xattn" else "ada"
         self.x_embed = nn.Conv2d(in_channels, width, patch, stride=patch)
         self.t_embed = TimestepEmbedder(width)
         self.y_embed = ClassEmbedder(num_classes, width, class_tokens)
         self.c_embed = ControlEmbedder(width, gates=gates)
-        context = lambda i: None if cond == "adaln" else ("pre_only" if i == depth - 1 else "full")
-        self.blocks = nn.ModuleList([JointBlock(width, heads, mlp_ratio, context(i)) for i in range(depth)])
-        self.final = FinalLayer(width, patch, in_channels)
+        if cond == "xattn":  # adaLN-single: one modulation MLP shared by all blocks
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        n_blocks = depth
+        if arch == "mdt":  # encoder (two halves joined by long shortcuts) + decoder; the side block is extra
+            decode_layers = decode_layers if decode_layers is not None else (4 if depth >= 12 else (depth - 2) % 4)
+            if not 0 <= decode_layers <= depth - 2 or (depth - decode_layers) % 2:
+                raise ValueError(f"--decode-layers {decode_layers}: depth {depth} minus the decoder layers must be "
+                                 f"even and at least 2")
+            self.half, self.decode_layers = (depth - decode_layers) // 2, decode_layers
+        context = {"ours": "full", "mmdit": "full", "adaln": None, "xattn": "cross"}[cond]
+        last = "pre_only" if context == "full" else context
+        skip = lambda i: arch == "mdt" and i >= self.half
+        self.blocks = nn.ModuleList([JointBlock(width, heads, mlp_ratio, context if i < n_blocks - 1 else last,
+                                                qk_norm, mod, skip(i)) for i in range(n_blocks)])
+        if arch == "mdt":  # the side interpolator: one block that fills in the dropped tokens (its context is read-only)
+            self.side = JointBlock(width, heads, mlp_ratio, last, qk_norm, mod)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.final = FinalLayer(width, patch, self.out_channels, mod)
         self._pos_cache = {}
         self.initialize_weights()
 
@@ -188,15 +275,18 @@ class DiffusionTransformer(nn.Module):
         for mlp in [self.t_embed.mlp, *self.c_embed.mlps.values()]:
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
-        # zero-init every modulation and the output: each block starts as the identity, the model outputs 0
-        for block in self.blocks:
-            for stream in (block.img, block.ctx):
-                if stream is not None:
-                    nn.init.zeros_(stream.ada[-1].weight)
-                    nn.init.zeros_(stream.ada[-1].bias)
-        for layer in (self.final.ada[-1], self.final.linear):
+        zero = [self.final.linear]
+        if self.cond == "xattn":  # PixArt-alpha: small shared modulation, cross-attention starts switched off
+            nn.init.normal_(self.t_block[1].weight, std=0.02)
+            zero += [block.cross.proj for block in self.blocks]
+        else:  # adaLN-Zero: every block starts as the identity
+            blocks = [*self.blocks, *([self.side] if self.arch == "mdt" else [])]
+            zero += [s.ada[-1] for b in blocks for s in (b.img, b.ctx) if s is not None] + [self.final.ada[-1]]
+        for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.arch == "mdt":
+            nn.init.normal_(self.mask_token, std=0.02)
 
     def pos_embed(self, grid_h, grid_w, device):
         key = (grid_h, grid_w, str(device))
@@ -213,24 +303,66 @@ class DiffusionTransformer(nn.Module):
         if self.cond == "ours":  # control enters gently along the trajectory; nothing semantic in adaLN
             vec = e_t + (self.c_embed.gate_weights(t)[..., None].to(e_ctrl.dtype) * e_ctrl).sum(1)
             return vec, tokens
+        if self.cond == "xattn":  # semantics only through cross-attention; control added to the time embedding
+            return e_t + e_ctrl.sum(1), tokens
         vec = e_t + e_ctrl.sum(1) + pooled  # additive, ungated: the entangled baselines
         return vec, (tokens if self.cond == "mmdit" else None)
 
     def forward(self, x, t, y, ctrl, ctrl_drop=None):
-        """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels, ctrl (B, S) raw control, ctrl_drop (B,) bool -> (B, C, H, W)"""
+        """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels, ctrl (B, S) raw control, ctrl_drop (B,) bool
+        -> (B, out_channels, H, W); an mDT model in training mode returns the unmasked and the masked prediction
+        stacked, (2 B, out_channels, H, W)."""
         B, C, H, W = x.shape
-        x_t = x
         if H % self.patch or W % self.patch:
             raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch}")
         h, w = H // self.patch, W // self.patch
-        x = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed(h, w, x.device)  # (B, N, D)
+        pos = self.pos_embed(h, w, x.device)
+        x = self.x_embed(x).flatten(2).transpose(1, 2) + pos  # (B, N, D)
         vec, c = self.condition(t, y, ctrl, ctrl_drop)
-        for block in self.blocks:
-            x, c = block(x, c, vec)
-        x = self.final(x, vec)  # (B, N, p * p * C)
-        x = x.view(B, h, w, self.patch, self.patch, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
-        if self.pred == "x":  # the network outputs the clean image; report the velocity it implies
-            return (x_t - x) / t.clamp(min=0.05).view(B, 1, 1, 1)  # in fp32: t is not rounded to bf16
+        block_vec = self.t_block(vec) if self.cond == "xattn" else vec  # (B, 6 D) for adaLN-single
+        if self.arch == "dit":
+            for block in self.blocks:
+                x, c = block(x, c, block_vec)
+        elif self.training and self.mask_ratio > 0:  # mDT training: both passes in one call (one DDP forward)
+            x = torch.cat([self.mdt(x, c, block_vec, pos), self.mdt(x, c, block_vec, pos, self.random_keep(x))])
+            vec = vec.repeat(2, 1)
+        else:
+            x = self.mdt(x, c, block_vec, pos)
+        x = self.final(x, vec)  # (B', N, p * p * out)
+        p, out = self.patch, self.out_channels
+        return x.view(-1, h, w, p, p, out).permute(0, 5, 1, 3, 2, 4).reshape(-1, out, H, W)
+
+    def random_keep(self, x):
+        """mDT-v2 masking: indices (B, L) of the tokens kept, L = N (1 - r), r ~ U[mask_ratio, mask_ratio + 0.2]
+        once per batch. Drawn on the CPU so the global (checkpointed) RNG state makes resumes exact."""
+        B, N, _ = x.shape
+        ratio = self.mask_ratio + 0.2 * torch.rand(()).item()
+        keep = max(1, int(N * (1 - ratio)))
+        return torch.rand(B, N).argsort(dim=1)[:, :keep].to(x.device)
+
+    def mdt(self, x, c, vec, pos, keep=None):
+        """mDT-v2 trunk on image tokens x (B, N, D): encoder halves joined by long shortcuts (U-ViT), then -- only
+        when tokens were dropped (`keep`) -- the side interpolator, then decoder blocks that each re-read the input."""
+        x_in, D = x, x.shape[-1]
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, D))  # (B, L, D): the visible tokens
+        skips = []
+        for i, block in enumerate(self.blocks[:2 * self.half]):
+            if i < self.half:
+                x, c = block(x, c, vec)
+                skips.append(x)
+            else:
+                x, c = block(x, c, vec, skip=skips.pop())
+        if keep is not None:  # put the visible tokens back among learned mask tokens; the side block fills those in
+            full = self.mask_token.to(x.dtype).expand(x.shape[0], x_in.shape[1], D).clone()
+            full = full.scatter(1, keep[..., None].expand(-1, -1, D), x) + pos
+            filled, _ = self.side(full, c, vec)
+            visible = torch.zeros(full.shape[:2], dtype=torch.bool, device=x.device).scatter(1, keep, True)
+            x = torch.where(visible[..., None], full, filled)  # the side block's output only where tokens were dropped
+        else:
+            x = x + pos  # the decoder's positional embedding (MDT: a second one; here the same fixed one)
+        for block in self.blocks[2 * self.half:]:
+            x, c = block(x, c, vec, skip=x_in)
         return x
 
 
@@ -255,3 +387,46 @@ def build_model(name, **kwargs):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+#################################################################################
+#                     Published checkpoints: DiT (facebookresearch)             #
+#################################################################################
+# The official DiT models.py names its tensors differently; the computation is the same as ours with cond="adaln",
+# qk_norm off and 8 output channels (eps + learned variance). The fixed positional embedding is not a parameter
+# here: it is recomputed (same formula) and checked against the file's. Our control embedder has no counterpart: its
+# output layers are zeroed, so the mapped model ignores the control metadata and computes exactly what DiT computes.
+
+DIT_NAMES = [("x_embedder.proj.", "x_embed."), ("t_embedder.mlp.", "t_embed.mlp."),
+             ("y_embedder.embedding_table.", "y_embed.table."), ("final_layer.adaLN_modulation.", "final.ada."),
+             ("final_layer.linear.", "final.linear."), (".attn.qkv.", ".img.qkv."), (".attn.proj.", ".img.proj."),
+             (".mlp.fc1.", ".img.mlp.0."), (".mlp.fc2.", ".img.mlp.2."), (".adaLN_modulation.", ".img.ada.")]
+
+
+def is_dit_state_dict(state):
+    return isinstance(state, dict) and "x_embedder.proj.weight" in state and "final_layer.linear.weight" in state
+
+
+def from_dit(state, width):
+    """An official DiT state dict -> (our state dict, the DiT grid size). Unknown names raise. Only the control MLPs'
+    first layers are left out: they keep the model's own initialisation (zeroing both layers would leave the branch
+    without a gradient forever, should the model be fine-tuned with control metadata)."""
+    out = {}
+    for name, tensor in state.items():
+        if name == "pos_embed":
+            continue
+        new = next((name.replace(a, b, 1) for a, b in DIT_NAMES if a in name), None)
+        if new is None:
+            raise ValueError(f"unexpected tensor {name!r} in the DiT checkpoint")
+        out[new] = tensor
+    grid = int(round(math.sqrt(state["pos_embed"].shape[1])))
+    ours = sincos_2d(width, grid, grid, grid, grid)
+    if not torch.allclose(state["pos_embed"].reshape(-1, width).float(), ours, atol=1e-5):
+        raise ValueError("the DiT checkpoint's positional embedding is not the standard sin-cos one")
+    for group in ("size", "crop", "flip"):  # silence the control branch DiT never had
+        for kind in ("weight", "bias"):
+            ref = out.get(f"t_embed.mlp.2.{kind}")
+            out[f"c_embed.mlps.{group}.2.{kind}"] = torch.zeros((width, width) if kind == "weight" else (width,),
+                                                                dtype=ref.dtype)
+    out["c_embed.null"] = torch.zeros(3, width, dtype=out["t_embed.mlp.2.weight"].dtype)
+    return out, grid

@@ -20,7 +20,8 @@ import torch
 
 from data import (CANVAS_MARGIN, CHIRAL, CONTROL_SIGNALS, SHAPE_NAMES, Autoencoder, ShapesChecker, default_control,
                   expected_position, latent_geometry, to_uint8)
-from diffusion import guided_velocity, noise_shift, sample
+from diffusion import SAMPLERS, guided_prediction
+from train import CONFIG_VERSION, find_checkpoint, make_diffusion, make_model
 
 #################################################################################
 #                              Generation                                       #
@@ -33,20 +34,18 @@ def make_noise(seeds, shape, device):
 
 
 @torch.no_grad()
-def generate(model, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, alpha=1.0, method="euler",
-             interval=(0.0, 1.0), batch=256, progress=False):
-    """Latents for labels y (B,) and controls ctrl (B, S) from the given noise (B, C, H, W), in chunks of `batch`."""
+def generate(model, diffusion, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, method=None,
+             interval=(0.0, 1.0), batch=256, progress=False, seed=0):
+    """Latents for labels y (B,) and controls ctrl (B, S) from the given noise (B, C, H, W), in chunks of `batch`.
+    `seed` feeds the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic given `noise`."""
     out = []
+    gen = torch.Generator(noise.device).manual_seed(seed)
     for i in range(0, noise.shape[0], batch):
         yi, ci = y[i:i + batch], ctrl[i:i + batch]
-        fn = lambda x, t: guided_velocity(model, x, t, yi, ci, model.y_embed.num_classes, cfg_scale, ctrl_scale,
-                                          interval)
-        out.append(sample(fn, noise[i:i + batch], steps, alpha, method, progress))
+        fn = lambda x, t: guided_prediction(model, x, t, yi, ci, model.y_embed.num_classes, cfg_scale, ctrl_scale,
+                                            interval)
+        out.append(diffusion.sample(fn, noise[i:i + batch], steps, method, progress, gen))
     return torch.cat(out)
-
-
-def alpha_of(args):
-    return noise_shift(args.shift, args.res, args.base_res)
 
 
 def latent_shape(args, vae):
@@ -55,7 +54,7 @@ def latent_shape(args, vae):
 
 
 def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None, cfg_scales=None,
-               cfg_scale=1.0, steps=50, method="euler", progress=False):
+               cfg_scale=1.0, steps=50, method=None, progress=False):
     """Save a PNG grid: rows = classes, columns = guidance scale x control variant x seed."""
     from torchvision.utils import save_image
     was_training = model.training
@@ -73,7 +72,7 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
     imgs = []
     for g in cfg_scales:  # guidance scale is a scalar per call: group the columns by it
         sel = torch.tensor([i for i, (gi, _, _) in enumerate(cols * len(classes)) if gi == g], device=device)
-        imgs.append((sel, generate(model, noise[sel], y[sel], ctrl[sel], g, steps=steps, alpha=alpha_of(args),
+        imgs.append((sel, generate(model, make_diffusion(args), noise[sel], y[sel], ctrl[sel], g, steps=steps,
                                    method=method, progress=progress)))
     lat = torch.empty_like(noise)
     for sel, x in imgs:
@@ -89,7 +88,7 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
 #################################################################################
 
 @torch.no_grad()
-def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, seed=10_000, method="euler",
+def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, seed=10_000, method=None,
                     progress=False):
     """Checker accuracies of samples drawn per class, each seed drawn with flip 0 and flip 1.
 
@@ -116,8 +115,8 @@ def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, see
     noise = make_noise([r[2] for r in rows], latent_shape(args, vae), device)
     y = torch.tensor([r[0] for r in rows], device=device)
     ctrl = torch.stack([r[3] for r in rows]).to(device)
-    x = generate(model, noise, y, ctrl, cfg_scale, steps=steps, alpha=alpha_of(args), method=method,
-                 progress=progress)
+    x = generate(model, make_diffusion(args), noise, y, ctrl, cfg_scale, steps=steps, method=method,
+                 progress=progress, seed=seed)
     meas = checker(to_uint8(vae.decode(x)).cpu())
     model.train(was_training)
     class_ok = np.array([m["label"] == r[0] for m, r in zip(meas, rows)])
@@ -147,17 +146,20 @@ def fid_labels(n, num_classes, mode, seed):
 
 @torch.no_grad()
 def sample_npz(model, vae, args, path, num_samples, control, labels="equal", seed=0, batch=64, cfg_scale=1.0,
-               ctrl_scale=0.0, interval=(0.0, 1.0), steps=50, method="euler", bf16=False, rank=0, world=1,
+               ctrl_scale=0.0, interval=(0.0, 1.0), steps=50, method=None, bf16=False, rank=0, world=1,
                record=None):
     """Write `num_samples` images to `path` (.npz) and their settings, with `record` added, to the same path .json.
 
     Sample i starts from the noise of seed `seed + i`, and global batch b (samples b * batch ...) is drawn by rank
-    b % world: every image comes out of the same computation whatever the number of ranks. Each rank saves its
+    b % world: every image comes out of the same computation whatever the number of ranks (the ancestral sampler's
+    fresh noise is seeded per batch, so it too). Each rank saves its
     batches to a part file next to `path` (so `path` must be on a file system every rank sees); rank 0 assembles them
     in order, holding N x H x W x 3 bytes (10 GB for 50k at 256 px), and removes the parts.
     """
     from tqdm import tqdm
     device = next(model.parameters()).device
+    diffusion = make_diffusion(args)
+    method = method or SAMPLERS[args.objective][0]
     y_all = fid_labels(num_samples, args.num_classes, labels, seed)
     mine = range(rank * batch, num_samples, world * batch)
     images, index = [np.zeros((0, args.res, args.res, 3), np.uint8)], [np.zeros(0, np.int64)]  # a rank may get none
@@ -166,8 +168,8 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
         noise = make_noise(seed + idx, latent_shape(args, vae), device)
         ctrl = control.to(device).expand(len(idx), -1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = generate(model, noise, torch.from_numpy(y_all[idx]).to(device), ctrl, cfg_scale, ctrl_scale,
-                         steps=steps, alpha=alpha_of(args), method=method, interval=interval, batch=batch)
+            x = generate(model, diffusion, noise, torch.from_numpy(y_all[idx]).to(device), ctrl, cfg_scale,
+                         ctrl_scale, steps=steps, method=method, interval=interval, batch=batch, seed=seed + start)
         images.append(to_uint8(vae.decode(x)).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
         index.append(idx)
     part = lambda r: f"{path[:-len('.npz')]}.rank{r}.npz"
@@ -185,7 +187,8 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
                         sampler=method, steps=steps, cfg_scale=cfg_scale, ctrl_scale=ctrl_scale,
                         interval=list(interval), control=dict(zip(CONTROL_SIGNALS, control.tolist())),
                         precision="bf16" if bf16 else "fp32", vae=args.vae, model=args.model, cond=args.cond,
-                        res=args.res, dataset=args.dataset, num_classes=args.num_classes, shift_alpha=alpha_of(args),
+                        res=args.res, dataset=args.dataset, num_classes=args.num_classes, shift_alpha=diffusion.alpha,
+                        arch=args.arch, objective=args.objective,
                         world_size=world)
         with open(path[:-len(".npz")] + ".json", "w") as f:
             json.dump(settings, f, indent=1)
@@ -197,9 +200,29 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
 #################################################################################
 
 def load_checkpoint(path, device):
-    """EMA model and the run's config from a checkpoint file or run folder."""
-    from train import find_checkpoint, make_model
+    """EMA model and the run's config from a checkpoint file or run folder of ours, or an official DiT-XL/2 file."""
+    from model import from_dit, is_dit_state_dict
     file, ckpt = find_checkpoint(path)
+    state = ckpt.get("ema", ckpt) if isinstance(ckpt, dict) else None
+    if is_dit_state_dict(state):  # DiT's own recipe: eps + learned variance, adaLN, no QK-norm, SD VAE latents
+        from model import SIZES
+        from train import get_args
+        width, patch = state["x_embedder.proj.weight"].shape[0], state["x_embedder.proj.weight"].shape[-1]
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        size = next((s for s, (d, w, _) in SIZES.items() if (d, w) == (depth, width)), None)
+        if size is None:
+            raise SystemExit(f"{file}: a DiT of depth {depth} and width {width} matches none of our sizes")
+        res = int(round(state["pos_embed"].shape[1] ** 0.5)) * patch * 8  # tokens per side x patch x VAE factor
+        args = get_args(["--dataset", "imagenet", "--model", f"{size}/{patch}", "--cond", "adaln", "--qk-norm", "off",
+                         "--objective", "ddpm", "--learn-sigma", "--res", str(res), "--base-res", str(res)])
+        args.num_classes, args.ckpt_file, args.ckpt_step = state["y_embedder.embedding_table.weight"].shape[0] - 1, \
+            os.path.abspath(file), None
+        model = make_model(args)
+        model.load_state_dict({**model.state_dict(), **from_dit(state, model.width)[0]})  # + our control MLPs' inputs
+        return model.to(device).eval(), args
+    if ckpt.get("config_version") != CONFIG_VERSION:
+        raise SystemExit(f"{file}: written by another version of this code (config schema "
+                         f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION})")
     args = SimpleNamespace(**ckpt["args"], ckpt_file=os.path.abspath(file), ckpt_step=ckpt.get("step"))
     model = make_model(args)
     model.load_state_dict(ckpt["ema"])
@@ -219,7 +242,10 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=4, help="noise seeds per cell")
     p.add_argument("--cfg-scale", default="1.0", help="semantic guidance scale(s), comma-separated")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="euler", choices=("euler", "heun"))
+    p.add_argument("--sampler", default=None, choices=[s for v in SAMPLERS.values() for s in v],
+                   help="flow: euler (default) | heun; ddpm: ddim (default) | ddpm (ancestral)")
+    p.add_argument("--vae", default=None, help="decode with this autoencoder instead of the checkpoint's (e.g. "
+                                              "sd-mse for a DiT file)")
     p.add_argument("--flip", default=None, help="flip values to sweep, e.g. 0,1")
     p.add_argument("--orig-size", default=None, help="original-size values (pixels) to sweep, e.g. 16,64")
     p.add_argument("--crop-offset", default=None, help="crop offsets (pixels, top = left) to sweep, e.g. 0,8")
@@ -242,6 +268,13 @@ def main(argv=None):
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, args = load_checkpoint(a.ckpt, device)
+    if a.sampler and a.sampler not in SAMPLERS[args.objective]:
+        raise SystemExit(f"--sampler {a.sampler}: this model was trained with --objective {args.objective}; choose "
+                         f"one of {SAMPLERS[args.objective]}")
+    if a.vae:
+        if latent_geometry(a.vae) != latent_geometry(args.vae):
+            raise SystemExit(f"--vae {a.vae}: its latent layout differs from the checkpoint's --vae {args.vae}")
+        args.vae = a.vae
     vae = Autoencoder(args.vae).to(device)
     scales = floats(a.cfg_scale)
     if a.eval_per_class:
@@ -268,7 +301,8 @@ def main(argv=None):
             raise SystemExit("--num-samples draws one setting: give --cfg-scale, --flip, --orig-size and "
                              "--crop-offset one value each")
         out = a.out or os.path.join(os.path.dirname(args.ckpt_file),
-                                    f"samples-{a.num_samples}-cfg{scales[0]:g}-{a.sampler}{a.steps}.npz")
+                                    f"samples-{a.num_samples}-cfg{scales[0]:g}-"
+                                    f"{a.sampler or SAMPLERS[args.objective][0]}{a.steps}.npz")
         if not out.endswith(".npz"):
             raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
         bf16 = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda")

@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conditioning import DEFAULT_GATES, GATES, drop_conditions
 from data import DATASETS, MAX_WORKERS, Autoencoder, build_dataset, latent_geometry
-from diffusion import flow_loss, noise_shift, sample_t
-from model import CONDS, MODELS, POS_MODES, build_model, count_params
+from diffusion import BETA_SCHEDULES, OBJECTIVES, Diffusion, noise_shift
+from model import ARCHS, CONDS, MODELS, POS_MODES, build_model, count_params
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 PREEMPTED = 75  # exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
 
 # Per-dataset recipes for the flags left unset. imagenet/folder follow the ImageNet-256 recipe (SPEC.md). shapes is
@@ -45,8 +45,9 @@ PRESETS = {
 PRESETS["folder"] = PRESETS["imagenet"]
 
 # Config keys that must agree between a checkpoint and the run that resumes it.
-ARCH_KEYS = ("model", "pred", "cond", "class_tokens", "pos_mode", "res", "base_res", "vae", "num_classes", "gate_size",
-             "gate_crop", "gate_flip", "dataset")
+ARCH_KEYS = ("model", "arch", "pred", "cond", "class_tokens", "pos_mode", "res", "base_res", "vae", "num_classes",
+             "gate_size", "gate_crop", "gate_flip", "dataset", "objective", "learn_sigma", "beta_schedule", "qk_norm",
+             "decode_layers")
 # ... and those that the saved data position and noise streams depend on: changing them breaks an exact resume.
 ORDER_KEYS = ("batch", "seed", "shapes_size", "world")
 
@@ -63,17 +64,30 @@ def get_args(argv=None):
     a("--shapes-size", type=int, default=10000, help="number of distinct shapes images")
     a("--vae", help="none (pixel space) | sd-ema | sd-mse | a diffusers AutoencoderKL path")
     # model
-    a("--model", help=f"size/patch preset: {', '.join(MODELS)}")
-    a("--cond", default="ours", choices=CONDS, help="conditioning route (ours = disentangled, the paper's)")
+    a("--model", help=f"size/patch preset: {', '.join(MODELS)}; --arch unet: G4, S, XS")
+    a("--arch", default="dit", choices=ARCHS + ("unet",), help="dit (transformer) | mdt (mDT-v2) | unet (LDM)")
+    a("--cond", default="ours", choices=CONDS, help="conditioning route: ours (disentangled, the paper's) | adaln "
+      "(DiT) | xattn (PixArt-alpha) | mmdit (SD3)")
+    a("--qk-norm", default="auto", choices=("auto", "on", "off"), help="QK-norm; auto = as the route's recipe "
+      "(on for ours / mmdit, off for adaln / xattn)")
+    a("--decode-layers", type=int, default=None, help="mdt: decoder blocks (default 4 at depth >= 12 as "
+      "MDTv2-XL/2; XS 2, T 0)")
+    a("--mask-ratio", type=float, default=0.3, help="mdt: fraction of image tokens dropped in the masked pass "
+      "(plus U[0, 0.2])")
     a("--class-tokens", type=int, help="context tokens per class label (imagenet 1, shapes 4)")
     a("--pos-mode", default="resample", choices=POS_MODES, help="positional embedding on grids beyond the base")
     for group, default in DEFAULT_GATES.items():
         a(f"--gate-{group}", default=default, choices=GATES, help=f"schedule g(t) of the {group} control group")
     # diffusion
+    a("--objective", default="flow", choices=OBJECTIVES, help="flow (rectified flow, SD3) | ddpm (eps, 1000 steps, "
+      "DiT / LDM)")
+    a("--beta-schedule", default="linear", choices=BETA_SCHEDULES, help="ddpm: linear (DiT / ADM) | ldm")
+    a("--learn-sigma", action="store_true", help="ddpm: also learn the variance (DiT; trained by the VLB term)")
     a("--t-mean", type=float, default=0.0, help="logit-normal mean of training t")
     a("--t-std", type=float, default=1.0, help="logit-normal std of training t")
     a("--shift", type=float, help="noise shift at the base resolution; alpha = shift * sqrt(tokens / base tokens)")
-    a("--pred", choices=("v", "x"), help="network output: v (velocity, SD3) or x (clean image, converted to v)")
+    a("--pred", choices=("v", "x", "eps"), help="network output. flow: v (velocity, SD3) or x (clean image, converted "
+      "to v); ddpm: eps (the default there)")
     a("--base-res", type=int, help="resolution whose token count has shift 1 and defines the positional grid")
     a("--p-drop-sem", type=float, default=0.1, help="probability of dropping the semantic condition (guidance)")
     a("--p-drop-ctrl", type=float, default=0.1, help="probability of dropping the control metadata (guidance)")
@@ -95,6 +109,8 @@ def get_args(argv=None):
     a("--seed", type=int, default=0)
     a("--out", default="runs", help="folder for run folders")
     a("--resume", default=None, help="checkpoint file, run folder, or `auto` (newest complete checkpoint under --out)")
+    a("--init-from", default=None, help="start from the weights of a checkpoint (ours or an official DiT .pt): every "
+      "tensor whose name and shape match is loaded; the rest is reported")
     a("--log-every", type=int)
     a("--ckpt-every", type=int)
     a("--sample-every", type=int, help="steps between sample grids (0 = only at the end)")
@@ -106,6 +122,8 @@ def get_args(argv=None):
     a("--max-skip-rate", type=float, default=0.05, help="stop if more than this fraction of images are unreadable")
     a("--debug-nan-steps", default="", help="fault injection for tests: comma-separated steps whose loss is NaN")
     args = p.parse_args(argv)
+    if args.objective == "ddpm" and args.pred is None:
+        args.pred = "eps"
     for k, v in PRESETS[args.dataset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -114,13 +132,32 @@ def get_args(argv=None):
 
 def validate(args):
     """Fail before any work with a message that says what to change."""
-    patch = int(args.model.split("/")[-1]) if "/" in args.model else 1
-    if args.model not in MODELS:
+    if args.arch == "unet":
+        from unet import UNET_SIZES
+        if args.model not in UNET_SIZES:
+            raise SystemExit(f"--arch unet: --model {args.model!r} is unknown; choose one of {', '.join(UNET_SIZES)}")
+        patch = 2 ** (len(UNET_SIZES[args.model]["channel_mult"]) - 1)  # the total downsampling of the UNet
+        if args.cond not in ("ours", "xattn"):
+            raise SystemExit("--arch unet conditions through cross-attention: use --cond xattn (LDM) or ours")
+    elif args.model not in MODELS:
         raise SystemExit(f"--model {args.model!r} is unknown; choose one of {', '.join(MODELS)}")
+    else:
+        patch = int(args.model.split("/")[-1])
     factor = latent_geometry(args.vae)[0]
     if args.res % (patch * factor):
         raise SystemExit(f"--res {args.res} must be divisible by patch {patch} x autoencoder factor {factor} "
                          f"= {patch * factor}; try --res {args.res // (patch * factor) * patch * factor}")
+    if (args.objective == "ddpm") != (args.pred == "eps"):
+        raise SystemExit(f"--pred {args.pred} does not fit --objective {args.objective}: ddpm predicts eps, flow "
+                         f"predicts v or x")
+    if args.learn_sigma and args.objective != "ddpm":
+        raise SystemExit("--learn-sigma needs --objective ddpm")
+    if args.init_from and not os.path.isfile(args.init_from):
+        raise SystemExit(f"--init-from {args.init_from!r}: no such checkpoint file")
+    if args.init_from and args.resume:
+        raise SystemExit("--init-from starts a new run from other weights; --resume continues a run: give one")
+    if not 0 <= args.mask_ratio < 0.8:
+        raise SystemExit(f"--mask-ratio must be in [0, 0.8) (0.2 is added at random), got {args.mask_ratio}")
     if args.dataset != "shapes" and not args.data_path:
         raise SystemExit(f"--dataset {args.dataset} needs --data-path DIR (an ImageFolder tree DIR/<class>/<images>)")
     if args.data_path and not os.path.isdir(args.data_path):
@@ -316,14 +353,49 @@ def update_ema(ema, model, decay):
 def make_model(args):
     factor, channels = latent_geometry(args.vae)
     input_size, base = args.res // factor, args.base_res // factor
-    return build_model(args.model, input_size=input_size, in_channels=channels, num_classes=args.num_classes,
-                       class_tokens=args.class_tokens, cond=args.cond, pos_mode=args.pos_mode, base_size=base,
-                       pred=args.pred,
-                       gates={"size": args.gate_size, "crop": args.gate_crop, "flip": args.gate_flip})
+    common = dict(input_size=input_size, in_channels=channels, out_channels=channels * (2 if args.learn_sigma else 1),
+                  num_classes=args.num_classes, class_tokens=args.class_tokens, cond=args.cond,
+                  gates={"size": args.gate_size, "crop": args.gate_crop, "flip": args.gate_flip})
+    if args.arch == "unet":
+        from unet import build_unet
+        return build_unet(args.model, **common)
+    return build_model(args.model, arch=args.arch, pos_mode=args.pos_mode, base_size=base,
+                       qk_norm={"auto": None, "on": True, "off": False}[args.qk_norm],
+                       decode_layers=args.decode_layers, mask_ratio=args.mask_ratio, **common)
 
 
-def shift_alpha(args):
-    return noise_shift(args.shift, args.res, args.base_res)
+def make_diffusion(args):
+    """The objective, its noise-level shift at this resolution and its sampler settings."""
+    return Diffusion(args.objective, args.pred, noise_shift(args.shift, args.res, args.base_res), args.t_mean,
+                     args.t_std, args.beta_schedule, args.learn_sigma)
+
+
+def init_from(model, path, rank=0):
+    """Load every tensor of a checkpoint (ours: its EMA weights; or an official DiT file) whose name and shape match
+    the model; print what was loaded, what was skipped (and why) and what is new. Returns the three name lists."""
+    from model import from_dit, is_dit_state_dict
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("ema", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise SystemExit(f"--init-from {path!r}: not a checkpoint of this project nor a DiT state dict")
+    if is_dit_state_dict(state):
+        if getattr(model, "cond", None) != "adaln" or model.out_channels != 2 * model.in_channels or any(
+                not isinstance(b.img.q_norm, torch.nn.Identity) for b in model.blocks):
+            raise SystemExit("--init-from: a DiT checkpoint needs --cond adaln --qk-norm off --objective ddpm "
+                             "--learn-sigma (DiT predicts eps and a variance)")
+        state, _ = from_dit(state, model.width)
+    own = model.state_dict()
+    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    skipped = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape) if k in own else 'no such tensor'})"
+               for k, v in state.items() if k not in loaded]
+    new = [k for k in own if k not in state]
+    model.load_state_dict({**own, **{k: state[k] for k in loaded}})
+    if rank == 0:
+        print(f"--init-from {path}: loaded {len(loaded)} tensors, skipped {len(skipped)}, new {len(new)}")
+        for title, names in (("skipped", skipped), ("new (initialised)", new)):
+            for name in names:
+                print(f"  {title}: {name}")
+    return loaded, skipped, new
 
 
 #################################################################################
@@ -388,6 +460,8 @@ def main(argv=None):
 
     # ---- model, EMA, optimizer -------------------------------------------------------------------------------
     model = make_model(args).to(device)
+    if args.init_from and ckpt is None:
+        init_from(model, args.init_from, rank)
     ema = make_model(args).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     vae = Autoencoder(args.vae).to(device)
@@ -403,9 +477,9 @@ def main(argv=None):
         gen.set_state(ckpt["gen"][rank])  # same world size: checked with the config above
         torch.set_rng_state(ckpt["torch_rng"])
     if rank == 0:
-        print(f"model {args.model} cond={args.cond}: {count_params(model) / 1e6:.2f} M parameters")
+        print(f"model {args.arch} {args.model} cond={args.cond}: {count_params(model) / 1e6:.2f} M parameters")
         print(json.dumps(vars(args)))
-    alpha = shift_alpha(args)
+    diffusion = make_diffusion(args)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:  # compile the DDP-wrapped module so DDP's bucketing sees the compiled graph
         net = torch.compile(net)
@@ -430,12 +504,10 @@ def main(argv=None):
         with torch.no_grad():
             x0 = vae.encode(img)
         y, ctrl_drop = drop_conditions(y, args.num_classes, args.p_drop_sem, args.p_drop_ctrl, gen)
-        t = sample_t(x0.shape[0], args.t_mean, args.t_std, alpha, gen, device)
-        noise = torch.randn(x0.shape, generator=gen, device=device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast:
-            loss = flow_loss(net, x0, t, noise, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop).mean()
+            loss = diffusion.loss(net, x0, gen, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop).mean()
         if step + 1 in nan_steps and rank == 0:  # fault injection for tests: one rank's loss goes bad
             loss = loss * float("nan")
         opt.zero_grad(set_to_none=True)

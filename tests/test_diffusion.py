@@ -1,10 +1,12 @@
-"""diffusion.py: the shift formula, timestep sampling, the loss target, exact samplers, guidance."""
+"""diffusion.py: the shift formula, timestep sampling, the loss targets, exact samplers (flow and DDPM), the
+variational bound, guidance."""
 import math
 
 import pytest
 import torch
 
-from diffusion import flow_loss, guided_velocity, resolution_shift, sample, sample_t, shift_time, time_grid
+from diffusion import (Chain, Diffusion, ddpm_betas, discretized_gaussian_nll, guided_prediction, normal_kl,
+                       resolution_shift, sample_t, shift_time, spaced_steps, time_grid, to_velocity)
 
 
 def test_shift_formula():
@@ -26,22 +28,126 @@ def test_logit_normal_t():
     assert abs(ts.median() - 2 / 3) < 0.01  # the shift moves the median t = 0.5 to 2 * 0.5 / 1.5
 
 
+def noise_of(x0, seed, objective):
+    """The noise Diffusion.loss draws for this seed: (t or k) first, then the noise."""
+    g = torch.Generator().manual_seed(seed)
+    if objective == "flow":
+        torch.randn(x0.shape[0], generator=g)
+    else:
+        torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    return torch.randn(x0.shape, generator=g)
+
+
 def test_flow_loss_target_is_eps_minus_x0():
-    x0, eps, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.rand(4)
+    x0 = torch.randn(4, 3, 8, 8)
+    eps = noise_of(x0, 0, "flow")
     perfect = lambda x, t, **_: eps - x0
-    assert torch.allclose(flow_loss(perfect, x0, t, eps), torch.zeros(4))
+    diff = Diffusion("flow")
+    assert torch.allclose(diff.loss(perfect, x0, torch.Generator().manual_seed(0)), torch.zeros(4), atol=1e-10)
     zero = lambda x, t, **_: torch.zeros_like(x)
-    assert torch.allclose(flow_loss(zero, x0, t, eps), ((eps - x0) ** 2).mean((1, 2, 3)))
+    assert torch.allclose(diff.loss(zero, x0, torch.Generator().manual_seed(0)), ((eps - x0) ** 2).mean((1, 2, 3)))
+    twice = lambda x, t, **_: torch.cat([eps - x0, torch.zeros_like(x)])  # n = 2 stacked predictions are summed
+    assert torch.allclose(diff.loss(twice, x0, torch.Generator().manual_seed(0)), ((eps - x0) ** 2).mean((1, 2, 3)))
+
+
+def test_x_prediction_reports_a_velocity():
+    """pred x: the network's output is the clean image x0; the velocity is (x_t - x0) / t (t clamped at 0.05)."""
+    x0, x_t = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0.01, 0.5, 1.0])
+    v = to_velocity(x0, x_t, t, "x")
+    assert torch.allclose(v, (x_t - x0) / torch.tensor([0.05, 0.5, 1.0]).view(-1, 1, 1, 1))
+    assert to_velocity(x0, x_t, t, "v") is x0
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
 @pytest.mark.parametrize("alpha", [1.0, 2.5])
-def test_samplers_are_exact_on_straight_paths(method, alpha):
+def test_flow_samplers_are_exact_on_straight_paths(method, alpha):
     """With one data point x0 the true velocity is (x - x0) / t and every path is straight: any step size lands on x0."""
     x0 = torch.randn(2, 3, 4, 4)
     vel = lambda x, t: (x - x0) / t.view(-1, 1, 1, 1)
-    out = sample(vel, torch.randn(2, 3, 4, 4), steps=7, alpha=alpha, method=method)
+    out = Diffusion("flow", alpha=alpha).sample(vel, torch.randn(2, 3, 4, 4), steps=7, method=method)
     assert torch.allclose(out, x0, atol=1e-4)
+
+
+#################################################################################
+#                                  DDPM                                         #
+#################################################################################
+
+def test_ddpm_schedules_and_spacing():
+    b = ddpm_betas("linear")
+    assert len(b) == 1000 and math.isclose(b[0].item(), 1e-4) and math.isclose(b[-1].item(), 0.02)
+    ab = Chain(b).ab
+    assert 0.99 < ab[0] < 1 and ab[-1] < 1e-4  # the chain ends in (almost) pure noise
+    ldm = ddpm_betas("ldm")
+    assert math.isclose(ldm[0].item(), 0.0015) and math.isclose(ldm[-1].item(), 0.0195)
+    assert spaced_steps(1000, 50, "ddim") == list(range(0, 1000, 20))  # DiT's "ddim50"
+    steps = spaced_steps(1000, 250, "ddpm")
+    assert len(steps) == 250 and steps[0] == 0 and steps[-1] == 999
+    # respacing keeps the cumulative products at the kept steps
+    kept = Chain(b).respaced([0, 499, 999])
+    assert torch.allclose(kept.ab, ab[[0, 499, 999]])
+    with pytest.raises(ValueError, match="beta-schedule"):
+        ddpm_betas("cosine")
+
+
+def test_ddpm_loss_target_is_the_noise():
+    x0 = torch.randn(4, 3, 8, 8)
+    eps = noise_of(x0, 1, "ddpm")
+    diff = Diffusion("ddpm")
+    perfect = lambda x, t, **_: eps
+    assert torch.allclose(diff.loss(perfect, x0, torch.Generator().manual_seed(1)), torch.zeros(4))
+    zero = lambda x, t, **_: torch.zeros_like(x)
+    assert torch.allclose(diff.loss(zero, x0, torch.Generator().manual_seed(1)), (eps ** 2).mean((1, 2, 3)))
+
+
+def test_learned_variance_bound_is_zero_for_the_true_posterior():
+    """Exact eps and the variance output -1 (log-variance = the posterior's) make the KL term vanish for k >= 1;
+    the output +1 (variance beta) does not."""
+    x0 = torch.rand(6, 3, 4, 4) * 2 - 1
+    g = torch.Generator().manual_seed(2)
+    k = torch.randint(0, 1000, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    diff = Diffusion("ddpm", learn_sigma=True)
+    post = lambda x, t, **_: torch.cat([eps, -torch.ones_like(x)], 1)
+    loss = diff.loss(post, x0, torch.Generator().manual_seed(2))
+    assert torch.allclose(loss[k > 0], torch.zeros(int((k > 0).sum())), atol=1e-4)
+    k = torch.tensor([1, 2, 3, 5, 8, 10])  # early steps, where beta and the posterior variance differ most
+    x_t = diff.chain.q_sample(x0, k, eps)
+    assert torch.allclose(diff.vb_term(eps, -torch.ones_like(x0), x0, x_t, k), torch.zeros(6), atol=1e-4)
+    assert (diff.vb_term(eps, torch.ones_like(x0), x0, x_t, k) > 1e-3).all()
+    # the pieces: KL of identical Gaussians is 0; the decoder's likelihood of a sharp Gaussian on the data is ~1 bin
+    m, lv = torch.randn(5), torch.randn(5)
+    assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(normal_kl(m, lv, m + 1, lv), 0.5 * torch.exp(-lv))  # the mean term alone
+    nll = discretized_gaussian_nll(torch.zeros(3), torch.zeros(3), torch.full((3,), -20.0))
+    assert torch.allclose(nll, torch.zeros(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_ddpm_samplers_land_on_the_single_data_point(method, learn_sigma):
+    """With one data point the exact eps is known in closed form; DDIM and ancestral sampling both end on x0."""
+    x0 = torch.randn(2, 3, 4, 4)
+    diff = Diffusion("ddpm", learn_sigma=learn_sigma)
+    ab = diff.chain.ab.float()
+
+    def predict(x, t):
+        a = ab[(t * 1000).round().long()].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return torch.cat([eps, torch.zeros_like(x)], 1) if learn_sigma else eps
+    out = diff.sample(predict, torch.randn(2, 3, 4, 4), steps=10, method=method, generator=torch.Generator())
+    assert torch.allclose(out, x0, atol=1e-3)
+    with pytest.raises(ValueError, match="does not fit"):
+        diff.sample(predict, torch.randn(2, 3, 4, 4), steps=10, method="euler")
+
+
+def test_objective_and_prediction_must_agree():
+    with pytest.raises(ValueError, match="does not fit"):
+        Diffusion("ddpm", pred="x")
+    with pytest.raises(ValueError, match="learn-sigma"):
+        Diffusion("flow", learn_sigma=True)
+    with pytest.raises(ValueError, match="unknown --objective"):
+        Diffusion("edm")
 
 
 class Probe(torch.nn.Module):
@@ -57,12 +163,21 @@ def test_guidance_formula_on_all_channels():
     null = 9
     cond = x * (1 + y.float()).view(-1, 1, 1, 1)
     uncond = x * (1 + null)
-    out = guided_velocity(Probe(), x, t, y, c, null, s_sem=4.0)
+    out = guided_prediction(Probe(), x, t, y, c, null, s_sem=4.0)
     assert torch.allclose(out, uncond + 4.0 * (cond - uncond))  # all 4 channels guided
-    out2 = guided_velocity(Probe(), x, t, y, c, null, s_sem=4.0, s_ctrl=0.5)
+    out2 = guided_prediction(Probe(), x, t, y, c, null, s_sem=4.0, s_ctrl=0.5)
     assert torch.allclose(out2, uncond + 4.0 * (cond - uncond) + 0.5 * (cond - (cond + 10)))
-    outside = guided_velocity(Probe(), x, t, y, c, null, s_sem=4.0, interval=(0.0, 0.3))
+    outside = guided_prediction(Probe(), x, t, y, c, null, s_sem=4.0, interval=(0.0, 0.3))
     assert torch.allclose(outside, cond)
+
+
+def test_guidance_leaves_the_variance_channels_conditional():
+    """A learned variance (channels beyond the data's) is not guided: it comes from the conditional branch."""
+    probe = lambda x, t, y, ctrl, ctrl_drop=None: torch.cat([Probe()(x, t, y, ctrl, ctrl_drop)] * 2, 1)
+    x, t, y, c = torch.ones(2, 4, 2, 2), torch.full((2,), 0.5), torch.tensor([2, 3]), torch.zeros(2, 7)
+    out = guided_prediction(probe, x, t, y, c, 9, s_sem=4.0)
+    cond = x * (1 + y.float()).view(-1, 1, 1, 1)
+    assert torch.allclose(out[:, :4], 10 + 4.0 * (cond - 10)) and torch.allclose(out[:, 4:], cond)
 
 
 def test_guidance_scale_one_is_the_conditional_prediction():
@@ -71,7 +186,7 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     x, t, y, c = inputs()
     t = torch.full((3,), 0.4)
     ref = model(x, t, y, c)
-    assert torch.allclose(guided_velocity(model, x, t, y, c, 10, s_sem=1.0), ref, atol=1e-6)
+    assert torch.allclose(guided_prediction(model, x, t, y, c, 10, s_sem=1.0), ref, atol=1e-6)
     # the batched two-branch path with s_sem = 1 must agree too (it differs from the shortcut only in batching)
-    both = guided_velocity(model, x, t, y, c, 10, s_sem=1.0 + 1e-12)
+    both = guided_prediction(model, x, t, y, c, 10, s_sem=1.0 + 1e-12)
     assert torch.allclose(both, ref, atol=1e-5)

@@ -3,12 +3,17 @@ import pytest
 import torch
 
 from data import make_control
-from model import CONDS, SIZES, JointBlock, build_model, count_params, sincos_1d, sincos_2d
+from model import CONDS, SIZES, DiffusionTransformer, JointBlock, build_model, count_params, sincos_1d, sincos_2d
 
 
-def tiny(cond="ours", **kw):
+def tiny(cond="ours", arch="dit", **kw):
     kw = dict(dict(input_size=16, in_channels=3, num_classes=10), **kw)
+    if arch == "mdt":  # the smallest mDT: one encoder block per half, two decoder blocks, the side block
+        return DiffusionTransformer(patch=4, depth=4, width=64, heads=2, cond=cond, arch="mdt", **kw)
     return build_model("T/4", cond=cond, **kw)
+
+
+ROUTES = [(c, "dit") for c in CONDS] + [("adaln", "mdt"), ("ours", "mdt")]
 
 
 def perturb(model, std=0.05):
@@ -26,26 +31,35 @@ def inputs(b=3, res=16):
     return torch.randn(b, 3, res, res), torch.rand(b), torch.randint(0, 10, (b,)), ctrl
 
 
-@pytest.mark.parametrize("cond", CONDS)
-def test_forward_backward_shapes(cond):
-    model = perturb(tiny(cond))
+@pytest.mark.parametrize("cond,arch", ROUTES)
+def test_forward_backward_shapes(cond, arch):
+    """Every parameter gets a gradient (DDP requires it): in training mode mDT returns the unmasked and the masked
+    prediction stacked, so the side block and the mask token are used too."""
+    model = perturb(tiny(cond, arch))
     x, t, y, c = inputs()
-    out = model(x, t, y, c)
-    assert out.shape == x.shape
+    out = model(x, t, y, c, ctrl_drop=torch.tensor([True, False, False]))
+    assert out.shape == ((6,) if arch == "mdt" else (3,)) + x.shape[1:]
     out.square().mean().backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "null" not in n)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert model.eval()(x, t, y, c).shape == x.shape  # sampling: one unmasked pass
 
 
-@pytest.mark.parametrize("cond", CONDS)
-def test_fresh_model_is_identity_per_block_and_outputs_zero(cond):
-    model = tiny(cond)
+@pytest.mark.parametrize("cond,arch", ROUTES)
+def test_fresh_model_outputs_zero_and_adaln_zero_blocks_are_identity(cond, arch):
+    model = tiny(cond, arch)
     x, t, y, c = inputs()
-    assert torch.equal(model(x, t, y, c), torch.zeros_like(x))
+    assert torch.equal(model(x, t, y, c), torch.zeros(2 * 3 if arch == "mdt" else 3, *x.shape[1:]))
     vec, ctx = model.condition(t, y, c)
     tokens = torch.randn(3, 16, model.width)
+    if cond == "xattn":  # PixArt-alpha init: random per-block offsets, but the cross-attention starts switched off
+        vec6 = model.t_block(vec)
+        for block in model.blocks:
+            assert torch.equal(block(tokens, ctx, vec6)[0], block(tokens, torch.randn_like(ctx), vec6)[0])
+        return
     for i, block in enumerate(model.blocks):
-        out, ctx_out = block(tokens, ctx, vec)
-        assert torch.equal(out, tokens)
+        out, ctx_out = block(tokens, ctx, vec, skip=tokens)
+        if block.skip is None:
+            assert torch.equal(out, tokens)
         if ctx is not None and i < len(model.blocks) - 1:
             assert torch.equal(ctx_out, ctx)
 
@@ -75,12 +89,29 @@ def test_baselines_add_semantics_into_adaln(cond):
     assert (model.condition(t, y, c)[1] is None) == (cond == "adaln")
 
 
-def test_x_prediction_reports_a_velocity():
-    """--pred x: the network's output is the clean image x0; the model returns (x_t - x0) / t."""
-    model = tiny("ours", pred="x")
-    x, _, y, c = inputs()
-    t = torch.tensor([0.1, 0.5, 1.0])
-    assert torch.allclose(model(x, t, y, c), x / t.view(-1, 1, 1, 1))  # a fresh network predicts x0 = 0
+def test_xattn_is_adaln_single_with_cross_attention():
+    """PixArt-alpha: one shared modulation MLP (blocks only hold a (6, D) offset table); the class reaches the model
+    only through cross-attention; QK-norm off as published."""
+    model = perturb(tiny("xattn"))
+    assert all(not hasattr(b.img, "ada") and b.img.table.shape == (6, model.width) for b in model.blocks)
+    assert all(b.cross is not None and b.ctx is None for b in model.blocks)
+    assert isinstance(model.blocks[0].img.q_norm, torch.nn.Identity)
+    x, t, y, c = inputs()
+    assert torch.equal(model.condition(t, y, c)[0], model.condition(t, (y + 1) % 10, c)[0])
+    assert not torch.allclose(model(x, t, y, c), model(x, t, (y + 1) % 10, c))
+
+
+def test_mdt_encoder_sees_only_the_kept_tokens():
+    model = perturb(tiny("adaln", "mdt", mask_ratio=0.5))
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o[0].shape[1]))
+    x, t, y, c = inputs()
+    model(x, t, y, c)
+    assert seen[0] == 16 and 3 <= seen[1] <= 8  # unmasked pass, then 16 * (1 - r), r in [0.5, 0.7]
+    assert model.half == 1 and model.decode_layers == 2 and len(model.blocks) == 4
+    assert all(b.skip is not None for b in model.blocks[1:]) and model.blocks[0].skip is None
+    with pytest.raises(ValueError, match="decode-layers"):
+        DiffusionTransformer(input_size=16, patch=4, depth=4, width=64, heads=2, arch="mdt", decode_layers=1)
 
 
 def test_pos_embed_resample_and_extend():
@@ -93,10 +124,10 @@ def test_pos_embed_resample_and_extend():
     # a non-square grid: one factor for both axes keeps the aspect ratio (2x the tokens -> positions / sqrt(2))
     wide = sincos_2d(64, 4, 8, 4, 4, "resample").view(4, 8, 64)
     s = 2 ** -0.5
-    row_pos = sincos_2d(64, 1, 8, 4, 4, "extend")[:, 32:]  # the column half of the features, integer positions
-    assert torch.allclose(wide[0, :, 32:], sincos_1d(32, torch.arange(8) * s).float(), atol=1e-6)
-    assert torch.allclose(wide[:, 0, :32], sincos_1d(32, torch.arange(4) * s).float(), atol=1e-6)
-    assert not torch.allclose(wide[0, :, 32:], row_pos)
+    row_pos = sincos_2d(64, 1, 8, 4, 4, "extend")[:, :32]  # the column half of the features, integer positions
+    assert torch.allclose(wide[0, :, :32], sincos_1d(32, torch.arange(8) * s).float(), atol=1e-6)
+    assert torch.allclose(wide[:, 0, 32:], sincos_1d(32, torch.arange(4) * s).float(), atol=1e-6)
+    assert not torch.allclose(wide[0, :, :32], row_pos)
     # no more tokens than the base: integer positions in both modes
     assert torch.allclose(sincos_2d(64, 2, 4, 4, 4, "resample"), sincos_2d(64, 2, 4, 4, 4, "extend"))
 

@@ -103,9 +103,10 @@ def test_sampling_from_a_checkpoint(tmp_path):
     noise = sample.make_noise([0, 1], (3, 16, 16), "cpu")
     y = torch.tensor([0, 1])
     ctrl = torch.stack([train_default_control()] * 2)
-    x = sample.generate(model, noise, y, ctrl, cfg_scale=2.0, steps=4)
+    diffusion = train.make_diffusion(args)
+    x = sample.generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
-    again = sample.generate(model, noise, y, ctrl, cfg_scale=2.0, steps=4)
+    again = sample.generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
     assert torch.equal(x, again)
     out = tmp_path / "grid.png"
     sample.main(["--ckpt", run, "--classes", "0,6", "--flip", "0,1", "--cfg-scale", "1,3", "--seeds", "2",
