@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from data import make_control
+from test_model import perturb
 from unet import UNET_CONDS, UNET_SIZES, Attention, build_unet
 
 NUM_CLASSES = 10
@@ -11,16 +12,6 @@ NUM_CLASSES = 10
 
 def tiny(cond="xattn", **kw):
     return build_unet("XS", input_size=8, in_channels=4, num_classes=NUM_CLASSES, cond=cond, **kw)
-
-
-def perturb(model, std=0.05):
-    """Give every zero-initialised layer random weights, so every path through the network is live."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def inputs(b=4, h=8, w=8):
