@@ -268,25 +268,29 @@ class Diffusion:
 #                        Classifier-free guidance                               #
 #################################################################################
 
-def guided_prediction(model, x, t, y, ctrl, null_y, s_sem=1.0, s_ctrl=0.0, interval=(0.0, 1.0)):
+def guided_prediction(model, x, t, y, ctrl, s_sem=1.0, s_ctrl=0.0, interval=(0.0, 1.0)):
     """Guided network output; guidance acts on ALL data channels (DiT-derived code famously guides only 3 of 4).
 
         out = out(0s, c) + s_sem (out(s, c) - out(0s, c)) + s_ctrl (out(s, c) - out(s, 0c))
 
-    The control c is kept in both semantic branches; the control term costs one more forward pass and is skipped when
-    s_ctrl = 0. Outside `interval` (a range of t) guidance is off and out = out(s, c). s_sem = 1, s_ctrl = 0 is
-    exactly the conditional prediction (and costs one pass). Guiding the raw output is the same as guiding the
-    velocity or eps it implies: they are affine in it with the same x_t and t in every branch. Channels beyond the
-    data's (a learned variance) are taken from the conditional branch.
+    0s / 0c: the null semantic condition (null class or null prompt) / the null control, selected by the model's
+    sem_drop / ctrl_drop flags. The control c is kept in both semantic branches; the control term costs one more
+    forward pass and is skipped when s_ctrl = 0. Outside `interval` (a range of t) guidance is off and out = out(s, c).
+    s_sem = 1, s_ctrl = 0 is exactly the conditional prediction (and costs one pass). Guiding the raw output is the
+    same as guiding the velocity or eps it implies: they are affine in it with the same x_t and t in every branch.
+    Channels beyond the data's (a learned variance) are taken from the conditional branch. y: labels (B,) or a
+    prompt's (features, mask).
     """
     B, C = x.shape[0], x.shape[1]
     t_now = float(t.reshape(-1)[0])
     if not interval[0] <= t_now <= interval[1] or (s_sem == 1.0 and s_ctrl == 0.0):
         return model(x, t, y=y, ctrl=ctrl)
-    branches = [(y, False), (torch.full_like(y, null_y), False)] + ([(y, True)] if s_ctrl else [])
-    n = len(branches)
-    out = model(x.repeat(n, 1, 1, 1), t.repeat(n), y=torch.cat([b[0] for b in branches]), ctrl=ctrl.repeat(n, 1),
-                ctrl_drop=torch.tensor([b[1] for b in branches for _ in range(B)], device=x.device))
+    flags = [(False, False), (True, False)] + ([(False, True)] if s_ctrl else [])  # (drop semantic, drop control)
+    n = len(flags)
+    drop = lambda i: torch.tensor([f[i] for f in flags for _ in range(B)], device=x.device)
+    rep = lambda v: v.repeat(n, *([1] * (v.ndim - 1)))
+    out = model(x.repeat(n, 1, 1, 1), t.repeat(n), y=tuple(map(rep, y)) if isinstance(y, tuple) else rep(y),
+                ctrl=ctrl.repeat(n, 1), ctrl_drop=drop(1), sem_drop=drop(0))
     out = out.float().view(n, B, *out.shape[1:])
     guided = out[1, :, :C] + s_sem * (out[0, :, :C] - out[1, :, :C])
     if s_ctrl:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conditioning import ClassEmbedder, ControlEmbedder, TimestepEmbedder
+from conditioning import ClassEmbedder, ControlEmbedder, TextEmbedder, TimestepEmbedder
 
 CONDS = ("ours", "mmdit", "adaln", "xattn")
 ARCHS = ("dit", "mdt")
@@ -222,7 +222,7 @@ class FinalLayer(nn.Module):
 class DiffusionTransformer(nn.Module):
     def __init__(self, input_size=32, patch=2, in_channels=4, out_channels=None, depth=28, width=1152, heads=16,
                  mlp_ratio=4.0, num_classes=1000, class_tokens=1, cond="ours", gates=None, pos_mode="resample",
-                 base_size=None, qk_norm=None, arch="dit", decode_layers=None, mask_ratio=0.3):
+                 base_size=None, qk_norm=None, arch="dit", decode_layers=None, mask_ratio=0.3, text=None):
         super().__init__()
         if cond not in CONDS:
             raise ValueError(f"unknown --cond {cond!r}; choose one of {CONDS}")
@@ -240,7 +240,8 @@ class DiffusionTransformer(nn.Module):
         mod = "single" if cond == "xattn" else "ada"
         self.x_embed = nn.Conv2d(in_channels, width, patch, stride=patch)
         self.t_embed = TimestepEmbedder(width)
-        self.y_embed = ClassEmbedder(num_classes, width, class_tokens)
+        # the semantic condition: class labels, or (text=dict(text_dim, max_length, pad, pad_noise, null)) a prompt
+        self.y_embed = TextEmbedder(dim=width, **text) if text else ClassEmbedder(num_classes, width, class_tokens)
         self.c_embed = ControlEmbedder(width, gates=gates)
         if cond == "xattn":  # adaLN-single: one modulation MLP shared by all blocks
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
@@ -256,7 +257,7 @@ class DiffusionTransformer(nn.Module):
         skip = lambda i: arch == "mdt" and i >= self.half
         self.blocks = nn.ModuleList([JointBlock(width, heads, mlp_ratio, context if i < n_blocks - 1 else last,
                                                 qk_norm, mod, skip(i)) for i in range(n_blocks)])
-        if arch == "mdt":  # the side interpolator: one block that fills in the dropped tokens (its context is read-only)
+        if arch == "mdt":  # the side interpolator: one block that fills in the dropped tokens (context read-only)
             self.side = JointBlock(width, heads, mlp_ratio, last, qk_norm, mod)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.final = FinalLayer(width, patch, self.out_channels, mod)
@@ -295,21 +296,23 @@ class DiffusionTransformer(nn.Module):
                                              self.pos_mode).to(device)
         return self._pos_cache[key]
 
-    def condition(self, t, y, ctrl, ctrl_drop=None):
-        """The adaLN vector (B, D) and the context tokens (B, K, D) or None, following the route."""
+    def condition(self, t, y, ctrl, ctrl_drop=None, sem_drop=None):
+        """The adaLN vector (B, D), the context tokens (B, K, D) or None, and their attention mask (B, K) or None,
+        following the route."""
         e_t = self.t_embed(t)
-        tokens, pooled = self.y_embed(y)
+        tokens, pooled, mask = semantic_tokens(self.y_embed, y, sem_drop)
         e_ctrl = self.c_embed(ctrl, ctrl_drop)  # (B, G, D)
         if self.cond == "ours":  # control enters gently along the trajectory; nothing semantic in adaLN
             vec = e_t + (self.c_embed.gate_weights(t)[..., None].to(e_ctrl.dtype) * e_ctrl).sum(1)
-            return vec, tokens
+            return vec, tokens, mask
         if self.cond == "xattn":  # semantics only through cross-attention; control added to the time embedding
-            return e_t + e_ctrl.sum(1), tokens
+            return e_t + e_ctrl.sum(1), tokens, mask
         vec = e_t + e_ctrl.sum(1) + pooled  # additive, ungated: the entangled baselines
-        return vec, (tokens if self.cond == "mmdit" else None)
+        return (vec, tokens, mask) if self.cond == "mmdit" else (vec, None, None)
 
-    def forward(self, x, t, y, ctrl, ctrl_drop=None):
-        """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels, ctrl (B, S) raw control, ctrl_drop (B,) bool
+    def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
+        """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels or a prompt's (features (B, L, d), mask (B, L)),
+        ctrl (B, S) raw control, ctrl_drop / sem_drop (B,) bool: use the null control / semantic condition
         -> (B, out_channels, H, W); an mDT model in training mode returns the unmasked and the masked prediction
         stacked, (2 B, out_channels, H, W)."""
         B, C, H, W = x.shape
@@ -318,16 +321,17 @@ class DiffusionTransformer(nn.Module):
         h, w = H // self.patch, W // self.patch
         pos = self.pos_embed(h, w, x.device)
         x = self.x_embed(x).flatten(2).transpose(1, 2) + pos  # (B, N, D)
-        vec, c = self.condition(t, y, ctrl, ctrl_drop)
+        vec, c, mask = self.condition(t, y, ctrl, ctrl_drop, sem_drop)
         block_vec = self.t_block(vec) if self.cond == "xattn" else vec  # (B, 6 D) for adaLN-single
         if self.arch == "dit":
             for block in self.blocks:
-                x, c = block(x, c, block_vec)
+                x, c = block(x, c, block_vec, mask)
         elif self.training and self.mask_ratio > 0:  # mDT training: both passes in one call (one DDP forward)
-            x = torch.cat([self.mdt(x, c, block_vec, pos), self.mdt(x, c, block_vec, pos, self.random_keep(x))])
+            x = torch.cat([self.mdt(x, c, block_vec, pos, mask),
+                           self.mdt(x, c, block_vec, pos, mask, self.random_keep(x))])
             vec = vec.repeat(2, 1)
         else:
-            x = self.mdt(x, c, block_vec, pos)
+            x = self.mdt(x, c, block_vec, pos, mask)
         x = self.final(x, vec)  # (B', N, p * p * out)
         p, out = self.patch, self.out_channels
         return x.view(-1, h, w, p, p, out).permute(0, 5, 1, 3, 2, 4).reshape(-1, out, H, W)
@@ -340,7 +344,7 @@ class DiffusionTransformer(nn.Module):
         keep = max(1, int(N * (1 - ratio)))
         return torch.rand(B, N).argsort(dim=1)[:, :keep].to(x.device)
 
-    def mdt(self, x, c, vec, pos, keep=None):
+    def mdt(self, x, c, vec, pos, mask=None, keep=None):
         """mDT-v2 trunk on image tokens x (B, N, D): encoder halves joined by long shortcuts (U-ViT), then -- only
         when tokens were dropped (`keep`) -- the side interpolator, then decoder blocks that each re-read the input."""
         x_in, D = x, x.shape[-1]
@@ -349,21 +353,31 @@ class DiffusionTransformer(nn.Module):
         skips = []
         for i, block in enumerate(self.blocks[:2 * self.half]):
             if i < self.half:
-                x, c = block(x, c, vec)
+                x, c = block(x, c, vec, mask)
                 skips.append(x)
             else:
-                x, c = block(x, c, vec, skip=skips.pop())
+                x, c = block(x, c, vec, mask, skip=skips.pop())
         if keep is not None:  # put the visible tokens back among learned mask tokens; the side block fills those in
             full = self.mask_token.to(x.dtype).expand(x.shape[0], x_in.shape[1], D).clone()
             full = full.scatter(1, keep[..., None].expand(-1, -1, D), x) + pos
-            filled, _ = self.side(full, c, vec)
+            filled, _ = self.side(full, c, vec, mask)
             visible = torch.zeros(full.shape[:2], dtype=torch.bool, device=x.device).scatter(1, keep, True)
             x = torch.where(visible[..., None], full, filled)  # the side block's output only where tokens were dropped
         else:
             x = x + pos  # the decoder's positional embedding (MDT: a second one; here the same fixed one)
         for block in self.blocks[2 * self.half:]:
-            x, c = block(x, c, vec, skip=x_in)
+            x, c = block(x, c, vec, mask, skip=x_in)
         return x
+
+
+def semantic_tokens(embedder, y, drop=None):
+    """Class labels (B,) or a prompt (features, mask) -> context tokens (B, K, D), pooled (B, D), attention mask
+    (B, K) or None; `drop` (B,) bool selects the null condition (the null class row, or the null prompt)."""
+    if isinstance(embedder, TextEmbedder):
+        return embedder(*y, drop)
+    if drop is not None:
+        y = torch.where(drop, torch.full_like(y, embedder.num_classes), y)
+    return (*embedder(y), None)
 
 
 #################################################################################

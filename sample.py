@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from data import (CANVAS_MARGIN, CHIRAL, CONTROL_SIGNALS, SHAPE_NAMES, Autoencoder, ShapesChecker, default_control,
-                  expected_position, latent_geometry, to_uint8)
+from data import (CANVAS_MARGIN, CHIRAL, COLOUR_NAMES, CONTROL_SIGNALS, HELDOUT_TEMPLATES, SHAPE_NAMES, Autoencoder,
+                  ShapesChecker, default_control, expected_position, latent_geometry, to_uint8)
 from diffusion import SAMPLERS, guided_prediction
 from train import CONFIG_VERSION, find_checkpoint, make_diffusion, make_model
 
@@ -36,16 +36,41 @@ def make_noise(seeds, shape, device):
 @torch.no_grad()
 def generate(model, diffusion, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, method=None,
              interval=(0.0, 1.0), batch=256, progress=False, seed=0):
-    """Latents for labels y (B,) and controls ctrl (B, S) from the given noise (B, C, H, W), in chunks of `batch`.
+    """Latents for labels y (B,) (or a prompt's (features, mask)) and controls ctrl (B, S) from the given noise
+    (B, C, H, W), in chunks of `batch`.
     `seed` feeds the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic given `noise`."""
     out = []
     gen = torch.Generator(noise.device).manual_seed(seed)
     for i in range(0, noise.shape[0], batch):
-        yi, ci = y[i:i + batch], ctrl[i:i + batch]
-        fn = lambda x, t: guided_prediction(model, x, t, yi, ci, model.y_embed.num_classes, cfg_scale, ctrl_scale,
-                                            interval)
+        yi = tuple(v[i:i + batch] for v in y) if isinstance(y, tuple) else y[i:i + batch]  # labels or a prompt
+        ci = ctrl[i:i + batch]
+        fn = lambda x, t: guided_prediction(model, x, t, yi, ci, cfg_scale, ctrl_scale, interval)
         out.append(diffusion.sample(fn, noise[i:i + batch], steps, method, progress, gen))
     return torch.cat(out)
+
+
+_ENCODERS = {}  # (name, device, max_length) -> a loaded text encoder, so a grid does not reload it per call
+
+
+def semantic_input(args, labels, device, prompts=None):
+    """The model's semantic input for these samples: the labels (B,), or for a text model the prompts'
+    (features (B, L, d), mask (B, L)) -- by default each label's shapes caption, colours cycling ("a red ell").
+    Features are rounded to fp16 like the training cache, so a prompt seen in training gives the same input."""
+    if getattr(args, "cond_type", "class") != "text":
+        return torch.as_tensor(labels, device=device)
+    if prompts is None:
+        prompts = [f"a {COLOUR_NAMES[i % len(COLOUR_NAMES)]} {SHAPE_NAMES[k]}" for i, k in enumerate(labels)]
+    key = (args.text_encoder, str(device), args.text_max_length)
+    if key not in _ENCODERS:
+        from conditioning import load_text_encoder
+        _ENCODERS[key] = load_text_encoder(args.text_encoder, device, args.text_max_length)
+    features, mask = _ENCODERS[key].encode(list(prompts))
+    return features.half().float().to(device), mask.to(device)
+
+
+def take(y, idx):
+    """Rows idx of labels or of a prompt's (features, mask)."""
+    return tuple(v[idx] for v in y) if isinstance(y, tuple) else y[idx]
 
 
 def latent_shape(args, vae):
@@ -54,25 +79,30 @@ def latent_shape(args, vae):
 
 
 def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None, cfg_scales=None,
-               cfg_scale=1.0, steps=50, method=None, progress=False):
-    """Save a PNG grid: rows = classes, columns = guidance scale x control variant x seed."""
+               cfg_scale=1.0, steps=50, method=None, progress=False, prompts=None):
+    """Save a PNG grid: rows = classes (or prompts, for a text model), columns = guidance scale x control variant x
+    seed."""
     from torchvision.utils import save_image
     was_training = model.training
     model.eval()
     classes = list(range(min(args.num_classes, 10))) if classes is None else classes
-    base = default_control(args.dataset, args.res)
+    rows = prompts if prompts else classes
+    base = default_control(args.source_dataset, args.res)
     if controls is None:  # show the flip: it is the control whose effect is easiest to see
         controls = [base.clone(), base.clone()]
         controls[1][4] = 1.0
     cfg_scales = cfg_scales or [cfg_scale]
     cols = list(itertools.product(cfg_scales, range(len(controls)), seeds))
-    noise = make_noise([s for _, _, s in cols], latent_shape(args, vae), device).repeat(len(classes), 1, 1, 1)
-    y = torch.tensor([c for c in classes for _ in cols], device=device)
-    ctrl = torch.stack([controls[k] for _ in classes for _, k, _ in cols]).to(device)
+    noise = make_noise([s for _, _, s in cols], latent_shape(args, vae), device).repeat(len(rows), 1, 1, 1)
+    if prompts:
+        y = semantic_input(args, [0] * len(rows) * len(cols), device, [p for p in prompts for _ in cols])
+    else:
+        y = semantic_input(args, [c for c in classes for _ in cols], device)
+    ctrl = torch.stack([controls[k] for _ in rows for _, k, _ in cols]).to(device)
     imgs = []
     for g in cfg_scales:  # guidance scale is a scalar per call: group the columns by it
-        sel = torch.tensor([i for i, (gi, _, _) in enumerate(cols * len(classes)) if gi == g], device=device)
-        imgs.append((sel, generate(model, make_diffusion(args), noise[sel], y[sel], ctrl[sel], g, steps=steps,
+        sel = torch.tensor([i for i, (gi, _, _) in enumerate(cols * len(rows)) if gi == g], device=device)
+        imgs.append((sel, generate(model, make_diffusion(args), noise[sel], take(y, sel), ctrl[sel], g, steps=steps,
                                    method=method, progress=progress)))
     lat = torch.empty_like(noise)
     for sel, x in imgs:
@@ -96,24 +126,30 @@ def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, see
     flip_acc   on chiral classes: measured orientation == requested flip (a wrong class counts as wrong)
     mirrored   on chiral classes: fraction of (flip 0, flip 1) pairs of the same seed that both come out right
     crop_err   mean distance (pixels) between the shape centre and where the crop condition puts it
+    A text model is asked with prompt wordings it never saw in training (data.HELDOUT_TEMPLATES, in turn) for a
+    colour (in turn) and a shape, and also gets
+    colour_acc           measured colour == requested colour
+    class_colour_acc     both right
     """
     was_training = model.training
     model.eval()
     vae = Autoencoder("none")
     checker = ShapesChecker()
-    base = default_control(args.dataset, args.res)
+    base = default_control(args.source_dataset, args.res)
     rng = np.random.default_rng(seed)
-    rows = []  # (class, flip, seed, control)
+    rows = []  # (class, flip, seed, control, colour, prompt)
     for k in range(args.num_classes):
         for j in range(per_class):
             c = base.clone()
             c[2], c[3] = rng.integers(0, round(args.res * CANVAS_MARGIN) - args.res + 1, size=2)  # random crop
+            colour = COLOUR_NAMES[(k + j) % len(COLOUR_NAMES)]
+            prompt = HELDOUT_TEMPLATES[j % len(HELDOUT_TEMPLATES)].format(colour=colour, shape=SHAPE_NAMES[k])
             for flip in (0, 1):
                 c2 = c.clone()
                 c2[4] = flip
-                rows.append((k, flip, seed + k * per_class + j, c2))
+                rows.append((k, flip, seed + k * per_class + j, c2, colour, prompt))
     noise = make_noise([r[2] for r in rows], latent_shape(args, vae), device)
-    y = torch.tensor([r[0] for r in rows], device=device)
+    y = semantic_input(args, [r[0] for r in rows], device, [r[5] for r in rows])
     ctrl = torch.stack([r[3] for r in rows]).to(device)
     x = generate(model, make_diffusion(args), noise, y, ctrl, cfg_scale, steps=steps, method=method,
                  progress=progress, seed=seed)
@@ -124,8 +160,12 @@ def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, see
     flip_ok = np.array([m["label"] == r[0] and m["orientation"] == r[1] for m, r in zip(meas, rows)])
     pairs = flip_ok.reshape(-1, 2).all(axis=1)[chiral.reshape(-1, 2)[:, 0]]
     err = [np.hypot(*(np.subtract(m["position"], expected_position(r[3], args.res)))) for m, r in zip(meas, rows)]
-    return dict(class_acc=float(class_ok.mean()), flip_acc=float(flip_ok[chiral].mean()),
-                mirrored=float(pairs.mean()), crop_err=float(np.nanmean(err)))
+    out = dict(class_acc=float(class_ok.mean()), flip_acc=float(flip_ok[chiral].mean()),
+               mirrored=float(pairs.mean()), crop_err=float(np.nanmean(err)))
+    if getattr(args, "cond_type", "class") == "text":
+        colour_ok = np.array([m["colour"] == r[4] for m, r in zip(meas, rows)])
+        out.update(colour_acc=float(colour_ok.mean()), class_colour_acc=float((colour_ok & class_ok).mean()))
+    return out
 
 
 #################################################################################
@@ -168,7 +208,7 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
         noise = make_noise(seed + idx, latent_shape(args, vae), device)
         ctrl = control.to(device).expand(len(idx), -1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = generate(model, diffusion, noise, torch.from_numpy(y_all[idx]).to(device), ctrl, cfg_scale,
+            x = generate(model, diffusion, noise, semantic_input(args, y_all[idx], device), ctrl, cfg_scale,
                          ctrl_scale, steps=steps, method=method, interval=interval, batch=batch, seed=seed + start)
         images.append(to_uint8(vae.decode(x)).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
         index.append(idx)
@@ -217,6 +257,7 @@ def load_checkpoint(path, device):
                          "--objective", "ddpm", "--learn-sigma", "--res", str(res), "--base-res", str(res)])
         args.num_classes, args.ckpt_file, args.ckpt_step = state["y_embedder.embedding_table.weight"].shape[0] - 1, \
             os.path.abspath(file), None
+        args.latent_scale = args.latent_shift = None  # the VAE's own (0.18215, as DiT trained)
         model = make_model(args)
         model.load_state_dict({**model.state_dict(), **from_dit(state, model.width)[0]})  # + our control MLPs' inputs
         return model.to(device).eval(), args
@@ -239,6 +280,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="PNG path (default: <run folder>/grid.png), or the .npz path of "
                                               "--num-samples (default: <run folder>/samples-N-cfgS-SAMPLERSTEPS.npz)")
     p.add_argument("--classes", default=None, help="comma-separated class indices (default: the first 10)")
+    p.add_argument("--prompt", action="append", default=None, help="text model: a prompt (one grid row); repeat the "
+                                                                     "flag for more rows")
+    p.add_argument("--prompts", default=None, help="text model: a file of prompts, one per line")
     p.add_argument("--seeds", type=int, default=4, help="noise seeds per cell")
     p.add_argument("--cfg-scale", default="1.0", help="semantic guidance scale(s), comma-separated")
     p.add_argument("--steps", type=int, default=50)
@@ -275,16 +319,16 @@ def main(argv=None):
         if latent_geometry(a.vae) != latent_geometry(args.vae):
             raise SystemExit(f"--vae {a.vae}: its latent layout differs from the checkpoint's --vae {args.vae}")
         args.vae = a.vae
-    vae = Autoencoder(args.vae).to(device)
+    vae = Autoencoder(args.vae, scale=args.latent_scale, shift=args.latent_shift).to(device)
     scales = floats(a.cfg_scale)
     if a.eval_per_class:
-        if args.dataset != "shapes":
+        if args.source_dataset != "shapes":
             raise SystemExit("--eval-per-class uses the shapes checker: it needs a checkpoint trained on shapes")
         res = evaluate_shapes(model, args, a.eval_per_class, device, cfg_scale=scales[0], steps=a.steps,
                               method=a.sampler, progress=True)
         print(json.dumps(dict(res, cfg_scale=scales[0], per_class=a.eval_per_class, steps=a.steps)))
         return res
-    base = default_control(args.dataset, args.res)
+    base = default_control(args.source_dataset, args.res)
     controls = []
     for flip, size, off in itertools.product(floats(a.flip) or [None], floats(a.orig_size) or [None],
                                              floats(a.crop_offset) or [None]):
@@ -314,13 +358,21 @@ def main(argv=None):
         if world > 1:
             torch.distributed.destroy_process_group()
         return out
+    prompts = list(a.prompt or [])
+    if a.prompts:
+        if not os.path.isfile(a.prompts):
+            raise SystemExit(f"--prompts {a.prompts!r}: no such file")
+        with open(a.prompts) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if prompts and getattr(args, "cond_type", "class") != "text":
+        raise SystemExit("--prompt / --prompts need a text-conditional checkpoint (train.py --cond-type text)")
     classes = [int(c) for c in a.classes.split(",")] if a.classes else None
     if classes and max(classes) >= args.num_classes:
         raise SystemExit(f"--classes: the model knows classes 0..{args.num_classes - 1}")
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt,
                                 "grid.png")
     class_grid(model, vae, args, out, device, classes=classes, seeds=range(a.seeds), controls=controls,
-               cfg_scales=scales, steps=a.steps, method=a.sampler, progress=True)
+               cfg_scales=scales, steps=a.steps, method=a.sampler, progress=True, prompts=prompts or None)
     print(f"wrote {out}")
 
 

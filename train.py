@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conditioning import DEFAULT_GATES, GATES, drop_conditions
-from data import DATASETS, MAX_WORKERS, Autoencoder, build_dataset, latent_geometry
+from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS, TextCache, drop_flags, load_text_encoder
+from data import DATASETS, MAX_WORKERS, Autoencoder, build_dataset, latent_geometry, read_cache
 from diffusion import BETA_SCHEDULES, OBJECTIVES, Diffusion, noise_shift
 from model import ARCHS, CONDS, MODELS, POS_MODES, build_model, count_params
 
@@ -45,9 +45,10 @@ PRESETS = {
 PRESETS["folder"] = PRESETS["imagenet"]
 
 # Config keys that must agree between a checkpoint and the run that resumes it.
-ARCH_KEYS = ("model", "arch", "pred", "cond", "class_tokens", "pos_mode", "res", "base_res", "vae", "num_classes",
-             "gate_size", "gate_crop", "gate_flip", "dataset", "objective", "learn_sigma", "beta_schedule", "qk_norm",
-             "decode_layers")
+ARCH_KEYS = ("model", "arch", "pred", "cond", "class_tokens", "pos_mode", "res", "base_res", "res_shift", "vae",
+             "num_classes", "gate_size", "gate_crop", "gate_flip", "dataset", "objective", "learn_sigma",
+             "beta_schedule", "qk_norm", "decode_layers", "cond_type", "text_encoder", "text_max_length", "text_pad",
+             "pad_noise", "text_null")
 # ... and those that the saved data position and noise streams depend on: changing them breaks an exact resume.
 ORDER_KEYS = ("batch", "seed", "shapes_size", "world")
 
@@ -56,8 +57,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # data
-    a("--dataset", default="shapes", choices=DATASETS, help="shapes (embedded, default) | imagenet | folder")
-    a("--data-path", default=None, help="ImageFolder root for imagenet / folder")
+    a("--dataset", default="shapes", choices=DATASETS, help="shapes (embedded, default) | imagenet | folder | "
+      "latents (a cache made by `data.py --encode`; takes its source dataset's preset, resolution and VAE)")
+    a("--data-path", default=None, help="ImageFolder root for imagenet / folder; the cache folder for latents")
     a("--res", type=int, help="training resolution in pixels (shapes 24, imagenet 256)")
     a("--crop", default="random", choices=("random", "center"), help="crop policy; crop offsets are recorded")
     a("--no-hflip", dest="hflip", action="store_false", help="disable random horizontal flips")
@@ -75,6 +77,14 @@ def get_args(argv=None):
     a("--mask-ratio", type=float, default=0.3, help="mdt: fraction of image tokens dropped in the masked pass "
       "(plus U[0, 0.2])")
     a("--class-tokens", type=int, help="context tokens per class label (imagenet 1, shapes 4)")
+    a("--cond-type", default="class", choices=("class", "text"), help="semantic condition: class label or caption")
+    a("--text-encoder", default="builtin", help="text: frozen encoder, `builtin` (no download) or a Hugging Face "
+      "name / path (T5, CLIP, BERT-style; needs `pip install transformers`)")
+    a("--text-max-length", type=int, default=None, help="text: tokens per prompt (builtin 16, HF min(77, model's))")
+    a("--text-pad", default="noisy_replicate", choices=TEXT_PADS, help="text: how padding slots are filled")
+    a("--pad-noise", type=float, default=0.1, help="text: noisy_replicate noise std, x the prompt's feature std")
+    a("--text-null", default="learned", choices=TEXT_NULLS, help="text: null prompt for guidance, a learned token "
+      "sequence or the encoded empty string")
     a("--pos-mode", default="resample", choices=POS_MODES, help="positional embedding on grids beyond the base")
     for group, default in DEFAULT_GATES.items():
         a(f"--gate-{group}", default=default, choices=GATES, help=f"schedule g(t) of the {group} control group")
@@ -88,7 +98,10 @@ def get_args(argv=None):
     a("--shift", type=float, help="noise shift at the base resolution; alpha = shift * sqrt(tokens / base tokens)")
     a("--pred", choices=("v", "x", "eps"), help="network output. flow: v (velocity, SD3) or x (clean image, converted "
       "to v); ddpm: eps (the default there)")
-    a("--base-res", type=int, help="resolution whose token count has shift 1 and defines the positional grid")
+    a("--base-res", type=int, help="resolution whose token count has shift 1 and defines the positional grid "
+      "(default: the preset's, or with --init-from the source checkpoint's)")
+    a("--res-shift", default="on", choices=("on", "off"), help="scale the noise shift with the token count beyond "
+      "--base-res (off: alpha = --shift at every resolution; the transfer ablation)")
     a("--p-drop-sem", type=float, default=0.1, help="probability of dropping the semantic condition (guidance)")
     a("--p-drop-ctrl", type=float, default=0.1, help="probability of dropping the control metadata (guidance)")
     # optimisation
@@ -124,7 +137,18 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.objective == "ddpm" and args.pred is None:
         args.pred = "eps"
-    for k, v in PRESETS[args.dataset].items():
+    if args.init_from and args.base_res is None and os.path.isfile(args.init_from):  # a transfer keeps its base
+        saved = torch.load(args.init_from, map_location="cpu", weights_only=False, mmap=True)
+        args.base_res = saved.get("args", {}).get("base_res") if isinstance(saved, dict) else None
+    args.source_dataset = args.dataset  # what the images are: for a latent cache, what it was made from
+    if args.dataset == "latents" and args.data_path and os.path.isdir(args.data_path):
+        meta = read_cache(args.data_path)[0]
+        args.source_dataset = meta["dataset"]
+        if args.vae is not None and args.vae != meta["vae"]:
+            raise SystemExit(f"--vae {args.vae}: the cache {args.data_path} holds {meta['vae']} latents")
+        args.vae, args.res = meta["vae"], args.res or meta["res"]
+        args.base_res = args.base_res or meta["res"]
+    for k, v in PRESETS["shapes" if args.source_dataset == "shapes" else "imagenet"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
@@ -139,6 +163,8 @@ def validate(args):
         patch = 2 ** (len(UNET_SIZES[args.model]["channel_mult"]) - 1)  # the total downsampling of the UNet
         if args.cond not in ("ours", "xattn"):
             raise SystemExit("--arch unet conditions through cross-attention: use --cond xattn (LDM) or ours")
+        if args.cond_type == "text":
+            raise SystemExit("--arch unet is the class-conditional LDM recipe here: use --cond-type class")
     elif args.model not in MODELS:
         raise SystemExit(f"--model {args.model!r} is unknown; choose one of {', '.join(MODELS)}")
     else:
@@ -159,7 +185,8 @@ def validate(args):
     if not 0 <= args.mask_ratio < 0.8:
         raise SystemExit(f"--mask-ratio must be in [0, 0.8) (0.2 is added at random), got {args.mask_ratio}")
     if args.dataset != "shapes" and not args.data_path:
-        raise SystemExit(f"--dataset {args.dataset} needs --data-path DIR (an ImageFolder tree DIR/<class>/<images>)")
+        raise SystemExit(f"--dataset {args.dataset} needs --data-path DIR (an ImageFolder tree DIR/<class>/<images>, "
+                         f"or for latents a cache folder made by `python data.py --encode`)")
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f"--data-path {args.data_path!r} does not exist or is not a directory")
     for name in ("batch", "steps", "res", "class_tokens", "log_every", "ckpt_every", "keep", "max_bad_steps"):
@@ -215,18 +242,51 @@ def epoch_indices(n, epoch, seed, rank, world, batch):
     return perm[rank::world][:per_rank]
 
 
+def loader_generator(args, epoch):
+    """A DataLoader draws its workers' base seed from a generator when it starts an epoch; given none it takes the
+    global RNG, which the model also uses (mDT masks, text padding noise), so a resume -- which starts a loader at
+    another step -- would shift that stream. Its own generator keeps resumes exact."""
+    return torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+
+
 def batches(dataset, args, rank, world, local_batch, epoch, position):
     """Yield (epoch, position_after, batch) forever, starting at `position` batches into `epoch`."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        yield from stream_batches(dataset, args, local_batch, epoch, position)
+        return
     while True:
         dataset.set_epoch(epoch)
         idx = epoch_indices(len(dataset), epoch, args.seed, rank, world, local_batch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=idx[position * local_batch:],
                                              num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                                             drop_last=True)
+                                             drop_last=True, generator=loader_generator(args, epoch))
         for b in loader:
             position += 1
             yield epoch, position, b
         epoch, position = epoch + 1, 0
+
+
+def stream_batches(dataset, args, local_batch, epoch, position):
+    """The same for a streamed dataset (webdataset shards): it splits itself across ranks and workers, and its position
+    is (samples drawn per worker, the worker of the next batch) -- different on every rank, so checkpoints keep one
+    per rank. `position` None starts the epoch from the beginning."""
+    workers = max(args.workers, 1)
+    drawn, first = position if position is not None else (None, 0)
+    while True:
+        dataset.set_epoch(epoch, drawn, first)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, num_workers=args.workers,
+                                             drop_last=True, collate_fn=dataset.collate,
+                                             pin_memory=torch.cuda.is_available(),
+                                             generator=loader_generator(args, epoch))
+        drawn, got = list(drawn or [0] * workers), 0
+        for img, y, ctrl, captions, tag in loader:
+            w, n = tag.tolist()
+            drawn[w], first, got = n, (w + 1) % workers, got + 1
+            yield epoch, (list(drawn), first), (img, y, ctrl, captions)
+        if got == 0:
+            raise SystemExit(f"--dataset {args.dataset}: a whole epoch gave this rank no batch of {local_batch}; use "
+                             f"more (or fewer, larger) shards, fewer --workers or a smaller --batch")
+        epoch, drawn, first = epoch + 1, None, 0
 
 
 #################################################################################
@@ -331,7 +391,8 @@ def find_checkpoint(path, out="runs"):
 def config_mismatch(saved, args):
     """Human-readable list of architecture / data settings that differ between a checkpoint and this run."""
     return [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k, None)!r}"
-            for k in ARCH_KEYS + ORDER_KEYS if saved.get(k) != getattr(args, k, None)]
+            for k in ARCH_KEYS + ORDER_KEYS + (("workers",) if saved.get("dataset") == "webdataset" else ())
+            if saved.get(k) != getattr(args, k, None)]  # a stream's position is per loader worker
 
 
 def lr_at(step, args):
@@ -356,6 +417,9 @@ def make_model(args):
     common = dict(input_size=input_size, in_channels=channels, out_channels=channels * (2 if args.learn_sigma else 1),
                   num_classes=args.num_classes, class_tokens=args.class_tokens, cond=args.cond,
                   gates={"size": args.gate_size, "crop": args.gate_crop, "flip": args.gate_flip})
+    if args.cond_type == "text":
+        common["text"] = dict(text_dim=args.text_dim, max_length=args.text_max_length, pad=args.text_pad,
+                              pad_noise=args.pad_noise, null=args.text_null)
     if args.arch == "unet":
         from unet import build_unet
         return build_unet(args.model, **common)
@@ -364,9 +428,29 @@ def make_model(args):
                        decode_layers=args.decode_layers, mask_ratio=args.mask_ratio, **common)
 
 
+def text_cache_for(dataset, encoder, args, rank, world):
+    """The dataset's caption features, encoded once by rank 0 into --out and read by every rank; None for a streamed
+    dataset, which cannot list its captions up front (its captions are then encoded batch by batch)."""
+    try:
+        captions = dataset.captions()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        if rank == 0:
+            print(f"--cond-type text: {args.dataset} cannot list its captions; encoding them batch by batch")
+        return None
+    name = "".join(ch if ch.isalnum() else "-" for ch in f"{args.dataset}-{args.res}-{args.seed}-{encoder.name}")
+    path = os.path.join(args.out, f"text-cache-{name}-{encoder.max_length}.pt")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        TextCache.build(captions, encoder, path)
+    if world > 1:
+        dist.barrier()
+    return TextCache.load(path)
+
+
 def make_diffusion(args):
     """The objective, its noise-level shift at this resolution and its sampler settings."""
-    return Diffusion(args.objective, args.pred, noise_shift(args.shift, args.res, args.base_res), args.t_mean,
+    alpha = noise_shift(args.shift, args.res, args.base_res) if args.res_shift == "on" else args.shift
+    return Diffusion(args.objective, args.pred, alpha, args.t_mean,
                      args.t_std, args.beta_schedule, args.learn_sigma)
 
 
@@ -426,9 +510,18 @@ def main(argv=None):
             print(f"--resume auto: no checkpoint under {args.out!r}, starting a new run")
         if ckpt is not None and ckpt.get("config_version") != CONFIG_VERSION:
             raise SystemExit(f"{ckpt_path}: config schema {ckpt.get('config_version')} != {CONFIG_VERSION}")
-    dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, size=args.shapes_size,
-                            crop=args.crop, hflip=args.hflip, progress=rank == 0)
+    try:
+        dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, size=args.shapes_size,
+                                crop=args.crop, hflip=args.hflip, progress=rank == 0)
+    except (ValueError, FileNotFoundError) as e:  # a wrong path or an unfinished cache: say what to do
+        raise SystemExit(f"--dataset {args.dataset}: {e}")
+    latent = getattr(dataset, "is_latent", False)
     args.num_classes, args.world = dataset.num_classes, world
+    encoder, text_cache = None, None
+    if args.cond_type == "text":  # encode every caption once; training only looks features up
+        encoder = load_text_encoder(args.text_encoder, device, args.text_max_length)
+        args.text_dim, args.text_max_length = encoder.dim, encoder.max_length
+        text_cache = text_cache_for(dataset, encoder, args, rank, world)
     if ckpt is not None:
         bad = config_mismatch(ckpt["args"], args)
         if bad:
@@ -460,20 +553,34 @@ def main(argv=None):
 
     # ---- model, EMA, optimizer -------------------------------------------------------------------------------
     model = make_model(args).to(device)
+    if encoder is not None and args.text_null == "empty":
+        model.y_embed.set_empty(*encoder.encode([""]))
     if args.init_from and ckpt is None:
         init_from(model, args.init_from, rank)
+        if rank == 0 and args.res != args.base_res:  # a resolution transfer: say what adapts to the new grid
+            print(f"--init-from at {args.res} px: positional embedding `{args.pos_mode}` from the {args.base_res} px "
+                  f"base grid, noise shift alpha {make_diffusion(args).alpha:.3g} (--res-shift {args.res_shift})")
     ema = make_model(args).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    vae = Autoencoder(args.vae).to(device)
+    # the latent scale (and shift) the data was made with; sampling decodes with the same ones
+    vae = Autoencoder(args.vae, **(dict(scale=dataset.scale, shift=dataset.shift) if latent else {})).to(device)
+    args.latent_scale, args.latent_shift = vae.scale, vae.shift
+    saved = (ckpt["args"].get("latent_scale"), ckpt["args"].get("latent_shift")) if ckpt is not None else None
+    if saved is not None and saved != (vae.scale, vae.shift):
+        raise SystemExit(f"--resume: the checkpoint's latents were scaled by {ckpt['args'].get('latent_scale')} "
+                         f"(shift {ckpt['args'].get('latent_shift')}), this data by {vae.scale} (shift {vae.shift})")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd,
                             fused=device.type == "cuda")
     gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)  # noise, t and condition dropout
-    step, epoch, position = 0, 0, 0
+    stream = isinstance(dataset, torch.utils.data.IterableDataset)
+    step, epoch, position = 0, 0, (None if stream else 0)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step, epoch, position = ckpt["step"], ckpt["epoch"], ckpt["position"]
+        if stream:  # one position (and epoch) per rank
+            epoch, position = ckpt["epoch"][rank], ckpt["position"][rank]
         gen.set_state(ckpt["gen"][rank])  # same world size: checked with the config above
         torch.set_rng_state(ckpt["torch_rng"])
     if rank == 0:
@@ -499,15 +606,19 @@ def main(argv=None):
         n_acc, n_steps = ckpt["loss_window"][1:]
     model.train()
     while step < args.steps:
-        epoch, position, (img, y, ctrl, _) = next(data)
+        epoch, position, (img, y, ctrl, captions) = next(data)
         img, y, ctrl = img.to(device, non_blocking=True), y.to(device), ctrl.to(device)
-        with torch.no_grad():
-            x0 = vae.encode(img)
-        y, ctrl_drop = drop_conditions(y, args.num_classes, args.p_drop_sem, args.p_drop_ctrl, gen)
+        if text_cache is not None:
+            y = text_cache.lookup(captions, device)  # (features (B, L, d), mask (B, L))
+        elif encoder is not None:
+            y = tuple(v.to(device) for v in encoder.encode(list(captions)))
+        with torch.no_grad():  # a posterior sample, as the SD VAE recipes train (the cache samples its own)
+            x0 = img.float() if latent else vae.encode(img, generator=gen)
+        sem_drop, ctrl_drop = drop_flags(x0.shape[0], args.p_drop_sem, args.p_drop_ctrl, gen, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast:
-            loss = diffusion.loss(net, x0, gen, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop).mean()
+            loss = diffusion.loss(net, x0, gen, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop, sem_drop=sem_drop).mean()
         if step + 1 in nan_steps and rank == 0:  # fault injection for tests: one rank's loss goes bad
             loss = loss * float("nan")
         opt.zero_grad(set_to_none=True)
@@ -548,13 +659,16 @@ def main(argv=None):
         stopping = preempt.requested(world, device)
         if step % args.ckpt_every == 0 or step == args.steps or stopping:
             last_ckpt = os.path.join(run_dir, f"ckpt-{step:07d}.pt")
-            gens = [gen.get_state()]
+            gens, places = [gen.get_state()], [(epoch, position)]
             if world > 1:
-                gens = [None] * world
+                gens, places = [None] * world, [None] * world
                 dist.all_gather_object(gens, gen.get_state())
+                dist.all_gather_object(places, (epoch, position))
             if rank == 0:
                 state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                             epoch=epoch, position=position, gen=gens, torch_rng=torch.get_rng_state(),
+                             epoch=[p[0] for p in places] if stream else epoch,
+                             position=[p[1] for p in places] if stream else position,
+                             gen=gens, torch_rng=torch.get_rng_state(),
                              loss_window=(loss_sum.item(), n_acc, n_steps),
                              args=vars(args), config_version=CONFIG_VERSION)
                 save_checkpoint(last_ckpt, state)
@@ -590,7 +704,7 @@ def main(argv=None):
     if rank == 0:
         write_grid(ema, vae, args, os.path.join(run_dir, "samples.png"), device)
         print(f"run folder: {run_dir}")
-        if args.dataset == "shapes" and args.eval_per_class > 0:
+        if args.source_dataset == "shapes" and args.eval_per_class > 0:
             from sample import evaluate_shapes
             res = evaluate_shapes(ema, args, args.eval_per_class, device, cfg_scale=args.cfg_scale, progress=True)
             print("checker on EMA samples: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))

@@ -212,13 +212,15 @@ class UNet(nn.Module):
             e_ctrl = self.c_embed.gate_weights(t)[..., None].to(e_ctrl.dtype) * e_ctrl
         return self.t_embed(t) + e_ctrl.sum(1)
 
-    def forward(self, x, t, y, ctrl, ctrl_drop=None):
+    def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels, ctrl (B, S) raw control, ctrl_drop (B,) bool
         -> (B, out_channels, H, W)"""
         H, W = x.shape[-2:]
         if H % self.factor or W % self.factor:
             raise ValueError(f"input {H}x{W} is not divisible by the UNet's downsampling factor {self.factor}")
         emb = self.embedding(t, ctrl, ctrl_drop)  # (B, E)
+        if sem_drop is not None:  # the null class row for classifier-free guidance
+            y = torch.where(sem_drop, torch.full_like(y, self.y_embed.num_classes), y)
         context, _ = self.y_embed(y)  # (B, K, context_dim)
         skips = []
         for step in self.input_blocks:

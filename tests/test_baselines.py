@@ -63,7 +63,8 @@ def dit_forward(sd, x, k, y, heads, patch=2):
         p = lambda n: (sd[f"blocks.{i}.{n}.weight"], sd[f"blocks.{i}.{n}.bias"])
         s1, sc1, g1, s2, sc2, g2 = F.linear(F.silu(c), *p("adaLN_modulation.1")).chunk(6, dim=1)
         N = h.shape[1]
-        q, kk, v = F.linear(mod(ln(h), s1, sc1), *p("attn.qkv")).reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(mod(ln(h), s1, sc1), *p("attn.qkv")).reshape(B, N, 3, heads, D // heads)
+        q, kk, v = qkv.permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ kk.transpose(-2, -1) * (D // heads) ** -0.5, dim=-1) @ v
         h = h + g1[:, None] * F.linear(a.transpose(1, 2).reshape(B, N, D), *p("attn.proj"))
         m = F.linear(F.gelu(F.linear(mod(ln(h), s2, sc2), *p("mlp.fc1")), approximate="tanh"), *p("mlp.fc2"))

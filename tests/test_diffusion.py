@@ -62,7 +62,7 @@ def test_x_prediction_reports_a_velocity():
 @pytest.mark.parametrize("method", ["euler", "heun"])
 @pytest.mark.parametrize("alpha", [1.0, 2.5])
 def test_flow_samplers_are_exact_on_straight_paths(method, alpha):
-    """With one data point x0 the true velocity is (x - x0) / t and every path is straight: any step size lands on x0."""
+    """With one data point x0 the true velocity is (x - x0) / t and every path is straight: any step lands on x0."""
     x0 = torch.randn(2, 3, 4, 4)
     vel = lambda x, t: (x - x0) / t.view(-1, 1, 1, 1)
     out = Diffusion("flow", alpha=alpha).sample(vel, torch.randn(2, 3, 4, 4), steps=7, method=method)
@@ -151,10 +151,13 @@ def test_objective_and_prediction_must_agree():
 
 
 class Probe(torch.nn.Module):
-    """v = x * (1 + y) + 10 * ctrl_drop: each branch gives a different, known answer on every channel."""
+    """v = x * (1 + y') + 10 * ctrl_drop, y' = 9 (the null class) where sem_drop: each branch gives a different, known
+    answer on every channel."""
 
-    def forward(self, x, t, y, ctrl, ctrl_drop=None):
+    def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
         drop = torch.zeros(x.shape[0]) if ctrl_drop is None else ctrl_drop.float()
+        if sem_drop is not None:
+            y = torch.where(sem_drop, torch.full_like(y, 9), y)
         return x * (1 + y.float()).view(-1, 1, 1, 1) + 10 * drop.view(-1, 1, 1, 1)
 
 
@@ -163,19 +166,19 @@ def test_guidance_formula_on_all_channels():
     null = 9
     cond = x * (1 + y.float()).view(-1, 1, 1, 1)
     uncond = x * (1 + null)
-    out = guided_prediction(Probe(), x, t, y, c, null, s_sem=4.0)
+    out = guided_prediction(Probe(), x, t, y, c, s_sem=4.0)
     assert torch.allclose(out, uncond + 4.0 * (cond - uncond))  # all 4 channels guided
-    out2 = guided_prediction(Probe(), x, t, y, c, null, s_sem=4.0, s_ctrl=0.5)
+    out2 = guided_prediction(Probe(), x, t, y, c, s_sem=4.0, s_ctrl=0.5)
     assert torch.allclose(out2, uncond + 4.0 * (cond - uncond) + 0.5 * (cond - (cond + 10)))
-    outside = guided_prediction(Probe(), x, t, y, c, null, s_sem=4.0, interval=(0.0, 0.3))
+    outside = guided_prediction(Probe(), x, t, y, c, s_sem=4.0, interval=(0.0, 0.3))
     assert torch.allclose(outside, cond)
 
 
 def test_guidance_leaves_the_variance_channels_conditional():
     """A learned variance (channels beyond the data's) is not guided: it comes from the conditional branch."""
-    probe = lambda x, t, y, ctrl, ctrl_drop=None: torch.cat([Probe()(x, t, y, ctrl, ctrl_drop)] * 2, 1)
+    probe = lambda x, t, y, ctrl, **kw: torch.cat([Probe()(x, t, y, ctrl, **kw)] * 2, 1)
     x, t, y, c = torch.ones(2, 4, 2, 2), torch.full((2,), 0.5), torch.tensor([2, 3]), torch.zeros(2, 7)
-    out = guided_prediction(probe, x, t, y, c, 9, s_sem=4.0)
+    out = guided_prediction(probe, x, t, y, c, s_sem=4.0)
     cond = x * (1 + y.float()).view(-1, 1, 1, 1)
     assert torch.allclose(out[:, :4], 10 + 4.0 * (cond - 10)) and torch.allclose(out[:, 4:], cond)
 
@@ -186,7 +189,7 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     x, t, y, c = inputs()
     t = torch.full((3,), 0.4)
     ref = model(x, t, y, c)
-    assert torch.allclose(guided_prediction(model, x, t, y, c, 10, s_sem=1.0), ref, atol=1e-6)
+    assert torch.allclose(guided_prediction(model, x, t, y, c, s_sem=1.0), ref, atol=1e-6)
     # the batched two-branch path with s_sem = 1 must agree too (it differs from the shortcut only in batching)
-    both = guided_prediction(model, x, t, y, c, 10, s_sem=1.0 + 1e-12)
+    both = guided_prediction(model, x, t, y, c, s_sem=1.0 + 1e-12)
     assert torch.allclose(both, ref, atol=1e-5)

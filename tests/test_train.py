@@ -122,3 +122,26 @@ def test_sampling_from_a_checkpoint(tmp_path):
 def train_default_control():
     from data import default_control
     return default_control("shapes", 16)
+
+
+def test_resolution_transfer_loads_every_tensor_and_resamples_positions(tmp_path, capsys):
+    """16 -> 32 px (4x the tokens): every tensor loads (the positional embedding is not a parameter: it is recomputed
+    on the larger grid, resampled so its even positions are the base grid's), and the noise shift doubles."""
+    run = train.main(TINY + ["--steps", "2", "--out", str(tmp_path / "a")])
+    ckpt = os.path.join(run, "ckpt-0000002.pt")
+    big = train.get_args(TINY + ["--res", "32", "--init-from", ckpt])
+    big.num_classes = 10
+    model = train.make_model(big)
+    loaded, skipped, new = train.init_from(model, ckpt)
+    assert not skipped and not new and len(loaded) == len(model.state_dict())
+    src = torch.load(ckpt, weights_only=False)["ema"]
+    assert all(torch.equal(model.state_dict()[k], src[k]) for k in src)
+    base, grid = model.pos_embed(4, 4, "cpu"), model.pos_embed(8, 8, "cpu").view(8, 8, -1)
+    assert torch.allclose(grid[::2, ::2].reshape(16, -1), base, atol=1e-6)
+    small = train.get_args(TINY)
+    assert train.make_diffusion(big).alpha == 2 * train.make_diffusion(small).alpha
+    big.res_shift = "off"
+    assert train.make_diffusion(big).alpha == train.make_diffusion(small).alpha
+    # the same through train.main: it fine-tunes and says what adapted
+    train.main(TINY + ["--res", "32", "--init-from", ckpt, "--steps", "2", "--out", str(tmp_path / "b")])
+    assert "positional embedding `resample` from the 16 px base grid, noise shift alpha 6" in capsys.readouterr().out
