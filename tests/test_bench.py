@@ -1,0 +1,121 @@
+"""bench.py: the fast path computes what the reference path computes (same loss, same gradients within bf16
+tolerance), activation checkpointing changes no gradient, compile stays off on CPU unless asked, and the benchmark
+runs end to end on a CPU and writes every field of its JSON line."""
+import json
+
+import pytest
+import torch
+
+import bench
+
+CPU = torch.device("cpu")
+TINY = ["--model", "T/4", "--res", "16", "--base-res", "16"]
+
+
+def tiny(extra=(), batch=4):
+    """A tiny model, its diffusion and a synthetic batch. adaLN-Zero makes a fresh model output exactly 0 with almost
+    every gradient 0; the zero-initialised tensors get random values so that every weight takes part and the network's
+    output moves the loss (about 5 against 3.2 for a zero output)."""
+    _, args = bench.get_args(TINY + ["--batch", str(batch), *extra])
+    state = bench.build(args, CPU)
+    with torch.no_grad():
+        for p in state.model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return args, state, bench.synthetic_batch(args, batch, CPU)
+
+
+def loss_and_grad(state, args, data, path):
+    """Loss and the flattened gradient of one forward + backward under `path`, from the same noise every time."""
+    state.model.zero_grad(set_to_none=True)
+    with bench.numerics(path):
+        loss = bench.forward_backward(state.net, state.diffusion, data, torch.Generator().manual_seed(0), args,
+                                      path.bf16)
+    params = list(state.model.parameters())
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    return loss, grad
+
+
+@pytest.mark.parametrize("flags", [["--cond", "ours"], ["--cond", "adaln"], ["--cond-type", "text"]])
+def test_fast_bf16_matches_fp32_math_reference(flags):
+    args, state, data = tiny(flags)
+    ref_loss, ref_grad = loss_and_grad(state, args, data, bench.Path("reference", attn="math"))
+    loss, grad = loss_and_grad(state, args, data, bench.Path("fast", bf16=True, attn="default"))
+    assert torch.isclose(loss, ref_loss, rtol=1e-2), (loss, ref_loss)
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.99
+    assert (grad - ref_grad).norm() < 0.05 * ref_grad.norm()
+
+
+def test_sdpa_backends_agree_in_fp32():
+    """bf16 off: PyTorch's default SDPA kernel and the math backend are the same computation to float rounding."""
+    args, state, data = tiny()
+    ref_loss, ref_grad = loss_and_grad(state, args, data, bench.Path("reference", attn="math"))
+    loss, grad = loss_and_grad(state, args, data, bench.Path("fast", attn="default"))
+    assert torch.isclose(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    assert (grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()
+
+
+def test_grad_checkpointing_changes_no_gradient():
+    args, state, data = tiny()
+    path = bench.Path("plain")
+    loss, grad = loss_and_grad(state, args, data, path)
+    bench.checkpoint_blocks(state.model)
+    ckpt_loss, ckpt_grad = loss_and_grad(state, args, data, path)
+    assert torch.equal(loss, ckpt_loss)
+    torch.testing.assert_close(ckpt_grad, grad, rtol=1e-6, atol=1e-8)
+
+
+def test_compile_is_optional_and_off_by_default_on_cpu():
+    b, args = bench.get_args(["--cond", "adaln"])
+    assert b.compile == "auto" and bench.fast_path(b, args, CPU).compile == "off"
+    assert bench.resolve_compile("auto", torch.device("cuda")) == "model"
+    assert bench.fast_path(bench.get_args(["--compile", "blocks"])[0], args, CPU).compile == "blocks"
+    # bench's own flags are taken out; the rest reaches train.py, presets filled
+    assert (args.cond, args.model, args.res, args.batch, args.num_classes) == ("adaln", "XS/4", 24, 64, 10)
+    ref = bench.reference_path(b, CPU)
+    assert (ref.attn, ref.compile, ref.bf16, ref.fused_adam) == ("math", "off", False, False)
+
+
+def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    bench.main(TINY + ["--batch", "4", "--steps", "2", "--warmup", "1", "--grad-ckpt", "--find-max-batch",
+                       "--sample-batch", "2", "--sample-steps", "2", "--peak-size", "128", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "VAE is NOT run" in text and "process RSS" in text and "speed-up" in text
+    rec = json.loads(out.read_text().splitlines()[-1])
+    for key in ("device", "torch", "dataset", "model", "res", "batch", "flops_per_img", "flop_convention",
+                "peak_tflops_measured_bf16", "peak_tflops_datasheet", "mem_kind", "speedup", "max_batch", "sample"):
+        assert key in rec, key
+    assert rec["vae_run"] is False and rec["mem_kind"] == "process_peak_rss" and rec["peak_tflops_datasheet"] is None
+    assert rec["flops_per_img"] > 0 and rec["speedup"] > 0 and rec["max_batch"] is None  # no max batch on CPU
+    for name in ("fast", "reference"):
+        r = rec[name]
+        for key in ("img_per_s", "step_ms", "tflops", "mfu", "peak_mem_gib"):
+            assert r[key] > 0, (name, key)
+        assert r["mfu_datasheet"] is None and r["host_syncs_per_step"] is None
+    assert rec["fast"]["settings"]["grad_ckpt"] and rec["reference"]["settings"]["attn"] == "math"
+    assert rec["sample"]["img_per_s"] > 0 and rec["sample"]["steps"] == 2
+
+
+@pytest.mark.parametrize("limit_of_memory, start", [(100, 8), (100, 512), (5, 64), (0, 4), (10_000, 64)])
+def test_max_batch_search(limit_of_memory, start):
+    """--find-max-batch's search (its trials need a GPU; the search itself does not)."""
+    tried = []
+    fits = lambda b: tried.append(b) or b <= limit_of_memory
+    found = bench.largest_fitting(fits, start, limit=4096)
+    assert found == min(limit_of_memory, 4096) or limit_of_memory - found <= limit_of_memory // 32
+    assert found <= limit_of_memory and len(tried) <= 20
+
+
+def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch):
+    real = bench.run_path
+
+    def oom_on_fast_path(state, path, *rest):
+        if path.name == "fast":
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(state, path, *rest)
+
+    monkeypatch.setattr(bench, "run_path", oom_on_fast_path)
+    rec = bench.main(TINY + ["--batch", "2", "--steps", "1", "--warmup", "0", "--peak-size", "64"])
+    assert "out of memory at batch 2" in rec["fast"]["error"] and rec["speedup"] is None
+    assert rec["reference"]["img_per_s"] > 0
