@@ -268,7 +268,7 @@ def test_text_model_trains_and_samples_from_prompts(tmp_path):
     sample.main(["--ckpt", run, "--prompt", "a red ell", "--prompts", str(prompts), "--steps", "2", "--seeds", "1",
                  "--cfg-scale", "1,3", "--out", out])
     from PIL import Image
-    assert Image.open(out).size == (1 + 4 * 17, 1 + 3 * 17)  # 2 scales x 2 flips x 1 seed; 3 prompts
+    assert Image.open(out).size == (1 + 2 * 17, 1 + 3 * 17)  # 2 scales x 1 control x 1 seed; 3 prompts
     res = sample.main(["--ckpt", run, "--eval-per-class", "1", "--steps", "2"])
     assert {"colour_acc", "class_colour_acc"} <= set(res)
     with pytest.raises(SystemExit, match="text-conditional"):
