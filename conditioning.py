@@ -54,7 +54,7 @@ class TimestepEmbedder(nn.Module):
 
 class ClassEmbedder(nn.Module):
     """Label -> K context tokens (B, K, D) and a pooled vector (B, D). Row `num_classes` is the null class that
-    classifier-free guidance uses for the unconditional branch."""
+    classifier-free guidance uses for the unconditional branch; `drop` (B,) bool selects it per sample."""
 
     def __init__(self, num_classes, dim, tokens=1):
         super().__init__()
@@ -62,7 +62,9 @@ class ClassEmbedder(nn.Module):
         self.table = nn.Embedding(num_classes + 1, tokens * dim)
         nn.init.normal_(self.table.weight, std=0.02)
 
-    def forward(self, y):
+    def forward(self, y, drop=None):
+        if drop is not None:
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         tok = self.table(y).view(y.shape[0], self.tokens, -1)  # (B, K, D)
         return tok, tok.mean(dim=1)
 
@@ -470,9 +472,3 @@ def drop_flags(batch, p_sem, p_ctrl, generator=None, device=None):
     u = torch.rand(2, batch, generator=generator, device=device)
     return u[0] < p_sem, u[1] < p_ctrl
 
-
-def drop_conditions(y, num_classes, p_sem, p_ctrl, generator=None):
-    """Drop semantic and control conditions independently per sample.
-    Returns (y with dropped entries set to the null class, ctrl_drop (B,) bool)."""
-    sem_drop, ctrl_drop = drop_flags(y.shape[0], p_sem, p_ctrl, generator, y.device)
-    return torch.where(sem_drop, torch.full_like(y, num_classes), y), ctrl_drop

@@ -375,9 +375,7 @@ def semantic_tokens(embedder, y, drop=None):
     (B, K) or None; `drop` (B,) bool selects the null condition (the null class row, or the null prompt)."""
     if isinstance(embedder, TextEmbedder):
         return embedder(*y, drop)
-    if drop is not None:
-        y = torch.where(drop, torch.full_like(y, embedder.num_classes), y)
-    return (*embedder(y), None)
+    return (*embedder(y, drop), None)
 
 
 #################################################################################

@@ -21,7 +21,7 @@ import torch
 from data import (CANVAS_MARGIN, CHIRAL, COLOUR_NAMES, CONTROL_SIGNALS, HELDOUT_TEMPLATES, SHAPE_NAMES, Autoencoder,
                   ShapesChecker, default_control, expected_position, latent_geometry, to_uint8)
 from diffusion import SAMPLERS, guided_prediction
-from train import CONFIG_VERSION, find_checkpoint, make_diffusion, make_model
+from train import CONFIG_VERSION, checkpoint_weights, find_checkpoint, make_diffusion, make_model
 
 #################################################################################
 #                              Generation                                       #
@@ -243,7 +243,7 @@ def load_checkpoint(path, device):
     """EMA model and the run's config from a checkpoint file or run folder of ours, or an official DiT-XL/2 file."""
     from model import from_dit, is_dit_state_dict
     file, ckpt = find_checkpoint(path)
-    state = ckpt.get("ema", ckpt) if isinstance(ckpt, dict) else None
+    state = checkpoint_weights(ckpt)
     if is_dit_state_dict(state):  # DiT's own recipe: eps + learned variance, adaLN, no QK-norm, SD VAE latents
         from model import SIZES
         from train import get_args

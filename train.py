@@ -454,13 +454,19 @@ def make_diffusion(args):
                      args.t_std, args.beta_schedule, args.learn_sigma)
 
 
+def checkpoint_weights(ckpt):
+    """The weights to start or sample from: a checkpoint's EMA (ours, or a DiT training checkpoint), its model, or the
+    file itself when it is a bare state dict (the published DiT files); None if it is none of these."""
+    state = ckpt.get("ema", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
+    return state if isinstance(state, dict) else None
+
+
 def init_from(model, path, rank=0):
     """Load every tensor of a checkpoint (ours: its EMA weights; or an official DiT file) whose name and shape match
     the model; print what was loaded, what was skipped (and why) and what is new. Returns the three name lists."""
     from model import from_dit, is_dit_state_dict
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("ema", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
+    state = checkpoint_weights(torch.load(path, map_location="cpu", weights_only=False))
+    if state is None:
         raise SystemExit(f"--init-from {path!r}: not a checkpoint of this project nor a DiT state dict")
     if is_dit_state_dict(state):
         if getattr(model, "cond", None) != "adaln" or model.out_channels != 2 * model.in_channels or any(

@@ -219,9 +219,7 @@ class UNet(nn.Module):
         if H % self.factor or W % self.factor:
             raise ValueError(f"input {H}x{W} is not divisible by the UNet's downsampling factor {self.factor}")
         emb = self.embedding(t, ctrl, ctrl_drop)  # (B, E)
-        if sem_drop is not None:  # the null class row for classifier-free guidance
-            y = torch.where(sem_drop, torch.full_like(y, self.y_embed.num_classes), y)
-        context, _ = self.y_embed(y)  # (B, K, context_dim)
+        context, _ = self.y_embed(y, sem_drop)  # sem_drop: the null class row, for classifier-free guidance  # (B, K, context_dim)
         skips = []
         for step in self.input_blocks:
             x = step(x, emb, context)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conditioning import (CONTROL_GROUPS, ClassEmbedder, ControlEmbedder, TimestepEmbedder, drop_conditions, gate,
+from conditioning import (CONTROL_GROUPS, ClassEmbedder, ControlEmbedder, TimestepEmbedder, drop_flags, gate,
                           normalise_control)
 from data import CONTROL_SIGNALS, make_control
 
@@ -57,10 +57,19 @@ def test_control_groups_are_separate_and_drop_uses_null():
 
 def test_condition_dropout_rates_are_independent():
     g = torch.Generator().manual_seed(0)
-    y = torch.zeros(20000, dtype=torch.long)
-    y2, drop = drop_conditions(y, 10, 0.1, 0.3, g)
-    sem = (y2 == 10).float()
+    sem_drop, drop = drop_flags(20000, 0.1, 0.3, g)
+    sem = sem_drop.float()
     assert abs(sem.mean() - 0.1) < 0.01 and abs(drop.float().mean() - 0.3) < 0.015
     assert abs((sem * drop.float()).mean() - 0.03) < 0.006  # joint rate = product: independent
-    y3, drop3 = drop_conditions(y, 10, 0.0, 0.0, g)
-    assert torch.equal(y3, y) and not drop3.any()
+    sem3, drop3 = drop_flags(20000, 0.0, 0.0, g)
+    assert not sem3.any() and not drop3.any()
+
+
+def test_a_dropped_label_becomes_the_null_class():
+    emb = ClassEmbedder(10, 8, tokens=2)
+    y = torch.tensor([3, 7, 0])
+    tok, pooled = emb(y, drop=torch.tensor([True, False, True]))
+    null, _ = emb(torch.tensor([10]))
+    kept, _ = emb(y)
+    assert torch.equal(tok[0], null[0]) and torch.equal(tok[2], null[0]) and torch.equal(tok[1], kept[1])
+    assert torch.equal(pooled, tok.mean(1))

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conditioning import (TEXT_PADS, TextCache, TextEmbedder, drop_conditions, drop_flags, load_text_encoder,
+from conditioning import (TEXT_PADS, ClassEmbedder, TextCache, TextEmbedder, drop_flags, load_text_encoder,
                           pad_text)
 from data import COLOUR_NAMES, SHAPE_NAMES
 from model import JointBlock
@@ -139,12 +139,15 @@ def test_gradient_reaches_the_projection_and_the_null_prompt():
                                                       "null"}
 
 
-def test_semantic_drop_flags_match_the_class_route():
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    y = torch.zeros(1000, dtype=torch.long)
-    y2, ctrl = drop_conditions(y, 10, 0.1, 0.2, g1)
-    sem, ctrl2 = drop_flags(1000, 0.1, 0.2, g2)
-    assert torch.equal(y2 == 10, sem) and torch.equal(ctrl, ctrl2)
+def test_semantic_drop_flags_select_the_null_class_and_the_null_prompt_alike():
+    """One flag per sample drives both semantic routes: the class route's null row and the text route's null prompt."""
+    sem, _ = drop_flags(64, 0.3, 0.2, torch.Generator().manual_seed(3))
+    classes = ClassEmbedder(10, 8)
+    tok, _ = classes(torch.zeros(64, dtype=torch.long), sem)
+    assert torch.equal((tok[:, 0] == classes.table.weight[10]).all(-1), sem)
+    text = TextEmbedder(8, 8, 4)
+    tok, _, _ = text(torch.randn(64, 4, 8), torch.ones(64, 4, dtype=torch.bool), sem)
+    assert torch.equal((tok == text.null[None]).all(-1).all(-1), sem)
 
 
 #################################################################################
