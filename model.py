@@ -245,7 +245,6 @@ class DiffusionTransformer(nn.Module):
         self.c_embed = ControlEmbedder(width, gates=gates)
         if cond == "xattn":  # adaLN-single: one modulation MLP shared by all blocks
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-        n_blocks = depth
         if arch == "mdt":  # encoder (two halves joined by long shortcuts) + decoder; the side block is extra
             decode_layers = decode_layers if decode_layers is not None else (4 if depth >= 12 else (depth - 2) % 4)
             if not 0 <= decode_layers <= depth - 2 or (depth - decode_layers) % 2:
@@ -255,8 +254,8 @@ class DiffusionTransformer(nn.Module):
         context = {"ours": "full", "mmdit": "full", "adaln": None, "xattn": "cross"}[cond]
         last = "pre_only" if context == "full" else context
         skip = lambda i: arch == "mdt" and i >= self.half
-        self.blocks = nn.ModuleList([JointBlock(width, heads, mlp_ratio, context if i < n_blocks - 1 else last,
-                                                qk_norm, mod, skip(i)) for i in range(n_blocks)])
+        self.blocks = nn.ModuleList([JointBlock(width, heads, mlp_ratio, context if i < depth - 1 else last,
+                                                qk_norm, mod, skip(i)) for i in range(depth)])
         if arch == "mdt":  # the side interpolator: one block that fills in the dropped tokens (context read-only)
             self.side = JointBlock(width, heads, mlp_ratio, last, qk_norm, mod)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
