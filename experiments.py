@@ -1,29 +1,51 @@
 """
-Small-scale experiments on the embedded `shapes` dataset: every variant trained with the same budget and seeds by
-train.py, then measured the same way. Tables (Markdown + JSON) are written under docs/experiments/, so every figure
-in the README comes from a run of this script, never from typing.
+The paper's comparative claims, reproduced at small scale on the embedded `shapes` dataset: every variant is trained
+by train.py with the same budget, data and seeds, then measured the same way with the shapes checker. Tables
+(Markdown + JSON) and figures (PNG) are written under docs/experiments/, and the README's results section is rebuilt
+from them, so no number in it is typed by hand.
 
-    python experiments.py transfer                      # 32 -> 64 px: resample vs extend vs no shift vs from scratch
-    python experiments.py transfer --seeds 0,1,2 --base-steps 1500 --ft-steps 300
+    python experiments.py routes      # --cond ours vs adaln vs xattn vs mmdit: accuracy, control, semantic drift
+    python experiments.py gates       # control gates g(t): none vs cosine, per group
+    python experiments.py padding     # text: noisy_replicate vs replicate vs zero padding
+    python experiments.py transfer    # 32 -> 64 px: resample vs extend, with and without the noise-shift scaling
+    python experiments.py figures     # size-sweep grid (ours vs adaln) and loss curves
+    python experiments.py all         # all of the above, then the README section
 
-A finished run is not trained again (its run folder under --out is reused), so an interrupted experiment continues
-where it stopped; delete the folder to redo a run.
+Defaults: seeds 0,1,2 and 400 steps per run (about 5 minutes per run on one CPU thread). A finished run is not
+trained again and its measurements are kept in its folder (under --out), so an interrupted experiment continues where
+it stopped, two experiments can run side by side in separate processes, and `all` after them only assembles. Delete a
+run folder to redo it.
+
+Semantic drift (the paper's Figure 2, measured): the same noise and class are sampled under several values of one
+control (original size, or crop position) and the checker reads each image; the drift is the fraction of
+(noise, class) pairs whose content -- the shape class, or its colour, which no condition fixes for a class model --
+is not the same across the sweep. A disentangled model changes sharpness or position, not content.
 """
 import argparse
 import json
 import os
+import re
 import time
 
 import numpy as np
 import torch
 
 import train
-from data import Autoencoder, build_dataset
+from data import CANVAS_MARGIN, Autoencoder, ShapesChecker, build_dataset, default_control, to_uint8
 from diffusion import to_velocity
+from sample import evaluate_shapes, generate, latent_shape, load_checkpoint, make_noise, semantic_input
+
+DOCS = os.path.join("docs", "experiments")
 
 #################################################################################
 #                                 Running variants                              #
 #################################################################################
+
+
+def device_name():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})"
 
 
 def run(name, argv, out):
@@ -36,8 +58,13 @@ def run(name, argv, out):
     t0 = time.time()
     run_dir = train.main(argv + ["--out", folder])
     with open(done, "w") as f:
-        json.dump(dict(run_dir=run_dir, wall_s=time.time() - t0, argv=argv), f)
+        json.dump(dict(run_dir=run_dir, wall_s=time.time() - t0, argv=argv, device=device_name()), f)
     return run_dir
+
+
+def run_info(run_dir):
+    with open(os.path.join(os.path.dirname(run_dir), "done.json")) as f:
+        return json.load(f)
 
 
 def last_ckpt(run_dir):
@@ -45,14 +72,90 @@ def last_ckpt(run_dir):
 
 
 def train_losses(run_dir):
+    """{step: mean training loss over the --log-every steps before it}."""
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+def measured(run_dir, key, fn):
+    """fn() once per (run, measurement settings): the result is kept in the run folder."""
+    path = os.path.join(run_dir, "measurements.json")
+    cache = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cache = json.load(f)
+    if key not in cache:
+        t0 = time.time()
+        cache[key] = dict(fn(), wall_s=time.time() - t0)
+        with open(path + ".tmp", "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return cache[key]
+
+
+#################################################################################
+#                                   Measurements                                #
+#################################################################################
+
+SIZE_SWEEP = (0.5, 1.0, 2.0)  # original image side / training resolution: upscaled (blurry) .. downscaled (sharp),
+# the range the shapes data covers; 2.0 is the sampling default
+
+
+def content_drift(measurements, key):
+    """measurements: per (noise, class) pair, the checker's readings of the images of one sweep. The fraction of pairs
+    whose `key` (label, colour) is not the same in every image of the sweep."""
+    return float(np.mean([len({m[key] for m in sweep}) > 1 for sweep in measurements]))
+
+
+@torch.no_grad()
+def drift(model, args, n, cfg_scale, steps, seed=20_000):
+    """Sweep the size and the crop condition for n (noise, class) pairs; returns
+    size_acc           fraction of pairs whose image at original size 2 res is sharper than at 0.5 res
+    size_drift_class / size_drift_colour    content_drift over the size sweep
+    crop_drift_class / crop_drift_colour    content_drift over crops at the top-left, centre and bottom-right"""
+    res, vae = args.res, Autoencoder("none")
+    base = default_control("shapes", res)  # centred, not mirrored, original size 2 res
+    assert base[0] == SIZE_SWEEP[-1] * res
+    controls = []
+    for f in SIZE_SWEEP:
+        c = base.clone()
+        c[0] = c[1] = round(f * res)
+        controls.append(c)
+    for offset in (0, round(res * CANVAS_MARGIN) - res):  # the two extreme crops; the centred one is controls[2]
+        c = base.clone()
+        c[2] = c[3] = offset
+        controls.append(c)
+    k = len(controls)
+    labels = [i % args.num_classes for i in range(n)]
+    noise = make_noise([seed + i for i in range(n)], latent_shape(args, vae), "cpu").repeat_interleave(k, 0)
+    y = semantic_input(args, [lab for lab in labels for _ in controls], "cpu")
+    x = generate(model, train.make_diffusion(args), noise, y, torch.stack(controls * n), cfg_scale, steps=steps)
+    meas = ShapesChecker()(to_uint8(vae.decode(x)))
+    sweeps = [meas[i * k:(i + 1) * k] for i in range(n)]
+    size = [s[:3] for s in sweeps]
+    crop = [[s[3], s[2], s[4]] for s in sweeps]
+    return dict(size_acc=float(np.mean([s[2]["sharpness"] > s[0]["sharpness"] for s in size])),
+                size_drift_class=content_drift(size, "label"), size_drift_colour=content_drift(size, "colour"),
+                crop_drift_class=content_drift(crop, "label"), crop_drift_colour=content_drift(crop, "colour"))
+
+
+def checker_metrics(run_dir, a, with_drift=True):
+    """The checker's accuracies (sample.evaluate_shapes) and, for class models, the drift sweep, of a run's EMA."""
+    key = f"per_class{a.per_class}-drift{a.drift_n * with_drift}-steps{a.sample_steps}-cfg{a.cfg_scale}"
+
+    def measure():
+        model, args = load_checkpoint(run_dir, "cpu")
+        out = evaluate_shapes(model, args, a.per_class, "cpu", cfg_scale=a.cfg_scale, steps=a.sample_steps)
+        if with_drift:
+            out.update(drift(model, args, a.drift_n, a.cfg_scale, a.sample_steps))
+        return out
+    return measured(run_dir, key, measure)
+
+
 @torch.no_grad()
 def heldout_loss(run_dir, n=256, levels=8, seed=999):
-    """The velocity loss of the final weights (not the EMA: the fine-tuning runs are too short for an EMA of 0.999 to
-    forget its start) on n images of a dataset the run never saw, at `levels` fixed noise levels t = (i + 0.5) / levels
+    """The velocity loss of the final weights (not the EMA: the fine-tuning runs are too short for the EMA to forget
+    its start) on n images of a dataset the run never saw, at `levels` fixed noise levels t = (i + 0.5) / levels
     with fixed noise: the same inputs for every variant, so differences are the models'."""
     ckpt = torch.load(last_ckpt(run_dir), map_location="cpu", weights_only=False)
     args = argparse.Namespace(**ckpt["args"])
@@ -73,87 +176,353 @@ def heldout_loss(run_dir, n=256, levels=8, seed=999):
             x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
             pred = to_velocity(model(x_t, t, y, ctrl), x_t, t, args.pred)
             total += ((pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3)).sum().item()
-    return total / (n * levels)
+    return dict(heldout=total / (n * levels))
 
 
-def write_table(name, rows, columns, note):
-    """rows: list of dicts. Writes docs/experiments/NAME.json and NAME.md; returns the Markdown."""
-    os.makedirs(os.path.join("docs", "experiments"), exist_ok=True)
-    with open(os.path.join("docs", "experiments", f"{name}.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    for r in rows:
-        md += "| " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.4f}" for c in columns) + " |\n"
-    md += "\n" + note + "\n"
-    with open(os.path.join("docs", "experiments", f"{name}.md"), "w") as f:
-        f.write(md)
-    return md
-
+#################################################################################
+#                                      Tables                                   #
+#################################################################################
 
 def mean_spread(values):
     v = np.array(values, dtype=np.float64)
-    return f"{v.mean():.4f} ± {v.std():.4f}" if len(v) > 1 else f"{v.mean():.4f}"
+    return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def write_table(a, name, rows, columns, note):
+    """rows: list of dicts (per variant: column -> str, and 'per_seed' -> raw numbers). Writes NAME.json and NAME.md
+    under --docs; returns the Markdown."""
+    os.makedirs(a.docs, exist_ok=True)
+    with open(os.path.join(a.docs, f"{name}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    for r in rows:
+        md += "| " + " | ".join(str(r[c]) for c in columns) + " |\n"
+    md += "\n" + note + "\n"
+    with open(os.path.join(a.docs, f"{name}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return md
+
+
+def summarise(variants, columns):
+    """variants: {name: [per-seed dict]} -> table rows with mean ± std over seeds per column (label -> key)."""
+    rows = []
+    for name, per_seed in variants.items():
+        row = {"variant": name}
+        for label, key in columns.items():
+            row[label] = mean_spread([m[key] for m in per_seed])
+        row["per_seed"] = per_seed
+        rows.append(row)
+    return rows
+
+
+def budget_note(a, run_dirs, measurements, command):
+    info = [run_info(r) for r in run_dirs]
+    train_s, eval_s = sum(i["wall_s"] for i in info), sum(m["wall_s"] for m in measurements)
+    devices = sorted({i.get("device", "unknown") for i in info})
+    return (f"`{command}` -- {len(run_dirs)} runs on {', '.join(devices)}; wall time: training {train_s / 60:.0f} min "
+            f"in all ({train_s / len(run_dirs):.0f} s per run), measuring {eval_s / 60:.1f} min. "
+            f"Mean ± std over seeds {','.join(map(str, a.seeds))} (std over seeds, not a confidence interval).")
+
+
+def class_command(a, experiment):
+    variants = f" --variants '{','.join(a.variants)}'" if a.variants else ""
+    return (f"python experiments.py {experiment}{variants} --seeds {','.join(map(str, a.seeds))} --steps {a.steps} "
+            f"--shapes-size {a.shapes_size}")
+
+
+#################################################################################
+#                     The comparisons: routes, gates, padding                   #
+#################################################################################
+
+ROUTES = {"ours": [], "adaln (DiT)": ["--cond", "adaln"], "xattn (PixArt-α)": ["--cond", "xattn"],
+          "mmdit (SD3)": ["--cond", "mmdit"]}
+GATE_VARIANTS = {  # --cond ours throughout; the default gates only the size group
+    "ungated": ["--gate-size", "none", "--gate-crop", "none", "--gate-flip", "none"],
+    "size cosine (default)": [],
+    "all cosine": ["--gate-size", "cosine", "--gate-crop", "cosine", "--gate-flip", "cosine"],
+}
+PADDINGS = {"noisy_replicate (default)": ["--cond-type", "text"],
+            "replicate": ["--cond-type", "text", "--text-pad", "replicate"],
+            "zero": ["--cond-type", "text", "--text-pad", "zero"]}
+CLASS_COLUMNS = {"class acc": "class_acc", "flip acc": "flip_acc", "crop error (px)": "crop_err",
+                 "size acc": "size_acc", "size drift: class": "size_drift_class",
+                 "size drift: colour": "size_drift_colour", "crop drift: class": "crop_drift_class",
+                 "crop drift: colour": "crop_drift_colour", "train loss (last)": "train_loss"}
+TEXT_COLUMNS = {"class + colour acc (held-out wordings)": "class_colour_acc", "class acc": "class_acc",
+                "colour acc": "colour_acc", "flip acc": "flip_acc", "train loss (last)": "train_loss"}
+
+
+def shapes_run(a, flags, seed):
+    """The run of one variant and seed: the shapes preset with the experiment's budget (same data and order for
+    every variant of a seed)."""
+    tag = "-".join(f.lstrip("-") for f in flags) or "default"
+    argv = ["--dataset", "shapes", "--steps", str(a.steps), "--shapes-size", str(a.shapes_size), "--seed", str(seed),
+            "--eval-per-class", "0", "--ckpt-every", "100000", "--log-every", str(a.log_every),
+            "--sample-every", "-1"] + flags
+    return run(f"shapes/{tag}-{a.steps}st-s{seed}", argv, a.out)
+
+
+def compare(a, name, variants, columns, title):
+    results, dirs = {}, []
+    text = columns is TEXT_COLUMNS
+    if a.variants:  # a subset, e.g. to split one comparison over two processes
+        unknown = set(a.variants) - set(variants)
+        if unknown:
+            raise SystemExit(f"--variants {','.join(sorted(unknown))}: {name} has {', '.join(variants)}")
+        variants = {v: f for v, f in variants.items() if v in a.variants}
+    for variant, flags in variants.items():  # variant-major: a variant's seeds finish together
+        results[variant] = []
+        for seed in a.seeds:
+            run_dir = shapes_run(a, flags, seed)
+            dirs.append(run_dir)
+            losses = train_losses(run_dir)
+            results[variant].append(dict(checker_metrics(run_dir, a, with_drift=not text), seed=seed,
+                                         run_dir=run_dir, train_loss=losses[max(losses)], curve=losses))
+    rows = summarise(results, columns)
+    budget = budget_note(a, dirs, [m for r in results.values() for m in r], class_command(a, name))
+    note = (f"{title} {budget} Shapes preset (XS/4, 24 px pixel space), "
+            f"{a.steps} steps of batch 64 per run. Checker on EMA samples ({a.sample_steps} Euler steps, guidance "
+            f"{a.cfg_scale}): {a.per_class} seeds per class, each drawn unmirrored and mirrored, random crops")
+    note += (". Class, colour and flip accuracies are on prompts in wordings the model never saw in training."
+             if text else f"; drift over {a.drift_n} (noise, class) pairs, sizes {SIZE_SWEEP} x res, crops at the "
+             "top-left, centre and bottom-right. Train loss: the mean over the last --log-every steps.")
+    write_table(a, name, rows, ["variant"] + list(columns), note)
+    return results
+
+
+def routes(a):
+    return compare(a, "routes", ROUTES, CLASS_COLUMNS, "Conditioning routes, same budget.")
+
+
+def gates(a):
+    return compare(a, "gates", GATE_VARIANTS, CLASS_COLUMNS, "Control gates g(t) of `--cond ours`.")
+
+
+def padding(a):
+    return compare(a, "padding", PADDINGS, TEXT_COLUMNS, "Text padding (`--cond-type text`, built-in encoder).")
 
 
 #################################################################################
 #                       32 -> 64 px resolution transfer                         #
 #################################################################################
 
-TRANSFER = {  # variant -> flags of the 64 px stage (all from the same 32 px model, except scratch); the shift ablation
-    # (--res-shift off) belongs with the other comparisons of the paper's claims
+TRANSFER = {  # variant -> flags of the 64 px stage (all from the same 32 px model, except scratch)
     "resample + shift (paper)": ["--pos-mode", "resample"],
+    "resample, no shift": ["--pos-mode", "resample", "--res-shift", "off"],
     "extend + shift": ["--pos-mode", "extend"],
-    "from scratch (resample + shift)": ["--pos-mode", "resample"],
+    "extend, no shift": ["--pos-mode", "extend", "--res-shift", "off"],
 }
+SCRATCH = {"from scratch (resample + shift)": ["--pos-mode", "resample"]}  # with --scratch
 
 
 def transfer(a):
     common = ["--dataset", "shapes", "--eval-per-class", "0", "--base-res", "32", "--ckpt-every", "100000",
-              "--shapes-size", str(a.shapes_size)]
-    rows, t0 = [], time.time()
-    results = {v: [] for v in TRANSFER}
+              "--sample-every", "-1",
+              "--shapes-size", str(a.shapes_size), "--log-every", str(a.log_every)]
+    variants = dict(TRANSFER, **(SCRATCH if a.scratch else {}))
+    dirs, results = [], {v: [] for v in variants}
     for seed in a.seeds:
-        base = run(f"transfer/base-32px-s{seed}", common + ["--res", "32", "--steps", str(a.base_steps),
-                                                            "--seed", str(seed)], a.out)
-        for variant, flags in TRANSFER.items():
+        base = run(f"transfer/base-32px-{a.base_steps}st-s{seed}",
+                   common + ["--res", "32", "--steps", str(a.base_steps), "--seed", str(seed)], a.out)
+        dirs.append(base)
+        for variant, flags in variants.items():
             init = [] if variant.startswith("from scratch") else ["--init-from", last_ckpt(base)]
-            tag = variant.split(" (")[0].replace(" + ", "-").replace(", ", "-").replace(" ", "-")
-            ft = run(f"transfer/ft-64px-{tag}-s{seed}", common + ["--res", "64", "--steps", str(a.ft_steps),
-                                                                 "--warmup", str(a.ft_warmup), "--seed", str(seed)]
-                     + flags + init, a.out)
-            log = train_losses(ft)  # each entry: the mean over the --log-every (50) steps before it
-            results[variant].append(dict(seed=seed, heldout=heldout_loss(ft), train_last=log[max(log)],
-                                         train_first=log[min(log)]))
-    for variant, rs in results.items():
-        rows.append({"variant": variant, "held-out loss": mean_spread([r["heldout"] for r in rs]),
-                     "train loss, last 50 steps": mean_spread([r["train_last"] for r in rs]),
-                     "train loss, first 50 steps": mean_spread([r["train_first"] for r in rs])})
-    note = (f"`python experiments.py transfer --seeds {','.join(map(str, a.seeds))} --base-steps {a.base_steps} "
-            f"--ft-steps {a.ft_steps} --shapes-size {a.shapes_size}`: shapes preset (XS/4, pixel space, "
-            f"x-prediction, shift 3 at the 32 px base), "
-            f"{a.base_steps} steps at 32 px, then {a.ft_steps} steps at 64 px (4x the tokens) per variant with the "
-            f"same seed and data order. Held-out loss: final weights, 256 unseen images x 8 fixed noise levels with "
-            f"fixed noise. Mean ± std over seeds {a.seeds}. Wall time {time.time() - t0:.0f} s on {device_name()}.")
-    print(write_table("transfer", rows, list(rows[0]), note))
+            tag = re.sub(r"[^a-z]+", "-", variant.split(" (")[0]).strip("-")
+            ft = run(f"transfer/ft-64px-{tag}-{a.base_steps}-{a.ft_steps}st-b{a.ft_batch}-s{seed}",
+                     common + ["--res", "64", "--steps", str(a.ft_steps), "--warmup", str(a.ft_warmup),
+                               "--batch", str(a.ft_batch), "--seed", str(seed)] + flags + init, a.out)
+            dirs.append(ft)
+            log = train_losses(ft)
+            results[variant].append(dict(measured(ft, "heldout256x8", lambda: heldout_loss(ft)), seed=seed,
+                                         train_last=log[max(log)], train_first=log[min(log)]))
+    rows = summarise(results, {"held-out loss": "heldout", "train loss, first": "train_first",
+                               "train loss, last": "train_last"})
+    command = (f"python experiments.py transfer --seeds {','.join(map(str, a.seeds))} --base-steps {a.base_steps} "
+               f"--ft-steps {a.ft_steps} --ft-batch {a.ft_batch} --shapes-size {a.shapes_size}")
+    budget = budget_note(a, dirs, [m for r in results.values() for m in r], command)
+    note = (f"32 -> 64 px. {budget} Shapes preset (XS/4, pixel space, x-prediction, "
+            f"shift 3 at the 32 px base): {a.base_steps} steps at 32 px, then {a.ft_steps} steps of batch "
+            f"{a.ft_batch} at 64 px (4x the tokens) per variant with the same seed and data order. `shift` scales "
+            f"the noise shift by sqrt(4) = 2 at 64 px; `no shift` keeps 3 (`--res-shift off`). Held-out loss: final "
+            f"weights, 256 unseen images x 8 fixed noise levels with fixed noise. Train loss: mean over the first "
+            f"and the last {a.log_every} steps.")
+    write_table(a, "transfer", rows, ["variant", "held-out loss", "train loss, first", "train loss, last"], note)
+    return results
 
 
-def device_name():
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+#################################################################################
+#                                      Figures                                  #
+#################################################################################
+# Drawn with PIL (a dependency already) so that a clean checkout makes them without a plotting library.
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def plot_curves(path, title, curves, size=(640, 400)):
+    """curves: {label: {step: value}} -> a line plot (log-scale y) saved as PNG."""
+    from PIL import Image, ImageDraw
+    w, h = size
+    left, right, top, bottom = 60, 170, 30, 40
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    steps = [s for c in curves.values() for s in c]
+    vals = np.log10([v for c in curves.values() for v in c.values()])
+    x0, x1, y0, y1 = min(steps), max(steps), vals.min(), vals.max()
+    y0, y1 = y0 - 0.05 * (y1 - y0 + 1e-9), y1 + 0.05 * (y1 - y0 + 1e-9)
+    px = lambda s: left + (s - x0) / max(x1 - x0, 1) * (w - left - right)
+    py = lambda v: top + (y1 - np.log10(v)) / (y1 - y0) * (h - top - bottom)
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for v in np.unique(np.round(np.geomspace(10 ** y0, 10 ** y1, 5), 3)):  # y ticks
+        d.line([left - 4, py(v), left, py(v)], fill="black")
+        d.text((4, py(v) - 6), f"{v:.3g}", fill="black")
+    for s in np.linspace(x0, x1, 5):
+        d.line([px(s), h - bottom, px(s), h - bottom + 4], fill="black")
+        d.text((px(s) - 10, h - bottom + 8), f"{s:.0f}", fill="black")
+    d.text((left, 8), title, fill="black")
+    d.text((w - right - 60, h - 14), "step", fill="black")
+    for i, (label, c) in enumerate(curves.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        pts = [(px(s), py(c[s])) for s in sorted(c)]
+        d.line(pts, fill=colour, width=2)
+        d.line([w - right + 10, top + 10 + 18 * i, w - right + 30, top + 10 + 18 * i], fill=colour, width=3)
+        d.text((w - right + 35, top + 4 + 18 * i), label, fill="black")
+    img.save(path)
+    return path
+
+
+def mean_curve(per_seed):
+    """The loss curve averaged over seeds (steps every seed logged)."""
+    steps = set.intersection(*[set(m["curve"]) for m in per_seed])
+    return {int(s): float(np.mean([m["curve"][s] for m in per_seed])) for s in sorted(steps)}
+
+
+@torch.no_grad()
+def size_sweep_figure(a, run_dirs, path, classes=(0, 2, 5, 6, 7, 9), factors=(0.5, 0.7, 1.0, 1.4, 2.0),
+                      seed=30_000, scale=3):
+    """One panel per model (run_dirs: {label: run folder}); rows = classes, each with its own fixed noise;
+    columns = the size condition (original side / res). Only the size condition changes along a row."""
+    from PIL import Image, ImageDraw
+    panels = []
+    for label, run_dir in run_dirs.items():
+        model, args = load_checkpoint(run_dir, "cpu")
+        base = default_control("shapes", args.res)
+        ctrl = []
+        for f in factors:
+            c = base.clone()
+            c[0] = c[1] = round(f * args.res)
+            ctrl.append(c)
+        noise = make_noise([seed + k for k in classes], latent_shape(args, None), "cpu")
+        x = generate(model, train.make_diffusion(args), noise.repeat_interleave(len(factors), 0),
+                     semantic_input(args, [k for k in classes for _ in factors], "cpu"),
+                     torch.stack(ctrl * len(classes)), a.cfg_scale, steps=a.sample_steps)
+        imgs = to_uint8(Autoencoder("none").decode(x)).permute(0, 2, 3, 1).numpy()
+        r = args.res * scale
+        panel = Image.new("RGB", (len(factors) * (r + 2), 18 + len(classes) * (r + 2)), "white")
+        d = ImageDraw.Draw(panel)
+        d.text((2, 2), label, fill="black")
+        for i, im in enumerate(imgs):
+            row, col = divmod(i, len(factors))
+            panel.paste(Image.fromarray(im).resize((r, r), Image.NEAREST), (col * (r + 2), 18 + row * (r + 2)))
+        panels.append(panel)
+    foot = 16
+    w = sum(p.width for p in panels) + 12 * (len(panels) - 1)
+    fig = Image.new("RGB", (w, max(p.height for p in panels) + foot), "white")
+    x = 0
+    for p in panels:
+        fig.paste(p, (x, 0))
+        x += p.width + 12
+    ImageDraw.Draw(fig).text((2, fig.height - foot + 2), "original size / res, left to right: "
+                             + ", ".join(f"{f:g}" for f in factors) + " (same noise and class along each row)",
+                             fill="black")
+    fig.save(path)
+    return path
+
+
+def figures(a):
+    """From the tables under --docs: the size sweep (first seed of ours vs adaln) and the loss curves (mean over
+    seeds) of every comparison that has been run."""
+    tables = {}
+    for name in ("routes", "gates", "padding"):
+        path = os.path.join(a.docs, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                tables[name] = {r["variant"]: r["per_seed"] for r in json.load(f)}
+    pair = {v: tables["routes"][v][0]["run_dir"] for v in ("ours", "adaln (DiT)") if v in tables.get("routes", {})}
+    if pair:
+        size_sweep_figure(a, pair, os.path.join(a.docs, "size_sweep.png"))
+    for name, table in tables.items():
+        seeds = ",".join(str(m["seed"]) for m in next(iter(table.values())))
+        plot_curves(os.path.join(a.docs, f"loss_{name}.png"), f"{name}: training loss, mean of seeds {seeds}",
+                    {variant: mean_curve(per_seed) for variant, per_seed in table.items()})
+
+
+#################################################################################
+#                             The README's results section                      #
+#################################################################################
+
+BEGIN, END = "<!-- experiments:begin (written by experiments.py) -->", "<!-- experiments:end -->"
+SECTIONS = (("routes", "Conditioning routes", ("size_sweep.png", "loss_routes.png")),
+            ("gates", "Control gates", ("loss_gates.png",)),
+            ("padding", "Text padding", ("loss_padding.png",)),
+            ("transfer", "Resolution transfer, 32 → 64 px", ()))
+
+
+def update_readme(a, readme="README.md"):
+    """Replace the block between BEGIN and END in the README with every table and figure under --docs."""
+    parts = []
+    for name, title, pngs in SECTIONS:
+        md = os.path.join(a.docs, f"{name}.md")
+        if not os.path.exists(md):
+            continue
+        with open(md) as f:
+            parts.append(f"#### {title}\n\n" + f.read().strip() + "\n")
+        for png in pngs:
+            if os.path.exists(os.path.join(a.docs, png)):
+                rel = os.path.relpath(os.path.join(a.docs, png), os.path.dirname(os.path.abspath(readme)) or ".")
+                parts.append(f"![{png}]({rel})\n")
+    with open(readme) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: no results block ({BEGIN} ... {END}) to replace")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(readme, "w") as f:
+        f.write(head + BEGIN + "\n" + "\n".join(parts) + END + tail)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("transfer",))
-    p.add_argument("--seeds", default="0", type=lambda s: [int(v) for v in s.split(",")])
-    p.add_argument("--base-steps", type=int, default=1000, help="transfer: steps at 32 px")
-    p.add_argument("--ft-steps", type=int, default=200, help="transfer: steps at 64 px")
-    p.add_argument("--ft-warmup", type=int, default=20, help="transfer: warm-up steps at 64 px")
+    p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "figures", "readme", "all"))
+    p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="routes / gates / padding: only "
+                   "these variants (comma-separated names as in the tables)")
+    p.add_argument("--steps", type=int, default=800, help="routes / gates / padding: steps per run")
+    p.add_argument("--log-every", type=int, default=25, help="steps per point of the loss curves")
+    p.add_argument("--per-class", type=int, default=10, help="checker: seeds per class (each drawn twice)")
+    p.add_argument("--drift-n", type=int, default=40, help="drift: (noise, class) pairs per sweep")
+    p.add_argument("--sample-steps", type=int, default=25, help="Euler steps of every evaluation sample")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="semantic guidance of every evaluation sample")
+    p.add_argument("--base-steps", type=int, default=400, help="transfer: steps at 32 px")
+    p.add_argument("--ft-steps", type=int, default=60, help="transfer: steps at 64 px")
+    p.add_argument("--ft-batch", type=int, default=32, help="transfer: batch at 64 px")
+    p.add_argument("--ft-warmup", type=int, default=10, help="transfer: warm-up steps at 64 px")
+    p.add_argument("--scratch", action="store_true", help="transfer: also train the 64 px model from scratch")
     p.add_argument("--shapes-size", type=int, default=4000, help="distinct training images")
-    p.add_argument("--out", default=os.path.join("runs", "experiments"))
+    p.add_argument("--out", default=os.path.join("runs", "experiments"), help="run folders")
+    p.add_argument("--docs", default=DOCS, help="where tables and figures are written")
+    p.add_argument("--readme", default="README.md", help="README whose results block is rebuilt")
     a = p.parse_args(argv)
-    {"transfer": transfer}[a.experiment](a)
+    experiments = dict(routes=routes, gates=gates, padding=padding, transfer=transfer)
+    if a.experiment in experiments:
+        experiments[a.experiment](a)
+    elif a.experiment == "figures":
+        figures(a)
+    elif a.experiment == "all":
+        for fn in experiments.values():
+            fn(a)
+        figures(a)
+    update_readme(a, a.readme)
 
 
 if __name__ == "__main__":

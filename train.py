@@ -126,7 +126,7 @@ def get_args(argv=None):
       "tensor whose name and shape match is loaded; the rest is reported")
     a("--log-every", type=int)
     a("--ckpt-every", type=int)
-    a("--sample-every", type=int, help="steps between sample grids (0 = only at the end)")
+    a("--sample-every", type=int, help="steps between sample grids (0 = only at the end, -1 = none)")
     a("--keep", type=int, default=2, help="checkpoints kept in the run folder")
     a("--eval-per-class", type=int, default=20, help="shapes: checker evaluation samples per class at the end")
     a("--cfg-scale", type=float, default=2.0, help="semantic guidance scale for end-of-run samples")
@@ -690,7 +690,7 @@ def main(argv=None):
                 dist.barrier()
                 dist.destroy_process_group()
             raise SystemExit(PREEMPTED)
-        if args.sample_every and step % args.sample_every == 0 and rank == 0 and step < args.steps:
+        if args.sample_every > 0 and step % args.sample_every == 0 and rank == 0 and step < args.steps:
             write_grid(ema, vae, args, os.path.join(run_dir, f"samples-{step:07d}.png"), device)
     preempt.restore()
     if bar is not None:
@@ -708,7 +708,8 @@ def main(argv=None):
 
     # ---- end of run: a sample grid, and on shapes the checker's verdict ---------------------------------------
     if rank == 0:
-        write_grid(ema, vae, args, os.path.join(run_dir, "samples.png"), device)
+        if args.sample_every >= 0:
+            write_grid(ema, vae, args, os.path.join(run_dir, "samples.png"), device)
         print(f"run folder: {run_dir}")
         if args.source_dataset == "shapes" and args.eval_per_class > 0:
             from sample import evaluate_shapes

@@ -1,0 +1,103 @@
+"""experiments.py: the drift measure on models whose behaviour is known, and a whole comparison at toy size from
+training to the README block."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import experiments
+import train
+from data import COLOURS, SHAPES, Autoencoder, render_shape, to_uint8
+
+#################################################################################
+#                        content_drift and drift                                #
+#################################################################################
+
+
+def test_content_drift_counts_sweeps_whose_content_changes():
+    sweeps = [[{"label": 1}, {"label": 1}, {"label": 1}],  # stable
+              [{"label": 1}, {"label": 2}, {"label": 1}],  # changed once
+              [{"label": 3}, {"label": 3}, {"label": 4}]]  # changed at the end
+    assert experiments.content_drift(sweeps, "label") == pytest.approx(2 / 3)
+    assert experiments.content_drift(sweeps[:1], "label") == 0.0
+
+
+class PaintModel(torch.nn.Module):
+    """An x-predicting stand-in that paints a fixed red shape. When the size condition says "upscaled from less than
+    2 x res" it paints a square instead of a circle (`size_changes_class`) or a blurred circle (`size_blurs`). The
+    sampler's last Euler step lands exactly on the x-prediction, so the samples are these paintings."""
+
+    def __init__(self, res, size_changes_class=False, size_blurs=False):
+        super().__init__()
+        self.res, self.size_changes_class, self.size_blurs = res, size_changes_class, size_blurs
+        self.images = {}
+        for k in (0, 1):  # circle, square
+            alpha = torch.from_numpy(render_shape(SHAPES[k][1], res, 0.3 * res))[None]
+            fg = torch.tensor(COLOURS["red"], dtype=torch.float32).view(3, 1, 1) / 255
+            self.images[k] = Autoencoder("none").encode(to_uint8((alpha * fg + (1 - alpha) * 0.1)[None]))[0]
+
+    def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
+        small = ctrl[:, 0] < 2 * self.res
+        out = torch.stack([self.images[int(i)] for i in (small & self.size_changes_class).long()])
+        if self.size_blurs:
+            blurred = torch.nn.functional.avg_pool2d(out, 5, stride=1, padding=2, count_include_pad=False)
+            out = torch.where(small.view(-1, 1, 1, 1), blurred, out)
+        return out
+
+
+@pytest.mark.parametrize("behaviour", ["ignores size", "size changes class", "size blurs"])
+def test_drift_measures_content_change_and_sharpness_under_the_size_condition(behaviour):
+    args = train.get_args(["--dataset", "shapes"])
+    args.num_classes = 10
+    model = PaintModel(args.res, behaviour == "size changes class", behaviour == "size blurs")
+    out = experiments.drift(model, args, n=4, cfg_scale=2.0, steps=3)
+    assert out["size_drift_class"] == (1.0 if behaviour == "size changes class" else 0.0)
+    assert out["crop_drift_class"] == 0.0 and out["crop_drift_colour"] == 0.0  # the crop never changes the painting
+    assert out["size_drift_colour"] == 0.0
+    assert out["size_drift_class"] == 0.0 or behaviour == "size changes class"
+    if behaviour != "size changes class":  # the same circle: sharper at 2 x res only when small ones are blurred
+        assert out["size_acc"] == (1.0 if behaviour == "size blurs" else 0.0)
+
+
+#################################################################################
+#                      A comparison end to end at toy size                      #
+#################################################################################
+
+def test_routes_trains_measures_and_writes_tables_figures_and_readme(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "ROUTES", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{experiments.BEGIN}\nold text\n{experiments.END}\n\nkept\n")
+    argv = ["routes", "--seeds", "0,1", "--steps", "2", "--log-every", "1", "--per-class", "1", "--drift-n", "2",
+            "--sample-steps", "2", "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs",
+            str(tmp_path / "docs"), "--readme", str(readme)]
+    experiments.main(argv)
+    rows = json.loads((tmp_path / "docs" / "routes.json").read_text())
+    assert [r["variant"] for r in rows] == ["ours", "adaln (DiT)"]
+    for r in rows:
+        assert [m["seed"] for m in r["per_seed"]] == [0, 1]
+        accs = [m["class_acc"] for m in r["per_seed"]]
+        assert r["class acc"] == f"{np.mean(accs):.3f} ± {np.std(accs):.3f}"  # the table is the measurement
+        assert all(0 <= m["size_drift_class"] <= 1 for m in r["per_seed"])
+    md = (tmp_path / "docs" / "routes.md").read_text()
+    assert "python experiments.py routes --seeds 0,1 --steps 2" in md and "4 runs on CPU" in md
+    text = readme.read_text()
+    assert "old text" not in text and "| ours |" in text and text.endswith("kept\n")
+
+    # a second call trains nothing and measures nothing again: the same numbers come back from the run folders
+    stamp = {p: os.path.getmtime(p) for p in (tmp_path / "runs").rglob("*.pt")}
+    experiments.main(argv)
+    assert json.loads((tmp_path / "docs" / "routes.json").read_text()) == rows
+    assert stamp == {p: os.path.getmtime(p) for p in (tmp_path / "runs").rglob("*.pt")}
+
+    # figures from the tables: the size sweep (two panels of 6 classes x 5 sizes, 3x upscaled) and the loss curves
+    experiments.main(["figures"] + argv[1:])
+    w, h = Image.open(tmp_path / "docs" / "size_sweep.png").size
+    assert (w, h) == (2 * 5 * (72 + 2) + 12, 18 + 6 * (72 + 2) + 16)
+    assert Image.open(tmp_path / "docs" / "loss_routes.png").size == (640, 400)
+    assert "size_sweep.png" in readme.read_text()
+    curve = experiments.mean_curve(rows[0]["per_seed"])
+    assert sorted(curve) == [1, 2]
+    assert curve[2] == pytest.approx(np.mean([m["curve"]["2"] for m in rows[0]["per_seed"]]))
