@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 import train
-from data import CANVAS_MARGIN, Autoencoder, ShapesChecker, build_dataset, default_control, to_uint8
+from data import (CANVAS_MARGIN, HELDOUT_TEMPLATES, SHAPE_NAMES, Autoencoder, ShapesChecker, build_dataset,
+                  default_control, to_uint8)
 from diffusion import to_velocity
 from sample import evaluate_shapes, generate, latent_shape, load_checkpoint, make_noise, semantic_input
 
@@ -153,30 +154,43 @@ def checker_metrics(run_dir, a, with_drift=True):
 
 
 @torch.no_grad()
-def heldout_loss(run_dir, n=256, levels=8, seed=999):
-    """The velocity loss of the final weights (not the EMA: the fine-tuning runs are too short for the EMA to forget
-    its start) on n images of a dataset the run never saw, at `levels` fixed noise levels t = (i + 0.5) / levels
-    with fixed noise: the same inputs for every variant, so differences are the models'."""
+def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False):
+    """The velocity loss of a run's `weights` ("model": the final weights; "ema") on n images of a dataset the run
+    never saw, at `levels` fixed noise levels t = (i + 0.5) / levels with fixed noise: the same inputs for every
+    variant, so differences are the models'. A text model reads each image's caption in a wording it never saw in
+    training (data.HELDOUT_TEMPLATES, in turn). null=True gives every image the null condition instead: the null
+    loss minus the conditional one is how much the model uses the condition."""
     ckpt = torch.load(last_ckpt(run_dir), map_location="cpu", weights_only=False)
     args = argparse.Namespace(**ckpt["args"])
     model = train.make_model(args)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt[weights])
     model.eval()
     data = build_dataset("shapes", args.res, seed=seed, size=n)
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for start in range(0, n, 64):
-        items = [data[i] for i in range(start, min(start + 64, n))]
+        idx = range(start, min(start + 64, n))
+        items = [data[i] for i in idx]
         x0 = Autoencoder("none").encode(torch.stack([it[0] for it in items]))
-        y = torch.tensor([it[1] for it in items])
+        labels = [it[1] for it in items]
+        prompts = [HELDOUT_TEMPLATES[i % len(HELDOUT_TEMPLATES)].format(
+            colour=data.scenes[i]["colour"], shape=SHAPE_NAMES[data.scenes[i]["label"]]) for i in idx]
+        y = semantic_input(args, labels, "cpu", prompts)
         ctrl = torch.stack([it[2] for it in items])
+        drop = torch.full((len(items),), null)
         for i in range(levels):
             t = torch.full((len(items),), (i + 0.5) / levels)
             noise = torch.randn(x0.shape, generator=g)
             x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-            pred = to_velocity(model(x_t, t, y, ctrl), x_t, t, args.pred)
+            pred = to_velocity(model(x_t, t, y, ctrl, sem_drop=drop), x_t, t, args.pred)
             total += ((pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3)).sum().item()
-    return dict(heldout=total / (n * levels))
+    return total / (n * levels)
+
+
+def text_losses(run_dir):
+    """Held-out-wording loss of a text model's EMA, and how much lower it is than with the null prompt."""
+    caption, null = heldout_loss(run_dir, weights="ema"), heldout_loss(run_dir, weights="ema", null=True)
+    return dict(caption_loss=caption, caption_gain=null - caption)
 
 
 #################################################################################
@@ -249,8 +263,9 @@ CLASS_COLUMNS = {"class acc": "class_acc", "flip acc": "flip_acc", "crop error (
                  "size acc": "size_acc", "size drift: class": "size_drift_class",
                  "size drift: colour": "size_drift_colour", "crop drift: class": "crop_drift_class",
                  "crop drift: colour": "crop_drift_colour", "train loss (last)": "train_loss"}
-TEXT_COLUMNS = {"class + colour acc (held-out wordings)": "class_colour_acc", "class acc": "class_acc",
-                "colour acc": "colour_acc", "flip acc": "flip_acc", "train loss (last)": "train_loss"}
+TEXT_COLUMNS = {"class + colour acc": "class_colour_acc", "class acc": "class_acc", "colour acc": "colour_acc",
+                "flip acc": "flip_acc", "held-out loss": "caption_loss", "null − caption loss": "caption_gain",
+                "train loss (last)": "train_loss"}
 
 
 def shapes_run(a, flags, seed):
@@ -277,14 +292,19 @@ def compare(a, name, variants, columns, title):
             run_dir = shapes_run(a, flags, seed)
             dirs.append(run_dir)
             losses = train_losses(run_dir)
-            results[variant].append(dict(checker_metrics(run_dir, a, with_drift=not text), seed=seed,
-                                         run_dir=run_dir, train_loss=losses[max(losses)], curve=losses))
+            m = checker_metrics(run_dir, a, with_drift=not text)
+            if text:
+                m = dict(m, **measured(run_dir, "text_losses256x8", lambda: text_losses(run_dir)))
+            results[variant].append(dict(m, seed=seed, run_dir=run_dir, train_loss=losses[max(losses)],
+                                         curve=losses))
     rows = summarise(results, columns)
     budget = budget_note(a, dirs, [m for r in results.values() for m in r], class_command(a, name))
     note = (f"{title} {budget} Shapes preset (XS/4, 24 px pixel space), "
             f"{a.steps} steps of batch 64 per run. Checker on EMA samples ({a.sample_steps} Euler steps, guidance "
             f"{a.cfg_scale}): {a.per_class} seeds per class, each drawn unmirrored and mirrored, random crops")
-    note += (". Class, colour and flip accuracies are on prompts in wordings the model never saw in training."
+    note += (". Accuracies are on prompts in wordings the model never saw in training; held-out loss: the EMA's "
+             "velocity loss on 256 unseen images x 8 fixed noise levels, captioned in those wordings; "
+             "null − caption: the same with the null prompt, minus it (how much the caption is used)."
              if text else f"; drift over {a.drift_n} (noise, class) pairs, sizes {SIZE_SWEEP} x res, crops at the "
              "top-left, centre and bottom-right. Train loss: the mean over the last --log-every steps.")
     write_table(a, name, rows, ["variant"] + list(columns), note)
@@ -334,8 +354,8 @@ def transfer(a):
                                "--batch", str(a.ft_batch), "--seed", str(seed)] + flags + init, a.out)
             dirs.append(ft)
             log = train_losses(ft)
-            results[variant].append(dict(measured(ft, "heldout256x8", lambda: heldout_loss(ft)), seed=seed,
-                                         train_last=log[max(log)], train_first=log[min(log)]))
+            m = measured(ft, "heldout256x8", lambda: dict(heldout=heldout_loss(ft)))
+            results[variant].append(dict(m, seed=seed, train_last=log[max(log)], train_first=log[min(log)]))
     rows = summarise(results, {"held-out loss": "heldout", "train loss, first": "train_first",
                                "train loss, last": "train_last"})
     command = (f"python experiments.py transfer --seeds {','.join(map(str, a.seeds))} --base-steps {a.base_steps} "

@@ -101,3 +101,18 @@ def test_routes_trains_measures_and_writes_tables_figures_and_readme(tmp_path, m
     curve = experiments.mean_curve(rows[0]["per_seed"])
     assert sorted(curve) == [1, 2]
     assert curve[2] == pytest.approx(np.mean([m["curve"]["2"] for m in rows[0]["per_seed"]]))
+
+
+def test_padding_measures_text_models_on_held_out_wordings(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "PADDINGS", {"zero": ["--cond-type", "text", "--text-pad", "zero"]})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    experiments.main(["padding", "--seeds", "0", "--steps", "2", "--per-class", "1", "--sample-steps", "2",
+                      "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
+                      "--readme", str(readme)])
+    (row,) = json.loads((tmp_path / "docs" / "padding.json").read_text())
+    m = row["per_seed"][0]
+    assert 0 <= m["colour_acc"] <= 1 and np.isfinite(m["caption_loss"])
+    assert m["caption_gain"] != 0.0  # the null prompt is a different input from the held-out captions
+    assert "size_drift_class" not in m  # no drift sweep for text models
+    assert row["null − caption loss"] == f"{m['caption_gain']:.3f}"
