@@ -154,12 +154,12 @@ def checker_metrics(run_dir, a, with_drift=True):
 
 
 @torch.no_grad()
-def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False):
+def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False, per_level=False):
     """The velocity loss of a run's `weights` ("model": the final weights; "ema") on n images of a dataset the run
     never saw, at `levels` fixed noise levels t = (i + 0.5) / levels with fixed noise: the same inputs for every
     variant, so differences are the models'. A text model reads each image's caption in a wording it never saw in
     training (data.HELDOUT_TEMPLATES, in turn). null=True gives every image the null condition instead: the null
-    loss minus the conditional one is how much the model uses the condition."""
+    loss minus the conditional one is how much the model uses the condition. per_level: the loss at each level."""
     ckpt = torch.load(last_ckpt(run_dir), map_location="cpu", weights_only=False)
     args = argparse.Namespace(**ckpt["args"])
     model = train.make_model(args)
@@ -167,7 +167,7 @@ def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False
     model.eval()
     data = build_dataset("shapes", args.res, seed=seed, size=n)
     g = torch.Generator().manual_seed(seed)
-    total = 0.0
+    total = np.zeros(levels)
     for start in range(0, n, 64):
         idx = range(start, min(start + 64, n))
         items = [data[i] for i in idx]
@@ -183,8 +183,15 @@ def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False
             noise = torch.randn(x0.shape, generator=g)
             x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
             pred = to_velocity(model(x_t, t, y, ctrl, sem_drop=drop), x_t, t, args.pred)
-            total += ((pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3)).sum().item()
-    return total / (n * levels)
+            total[i] += ((pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3)).sum().item()
+    return (total / n).tolist() if per_level else float(total.sum() / (n * levels))
+
+
+def split_levels(losses):
+    """Per-level held-out losses (t ascending) -> the mean, and the means over the cleaner and the noisier half."""
+    half = len(losses) // 2
+    return dict(heldout=float(np.mean(losses)), heldout_low=float(np.mean(losses[:half])),
+                heldout_high=float(np.mean(losses[half:])))
 
 
 def text_losses(run_dir):
@@ -354,10 +361,11 @@ def transfer(a):
                                "--batch", str(a.ft_batch), "--seed", str(seed)] + flags + init, a.out)
             dirs.append(ft)
             log = train_losses(ft)
-            m = measured(ft, "heldout256x8", lambda: dict(heldout=heldout_loss(ft)))
+            m = measured(ft, "heldout256x8-levels", lambda: split_levels(heldout_loss(ft, per_level=True)))
             results[variant].append(dict(m, seed=seed, train_last=log[max(log)], train_first=log[min(log)]))
-    rows = summarise(results, {"held-out loss": "heldout", "train loss, first": "train_first",
-                               "train loss, last": "train_last"})
+    columns = {"held-out loss": "heldout", "held-out, t < 0.5": "heldout_low", "held-out, t > 0.5": "heldout_high",
+               "train loss, first": "train_first", "train loss, last": "train_last"}
+    rows = summarise(results, columns)
     command = (f"python experiments.py transfer --seeds {','.join(map(str, a.seeds))} --base-steps {a.base_steps} "
                f"--ft-steps {a.ft_steps} --ft-batch {a.ft_batch} --shapes-size {a.shapes_size}")
     budget = budget_note(a, dirs, [m for r in results.values() for m in r], command)
@@ -365,9 +373,10 @@ def transfer(a):
             f"shift 3 at the 32 px base): {a.base_steps} steps at 32 px, then {a.ft_steps} steps of batch "
             f"{a.ft_batch} at 64 px (4x the tokens) per variant with the same seed and data order. `shift` scales "
             f"the noise shift by sqrt(4) = 2 at 64 px; `no shift` keeps 3 (`--res-shift off`). Held-out loss: final "
-            f"weights, 256 unseen images x 8 fixed noise levels with fixed noise. Train loss: mean over the first "
-            f"and the last {a.log_every} steps.")
-    write_table(a, "transfer", rows, ["variant", "held-out loss", "train loss, first", "train loss, last"], note)
+            f"weights, 256 unseen images x 8 fixed noise levels t = 1/16 .. 15/16 with fixed noise, in all and per "
+            f"half: one yardstick for every variant, not the sample quality the shift aims at. "
+            f"Train loss: mean over the first and the last {a.log_every} steps (each on its own t distribution).")
+    write_table(a, "transfer", rows, ["variant"] + list(columns), note)
     return results
 
 
