@@ -1,5 +1,6 @@
 """experiments.py: the drift measure on models whose behaviour is known, and a whole comparison at toy size from
 training to the README block."""
+import argparse
 import json
 import os
 
@@ -116,3 +117,22 @@ def test_padding_measures_text_models_on_held_out_wordings(tmp_path, monkeypatch
     assert m["caption_gain"] != 0.0  # the null prompt is a different input from the held-out captions
     assert "size_drift_class" not in m  # no drift sweep for text models
     assert row["null − caption loss"] == f"{m['caption_gain']:.3f}"
+
+
+def test_transfer_fine_tunes_each_variant_from_one_base_and_splits_the_held_out_loss(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "TRANSFER", {k: v for k, v in experiments.TRANSFER.items() if "resample" in k})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    experiments.main(["transfer", "--seeds", "0", "--base-steps", "2", "--ft-steps", "2", "--ft-batch", "4",
+                      "--ft-warmup", "1", "--log-every", "1", "--shapes-size", "128", "--out", str(tmp_path / "runs"),
+                      "--docs", str(tmp_path / "docs"), "--readme", str(readme)])
+    rows = {r["variant"]: r["per_seed"][0] for r in json.loads((tmp_path / "docs" / "transfer.json").read_text())}
+    assert list(rows) == ["resample + shift (paper)", "resample, no shift"]
+    for m in rows.values():
+        assert m["heldout"] == pytest.approx((m["heldout_low"] + m["heldout_high"]) / 2)
+    alphas = {}
+    for run in (tmp_path / "runs" / "transfer").glob("ft-*/0*"):
+        args = argparse.Namespace(**torch.load(train.checkpoints_in(str(run))[0], weights_only=False)["args"])
+        assert (args.res, args.base_res) == (64, 32)  # the base grid comes from the 32 px checkpoint
+        alphas[args.res_shift] = train.make_diffusion(args).alpha
+    assert alphas == {"on": pytest.approx(6.0), "off": pytest.approx(3.0)}  # shift 3 x sqrt(4 x the tokens) vs 3
