@@ -415,7 +415,7 @@ def plot_curves(path, title, curves, size=(640, 400)):
         pts = [(px(s), py(c[s])) for s in sorted(c)]
         d.line(pts, fill=colour, width=2)
         d.line([w - right + 10, top + 10 + 18 * i, w - right + 30, top + 10 + 18 * i], fill=colour, width=3)
-        d.text((w - right + 35, top + 4 + 18 * i), label, fill="black")
+        d.text((w - right + 35, top + 4 + 18 * i), label.replace("α", "alpha"), fill="black")  # an ASCII font
     img.save(path)
     return path
 
