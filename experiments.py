@@ -10,8 +10,9 @@ from them, so no number in it is typed by hand.
     python experiments.py transfer    # 32 -> 64 px: resample vs extend, with and without the noise-shift scaling
     python experiments.py figures     # size-sweep grid (ours vs adaln) and loss curves
     python experiments.py all         # all of the above, then the README section
+    python experiments.py readme      # only the README section, from the tables already written
 
-Defaults: seeds 0,1,2 and 400 steps per run (about 5 minutes per run on one CPU thread). A finished run is not
+Defaults: seeds 0,1,2 and 800 steps per run (about 6 minutes per run on one CPU thread). A finished run is not
 trained again and its measurements are kept in its folder (under --out), so an interrupted experiment continues where
 it stopped, two experiments can run side by side in separate processes, and `all` after them only assembles. Delete a
 run folder to redo it.
@@ -102,6 +103,16 @@ SIZE_SWEEP = (0.5, 1.0, 2.0)  # original image side / training resolution: upsca
 # the range the shapes data covers; 2.0 is the sampling default
 
 
+def size_controls(res, factors):
+    """The shapes sampling default (centred, not mirrored) with the original size set to each factor x res."""
+    controls = []
+    for f in factors:
+        c = default_control("shapes", res)
+        c[0] = c[1] = round(f * res)
+        controls.append(c)
+    return controls
+
+
 def content_drift(measurements, key):
     """measurements: per (noise, class) pair, the checker's readings of the images of one sweep. The fraction of pairs
     whose `key` (label, colour) is not the same in every image of the sweep."""
@@ -117,11 +128,7 @@ def drift(model, args, n, cfg_scale, steps, seed=20_000):
     res, vae = args.res, Autoencoder("none")
     base = default_control("shapes", res)  # centred, not mirrored, original size 2 res
     assert base[0] == SIZE_SWEEP[-1] * res
-    controls = []
-    for f in SIZE_SWEEP:
-        c = base.clone()
-        c[0] = c[1] = round(f * res)
-        controls.append(c)
+    controls = size_controls(res, SIZE_SWEEP)
     for offset in (0, round(res * CANVAS_MARGIN) - res):  # the two extreme crops; the centred one is controls[2]
         c = base.clone()
         c[2] = c[3] = offset
@@ -275,19 +282,22 @@ TEXT_COLUMNS = {"class + colour acc": "class_colour_acc", "class acc": "class_ac
                 "train loss (last)": "train_loss"}
 
 
+def run_flags(a, seed):
+    """What every experiment run shares: shapes data, its seed, the loss-curve resolution, and no end-of-run work
+    (the experiment measures it)."""
+    return ["--dataset", "shapes", "--shapes-size", str(a.shapes_size), "--seed", str(seed), "--log-every",
+            str(a.log_every), "--eval-per-class", "0", "--sample-every", "-1", "--ckpt-every", "100000"]
+
+
 def shapes_run(a, flags, seed):
     """The run of one variant and seed: the shapes preset with the experiment's budget (same data and order for
     every variant of a seed)."""
     tag = "-".join(f.lstrip("-") for f in flags) or "default"
-    argv = ["--dataset", "shapes", "--steps", str(a.steps), "--shapes-size", str(a.shapes_size), "--seed", str(seed),
-            "--eval-per-class", "0", "--ckpt-every", "100000", "--log-every", str(a.log_every),
-            "--sample-every", "-1"] + flags
-    return run(f"shapes/{tag}-{a.steps}st-s{seed}", argv, a.out)
+    return run(f"shapes/{tag}-{a.steps}st-s{seed}", run_flags(a, seed) + ["--steps", str(a.steps)] + flags, a.out)
 
 
-def compare(a, name, variants, columns, title):
+def compare(a, name, variants, columns, title, text=False):
     results, dirs = {}, []
-    text = columns is TEXT_COLUMNS
     if a.variants:  # a subset, e.g. to split one comparison over two processes
         unknown = set(a.variants) - set(variants)
         if unknown:
@@ -327,7 +337,8 @@ def gates(a):
 
 
 def padding(a):
-    return compare(a, "padding", PADDINGS, TEXT_COLUMNS, "Text padding (`--cond-type text`, built-in encoder).")
+    return compare(a, "padding", PADDINGS, TEXT_COLUMNS, "Text padding (`--cond-type text`, built-in encoder).",
+                   text=True)
 
 
 #################################################################################
@@ -344,21 +355,18 @@ SCRATCH = {"from scratch (resample + shift)": ["--pos-mode", "resample"]}  # wit
 
 
 def transfer(a):
-    common = ["--dataset", "shapes", "--eval-per-class", "0", "--base-res", "32", "--ckpt-every", "100000",
-              "--sample-every", "-1",
-              "--shapes-size", str(a.shapes_size), "--log-every", str(a.log_every)]
     variants = dict(TRANSFER, **(SCRATCH if a.scratch else {}))
     dirs, results = [], {v: [] for v in variants}
     for seed in a.seeds:
         base = run(f"transfer/base-32px-{a.base_steps}st-s{seed}",
-                   common + ["--res", "32", "--steps", str(a.base_steps), "--seed", str(seed)], a.out)
+                   run_flags(a, seed) + ["--res", "32", "--base-res", "32", "--steps", str(a.base_steps)], a.out)
         dirs.append(base)
         for variant, flags in variants.items():
             init = [] if variant.startswith("from scratch") else ["--init-from", last_ckpt(base)]
             tag = re.sub(r"[^a-z]+", "-", variant.split(" (")[0]).strip("-")
             ft = run(f"transfer/ft-64px-{tag}-{a.base_steps}-{a.ft_steps}st-b{a.ft_batch}-s{seed}",
-                     common + ["--res", "64", "--steps", str(a.ft_steps), "--warmup", str(a.ft_warmup),
-                               "--batch", str(a.ft_batch), "--seed", str(seed)] + flags + init, a.out)
+                     run_flags(a, seed) + ["--res", "64", "--base-res", "32", "--steps", str(a.ft_steps), "--warmup",
+                                           str(a.ft_warmup), "--batch", str(a.ft_batch)] + flags + init, a.out)
             dirs.append(ft)
             log = train_losses(ft)
             m = measured(ft, "heldout256x8-levels", lambda: split_levels(heldout_loss(ft, per_level=True)))
@@ -435,12 +443,7 @@ def size_sweep_figure(a, run_dirs, path, classes=(0, 2, 5, 6, 7, 9), factors=(0.
     panels = []
     for label, run_dir in run_dirs.items():
         model, args = load_checkpoint(run_dir, "cpu")
-        base = default_control("shapes", args.res)
-        ctrl = []
-        for f in factors:
-            c = base.clone()
-            c[0] = c[1] = round(f * args.res)
-            ctrl.append(c)
+        ctrl = size_controls(args.res, factors)
         noise = make_noise([seed + k for k in classes], latent_shape(args, None), "cpu")
         x = generate(model, train.make_diffusion(args), noise.repeat_interleave(len(factors), 0),
                      semantic_input(args, [k for k in classes for _ in factors], "cpu"),

@@ -83,7 +83,7 @@ def test_routes_trains_measures_and_writes_tables_figures_and_readme(tmp_path, m
         assert r["class acc"] == f"{np.mean(accs):.3f} ± {np.std(accs):.3f}"  # the table is the measurement
         assert all(0 <= m["size_drift_class"] <= 1 for m in r["per_seed"])
     md = (tmp_path / "docs" / "routes.md").read_text()
-    assert "python experiments.py routes --seeds 0,1 --steps 2" in md and "4 runs on CPU" in md
+    assert "python experiments.py routes --seeds 0,1 --steps 2" in md and f"4 runs on {experiments.device_name()}" in md
     text = readme.read_text()
     assert "old text" not in text and "| ours |" in text and text.endswith("kept\n")
 
