@@ -44,8 +44,11 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from conditioning import drop_flags, load_text_encoder
-from data import ShapesDataset, default_control, latent_geometry
+from conditioning import drop_flags
+from data import default_control
+from latents import latent_geometry
+from shapes import ShapesDataset
+from text import load_text_encoder
 
 ATTN = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}

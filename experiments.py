@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 import train
-from data import (CANVAS_MARGIN, HELDOUT_TEMPLATES, SHAPE_NAMES, Autoencoder, ShapesChecker, build_dataset,
-                  default_control, to_uint8)
+from data import build_dataset, default_control
 from diffusion import to_velocity
+from latents import Autoencoder, to_uint8
 from sample import evaluate_shapes, generate, latent_shape, load_checkpoint, make_noise, semantic_input
+from shapes import CANVAS_MARGIN, HELDOUT_TEMPLATES, SHAPE_NAMES, ShapesChecker
 
 DOCS = os.path.join("docs", "experiments")
 

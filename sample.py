@@ -18,9 +18,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from data import (CANVAS_MARGIN, CHIRAL, COLOUR_NAMES, CONTROL_SIGNALS, HELDOUT_TEMPLATES, SHAPE_NAMES, Autoencoder,
-                  ShapesChecker, default_control, expected_position, latent_geometry, to_uint8)
+from conditioning import CONTROL_SIGNALS
+from data import default_control
 from diffusion import SAMPLERS, guided_prediction
+from latents import Autoencoder, latent_geometry, to_uint8
+from shapes import CANVAS_MARGIN, CHIRAL, COLOUR_NAMES, HELDOUT_TEMPLATES, SHAPE_NAMES, ShapesChecker, expected_position
 from train import CONFIG_VERSION, checkpoint_weights, find_checkpoint, make_diffusion, make_model
 
 #################################################################################
@@ -62,7 +64,7 @@ def semantic_input(args, labels, device, prompts=None):
         prompts = [f"a {COLOUR_NAMES[i % len(COLOUR_NAMES)]} {SHAPE_NAMES[k]}" for i, k in enumerate(labels)]
     key = (args.text_encoder, str(device), args.text_max_length)
     if key not in _ENCODERS:
-        from conditioning import load_text_encoder
+        from text import load_text_encoder
         _ENCODERS[key] = load_text_encoder(args.text_encoder, device, args.text_max_length)
     features, mask = _ENCODERS[key].encode(list(prompts))
     return features.half().float().to(device), mask.to(device)

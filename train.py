@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS, TextCache, drop_flags, load_text_encoder
-from data import DATASETS, MAX_WORKERS, Autoencoder, build_dataset, latent_geometry, read_cache
+from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS, drop_flags
+from data import DATASETS, MAX_WORKERS, build_dataset
 from diffusion import BETA_SCHEDULES, OBJECTIVES, Diffusion, noise_shift
+from latents import Autoencoder, latent_geometry, read_cache
 from model import ARCHS, CONDS, MODELS, POS_MODES, build_model, count_params
+from text import TextCache, load_text_encoder
 
 CONFIG_VERSION = 2
 PREEMPTED = 75  # exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
@@ -58,7 +60,7 @@ def get_args(argv=None):
     a = p.add_argument
     # data
     a("--dataset", default="shapes", choices=DATASETS, help="shapes (embedded, default) | imagenet | folder | "
-      "latents (a cache made by `data.py --encode`; takes its source dataset's preset, resolution and VAE)")
+      "latents (a cache made by `latents.py --encode`; takes its source dataset's preset, resolution and VAE)")
     a("--data-path", default=None, help="ImageFolder root for imagenet / folder; the cache folder for latents")
     a("--res", type=int, help="training resolution in pixels (shapes 24, imagenet 256)")
     a("--crop", default="random", choices=("random", "center"), help="crop policy; crop offsets are recorded")
@@ -186,7 +188,7 @@ def validate(args):
         raise SystemExit(f"--mask-ratio must be in [0, 0.8) (0.2 is added at random), got {args.mask_ratio}")
     if args.dataset != "shapes" and not args.data_path:
         raise SystemExit(f"--dataset {args.dataset} needs --data-path DIR (an ImageFolder tree DIR/<class>/<images>, "
-                         f"or for latents a cache folder made by `python data.py --encode`)")
+                         f"or for latents a cache folder made by `python latents.py --encode`)")
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f"--data-path {args.data_path!r} does not exist or is not a directory")
     for name in ("batch", "steps", "res", "class_tokens", "log_every", "ckpt_every", "keep", "max_bad_steps"):

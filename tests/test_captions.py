@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data import (CONTROL_SIGNALS, EVENTS, CaptionFolderDataset, WebDatasetShards, build_dataset, default_control,
-                  folder_default_control)
+from conditioning import CONTROL_SIGNALS
+from data import EVENTS, CaptionFolderDataset, WebDatasetShards, build_dataset, default_control, folder_default_control
 
 RES = 8
 
@@ -234,8 +234,9 @@ def test_text_model_trains_on_streamed_shards_and_resumes_exactly(shards, tmp_pa
     and a resumed run's losses equal the uninterrupted run's."""
     import shutil
 
-    import train
     from test_train import losses
+
+    import train
     flags = ["--dataset", "webdataset", "--data-path", shards, "--cond-type", "text", "--model", "T/4", "--res", "16",
              "--vae", "none",
              "--base-res", "16", "--batch", "4", "--workers", "2", "--log-every", "1", "--warmup", "2",

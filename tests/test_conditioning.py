@@ -4,9 +4,17 @@ import math
 import pytest
 import torch
 
-from conditioning import (CONTROL_GROUPS, ClassEmbedder, ControlEmbedder, TimestepEmbedder, drop_flags, gate,
-                          normalise_control)
-from data import CONTROL_SIGNALS, make_control
+from conditioning import (
+    CONTROL_GROUPS,
+    CONTROL_SIGNALS,
+    ClassEmbedder,
+    ControlEmbedder,
+    TimestepEmbedder,
+    drop_flags,
+    gate,
+    make_control,
+    normalise_control,
+)
 
 
 def ctrl_batch(n=4):

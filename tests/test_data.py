@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from data import (CANVAS_MARGIN, CHIRAL, CONTROL_SIGNALS, SHAPE_NAMES, ImageFolderDataset, ShapesChecker,
-                  ShapesDataset, build_dataset, crop_flip, expected_position)
+from conditioning import CONTROL_SIGNALS
+from data import ImageFolderDataset, build_dataset, crop_flip
+from shapes import CANVAS_MARGIN, CHIRAL, SHAPE_NAMES, ShapesChecker, ShapesDataset, expected_position
 
 
 @pytest.fixture(scope="module")

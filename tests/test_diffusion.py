@@ -5,8 +5,20 @@ import math
 import pytest
 import torch
 
-from diffusion import (Chain, Diffusion, ddpm_betas, discretized_gaussian_nll, guided_prediction, normal_kl,
-                       resolution_shift, sample_t, shift_time, spaced_steps, time_grid, to_velocity)
+from diffusion import (
+    Chain,
+    Diffusion,
+    ddpm_betas,
+    discretized_gaussian_nll,
+    guided_prediction,
+    normal_kl,
+    resolution_shift,
+    sample_t,
+    shift_time,
+    spaced_steps,
+    time_grid,
+    to_velocity,
+)
 
 
 def test_shift_formula():

@@ -11,7 +11,8 @@ from PIL import Image
 
 import experiments
 import train
-from data import COLOURS, SHAPES, Autoencoder, render_shape, to_uint8
+from latents import Autoencoder, to_uint8
+from shapes import COLOURS, SHAPES, render_shape
 
 #################################################################################
 #                        content_drift and drift                                #

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from data import CONTROL_SIGNALS, Autoencoder, LatentCacheDataset, build_dataset, shard_name
+import latents
+from conditioning import CONTROL_SIGNALS
+from data import build_dataset
+from latents import Autoencoder, LatentCacheDataset, shard_name
 
 diffusers = pytest.importorskip("diffusers")  # a test dependency only (requirements-dev.txt)
 
@@ -54,7 +56,7 @@ def encode_args(vae, folder, out, *extra):
 @pytest.fixture(scope="module")
 def cache(tiny_vae, folder, tmp_path_factory):
     """A one-process cache: 11 items in shards of 3 (3 + 3 + 3 + 2)."""
-    return data.main(encode_args(tiny_vae, folder, str(tmp_path_factory.mktemp("cache"))))
+    return latents.main(encode_args(tiny_vae, folder, str(tmp_path_factory.mktemp("cache"))))
 
 
 def load_json(path):
@@ -168,12 +170,12 @@ def test_rerun_redoes_only_missing_or_damaged_shards_and_refuses_other_settings(
     names = [shard_name(k, 1) for k in range(4)]
     before = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in names}
     os.remove(os.path.join(out, names[1]))
-    with pytest.raises(RuntimeError, match="unfinished .1 of 4 shards missing.*\n  python data.py --encode"):
+    with pytest.raises(RuntimeError, match="unfinished .1 of 4 shards missing.*\n  python latents.py --encode"):
         LatentCacheDataset(out)
     with open(os.path.join(out, names[2]), "r+b") as f:  # damaged on disk under a complete name
         f.truncate(100)
     capsys.readouterr()
-    data.main(encode_args(tiny_vae, folder, out))
+    latents.main(encode_args(tiny_vae, folder, out))
     log = capsys.readouterr().out
     assert "2 of 4 shards already complete, 2 to encode" in log
     assert [line.split()[3] for line in log.splitlines() if " wrote " in line] == names[1:3]
@@ -182,14 +184,14 @@ def test_rerun_redoes_only_missing_or_damaged_shards_and_refuses_other_settings(
     for a, b in zip(shards(out), shards(cache)):
         assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["index"], b["index"])
     with pytest.raises(SystemExit, match=r"res: cache 32 vs now 64[\s\S]*--res 32"):
-        data.main(encode_args(tiny_vae, folder, out, "--res", "64"))  # argparse: the later flag wins
+        latents.main(encode_args(tiny_vae, folder, out, "--res", "64"))  # argparse: the later flag wins
     with pytest.raises(SystemExit, match="crop: cache 'center' vs now 'random'"):
-        data.main(encode_args(tiny_vae, folder, out, "--crop", "random"))
+        latents.main(encode_args(tiny_vae, folder, out, "--crop", "random"))
 
 
 def test_two_ranks_write_disjoint_shards_that_cover_the_dataset_once(cache, tiny_vae, folder, tmp_path):
     out = str(tmp_path / "cache2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "data.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "latents.py",
            *encode_args(tiny_vae, folder, out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on CPU
     proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -209,8 +211,8 @@ def test_two_ranks_write_disjoint_shards_that_cover_the_dataset_once(cache, tiny
     assert np.allclose(one["std"], two["std"], rtol=1e-3) and np.allclose(one["mean"], two["mean"], atol=1e-3)
     assert two["bad_images_this_run"] == {"unreadable": 1}  # counted on one rank, summed over both
     assert len(LatentCacheDataset(out)) == N
-    with pytest.raises(SystemExit, match=r"world: cache 2 vs now 1[\s\S]*torchrun --nproc_per_node=2 data.py"):
-        data.main(encode_args(tiny_vae, folder, out))
+    with pytest.raises(SystemExit, match=r"world: cache 2 vs now 1[\s\S]*torchrun --nproc_per_node=2 latents.py"):
+        latents.main(encode_args(tiny_vae, folder, out))
 
 
 def test_training_reads_the_cache_and_sampling_decodes_with_its_scale(cache, tiny_vae, tmp_path):
@@ -222,7 +224,7 @@ def test_training_reads_the_cache_and_sampling_decodes_with_its_scale(cache, tin
                       "--workers", "0", "--log-every", "1", "--out", str(tmp_path), "--cfg-scale", "1.5"])
     ckpt = torch.load(train.checkpoints_in(run)[0], weights_only=False)
     assert (ckpt["args"]["res"], ckpt["args"]["vae"], ckpt["args"]["source_dataset"]) == (RES, tiny_vae, "folder")
-    assert ckpt["args"]["latent_scale"] == data.Autoencoder(tiny_vae).scale
+    assert ckpt["args"]["latent_scale"] == latents.Autoencoder(tiny_vae).scale
     out = str(tmp_path / "grid.png")
     sample.main(["--ckpt", run, "--classes", "0,1", "--seeds", "1", "--steps", "2", "--out", out])
     assert Image.open(out).size == (1 + (RES + 1), 1 + 2 * (RES + 1))  # one seed, one control; two classes

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from data import make_control
+from conditioning import make_control
 from model import CONDS, SIZES, DiffusionTransformer, JointBlock, build_model, count_params, sincos_1d, sincos_2d
 
 

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import ROOT, TINY, losses, records
 
 import train
 from data import load_rgb
-
-from test_train import ROOT, TINY, losses, records
 
 
 def wait_for(predicate, timeout=120):

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-
-from conditioning import (TEXT_PADS, ClassEmbedder, TextCache, TextEmbedder, drop_flags, load_text_encoder,
-                          pad_text)
-from data import COLOUR_NAMES, SHAPE_NAMES
-from model import JointBlock
 from test_model import perturb
+
+from conditioning import TEXT_PADS, ClassEmbedder, TextEmbedder, drop_flags, pad_text
+from model import JointBlock
+from shapes import COLOUR_NAMES, SHAPE_NAMES
+from text import TextCache, load_text_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = [f"a {c} {s}" for c in COLOUR_NAMES for s in SHAPE_NAMES]
@@ -260,9 +260,10 @@ def test_cache_round_trip_with_a_real_hugging_face_encoder(tmp_path):
 #################################################################################
 
 def test_text_model_trains_and_samples_from_prompts(tmp_path):
+    from test_train import TINY, losses
+
     import sample
     import train
-    from test_train import TINY, losses
     run = train.main(TINY + ["--cond-type", "text", "--steps", "3", "--out", str(tmp_path)])
     assert len(losses(run)) == 3
     out = str(tmp_path / "grid.png")
@@ -280,8 +281,9 @@ def test_text_model_trains_and_samples_from_prompts(tmp_path):
 
 
 def test_class_to_text_transfer_loads_the_rest(tmp_path):
-    import train
     from test_train import TINY
+
+    import train
     run = train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "a")])
     args = train.get_args(TINY + ["--cond-type", "text"])
     args.num_classes, args.text_dim, args.text_max_length = 10, 64, 16
@@ -294,8 +296,9 @@ def test_class_to_text_transfer_loads_the_rest(tmp_path):
 
 
 def test_zero_padding_is_masked_through_the_whole_model():
-    from model import build_model
     from test_model import perturb
+
+    from model import build_model
     text = dict(text_dim=8, max_length=6, pad="zero")
     for cond in ("ours", "xattn"):
         model = perturb(build_model("T/4", input_size=16, in_channels=3, num_classes=10, cond=cond, text=text)).eval()

@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from data import make_control
 from test_model import perturb
+
+from conditioning import make_control
 from unet import UNET_CONDS, UNET_SIZES, Attention, build_unet
 
 NUM_CLASSES = 10
