@@ -1,17 +1,17 @@
 """
-Conditioning: every embedder the denoiser reads.
+Conditioning: every embedder the denoiser reads, in the order the paper's mechanism uses them.
 
+    control   crop / flip / size / aspect / resolution scalars, as the augmentation recorded them
+              -> Fourier features per scalar -> one MLP per signal group -> e_ctrl,k      (B, groups, D)
+    gates     g_k(t) per group along the trajectory -> sum_k g_k(t) * e_ctrl,k             (B, D), added to e_t
     time      t in [0, 1] (1 = pure noise)  -> sinusoidal features -> MLP -> e_t            (B, D)
     class     label (num_classes = null)    -> K learned tokens                           (B, K, D) + pooled (B, D)
     text      prompt -> frozen encoder (text.py), cached once per dataset -> features (B, L, d) + mask (B, L)
               -> padding (noisy replicate by default) -> MLP -> L tokens                  (B, L, D) + pooled (B, D)
-    control   crop / flip / size / aspect / resolution scalars
-              -> Fourier features per scalar -> one MLP per signal group -> e_ctrl,k      (B, groups, D)
-              -> gated along the trajectory: sum_k g_k(t) * e_ctrl,k
+    dropout   for classifier-free guidance: the semantic and the control condition, each dropped independently
 
 The paper's point: semantic conditions (class, text) are *what* to draw and go through attention as tokens; control
 metadata is *how* it was captured and goes through adaLN, each group switched on by its own schedule of t.
-Condition dropout for classifier-free guidance drops the two kinds independently.
 """
 import math
 
@@ -87,7 +87,7 @@ class ControlEmbedder(nn.Module):
         for name in self.gates.values():
             gate(name, torch.zeros(1))  # fail at construction on an unknown name
         self.register_buffer("freqs", 2.0 ** torch.arange(-4, num_freqs - 4, dtype=torch.float32), persistent=False)
-        self.index = {g: [CONTROL_SIGNALS.index(s) for s in sig] for g, sig in CONTROL_GROUPS.items()}
+        self.index = {g: [SIGNAL[s] for s in sig] for g, sig in CONTROL_GROUPS.items()}
         self.mlps = nn.ModuleDict({g: nn.Sequential(nn.Linear(2 * num_freqs * len(sig), dim), nn.SiLU(),
                                                     nn.Linear(dim, dim)) for g, sig in self.index.items()})
         self.null = nn.Parameter(torch.zeros(len(self.index), dim))
@@ -109,11 +109,15 @@ class ControlEmbedder(nn.Module):
         """(B,) -> (B, G) weights g_k(t)."""
         return torch.stack([gate(self.gates[g], t) for g in self.index], dim=1)
 
+    def gated(self, emb, t):
+        """The paper's control term sum_k g_k(t) * e_ctrl,k: emb (B, G, D) from forward, t (B,) -> (B, D). The one
+        place it is computed, for the transformer's adaLN vector and the UNet's embedding alike."""
+        return (self.gate_weights(t)[..., None].to(emb.dtype) * emb).sum(1)
+
 
 #################################################################################
 #                              Timestep                                         #
 #################################################################################
-
 
 def sinusoidal(x, dim, max_period=10000.0):
     """DiT / ADM sinusoidal features of a (B,) tensor -> (B, dim)."""
@@ -133,6 +137,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         return self.mlp(sinusoidal(t * 1000.0, self.freq_dim))
+
 
 #################################################################################
 #                        Semantic condition: class tokens                       #

@@ -15,9 +15,9 @@ Conditioning routes (`cond`), all built from the same blocks:
            shared modulation MLP, per-block learned offsets)
 
 Architectures (`arch`) on the same blocks:
-    dit    a plain stack of blocks
-    mdt    mDT-v2: encoder halves joined by long shortcuts, a side interpolator and decoder blocks; during training
-           a random 30-50 % of the image tokens are dropped and the model predicts the full image from the rest
+    dit    DiffusionTransformer: a plain stack of blocks
+    mdt    MDTv2, a subclass: encoder halves joined by long shortcuts, a side interpolator and decoder blocks; during
+           training a random 30-50 % of the image tokens are dropped and the model predicts the full image from the rest
 (the UNet of the LDM baseline is a different network and lives in unet.py)
 
 A fresh model outputs zero: the final layer is zero-initialised, and with adaLN-Zero (every route but xattn) every
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conditioning import ClassEmbedder, ControlEmbedder, TextEmbedder, TimestepEmbedder
+from conditioning import CONTROL_GROUPS, ClassEmbedder, ControlEmbedder, TextEmbedder, TimestepEmbedder
 
 CONDS = ("ours", "mmdit", "adaln", "xattn")
 ARCHS = ("dit", "mdt")
@@ -146,14 +146,14 @@ class CrossAttention(nn.Module):
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.q_norm, self.k_norm = heads_norm(dim, heads, qk_norm), heads_norm(dim, heads, qk_norm)
 
-    def forward(self, x, c, mask=None):
-        """x (B, N, D), c (B, K, D), mask (B, K) bool (True = keep) -> (B, N, D)"""
-        (B, N, D), K, H = x.shape, c.shape[1], self.heads
-        q = self.q(x).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
-        k, v = self.kv(c).view(B, K, 2, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, K, D/H)
-        attn_mask = None if mask is None else mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).flatten(2))
+    def forward(self, x, ctx, mask=None):
+        """x (B, N, D), ctx (B, K, D), mask (B, K) bool (True = keep) -> (B, N, D)"""
+        (B, N, D), K, H = x.shape, ctx.shape[1], self.heads
+        q = self.q(x).view(B, N, H, D // H).transpose(1, 2)                   # (B, H, N, D/H)
+        k, v = self.kv(ctx).view(B, K, 2, H, D // H).permute(2, 0, 3, 1, 4)   # each (B, H, K, D/H)
+        attn_mask = None if mask is None else mask[:, None, None, :]          # (B, 1, 1, K)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)  # (B, H, N, D/H)
+        return self.proj(out.transpose(1, 2).flatten(2))                      # (B, N, D)
 
 
 class JointBlock(nn.Module):
@@ -172,25 +172,30 @@ class JointBlock(nn.Module):
         self.cross = CrossAttention(dim, heads, qk_norm) if context == "cross" else None
         self.skip = nn.Linear(2 * dim, dim) if skip else None
 
-    def forward(self, x, c, vec, mask=None, skip=None):
-        """x (B, N, D) image tokens, c (B, K, D) context tokens or None, vec (B, D) or (B, 6 D) for adaLN-single,
-        mask (B, K) bool (True = keep), skip (B, N, D) for a long shortcut -> (x, c)"""
+    def forward(self, x, ctx, vec, mask=None, skip=None):
+        """x (B, N, D) image tokens, ctx (B, K, D) context tokens or None, vec (B, D) or (B, 6 D) for adaLN-single,
+        mask (B, K) bool (True = keep), skip (B, N, D) for a long shortcut -> (x, ctx); ctx is None after a
+        pre-only context stream, whose output nobody reads."""
         if self.skip is not None:
-            x = self.skip(torch.cat([x, skip], dim=-1))
-        qi, ki, vi, mod_i = self.img.pre_attention(x, vec)
-        if self.ctx is None:
-            between = None if self.cross is None else (lambda h: h + self.cross(h, c, mask))
-            return self.img.post_attention(x, F.scaled_dot_product_attention(qi, ki, vi), mod_i, between), c
-        qc, kc, vc, mod_c = self.ctx.pre_attention(c, vec)
-        q, k, v = torch.cat([qc, qi], 2), torch.cat([kc, ki], 2), torch.cat([vc, vi], 2)  # (B, H, K + N, D/H)
+            x = self.skip(torch.cat([x, skip], dim=-1))                                    # (B, N, D)
+        qi, ki, vi, mod_i = self.img.pre_attention(x, vec)                                 # each (B, H, N, D/H)
+        if self.ctx is None:  # DiT / PixArt-alpha: the context has no stream in the attention
+            between = None if self.cross is None else (lambda h: h + self.cross(h, ctx, mask))
+            return self.img.post_attention(x, F.scaled_dot_product_attention(qi, ki, vi), mod_i, between), ctx
+        qc, kc, vc, mod_c = self.ctx.pre_attention(ctx, vec)                               # each (B, H, K, D/H)
+        q, k, v = torch.cat([qc, qi], 2), torch.cat([kc, ki], 2), torch.cat([vc, vi], 2)  # each (B, H, K + N, D/H)
         attn_mask = None
         if mask is not None:  # padding tokens of the context are never attended to
-            keep = torch.cat([mask, mask.new_ones(x.shape[0], x.shape[1])], dim=1)  # (B, K + N)
+            keep = torch.cat([mask, mask.new_ones(x.shape[0], x.shape[1])], dim=1)        # (B, K + N)
             attn_mask = keep[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        K = c.shape[1]
-        x = self.img.post_attention(x, out[:, :, K:], mod_i)
-        return x, (None if not mod_c else self.ctx.post_attention(c, out[:, :, :K], mod_c))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)                # (B, H, K + N, D/H)
+        K = ctx.shape[1]
+        x = self.img.post_attention(x, out[:, :, K:], mod_i)                               # (B, N, D)
+        return x, (None if not mod_c else self.ctx.post_attention(ctx, out[:, :, :K], mod_c))
+
+    def ada_outputs(self):
+        """The last layers of the adaLN-Zero modulation MLPs: zeroed, they make the block the identity."""
+        return [stream.ada[-1] for stream in (self.img, self.ctx) if stream is not None]
 
 
 class FinalLayer(nn.Module):
@@ -208,11 +213,12 @@ class FinalLayer(nn.Module):
             self.table = nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
 
     def forward(self, x, vec):
+        """x (B, N, D), vec (B, D) -> (B, N, patch ** 2 * out_channels)"""
         if hasattr(self, "ada"):
-            shift, scale = self.ada(vec).chunk(2, dim=-1)
+            shift, scale = self.ada(vec).chunk(2, dim=-1)               # each (B, D)
         else:
-            shift, scale = (self.table[None] + vec[:, None]).unbind(1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+            shift, scale = (self.table[None] + vec[:, None]).unbind(1)  # each (B, D)
+        return self.linear(modulate(self.norm(x), shift, scale))       # (B, N, patch ** 2 * out_channels)
 
 
 #################################################################################
@@ -220,21 +226,20 @@ class FinalLayer(nn.Module):
 #################################################################################
 
 class DiffusionTransformer(nn.Module):
+    """The denoiser with DiT's plain stack of blocks; `cond` picks the conditioning route (module docstring)."""
+
     def __init__(self, input_size=32, patch=2, in_channels=4, out_channels=None, depth=28, width=1152, heads=16,
                  mlp_ratio=4.0, num_classes=1000, class_tokens=1, cond="ours", gates=None, pos_mode="resample",
-                 base_size=None, qk_norm=None, arch="dit", decode_layers=None, mask_ratio=0.3, text=None):
+                 base_size=None, qk_norm=None, text=None):
         super().__init__()
         if cond not in CONDS:
             raise ValueError(f"unknown --cond {cond!r}; choose one of {CONDS}")
-        if arch not in ARCHS:
-            raise ValueError(f"unknown --arch {arch!r}; choose one of {ARCHS} (or unet)")
         if pos_mode not in POS_MODES:
             raise ValueError(f"unknown --pos-mode {pos_mode!r}; choose one of {POS_MODES}")
         if input_size % patch:
             raise ValueError(f"input size {input_size} is not divisible by the patch size {patch}")
         self.patch, self.in_channels, self.width, self.cond, self.pos_mode = patch, in_channels, width, cond, pos_mode
         self.out_channels = out_channels or in_channels
-        self.arch, self.mask_ratio = arch, mask_ratio
         self.base_grid = (base_size or input_size) // patch  # the grid the positional embedding is defined on
         qk_norm = QK_NORM[cond] if qk_norm is None else qk_norm
         mod = "single" if cond == "xattn" else "ada"
@@ -245,23 +250,20 @@ class DiffusionTransformer(nn.Module):
         self.c_embed = ControlEmbedder(width, gates=gates)
         if cond == "xattn":  # adaLN-single: one modulation MLP shared by all blocks
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-        if arch == "mdt":  # encoder (two halves joined by long shortcuts) + decoder; the side block is extra
-            decode_layers = decode_layers if decode_layers is not None else (4 if depth >= 12 else (depth - 2) % 4)
-            if not 0 <= decode_layers <= depth - 2 or (depth - decode_layers) % 2:
-                raise ValueError(f"--decode-layers {decode_layers}: depth {depth} minus the decoder layers must be "
-                                 f"even and at least 2")
-            self.half, self.decode_layers = (depth - decode_layers) // 2, decode_layers
         context = {"ours": "full", "mmdit": "full", "adaln": None, "xattn": "cross"}[cond]
-        last = "pre_only" if context == "full" else context
-        skip = lambda i: arch == "mdt" and i >= self.half
-        self.blocks = nn.ModuleList([JointBlock(width, heads, mlp_ratio, context if i < depth - 1 else last,
-                                                qk_norm, mod, skip(i)) for i in range(depth)])
-        if arch == "mdt":  # the side interpolator: one block that fills in the dropped tokens (context read-only)
-            self.side = JointBlock(width, heads, mlp_ratio, last, qk_norm, mod)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        last = "pre_only" if context == "full" else context  # nobody reads the last context stream's output
+        block = lambda i, skip=False: JointBlock(width, heads, mlp_ratio, context if i < depth - 1 else last, qk_norm,
+                                                 mod, skip)
+        self.make_blocks(depth, block)
         self.final = FinalLayer(width, patch, self.out_channels, mod)
         self._pos_cache = {}
         self.initialize_weights()
+
+    def make_blocks(self, depth, block):
+        """The trunk's modules; `block(i, skip=False)` builds block i of `depth`. A method so that a subclass can add
+        modules of its own here, before the final layer: the registration order fixes the initialisation order, and
+        with it which random numbers each tensor gets."""
+        self.blocks = nn.ModuleList([block(i) for i in range(depth)])
 
     def initialize_weights(self):
         def _basic(m):
@@ -280,30 +282,41 @@ class DiffusionTransformer(nn.Module):
             nn.init.normal_(self.t_block[1].weight, std=0.02)
             zero += [block.cross.proj for block in self.blocks]
         else:  # adaLN-Zero: every block starts as the identity
-            blocks = [*self.blocks, *([self.side] if self.arch == "mdt" else [])]
-            zero += [s.ada[-1] for b in blocks for s in (b.img, b.ctx) if s is not None] + [self.final.ada[-1]]
+            zero += [layer for block in self.blocks for layer in block.ada_outputs()] + [self.final.ada[-1]]
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        if self.arch == "mdt":
-            nn.init.normal_(self.mask_token, std=0.02)
 
     def pos_embed(self, grid_h, grid_w, device):
+        """The fixed sin-cos embedding (grid_h * grid_w, D) of a token grid, computed once per grid and device."""
         key = (grid_h, grid_w, str(device))
         if key not in self._pos_cache:
             self._pos_cache[key] = sincos_2d(self.width, grid_h, grid_w, self.base_grid, self.base_grid,
                                              self.pos_mode).to(device)
         return self._pos_cache[key]
 
+    def patchify(self, x):
+        """imgs: (B, C, H, W) -> tokens: (B, N, D) with their positions added, and the positions (N, D), where
+        N = H * W / patch ** 2 (rows of patches first)."""
+        H, W = x.shape[-2:]
+        if H % self.patch or W % self.patch:
+            raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch}")
+        pos = self.pos_embed(H // self.patch, W // self.patch, x.device)
+        return self.x_embed(x).flatten(2).transpose(1, 2) + pos, pos
+
+    def unpatchify(self, x, H, W):
+        """x: (B, N, patch ** 2 * out_channels), N = H * W / patch ** 2 -> imgs: (B, out_channels, H, W)"""
+        p, out = self.patch, self.out_channels
+        return x.view(-1, H // p, W // p, p, p, out).permute(0, 5, 1, 3, 2, 4).reshape(-1, out, H, W)
+
     def condition(self, t, y, ctrl, ctrl_drop=None, sem_drop=None):
         """The adaLN vector (B, D), the context tokens (B, K, D) or None, and their attention mask (B, K) or None,
         following the route."""
-        e_t = self.t_embed(t)
-        tokens, pooled, mask = semantic_tokens(self.y_embed, y, sem_drop)
-        e_ctrl = self.c_embed(ctrl, ctrl_drop)  # (B, G, D)
+        e_t = self.t_embed(t)                                               # (B, D)
+        tokens, pooled, mask = semantic_tokens(self.y_embed, y, sem_drop)   # (B, K, D), (B, D), (B, K) or None
+        e_ctrl = self.c_embed(ctrl, ctrl_drop)                              # (B, G, D)
         if self.cond == "ours":  # control enters gently along the trajectory; nothing semantic in adaLN
-            vec = e_t + (self.c_embed.gate_weights(t)[..., None].to(e_ctrl.dtype) * e_ctrl).sum(1)
-            return vec, tokens, mask
+            return e_t + self.c_embed.gated(e_ctrl, t), tokens, mask
         if self.cond == "xattn":  # semantics only through cross-attention; control added to the time embedding
             return e_t + e_ctrl.sum(1), tokens, mask
         vec = e_t + e_ctrl.sum(1) + pooled  # additive, ungated: the entangled baselines
@@ -312,28 +325,59 @@ class DiffusionTransformer(nn.Module):
     def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels or a prompt's (features (B, L, d), mask (B, L)),
         ctrl (B, S) raw control, ctrl_drop / sem_drop (B,) bool: use the null control / semantic condition
-        -> (B, out_channels, H, W); an mDT model in training mode returns the unmasked and the masked prediction
-        stacked, (2 B, out_channels, H, W)."""
-        B, C, H, W = x.shape
-        if H % self.patch or W % self.patch:
-            raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch}")
-        h, w = H // self.patch, W // self.patch
-        pos = self.pos_embed(h, w, x.device)
-        x = self.x_embed(x).flatten(2).transpose(1, 2) + pos  # (B, N, D)
-        vec, c, mask = self.condition(t, y, ctrl, ctrl_drop, sem_drop)
-        block_vec = self.t_block(vec) if self.cond == "xattn" else vec  # (B, 6 D) for adaLN-single
-        if self.arch == "dit":
-            for block in self.blocks:
-                x, c = block(x, c, block_vec, mask)
-        elif self.training and self.mask_ratio > 0:  # mDT training: both passes in one call (one DDP forward)
-            x = torch.cat([self.mdt(x, c, block_vec, pos, mask),
-                           self.mdt(x, c, block_vec, pos, mask, self.random_keep(x))])
-            vec = vec.repeat(2, 1)
-        else:
-            x = self.mdt(x, c, block_vec, pos, mask)
-        x = self.final(x, vec)  # (B', N, p * p * out)
-        p, out = self.patch, self.out_channels
-        return x.view(-1, h, w, p, p, out).permute(0, 5, 1, 3, 2, 4).reshape(-1, out, H, W)
+        -> (B, out_channels, H, W)"""
+        H, W = x.shape[-2:]
+        x, _ = self.patchify(x)                                             # (B, N, D), where N = H * W / patch ** 2
+        vec, ctx, mask = self.condition(t, y, ctrl, ctrl_drop, sem_drop)    # (B, D), (B, K, D), (B, K)
+        block_vec = self.t_block(vec) if self.cond == "xattn" else vec      # (B, D), or (B, 6 D) for adaLN-single
+        for block in self.blocks:
+            x, ctx = block(x, ctx, block_vec, mask)                         # (B, N, D), (B, K, D)
+        x = self.final(x, vec)                                              # (B, N, patch ** 2 * out_channels)
+        return self.unpatchify(x, H, W)                                     # (B, out_channels, H, W)
+
+
+def semantic_tokens(embedder, y, drop=None):
+    """Class labels (B,) or a prompt (features, mask) -> context tokens (B, K, D), pooled (B, D), attention mask
+    (B, K) or None; `drop` (B,) bool selects the null condition (the null class row, or the null prompt)."""
+    if isinstance(embedder, TextEmbedder):
+        return embedder(*y, drop)
+    return (*embedder(y, drop), None)
+
+
+#################################################################################
+#                     mDT-v2: masked training on the same blocks                #
+#################################################################################
+
+class MDTv2(DiffusionTransformer):
+    """mDT-v2 (Gao et al., MDTv2): the encoder's two halves are joined by long shortcuts (U-ViT), then decoder blocks
+    each re-read the input tokens. In training (mask_ratio > 0) a random share of the image tokens, drawn from
+    [mask_ratio, mask_ratio + 0.2] (30-50 % by default), never reaches the encoder; a side interpolator (one more
+    block) fills them in before the decoder, so the model learns to predict the full image from the rest.
+    Everything else (embedders, routes, final layer) is DiffusionTransformer's.
+    decode_layers: decoder blocks, default 4 from depth 12 up, else what leaves two equal encoder halves."""
+
+    def __init__(self, depth=28, decode_layers=None, mask_ratio=0.3, **kwargs):
+        decode_layers = decode_layers if decode_layers is not None else (4 if depth >= 12 else (depth - 2) % 4)
+        if not 0 <= decode_layers <= depth - 2 or (depth - decode_layers) % 2:
+            raise ValueError(f"--decode-layers {decode_layers}: depth {depth} minus the decoder layers must be "
+                             f"even and at least 2")
+        # set before the base constructor: its make_blocks reads them
+        self.half, self.decode_layers, self.mask_ratio = (depth - decode_layers) // 2, decode_layers, mask_ratio
+        super().__init__(depth=depth, **kwargs)
+
+    def make_blocks(self, depth, block):
+        # the encoder's second half and the decoder fuse an earlier activation in through a long shortcut
+        self.blocks = nn.ModuleList([block(i, skip=i >= self.half) for i in range(depth)])
+        self.side = block(depth - 1)  # like the last block, it reads the context without updating it
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
+
+    def initialize_weights(self):
+        super().initialize_weights()
+        if self.cond != "xattn":  # adaLN-Zero: the side block starts as the identity too
+            for layer in self.side.ada_outputs():
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
 
     def random_keep(self, x):
         """mDT-v2 masking: indices (B, L) of the tokens kept, L = N (1 - r), r ~ U[mask_ratio, mask_ratio + 0.2]
@@ -343,38 +387,46 @@ class DiffusionTransformer(nn.Module):
         keep = max(1, int(N * (1 - ratio)))
         return torch.rand(B, N).argsort(dim=1)[:, :keep].to(x.device)
 
-    def mdt(self, x, c, vec, pos, mask=None, keep=None):
-        """mDT-v2 trunk on image tokens x (B, N, D): encoder halves joined by long shortcuts (U-ViT), then -- only
-        when tokens were dropped (`keep`) -- the side interpolator, then decoder blocks that each re-read the input."""
+    def trunk(self, x, ctx, vec, pos, mask=None, keep=None):
+        """Encoder halves joined by long shortcuts, then -- only when tokens were dropped (`keep` (B, L)) -- the side
+        interpolator, then the decoder: image tokens x (B, N, D), positions pos (N, D) -> (B, N, D)."""
         x_in, D = x, x.shape[-1]
         if keep is not None:
-            x = x.gather(1, keep[..., None].expand(-1, -1, D))  # (B, L, D): the visible tokens
+            x = x.gather(1, keep[..., None].expand(-1, -1, D))              # (B, L, D): the visible tokens
         skips = []
         for i, block in enumerate(self.blocks[:2 * self.half]):
             if i < self.half:
-                x, c = block(x, c, vec, mask)
+                x, ctx = block(x, ctx, vec, mask)                           # (B, L, D), (B, K, D)
                 skips.append(x)
             else:
-                x, c = block(x, c, vec, mask, skip=skips.pop())
+                x, ctx = block(x, ctx, vec, mask, skip=skips.pop())         # (B, L, D), (B, K, D)
         if keep is not None:  # put the visible tokens back among learned mask tokens; the side block fills those in
             full = self.mask_token.to(x.dtype).expand(x.shape[0], x_in.shape[1], D).clone()
-            full = full.scatter(1, keep[..., None].expand(-1, -1, D), x) + pos
-            filled, _ = self.side(full, c, vec, mask)
+            full = full.scatter(1, keep[..., None].expand(-1, -1, D), x) + pos  # (B, N, D)
+            filled, _ = self.side(full, ctx, vec, mask)                     # (B, N, D)
             visible = torch.zeros(full.shape[:2], dtype=torch.bool, device=x.device).scatter(1, keep, True)
             x = torch.where(visible[..., None], full, filled)  # the side block's output only where tokens were dropped
         else:
             x = x + pos  # the decoder's positional embedding (MDT: a second one; here the same fixed one)
         for block in self.blocks[2 * self.half:]:
-            x, c = block(x, c, vec, mask, skip=x_in)
+            x, ctx = block(x, ctx, vec, mask, skip=x_in)                    # (B, N, D), (B, K, D)
         return x
 
-
-def semantic_tokens(embedder, y, drop=None):
-    """Class labels (B,) or a prompt (features, mask) -> context tokens (B, K, D), pooled (B, D), attention mask
-    (B, K) or None; `drop` (B,) bool selects the null condition (the null class row, or the null prompt)."""
-    if isinstance(embedder, TextEmbedder):
-        return embedder(*y, drop)
-    return (*embedder(y, drop), None)
+    def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
+        """As DiffusionTransformer.forward; in training mode (mask_ratio > 0) the unmasked and the masked prediction
+        stacked, so B' = 2 B: (2 B, out_channels, H, W)."""
+        H, W = x.shape[-2:]
+        x, pos = self.patchify(x)                                           # (B, N, D), (N, D)
+        vec, ctx, mask = self.condition(t, y, ctrl, ctrl_drop, sem_drop)    # (B, D), (B, K, D), (B, K)
+        block_vec = self.t_block(vec) if self.cond == "xattn" else vec      # (B, D), or (B, 6 D) for adaLN-single
+        if self.training and self.mask_ratio > 0:  # both passes in one call: one DDP forward and backward
+            x = torch.cat([self.trunk(x, ctx, block_vec, pos, mask),
+                           self.trunk(x, ctx, block_vec, pos, mask, self.random_keep(x))])  # (2 B, N, D)
+            vec = vec.repeat(2, 1)                                          # (2 B, D)
+        else:
+            x = self.trunk(x, ctx, block_vec, pos, mask)                    # (B, N, D)
+        x = self.final(x, vec)                                              # (B', N, patch ** 2 * out_channels)
+        return self.unpatchify(x, H, W)                                     # (B', out_channels, H, W)
 
 
 #################################################################################
@@ -387,13 +439,19 @@ SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12
 MODELS = [f"{s}/{p}" for s in SIZES for p in (2, 4, 8)]
 
 
-def build_model(name, **kwargs):
-    """`name` like 'XL/2'; kwargs go to DiffusionTransformer."""
+def build_model(name, arch="dit", decode_layers=None, mask_ratio=0.3, **kwargs):
+    """`name` like 'XL/2', `arch` dit (DiffusionTransformer) or mdt (MDTv2, the only one that reads decode_layers
+    and mask_ratio); kwargs go to the class."""
     size, _, patch = name.partition("/")
     if size not in SIZES or patch not in ("2", "4", "8"):
         raise ValueError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {ARCHS} (or unet)")
+    if arch == "mdt":
+        kwargs.update(decode_layers=decode_layers, mask_ratio=mask_ratio)
     depth, width, heads = SIZES[size]
-    return DiffusionTransformer(patch=int(patch), depth=depth, width=width, heads=heads, **kwargs)
+    model = MDTv2 if arch == "mdt" else DiffusionTransformer
+    return model(patch=int(patch), depth=depth, width=width, heads=heads, **kwargs)
 
 
 def count_params(model):
@@ -434,10 +492,10 @@ def from_dit(state, width):
     ours = sincos_2d(width, grid, grid, grid, grid)
     if not torch.allclose(state["pos_embed"].reshape(-1, width).float(), ours, atol=1e-5):
         raise ValueError("the DiT checkpoint's positional embedding is not the standard sin-cos one")
-    for group in ("size", "crop", "flip"):  # silence the control branch DiT never had
+    for group in CONTROL_GROUPS:  # silence the control branch DiT never had
         for kind in ("weight", "bias"):
             ref = out.get(f"t_embed.mlp.2.{kind}")
             out[f"c_embed.mlps.{group}.2.{kind}"] = torch.zeros((width, width) if kind == "weight" else (width,),
                                                                 dtype=ref.dtype)
-    out["c_embed.null"] = torch.zeros(3, width, dtype=out["t_embed.mlp.2.weight"].dtype)
+    out["c_embed.null"] = torch.zeros(len(CONTROL_GROUPS), width, dtype=out["t_embed.mlp.2.weight"].dtype)
     return out, grid

@@ -60,7 +60,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.in_layers(x) + self.emb(emb)[:, :, None, None]  # (B, cout, H, W)
-        return self.skip(x) + self.out_layers(h)
+        return self.skip(x) + self.out_layers(h)                 # (B, cout, H, W)
 
 
 class Downsample(nn.Conv2d):
@@ -81,7 +81,8 @@ class Upsample(nn.Conv2d):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of x (B, N, D) to itself or to `context` (B, K, Dc); no q/k/v biases (LDM)."""
+    """Multi-head attention of x (B, N, D) to itself or to the context tokens `ctx` (B, K, Dc); no q/k/v biases
+    (LDM)."""
 
     def __init__(self, dim, heads, context_dim=None):
         super().__init__()
@@ -93,12 +94,12 @@ class Attention(nn.Module):
         self.v = nn.Linear(context_dim or dim, dim, bias=False)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x, context=None):
-        context = x if context is None else context
+    def forward(self, x, ctx=None):
+        ctx = x if ctx is None else ctx
         B, N, D = x.shape
         split = lambda z: z.view(B, z.shape[1], self.heads, D // self.heads).transpose(1, 2)  # (B, heads, L, D/h)
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(context)), split(self.v(context)))
-        return self.out(out.transpose(1, 2).reshape(B, N, D))
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(ctx)), split(self.v(ctx)))  # (B, h, N, D/h)
+        return self.out(out.transpose(1, 2).reshape(B, N, D))                                        # (B, N, D)
 
 
 class TransformerBlock(nn.Module):
@@ -113,11 +114,12 @@ class TransformerBlock(nn.Module):
         self.ff_in = nn.Linear(dim, 2 * mult * dim)  # value and gate halves of the GEGLU
         self.ff_out = nn.Linear(mult * dim, dim)
 
-    def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        value, gate = self.ff_in(self.norm3(x)).chunk(2, dim=-1)
-        return x + self.ff_out(value * F.gelu(gate))
+    def forward(self, x, ctx):
+        """x (B, N, D), ctx (B, K, context_dim) -> (B, N, D)"""
+        x = x + self.attn1(self.norm1(x))                         # (B, N, D)
+        x = x + self.attn2(self.norm2(x), ctx)                    # (B, N, D)
+        value, gate = self.ff_in(self.norm3(x)).chunk(2, dim=-1)  # each (B, N, mult * D)
+        return x + self.ff_out(value * F.gelu(gate))              # (B, N, D)
 
 
 class SpatialTransformer(nn.Module):
@@ -131,23 +133,25 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim) for _ in range(depth)])
         self.proj_out = zero_(nn.Conv2d(ch, ch, 1))
 
-    def forward(self, x, context):
+    def forward(self, x, ctx):
+        """x (B, C, H, W), ctx (B, K, context_dim) -> (B, C, H, W)"""
         B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, H * W, C)
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)         # (B, H * W, C)
         for block in self.blocks:
-            h = block(h, context)
-        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+            h = block(h, ctx)                                             # (B, H * W, C)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))  # (B, C, H, W)
 
 
 class Step(nn.ModuleList):
-    """One UNet step: its layers in order, each given what it reads (ResBlock: the embedding; attention: context)."""
+    """One UNet step: its layers in order, each given what it reads (ResBlock: the embedding; attention: the context
+    tokens)."""
 
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, ctx):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, ctx)
             else:
                 x = layer(x)
         return x
@@ -208,9 +212,9 @@ class UNet(nn.Module):
     def embedding(self, t, ctrl, ctrl_drop=None):
         """The vector every ResBlock reads (B, 4 * model_channels): time plus control metadata, by the route."""
         e_ctrl = self.c_embed(ctrl, ctrl_drop)  # (B, G, emb_dim)
-        if self.cond == "ours":  # control enters gently along the trajectory, per group
-            e_ctrl = self.c_embed.gate_weights(t)[..., None].to(e_ctrl.dtype) * e_ctrl
-        return self.t_embed(t) + e_ctrl.sum(1)
+        # ours: control enters gently along the trajectory, per group; xattn: added ungated (LDM / PixArt-alpha)
+        control = self.c_embed.gated(e_ctrl, t) if self.cond == "ours" else e_ctrl.sum(1)  # (B, emb_dim)
+        return self.t_embed(t) + control
 
     def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels, ctrl (B, S) raw control, ctrl_drop (B,) bool
@@ -218,16 +222,16 @@ class UNet(nn.Module):
         H, W = x.shape[-2:]
         if H % self.factor or W % self.factor:
             raise ValueError(f"input {H}x{W} is not divisible by the UNet's downsampling factor {self.factor}")
-        emb = self.embedding(t, ctrl, ctrl_drop)  # (B, E)
-        context, _ = self.y_embed(y, sem_drop)  # sem_drop: the null class row, for classifier-free guidance  # (B, K, context_dim)
+        emb = self.embedding(t, ctrl, ctrl_drop)                        # (B, E)
+        ctx, _ = self.y_embed(y, sem_drop)                              # (B, K, context_dim); sem_drop: the null class
         skips = []
         for step in self.input_blocks:
-            x = step(x, emb, context)
+            x = step(x, emb, ctx)                                       # (B, C_level, H / 2^level, W / 2^level)
             skips.append(x)
-        x = self.middle(x, emb, context)  # (B, C_max, H / factor, W / factor)
+        x = self.middle(x, emb, ctx)                                    # (B, C_max, H / factor, W / factor)
         for step in self.output_blocks:
-            x = step(torch.cat([x, skips.pop()], dim=1), emb, context)
-        return self.out(x)
+            x = step(torch.cat([x, skips.pop()], dim=1), emb, ctx)      # (B, C_level, H / 2^level, W / 2^level)
+        return self.out(x)                                              # (B, out_channels, H, W)
 
 
 #################################################################################

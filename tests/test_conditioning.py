@@ -6,7 +6,7 @@ import torch
 
 from conditioning import (
     CONTROL_GROUPS,
-    CONTROL_SIGNALS,
+    SIGNAL,
     ClassEmbedder,
     ControlEmbedder,
     TimestepEmbedder,
@@ -44,9 +44,8 @@ def test_embedder_shapes():
 def test_control_normalisation_is_resolution_relative():
     a = normalise_control(make_control(256, 256, 32, 16, 1, 256)[None])[0]
     b = normalise_control(make_control(512, 512, 64, 32, 1, 512)[None])[0]
-    i = {s: k for k, s in enumerate(CONTROL_SIGNALS)}
-    assert a[i["crop_top"]] == b[i["crop_top"]] == 0.125 and a[i["flip"]] == 1
-    assert b[i["orig_h"]] - a[i["orig_h"]] == 1  # log2 scale: doubling a size adds 1
+    assert a[SIGNAL["crop_top"]] == b[SIGNAL["crop_top"]] == 0.125 and a[SIGNAL["flip"]] == 1
+    assert b[SIGNAL["orig_h"]] - a[SIGNAL["orig_h"]] == 1  # log2 scale: doubling a size adds 1
 
 
 def test_control_groups_are_separate_and_drop_uses_null():
@@ -54,13 +53,26 @@ def test_control_groups_are_separate_and_drop_uses_null():
     torch.nn.init.normal_(emb.null)
     c = ctrl_batch(2)
     c2 = c.clone()
-    c2[:, CONTROL_SIGNALS.index("flip")] = 1 - c2[:, CONTROL_SIGNALS.index("flip")]
+    c2[:, SIGNAL["flip"]] = 1 - c2[:, SIGNAL["flip"]]
     e1, e2 = emb(c), emb(c2)
     groups = list(CONTROL_GROUPS)
     for g, name in enumerate(groups):  # flipping changes the flip group's embedding only
         assert torch.equal(e1[:, g], e2[:, g]) == (name != "flip")
     dropped = emb(c, drop=torch.tensor([True, False]))
     assert torch.equal(dropped[0], emb.null) and torch.equal(dropped[1], e1[1])
+
+
+def test_gated_sum_weights_each_group_by_its_gate():
+    """sum_k g_k(t) e_ctrl,k against the schedules written out by hand, one group per kind of gate."""
+    emb = ControlEmbedder(16, gates={"size": "cosine", "crop": "off", "flip": "linear"})
+    e = torch.randn(3, len(CONTROL_GROUPS), 16)
+    t = torch.tensor([0.0, 0.3, 1.0])
+    g = {"size": torch.cos(math.pi * t / 2), "crop": torch.zeros(3), "flip": 1 - t}
+    ref = sum(g[name][:, None] * e[:, k] for k, name in enumerate(CONTROL_GROUPS))
+    assert emb.gated(e, t).shape == (3, 16)
+    assert torch.allclose(emb.gated(e, t), ref, atol=1e-6)
+    group = list(CONTROL_GROUPS).index
+    assert torch.allclose(emb.gated(e, torch.zeros(3)), e[:, group("size")] + e[:, group("flip")])  # t = 0: data
 
 
 def test_condition_dropout_rates_are_independent():

@@ -2,14 +2,24 @@
 import pytest
 import torch
 
-from conditioning import make_control
-from model import CONDS, SIZES, DiffusionTransformer, JointBlock, build_model, count_params, sincos_1d, sincos_2d
+from conditioning import SIGNAL, make_control
+from model import (
+    CONDS,
+    SIZES,
+    DiffusionTransformer,
+    JointBlock,
+    MDTv2,
+    build_model,
+    count_params,
+    sincos_1d,
+    sincos_2d,
+)
 
 
 def tiny(cond="ours", arch="dit", **kw):
     kw = dict(dict(input_size=16, in_channels=3, num_classes=10), **kw)
     if arch == "mdt":  # the smallest mDT: one encoder block per half, two decoder blocks, the side block
-        return DiffusionTransformer(patch=4, depth=4, width=64, heads=2, cond=cond, arch="mdt", **kw)
+        return MDTv2(patch=4, depth=4, width=64, heads=2, cond=cond, **kw)
     return build_model("T/4", cond=cond, **kw)
 
 
@@ -71,13 +81,13 @@ def test_ours_keeps_semantics_out_of_adaln_and_gates_control():
     vec_b = model.condition(t, (y + 1) % 10, c)[0]
     assert torch.equal(vec_a, vec_b)  # the class only reaches the model through tokens
     bigger = c.clone()
-    bigger[:, 0] = bigger[:, 1] = 64
+    bigger[:, SIGNAL["orig_h"]] = bigger[:, SIGNAL["orig_w"]] = 64
     ones, zeros = torch.ones(3), torch.zeros(3)
     # at pure noise the size gate is closed: changing the original size changes nothing
     assert torch.allclose(model.condition(ones, y, c)[0], model.condition(ones, y, bigger)[0], atol=1e-6)
     assert not torch.allclose(model.condition(zeros, y, c)[0], model.condition(zeros, y, bigger)[0])
     flipped = c.clone()
-    flipped[:, 4] = 1 - flipped[:, 4]  # the flip gate is open everywhere
+    flipped[:, SIGNAL["flip"]] = 1 - flipped[:, SIGNAL["flip"]]  # the flip gate is open everywhere
     assert not torch.allclose(model.condition(ones, y, c)[0], model.condition(ones, y, flipped)[0])
 
 
@@ -111,7 +121,21 @@ def test_mdt_encoder_sees_only_the_kept_tokens():
     assert model.half == 1 and model.decode_layers == 2 and len(model.blocks) == 4
     assert all(b.skip is not None for b in model.blocks[1:]) and model.blocks[0].skip is None
     with pytest.raises(ValueError, match="decode-layers"):
-        DiffusionTransformer(input_size=16, patch=4, depth=4, width=64, heads=2, arch="mdt", decode_layers=1)
+        MDTv2(input_size=16, patch=4, depth=4, width=64, heads=2, decode_layers=1)
+
+
+def test_unpatchify_is_dits_layout_and_ends_forward():
+    """unpatchify lays the patches out as DiT's einsum 'nhwpqc->nchpwq' does (here on a non-square grid), and
+    forward returns exactly unpatchify of the final layer's output."""
+    model = perturb(tiny("ours"))
+    p, C = model.patch, model.out_channels
+    tokens = torch.randn(2, 2 * 3, p * p * C)  # a 2 x 3 grid of patches
+    ref = torch.einsum("nhwpqc->nchpwq", tokens.reshape(2, 2, 3, p, p, C)).reshape(2, C, 2 * p, 3 * p)
+    assert torch.equal(model.unpatchify(tokens, 2 * p, 3 * p), ref)
+    final = []
+    model.final.register_forward_hook(lambda m, i, o: final.append(o))
+    x, t, y, c = inputs()
+    assert torch.equal(model(x, t, y, c), model.unpatchify(final[0], *x.shape[-2:]))
 
 
 def test_pos_embed_resample_and_extend():
@@ -173,6 +197,10 @@ def test_presets_and_bad_names():
     assert len(m.blocks) == 12 and m.width == 384 and count_params(m) > 1e6
     with pytest.raises(ValueError, match="unknown --model"):
         build_model("XXL/2")
+    kw = dict(input_size=16, in_channels=3, num_classes=10)
+    assert type(build_model("T/4", **kw)) is DiffusionTransformer and type(build_model("T/4", "mdt", **kw)) is MDTv2
+    with pytest.raises(ValueError, match="unknown --arch"):
+        build_model("T/4", arch="uvit", **kw)
     with pytest.raises(ValueError, match="unknown --cond"):
         tiny("concat")
     with pytest.raises(ValueError, match="not divisible"):
