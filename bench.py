@@ -9,12 +9,12 @@ the sampling throughput. nanoGPT's bench.py in spirit: train.py's loop stripped 
     python bench.py --dataset imagenet --model XL/2 --res 512 --batch 16 --grad-ckpt --find-max-batch
     python bench.py --dataset imagenet --model XL/2 --res 256 --batch 32 --no-reference --sample-batch 64
 
-The timed step is train.main's step, built from train.py's own pieces: condition dropout, the diffusion loss under
+The timed step is train.train_step itself, the step train.main takes: condition dropout, the diffusion loss under
 autocast, backward, gradient clipping, AdamW, the EMA update. NOT timed: data loading, the autoencoder and the text
 encoder. The latents (and prompt features) are synthetic tensors of the right shape already on the device (the
 latent- and text-cache path), so the figures are an upper bound for training from caches and say nothing about the
 VAE. One process on one device: no DDP gradient all-reduce. Any train.py flag (--cond, --cond-type, --arch,
---class-tokens, --vae, --precision, ...) passes through to train.get_args; --batch is the batch on this one device
+--class-tokens, --vae, --precision, ...) passes through to config.get_args; --batch is the batch on this one device
 (the presets' --batch is a global batch: give one for imagenet).
 
 Two paths over the same model and batch, one after the other:
@@ -44,7 +44,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from conditioning import drop_flags
+from config import get_args as train_args
+from config import make_diffusion, make_model, use_bf16, validate
 from data import default_control
 from latents import latent_geometry
 from shapes import ShapesDataset
@@ -62,7 +63,7 @@ FLOP_CONVENTION = ("torch.utils.flop_counter.FlopCounterMode: 2 FLOPs per multip
 
 
 def get_args(argv=None):
-    """(bench options, train.py's args). Flags this parser does not know go to train.get_args, presets filled."""
+    """(bench options, train.py's args). Flags this parser does not know go to config.get_args, presets filled."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # never swallow a train.py flag by its prefix
     a = p.add_argument
@@ -85,9 +86,9 @@ def get_args(argv=None):
     a("--peak-size", type=int, default=0, help="matrix size of the peak-FLOPs matmul (0 = 8192 on GPU, 2048 on CPU)")
     a("--json", default=None, help="append the result line to this file (default: print it as the last line)")
     bench, rest = p.parse_known_args(argv)
-    args = train.get_args(rest)
+    args = train_args(rest)
     # the benchmark reads no images: validate everything else, so that a bad model / res / vae fails as in train.py
-    train.validate(argparse.Namespace(**{**vars(args), "dataset": "shapes", "data_path": None}))
+    validate(argparse.Namespace(**{**vars(args), "dataset": "shapes", "data_path": None}))
     args.num_classes = ShapesDataset.num_classes if args.dataset == "shapes" else 1000
     args.world = 1
     if args.cond_type == "text":  # the model's text input size, as train.main reads it off the encoder
@@ -127,7 +128,7 @@ def resolve_compile(mode, device):
 
 def fast_path(bench, args, device):
     cuda = device.type == "cuda"
-    return Path("fast", bf16=args.precision == "bf16" or (args.precision == "auto" and cuda), attn=bench.attn,
+    return Path("fast", bf16=use_bf16(args.precision, device), attn=bench.attn,
                 compile=resolve_compile(bench.compile, device), fused_adam=cuda, tf32=cuda, grad_ckpt=bench.grad_ckpt,
                 train_syncs=bench.train_syncs)
 
@@ -156,15 +157,15 @@ def numerics(path):
 
 
 #################################################################################
-#                    The training step, from train.py's pieces                  #
+#                 The training step: train.py's, on a synthetic batch           #
 #################################################################################
 
 def build(args, device):
     """Model, EMA, optimizer state holder, diffusion and noise generator as train.main makes them (plain model)."""
     torch.manual_seed(args.seed)
-    model = train.make_model(args).to(device)
+    model = make_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    return SimpleNamespace(model=model, net=model, ema=ema, opt=None, diffusion=train.make_diffusion(args),
+    return SimpleNamespace(model=model, net=model, ema=ema, opt=None, diffusion=make_diffusion(args),
                            gen=torch.Generator(device).manual_seed(args.seed))
 
 
@@ -215,30 +216,11 @@ def synthetic_batch(args, batch, device, seed=0):
     return x0.to(device), y, ctrl.to(device)
 
 
-def forward_backward(net, diffusion, batch, gen, args, bf16):
-    """train.main's loss and backward: condition dropout, the mean loss under autocast, gradients. -> loss (detached)"""
-    x0, y, ctrl = batch
-    sem_drop, ctrl_drop = drop_flags(x0.shape[0], args.p_drop_sem, args.p_drop_ctrl, gen, x0.device)
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = diffusion.loss(net, x0, gen, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop, sem_drop=sem_drop).mean()
-    loss.backward()
-    return loss.detach()
-
-
 def train_step(state, batch, step, args, path):
-    """One optimizer step as train.main takes it. Nothing here reads a device value on the host (unless
-    path.train_syncs), so the CPU queues the next step while the GPU still runs this one."""
-    opt = state.opt
-    for group in opt.param_groups:
-        group["lr"] = train.lr_at(step, args)
-    opt.zero_grad(set_to_none=True)
-    loss = forward_backward(state.net, state.diffusion, batch, state.gen, args, path.bf16)
-    gnorm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.clip if args.clip > 0 else float("inf"))
-    if path.train_syncs and not torch.isfinite(gnorm):  # train.main's guard: waits for the backward to finish
-        opt.zero_grad(set_to_none=True)
-        return loss
-    opt.step()
-    train.update_ema(state.ema, state.model, min(args.ema, (1 + step) / (10 + step)))
+    """train.train_step, the step train.main takes, on this path's model and optimizer. It reads no device value on
+    the host (unless path.train_syncs), so the CPU queues the next step while the GPU still runs this one."""
+    loss, _, _ = train.train_step(state.net, state.model, state.ema, state.opt, state.diffusion, batch, state.gen,
+                                  step, args, path.bf16, skip_non_finite=path.train_syncs)
     if path.train_syncs:  # train.Preemption.requested on one process: a flag tensor copied in and read back
         bool(torch.tensor(0.0, device=loss.device).item())
     return loss
@@ -248,15 +230,16 @@ def train_step(state, batch, step, args, path):
 #                         FLOPs, peaks, memory, syncs                           #
 #################################################################################
 
-def count_train_flops(model, diffusion, args, device, batch=2):
-    """Model FLOPs of forward + backward per training image (FLOP_CONVENTION). Counted in fp32 under the math SDPA
-    backend, so attention is its matmuls once, without the score recompute of a fused backward: the count is the
-    model's, not the kernels', which is what MFU divides by. Call on a plain model (no checkpointing, no compile)."""
-    gen = torch.Generator(device).manual_seed(0)
+def count_train_flops(args, device, batch=2):
+    """Model FLOPs of forward + backward per training image (FLOP_CONVENTION), counted over one training step of a
+    model of its own (plain: no checkpointing, no compile; the optimizer and the EMA add no counted op). Counted in
+    fp32 under the math SDPA backend, so attention is its matmuls once, without the score recompute of a fused
+    backward: the count is the model's, not the kernels', which is what MFU divides by."""
+    path = Path("flop count")
+    state = prepare(build(args, device), path, args)
     data = synthetic_batch(args, batch, device)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        forward_backward(model, diffusion, data, gen, args, bf16=False)
-    model.zero_grad(set_to_none=True)
+        train_step(state, data, 0, args, path)
     return counter.get_total_flops() / batch
 
 
@@ -414,7 +397,7 @@ def largest_fitting(fits, start, limit):
 def sample_throughput(args, bench, path, device):
     """Images/s of sample.generate: `--sample-steps` Euler steps with guidance at --cfg-scale (two network passes per
     step when it is not 1), under the fast path's precision, attention and compilation."""
-    from sample import generate
+    from diffusion import generate
     model = build(args, device).model.eval().requires_grad_(False)
     net = model
     if path.compile == "model":
@@ -424,7 +407,7 @@ def sample_throughput(args, bench, path, device):
             block.compile()
     B = bench.sample_batch
     noise, y, ctrl = synthetic_batch(args, B, device, seed=1)
-    diffusion = train.make_diffusion(args)
+    diffusion = make_diffusion(args)
     run = lambda steps: generate(net, diffusion, noise, y, ctrl, args.cfg_scale, steps=steps, batch=B)
     with numerics(path), torch.autocast(device.type, dtype=torch.bfloat16, enabled=path.bf16):
         run(2)  # warm-up (and compilation)
@@ -463,10 +446,11 @@ def main(argv=None):
     sheet = datasheet_tflops(device)
     free(device)
 
-    # ---- fast path (FLOPs counted first, on the plain model) ----------------------------------------------------
+    # ---- fast path (FLOPs counted first, on a plain model of their own) -----------------------------------------
+    flops = count_train_flops(args, device)
+    free(device)
     state = build(args, device)
     params = sum(p.numel() for p in state.model.parameters())
-    flops = count_train_flops(state.model, state.diffusion, args, device)
     print(f"  {params / 1e6:.2f} M parameters; {flops / 1e9:.4g} GFLOP per training image (forward + backward)")
     print(f"  FLOPs: {FLOP_CONVENTION}")
     fp32 = "fp32/tf32" if cuda and not bench.ref_fp32 else "fp32"

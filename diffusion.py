@@ -1,5 +1,6 @@
 """
-Diffusion: the noising processes, their losses and samplers, and classifier-free guidance.
+Diffusion: the noising processes, their losses and samplers, classifier-free guidance, and `generate`, which draws
+a batch of guided samples from fixed per-seed noise.
 
 Two objectives behind one interface (`Diffusion`), so every architecture and conditioning route trains and samples
 through the same code:
@@ -296,3 +297,28 @@ def guided_prediction(model, x, t, y, ctrl, s_sem=1.0, s_ctrl=0.0, interval=(0.0
     if s_ctrl:
         guided = guided + s_ctrl * (out[0, :, :C] - out[2, :, :C])
     return torch.cat([guided, out[0, :, C:]], dim=1)
+
+
+#################################################################################
+#                        Sampling a batch, in chunks                            #
+#################################################################################
+
+def make_noise(seeds, shape, device):
+    """One noise tensor per seed, independent of batch composition: (len(seeds), *shape)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+@torch.no_grad()
+def generate(model, diffusion, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, method=None,
+             interval=(0.0, 1.0), batch=256, progress=False, seed=0):
+    """Latents for labels y (B,) (or a prompt's (features, mask)) and controls ctrl (B, S) from the given noise
+    (B, C, H, W), in chunks of `batch`, guided by guided_prediction.
+    `seed` feeds the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic given `noise`."""
+    out = []
+    gen = torch.Generator(noise.device).manual_seed(seed)
+    for i in range(0, noise.shape[0], batch):
+        yi = tuple(v[i:i + batch] for v in y) if isinstance(y, tuple) else y[i:i + batch]  # labels or a prompt
+        ci = ctrl[i:i + batch]
+        fn = lambda x, t: guided_prediction(model, x, t, yi, ci, cfg_scale, ctrl_scale, interval)
+        out.append(diffusion.sample(fn, noise[i:i + batch], steps, method, progress, gen))
+    return torch.cat(out)

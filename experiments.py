@@ -1,16 +1,16 @@
 """
 The paper's comparative claims, reproduced at small scale on the embedded `shapes` dataset: every variant is trained
 by train.py with the same budget, data and seeds, then measured the same way with the shapes checker. Tables
-(Markdown + JSON) and figures (PNG) are written under docs/experiments/, and the README's results section is rebuilt
-from them, so no number in it is typed by hand.
+(Markdown + JSON) and figures (PNG) are written under docs/experiments/, and the results page docs/RESULTS.md is
+rebuilt from them, so no number in it is typed by hand.
 
     python experiments.py routes      # --cond ours vs adaln vs xattn vs mmdit: accuracy, control, semantic drift
     python experiments.py gates       # control gates g(t): none vs cosine, per group
     python experiments.py padding     # text: noisy_replicate vs replicate vs zero padding
     python experiments.py transfer    # 32 -> 64 px: resample vs extend, with and without the noise-shift scaling
     python experiments.py figures     # size-sweep grid (ours vs adaln) and loss curves
-    python experiments.py all         # all of the above, then the README section
-    python experiments.py readme      # only the README section, from the tables already written
+    python experiments.py all         # all of the above, then the results page
+    python experiments.py results     # only the results page, from the tables already written
 
 Defaults: seeds 0,1,2 and 800 steps per run (about 6 minutes per run on one CPU thread). A finished run is not
 trained again and its measurements are kept in its folder (under --out), so an interrupted experiment continues where
@@ -32,11 +32,13 @@ import numpy as np
 import torch
 
 import train
+from checkpoint import checkpoints_in, load_model, read_checkpoint
+from conditioning import SIGNAL
+from config import latent_shape, make_diffusion, make_model
 from data import build_dataset, default_control
-from diffusion import to_velocity
+from diffusion import generate, make_noise, to_velocity
 from latents import Autoencoder, to_uint8
-from sample import evaluate_shapes, generate, latent_shape, load_checkpoint, make_noise, semantic_input
-from shapes import CANVAS_MARGIN, HELDOUT_TEMPLATES, SHAPE_NAMES, ShapesChecker
+from shapes import CANVAS_MARGIN, HELDOUT_TEMPLATES, SHAPE_NAMES, ShapesChecker, evaluate_shapes, semantic_input
 
 DOCS = os.path.join("docs", "experiments")
 
@@ -71,7 +73,7 @@ def run_info(run_dir):
 
 
 def last_ckpt(run_dir):
-    return train.checkpoints_in(run_dir)[0]
+    return checkpoints_in(run_dir)[0]
 
 
 def train_losses(run_dir):
@@ -109,7 +111,7 @@ def size_controls(res, factors):
     controls = []
     for f in factors:
         c = default_control("shapes", res)
-        c[0] = c[1] = round(f * res)
+        c[SIGNAL["orig_h"]] = c[SIGNAL["orig_w"]] = round(f * res)
         controls.append(c)
     return controls
 
@@ -132,13 +134,13 @@ def drift(model, args, n, cfg_scale, steps, seed=20_000):
     controls = size_controls(res, SIZE_SWEEP)
     for offset in (0, round(res * CANVAS_MARGIN) - res):  # the two extreme crops; the centred one is controls[2]
         c = base.clone()
-        c[2] = c[3] = offset
+        c[SIGNAL["crop_top"]] = c[SIGNAL["crop_left"]] = offset
         controls.append(c)
     k = len(controls)
     labels = [i % args.num_classes for i in range(n)]
-    noise = make_noise([seed + i for i in range(n)], latent_shape(args, vae), "cpu").repeat_interleave(k, 0)
+    noise = make_noise([seed + i for i in range(n)], latent_shape(args), "cpu").repeat_interleave(k, 0)
     y = semantic_input(args, [lab for lab in labels for _ in controls], "cpu")
-    x = generate(model, train.make_diffusion(args), noise, y, torch.stack(controls * n), cfg_scale, steps=steps)
+    x = generate(model, make_diffusion(args), noise, y, torch.stack(controls * n), cfg_scale, steps=steps)
     meas = ShapesChecker()(to_uint8(vae.decode(x)))
     sweeps = [meas[i * k:(i + 1) * k] for i in range(n)]
     size = [s[:3] for s in sweeps]
@@ -149,12 +151,13 @@ def drift(model, args, n, cfg_scale, steps, seed=20_000):
 
 
 def checker_metrics(run_dir, a, with_drift=True):
-    """The checker's accuracies (sample.evaluate_shapes) and, for class models, the drift sweep, of a run's EMA."""
+    """The checker's accuracies (shapes.evaluate_shapes) and, for class models, the drift sweep, of a run's EMA."""
     key = f"per_class{a.per_class}-drift{a.drift_n * with_drift}-steps{a.sample_steps}-cfg{a.cfg_scale}"
 
     def measure():
-        model, args = load_checkpoint(run_dir, "cpu")
-        out = evaluate_shapes(model, args, a.per_class, "cpu", cfg_scale=a.cfg_scale, steps=a.sample_steps)
+        model, args = load_model(run_dir, "cpu")
+        out = evaluate_shapes(model, make_diffusion(args), args, a.per_class, "cpu", cfg_scale=a.cfg_scale,
+                              steps=a.sample_steps)
         if with_drift:
             out.update(drift(model, args, a.drift_n, a.cfg_scale, a.sample_steps))
         return out
@@ -168,9 +171,9 @@ def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False
     variant, so differences are the models'. A text model reads each image's caption in a wording it never saw in
     training (data.HELDOUT_TEMPLATES, in turn). null=True gives every image the null condition instead: the null
     loss minus the conditional one is how much the model uses the condition. per_level: the loss at each level."""
-    ckpt = torch.load(last_ckpt(run_dir), map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(last_ckpt(run_dir))
     args = argparse.Namespace(**ckpt["args"])
-    model = train.make_model(args)
+    model = make_model(args)
     model.load_state_dict(ckpt[weights])
     model.eval()
     data = build_dataset("shapes", args.res, seed=seed, size=n)
@@ -443,10 +446,10 @@ def size_sweep_figure(a, run_dirs, path, classes=(0, 2, 5, 6, 7, 9), factors=(0.
     from PIL import Image, ImageDraw
     panels = []
     for label, run_dir in run_dirs.items():
-        model, args = load_checkpoint(run_dir, "cpu")
+        model, args = load_model(run_dir, "cpu")
         ctrl = size_controls(args.res, factors)
-        noise = make_noise([seed + k for k in classes], latent_shape(args, None), "cpu")
-        x = generate(model, train.make_diffusion(args), noise.repeat_interleave(len(factors), 0),
+        noise = make_noise([seed + k for k in classes], latent_shape(args), "cpu")
+        x = generate(model, make_diffusion(args), noise.repeat_interleave(len(factors), 0),
                      semantic_input(args, [k for k in classes for _ in factors], "cpu"),
                      torch.stack(ctrl * len(classes)), a.cfg_scale, steps=a.sample_steps)
         imgs = to_uint8(Autoencoder("none").decode(x)).permute(0, 2, 3, 1).numpy()
@@ -491,7 +494,7 @@ def figures(a):
 
 
 #################################################################################
-#                             The README's results section                      #
+#                       The results page (docs/RESULTS.md)                      #
 #################################################################################
 
 BEGIN, END = "<!-- experiments:begin (written by experiments.py) -->", "<!-- experiments:end -->"
@@ -501,8 +504,8 @@ SECTIONS = (("routes", "Conditioning routes", ("size_sweep.png", "loss_routes.pn
             ("transfer", "Resolution transfer, 32 → 64 px", ()))
 
 
-def update_readme(a, readme="README.md"):
-    """Replace the block between BEGIN and END in the README with every table and figure under --docs."""
+def update_results(a, page=os.path.join("docs", "RESULTS.md")):
+    """Replace the block between BEGIN and END of the results page with every table and figure under --docs."""
     parts = []
     for name, title, pngs in SECTIONS:
         md = os.path.join(a.docs, f"{name}.md")
@@ -512,21 +515,21 @@ def update_readme(a, readme="README.md"):
             parts.append(f"#### {title}\n\n" + f.read().strip() + "\n")
         for png in pngs:
             if os.path.exists(os.path.join(a.docs, png)):
-                rel = os.path.relpath(os.path.join(a.docs, png), os.path.dirname(os.path.abspath(readme)) or ".")
+                rel = os.path.relpath(os.path.join(a.docs, png), os.path.dirname(os.path.abspath(page)) or ".")
                 parts.append(f"![{png}]({rel})\n")
-    with open(readme) as f:
+    with open(page) as f:
         text = f.read()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: no results block ({BEGIN} ... {END}) to replace")
+        raise SystemExit(f"{page}: no results block ({BEGIN} ... {END}) to replace")
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    with open(readme, "w") as f:
+    with open(page, "w") as f:
         f.write(head + BEGIN + "\n" + "\n".join(parts) + END + tail)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "figures", "readme", "all"))
+    p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "figures", "results", "all"))
     p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="routes / gates / padding: only "
                    "these variants (comma-separated names as in the tables)")
@@ -544,7 +547,8 @@ def main(argv=None):
     p.add_argument("--shapes-size", type=int, default=4000, help="distinct training images")
     p.add_argument("--out", default=os.path.join("runs", "experiments"), help="run folders")
     p.add_argument("--docs", default=DOCS, help="where tables and figures are written")
-    p.add_argument("--readme", default="README.md", help="README whose results block is rebuilt")
+    p.add_argument("--results", default=os.path.join("docs", "RESULTS.md"), help="the page whose results block is "
+                   "rebuilt")
     a = p.parse_args(argv)
     experiments = dict(routes=routes, gates=gates, padding=padding, transfer=transfer)
     if a.experiment in experiments:
@@ -555,7 +559,7 @@ def main(argv=None):
         for fn in experiments.values():
             fn(a)
         figures(a)
-    update_readme(a, a.readme)
+    update_results(a, a.results)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import torchvision
 from PIL import Image
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
+from config import setup_distributed
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -493,7 +495,6 @@ def main(argv=None):
         p.error("give SAMPLE, or --save-stats OUT to only compute REF's statistics")
     if a.clip and not a.prompts:
         p.error("--clip needs --prompts FILE (one prompt per sample image)")
-    from train import setup_distributed
     rank, world, device = setup_distributed()
 
     # read both inputs before any network work, so that a bad path fails at once

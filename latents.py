@@ -10,13 +10,14 @@ with a float latent (C, h, w) in place of the image (`dataset.is_latent` tells t
 import argparse
 import json
 import os
+from datetime import timedelta
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from conditioning import CONTROL_SIGNALS
-from data import DATASETS, build_dataset
+from data import DATASETS, EVENTS, build_dataset
 
 #################################################################################
 #                       Autoencoder (pixel or latent space)                     #
@@ -135,13 +136,9 @@ def shard_name(k, world):
 
 
 def _atomic_write(path, write):
-    """write(f) to path.tmp, fsync, rename: a kill leaves no file or a complete one under `path`, never a partial."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """checkpoint.atomic_write: a kill leaves no file or a complete one under `path`, never a partial."""
+    from checkpoint import atomic_write  # checkpoint.py builds on this file (through config.py): imported where used
+    atomic_write(path, write)
 
 
 def _write_json(path, obj):
@@ -149,18 +146,10 @@ def _write_json(path, obj):
 
 
 def _distributed():
-    """(rank, world, device) under torchrun or in one process; the LOCAL rank picks the GPU, as in train.py."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
-        torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:  # a long timeout: on a re-run the missing shards may all be one rank's, and the others wait
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
-    return rank, world, device
+    """config.setup_distributed with a long timeout: on a re-run the missing shards may all be one rank's, and the
+    others wait."""
+    from config import setup_distributed  # config.py builds on this file (latent_geometry): imported where used
+    return setup_distributed(timeout=timedelta(hours=12))
 
 
 def _shard_complete(path, start, stop):
@@ -314,8 +303,9 @@ def read_cache(cache_dir):
     """(meta, stats) of a finished latent cache; a missing or unfinished one fails with the command to run."""
     meta_path = os.path.join(cache_dir, "meta.json")
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{cache_dir!r} is not a latent cache (no meta.json); make one with\n  python data.py "
-                                f"--encode --dataset imagenet --data-path DIR --res 256 --vae sd-ema --out {cache_dir}")
+        raise FileNotFoundError(f"{cache_dir!r} is not a latent cache (no meta.json); make one with\n  python "
+                                f"latents.py --encode --dataset imagenet --data-path DIR --res 256 --vae sd-ema --out "
+                                f"{cache_dir}")
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format") != CACHE_FORMAT:
@@ -335,7 +325,7 @@ class LatentCacheDataset(Dataset):
     """The items of a latent cache (`python latents.py --encode`): (latent float (C, h, w), label, control, caption).
 
     Per item and epoch, from (seed, epoch, index) as in the image datasets: the crop or its mirror image (flip
-    recorded in control[4]), then a posterior sample (or the posterior mean with `sample=False`), returned in the
+    recorded in control[SIGNAL["flip"]]), then a posterior sample (or the posterior mean with `sample=False`), returned in the
     diffusion space `(z - shift) * scale`. `norm`: `scale` uses the VAE's own factor (0.18215 for the SD VAE,
     the DiT / SD recipe); `channel` uses the cache's per-channel mean and std. Decode samples with
     `Autoencoder(ds.vae, scale=ds.scale, shift=ds.shift)`.

@@ -7,77 +7,35 @@ Sample from a checkpoint's EMA weights.
                                                                         # an .npz (+ .json of settings) for fid.py
 
 A grid has one row per class and one column per (guidance scale, control variant, seed); the same noise is reused
-across rows and control variants, so a column-to-column change is caused by the condition alone.
+across rows and control variants, so a column-to-column change is caused by the condition alone. The sampler is
+diffusion.generate, the checker's evaluation shapes.evaluate_shapes, the checkpoint reader checkpoint.load_model.
 """
 import argparse
 import itertools
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from conditioning import CONTROL_SIGNALS
+from checkpoint import load_model
+from conditioning import CONTROL_SIGNALS, SIGNAL
+from config import latent_shape, make_diffusion, setup_distributed, use_bf16
 from data import default_control
-from diffusion import SAMPLERS, guided_prediction
+from diffusion import SAMPLERS, generate, make_noise
 from latents import Autoencoder, latent_geometry, to_uint8
-from shapes import CANVAS_MARGIN, CHIRAL, COLOUR_NAMES, HELDOUT_TEMPLATES, SHAPE_NAMES, ShapesChecker, expected_position
-from train import CONFIG_VERSION, checkpoint_weights, find_checkpoint, make_diffusion, make_model
+from shapes import evaluate_shapes, semantic_input
+
+load_checkpoint = load_model  # the older name of checkpoint.load_model
 
 #################################################################################
-#                              Generation                                       #
+#                                 Sample grids                                  #
 #################################################################################
-
-
-def make_noise(seeds, shape, device):
-    """One noise tensor per seed, independent of batch composition: (len(seeds), *shape)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-
-
-@torch.no_grad()
-def generate(model, diffusion, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, method=None,
-             interval=(0.0, 1.0), batch=256, progress=False, seed=0):
-    """Latents for labels y (B,) (or a prompt's (features, mask)) and controls ctrl (B, S) from the given noise
-    (B, C, H, W), in chunks of `batch`.
-    `seed` feeds the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic given `noise`."""
-    out = []
-    gen = torch.Generator(noise.device).manual_seed(seed)
-    for i in range(0, noise.shape[0], batch):
-        yi = tuple(v[i:i + batch] for v in y) if isinstance(y, tuple) else y[i:i + batch]  # labels or a prompt
-        ci = ctrl[i:i + batch]
-        fn = lambda x, t: guided_prediction(model, x, t, yi, ci, cfg_scale, ctrl_scale, interval)
-        out.append(diffusion.sample(fn, noise[i:i + batch], steps, method, progress, gen))
-    return torch.cat(out)
-
-
-_ENCODERS = {}  # (name, device, max_length) -> a loaded text encoder, so a grid does not reload it per call
-
-
-def semantic_input(args, labels, device, prompts=None):
-    """The model's semantic input for these samples: the labels (B,), or for a text model the prompts'
-    (features (B, L, d), mask (B, L)) -- by default each label's shapes caption, colours cycling ("a red ell").
-    Features are rounded to fp16 like the training cache, so a prompt seen in training gives the same input."""
-    if getattr(args, "cond_type", "class") != "text":
-        return torch.as_tensor(labels, device=device)
-    if prompts is None:
-        prompts = [f"a {COLOUR_NAMES[i % len(COLOUR_NAMES)]} {SHAPE_NAMES[k]}" for i, k in enumerate(labels)]
-    key = (args.text_encoder, str(device), args.text_max_length)
-    if key not in _ENCODERS:
-        from text import load_text_encoder
-        _ENCODERS[key] = load_text_encoder(args.text_encoder, device, args.text_max_length)
-    features, mask = _ENCODERS[key].encode(list(prompts))
-    return features.half().float().to(device), mask.to(device)
 
 
 def take(y, idx):
     """Rows idx of labels or of a prompt's (features, mask)."""
     return tuple(v[idx] for v in y) if isinstance(y, tuple) else y[idx]
-
-
-def latent_shape(args, vae):
-    factor, channels = latent_geometry(args.vae)  # the same rule that sized the model (train.make_model)
-    return (channels, args.res // factor, args.res // factor)
 
 
 def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None, cfg_scales=None,
@@ -92,10 +50,10 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
     base = default_control(args.source_dataset, args.res)
     if controls is None:  # show the flip: it is the control whose effect is easiest to see
         controls = [base.clone(), base.clone()]
-        controls[1][4] = 1.0
+        controls[1][SIGNAL["flip"]] = 1.0
     cfg_scales = cfg_scales or [cfg_scale]
     cols = list(itertools.product(cfg_scales, range(len(controls)), seeds))
-    noise = make_noise([s for _, _, s in cols], latent_shape(args, vae), device).repeat(len(rows), 1, 1, 1)
+    noise = make_noise([s for _, _, s in cols], latent_shape(args), device).repeat(len(rows), 1, 1, 1)
     if prompts:
         y = semantic_input(args, [0] * len(rows) * len(cols), device, [p for p in prompts for _ in cols])
     else:
@@ -113,61 +71,6 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
     save_image(vae.decode(lat), path, nrow=len(cols), padding=1, pad_value=1.0)
     model.train(was_training)
     return path
-
-
-#################################################################################
-#                     Evaluation on shapes with the checker                     #
-#################################################################################
-
-@torch.no_grad()
-def evaluate_shapes(model, args, per_class, device, cfg_scale=1.0, steps=50, seed=10_000, method=None,
-                    progress=False):
-    """Checker accuracies of samples drawn per class, each seed drawn with flip 0 and flip 1.
-
-    class_acc  measured class == requested class
-    flip_acc   on chiral classes: measured orientation == requested flip (a wrong class counts as wrong)
-    mirrored   on chiral classes: fraction of (flip 0, flip 1) pairs of the same seed that both come out right
-    crop_err   mean distance (pixels) between the shape centre and where the crop condition puts it
-    A text model is asked with prompt wordings it never saw in training (data.HELDOUT_TEMPLATES, in turn) for a
-    colour (in turn) and a shape, and also gets
-    colour_acc           measured colour == requested colour
-    class_colour_acc     both right
-    """
-    was_training = model.training
-    model.eval()
-    vae = Autoencoder("none")
-    checker = ShapesChecker()
-    base = default_control(args.source_dataset, args.res)
-    rng = np.random.default_rng(seed)
-    rows = []  # (class, flip, seed, control, colour, prompt)
-    for k in range(args.num_classes):
-        for j in range(per_class):
-            c = base.clone()
-            c[2], c[3] = rng.integers(0, round(args.res * CANVAS_MARGIN) - args.res + 1, size=2)  # random crop
-            colour = COLOUR_NAMES[(k + j) % len(COLOUR_NAMES)]
-            prompt = HELDOUT_TEMPLATES[j % len(HELDOUT_TEMPLATES)].format(colour=colour, shape=SHAPE_NAMES[k])
-            for flip in (0, 1):
-                c2 = c.clone()
-                c2[4] = flip
-                rows.append((k, flip, seed + k * per_class + j, c2, colour, prompt))
-    noise = make_noise([r[2] for r in rows], latent_shape(args, vae), device)
-    y = semantic_input(args, [r[0] for r in rows], device, [r[5] for r in rows])
-    ctrl = torch.stack([r[3] for r in rows]).to(device)
-    x = generate(model, make_diffusion(args), noise, y, ctrl, cfg_scale, steps=steps, method=method,
-                 progress=progress, seed=seed)
-    meas = checker(to_uint8(vae.decode(x)).cpu())
-    model.train(was_training)
-    class_ok = np.array([m["label"] == r[0] for m, r in zip(meas, rows)])
-    chiral = np.array([SHAPE_NAMES[r[0]] in CHIRAL for r in rows])
-    flip_ok = np.array([m["label"] == r[0] and m["orientation"] == r[1] for m, r in zip(meas, rows)])
-    pairs = flip_ok.reshape(-1, 2).all(axis=1)[chiral.reshape(-1, 2)[:, 0]]
-    err = [np.hypot(*(np.subtract(m["position"], expected_position(r[3], args.res)))) for m, r in zip(meas, rows)]
-    out = dict(class_acc=float(class_ok.mean()), flip_acc=float(flip_ok[chiral].mean()),
-               mirrored=float(pairs.mean()), crop_err=float(np.nanmean(err)))
-    if getattr(args, "cond_type", "class") == "text":
-        colour_ok = np.array([m["colour"] == r[4] for m, r in zip(meas, rows)])
-        out.update(colour_acc=float(colour_ok.mean()), class_colour_acc=float((colour_ok & class_ok).mean()))
-    return out
 
 
 #################################################################################
@@ -207,7 +110,7 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
     images, index = [np.zeros((0, args.res, args.res, 3), np.uint8)], [np.zeros(0, np.int64)]  # a rank may get none
     for start in tqdm(mine, desc="sampling", disable=rank != 0, dynamic_ncols=True):
         idx = np.arange(start, min(start + batch, num_samples))
-        noise = make_noise(seed + idx, latent_shape(args, vae), device)
+        noise = make_noise(seed + idx, latent_shape(args), device)
         ctrl = control.to(device).expand(len(idx), -1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = generate(model, diffusion, noise, semantic_input(args, y_all[idx], device), ctrl, cfg_scale,
@@ -240,37 +143,6 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
 #################################################################################
 #                                   CLI                                         #
 #################################################################################
-
-def load_checkpoint(path, device):
-    """EMA model and the run's config from a checkpoint file or run folder of ours, or an official DiT-XL/2 file."""
-    from model import from_dit, is_dit_state_dict
-    file, ckpt = find_checkpoint(path)
-    state = checkpoint_weights(ckpt)
-    if is_dit_state_dict(state):  # DiT's own recipe: eps + learned variance, adaLN, no QK-norm, SD VAE latents
-        from model import SIZES
-        from train import get_args
-        width, patch = state["x_embedder.proj.weight"].shape[0], state["x_embedder.proj.weight"].shape[-1]
-        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        size = next((s for s, (d, w, _) in SIZES.items() if (d, w) == (depth, width)), None)
-        if size is None:
-            raise SystemExit(f"{file}: a DiT of depth {depth} and width {width} matches none of our sizes")
-        res = int(round(state["pos_embed"].shape[1] ** 0.5)) * patch * 8  # tokens per side x patch x VAE factor
-        args = get_args(["--dataset", "imagenet", "--model", f"{size}/{patch}", "--cond", "adaln", "--qk-norm", "off",
-                         "--objective", "ddpm", "--learn-sigma", "--res", str(res), "--base-res", str(res)])
-        args.num_classes, args.ckpt_file, args.ckpt_step = state["y_embedder.embedding_table.weight"].shape[0] - 1, \
-            os.path.abspath(file), None
-        args.latent_scale = args.latent_shift = None  # the VAE's own (0.18215, as DiT trained)
-        model = make_model(args)
-        model.load_state_dict({**model.state_dict(), **from_dit(state, model.width)[0]})  # + our control MLPs' inputs
-        return model.to(device).eval(), args
-    if ckpt.get("config_version") != CONFIG_VERSION:
-        raise SystemExit(f"{file}: written by another version of this code (config schema "
-                         f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION})")
-    args = SimpleNamespace(**ckpt["args"], ckpt_file=os.path.abspath(file), ckpt_step=ckpt.get("step"))
-    model = make_model(args)
-    model.load_state_dict(ckpt["ema"])
-    return model.to(device).eval(), args
-
 
 def floats(s):
     return [float(v) for v in s.split(",")] if s else None
@@ -309,11 +181,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     rank, world = 0, 1
     if a.num_samples:  # torchrun: one process per GPU, the local rank picks it
-        from train import setup_distributed
         rank, world, device = setup_distributed()
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, args = load_checkpoint(a.ckpt, device)
+    model, args = load_model(a.ckpt, device)
     if a.sampler and a.sampler not in SAMPLERS[args.objective]:
         raise SystemExit(f"--sampler {a.sampler}: this model was trained with --objective {args.objective}; choose "
                          f"one of {SAMPLERS[args.objective]}")
@@ -326,8 +197,8 @@ def main(argv=None):
     if a.eval_per_class:
         if args.source_dataset != "shapes":
             raise SystemExit("--eval-per-class uses the shapes checker: it needs a checkpoint trained on shapes")
-        res = evaluate_shapes(model, args, a.eval_per_class, device, cfg_scale=scales[0], steps=a.steps,
-                              method=a.sampler, progress=True)
+        res = evaluate_shapes(model, make_diffusion(args), args, a.eval_per_class, device, cfg_scale=scales[0],
+                              steps=a.steps, method=a.sampler, progress=True)
         print(json.dumps(dict(res, cfg_scale=scales[0], per_class=a.eval_per_class, steps=a.steps)))
         return res
     base = default_control(args.source_dataset, args.res)
@@ -336,11 +207,11 @@ def main(argv=None):
                                              floats(a.crop_offset) or [None]):
         c = base.clone()
         if flip is not None:
-            c[4] = flip
+            c[SIGNAL["flip"]] = flip
         if size is not None:
-            c[0] = c[1] = size
+            c[SIGNAL["orig_h"]] = c[SIGNAL["orig_w"]] = size
         if off is not None:
-            c[2] = c[3] = off
+            c[SIGNAL["crop_top"]] = c[SIGNAL["crop_left"]] = off
         controls.append(c)
     if a.num_samples:
         if len(controls) > 1 or len(scales) > 1:
@@ -351,9 +222,9 @@ def main(argv=None):
                                     f"{a.sampler or SAMPLERS[args.objective][0]}{a.steps}.npz")
         if not out.endswith(".npz"):
             raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
-        bf16 = a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda")
         sample_npz(model, vae, args, out, a.num_samples, controls[0], a.labels, a.seed, a.batch, scales[0],
-                   a.ctrl_scale, tuple(floats(a.interval)), a.steps, a.sampler, bf16, rank, world,
+                   a.ctrl_scale, tuple(floats(a.interval)), a.steps, a.sampler, use_bf16(a.precision, device), rank,
+                   world,
                    record=dict(ckpt=args.ckpt_file, ckpt_step=args.ckpt_step))
         if rank == 0:
             print(f"wrote {out} and its settings {out[:-len('.npz')]}.json")

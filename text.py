@@ -130,6 +130,20 @@ def load_text_encoder(name_or_path="builtin", device="cpu", max_length=None):
     return HFTextEncoder(name_or_path, device, max_length)
 
 
+_LOADED = {}  # (name, device, max_length) -> a loaded encoder, so a grid or an evaluation does not reload it per call
+
+
+def encode_prompts(args, prompts, device):
+    """A text model's input for these prompts: (features (B, L, d), mask (B, L)) from the run's encoder
+    (args.text_encoder, loaded once per process). Features are rounded to fp16 like the training cache, so a prompt
+    seen in training gives the same input."""
+    key = (args.text_encoder, str(device), args.text_max_length)
+    if key not in _LOADED:
+        _LOADED[key] = load_text_encoder(args.text_encoder, device, args.text_max_length)
+    features, mask = _LOADED[key].encode(list(prompts))
+    return features.half().float().to(device), mask.to(device)
+
+
 
 #################################################################################
 #                       Caption-feature cache                                   #

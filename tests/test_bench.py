@@ -15,8 +15,8 @@ TINY = ["--model", "T/4", "--res", "16", "--base-res", "16"]
 def tiny(extra=(), batch=4):
     """A tiny model, its diffusion and a synthetic batch. adaLN-Zero makes a fresh model output exactly 0 with almost
     every gradient 0; the zero-initialised tensors get random values so that every weight takes part and the network's
-    output moves the loss (about 5 against 3.2 for a zero output)."""
-    _, args = bench.get_args(TINY + ["--batch", str(batch), *extra])
+    output moves the loss (about 5 against 3.2 for a zero output). No gradient clipping: the raw gradients compare."""
+    _, args = bench.get_args(TINY + ["--batch", str(batch), "--clip", "0", *extra])
     state = bench.build(args, CPU)
     with torch.no_grad():
         for p in state.model.parameters():
@@ -26,13 +26,16 @@ def tiny(extra=(), batch=4):
 
 
 def loss_and_grad(state, args, data, path):
-    """Loss and the flattened gradient of one forward + backward under `path`, from the same noise every time."""
-    state.model.zero_grad(set_to_none=True)
+    """Loss and the flattened gradient of one training step (bench.train_step, i.e. train.train_step) under `path`,
+    from the same noise every time; the update it makes is undone, so every call starts from the same weights."""
+    weights = {k: v.clone() for k, v in state.model.state_dict().items()}
+    bench.prepare(state, path, args)  # a fresh optimizer
+    state.gen = torch.Generator().manual_seed(0)
     with bench.numerics(path):
-        loss = bench.forward_backward(state.net, state.diffusion, data, torch.Generator().manual_seed(0), args,
-                                      path.bf16)
+        loss = bench.train_step(state, data, 0, args, path)
     params = list(state.model.parameters())
     grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    state.model.load_state_dict(weights)
     return loss, grad
 
 

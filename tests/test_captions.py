@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conditioning import CONTROL_SIGNALS
+from conditioning import CONTROL_SIGNALS, SIGNAL
 from data import EVENTS, CaptionFolderDataset, WebDatasetShards, build_dataset, default_control, folder_default_control
 
 RES = 8
@@ -82,7 +82,7 @@ def test_caption_pairs_skip_and_count_bad_items_and_keep_batches_full(tmp_path, 
 
     img, label, ctrl, caption = ds[ds.captions().index("a blue square")]
     assert img.dtype == torch.uint8 and img.shape == (3, RES, RES) and label == 0 and caption == "a blue square"
-    assert ctrl.shape == (len(CONTROL_SIGNALS),) and ctrl[-1] == RES
+    assert ctrl.shape == (len(CONTROL_SIGNALS),) and ctrl[SIGNAL["res"]] == RES
     same = ds[1]
     assert torch.equal(same[0], ds[1][0]) and torch.equal(same[2], ds[1][2])  # (seed, epoch, index) decide the crop
     assert len({tuple(ds.set_epoch(e) or ds[1][2].tolist()) for e in range(8)}) > 1

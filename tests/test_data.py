@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from conditioning import CONTROL_SIGNALS
+from conditioning import CONTROL_SIGNALS, SIGNAL
 from data import ImageFolderDataset, build_dataset, crop_flip
 from shapes import CANVAS_MARGIN, CHIRAL, SHAPE_NAMES, ShapesChecker, ShapesDataset, expected_position
 
@@ -59,12 +59,12 @@ def test_checker_reads_dataset_images(shapes):
         class_ok += m["label"] == label
         if SHAPE_NAMES[label] in CHIRAL:
             n_chiral += 1
-            orient_ok += m["orientation"] == int(ctrl[4])
+            orient_ok += m["orientation"] == int(ctrl[SIGNAL["flip"]])
         else:
             assert m["orientation"] is None or m["label"] != label
         errs.append(np.hypot(*np.subtract(m["position"], expected_position(ctrl, 32))))
         sharp.append(m["sharpness"])
-        orig.append(ctrl[0].item())
+        orig.append(ctrl[SIGNAL["orig_h"]].item())
         assert m["colour"] in caption
     assert class_ok / len(shapes) >= 0.98
     assert orient_ok == n_chiral
@@ -88,14 +88,14 @@ def test_crop_flip_records_what_it_did():
     seen_flip = set()
     for seed in range(20):
         out, ctrl = crop_flip(img, 32, np.random.default_rng(seed), margin=40 / 32)
-        top, left, flip = int(ctrl[2]), int(ctrl[3]), bool(ctrl[4])
+        top, left, flip = (int(ctrl[SIGNAL[k]]) for k in ("crop_top", "crop_left", "flip"))
         ref = torch.from_numpy(arr[top:top + 32, left:left + 32].astype(np.uint8)).permute(2, 0, 1)
         assert torch.equal(out, ref.flip(-1) if flip else ref)
-        assert ctrl[0] == 40 and ctrl[1] == 50 and ctrl[6] == 32
+        assert ctrl[SIGNAL["orig_h"]] == 40 and ctrl[SIGNAL["orig_w"]] == 50 and ctrl[SIGNAL["res"]] == 32
         seen_flip.add(flip)
     assert seen_flip == {True, False}
     out, ctrl = crop_flip(img, 32, np.random.default_rng(0), margin=40 / 32, crop="center", hflip=False)
-    assert (int(ctrl[2]), int(ctrl[3]), int(ctrl[4])) == (4, 9, 0)
+    assert tuple(int(ctrl[SIGNAL[k]]) for k in ("crop_top", "crop_left", "flip")) == (4, 9, 0)
 
 
 def test_image_folder(tmp_path):
@@ -108,8 +108,8 @@ def test_image_folder(tmp_path):
     assert len(ds) == 6 and ds.num_classes == 2
     img, label, ctrl, name = ds[1]
     assert img.shape == (3, 32, 32) and label == 0 and name == "cat"
-    assert (ctrl[0].item(), ctrl[1].item()) == (70, 50)  # the file's own size is the original size
-    assert ctrl[2] >= 0 and ctrl[2] <= round(70 * 32 / 50) - 32 and ctrl[3] == 0
+    assert (ctrl[SIGNAL["orig_h"]].item(), ctrl[SIGNAL["orig_w"]].item()) == (70, 50)  # the file's own size is the original size
+    assert 0 <= ctrl[SIGNAL["crop_top"]] <= round(70 * 32 / 50) - 32 and ctrl[SIGNAL["crop_left"]] == 0
 
 
 def test_bad_paths_fail_clearly(tmp_path):

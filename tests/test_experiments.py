@@ -1,5 +1,5 @@
 """experiments.py: the drift measure on models whose behaviour is known, and a whole comparison at toy size from
-training to the README block."""
+training to the results page."""
 import argparse
 import json
 import os
@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 import experiments
-import train
+from checkpoint import checkpoints_in
+from conditioning import SIGNAL
+from config import get_args, make_diffusion
 from latents import Autoencoder, to_uint8
 from shapes import COLOURS, SHAPES, render_shape
 
@@ -42,7 +44,7 @@ class PaintModel(torch.nn.Module):
             self.images[k] = Autoencoder("none").encode(to_uint8((alpha * fg + (1 - alpha) * 0.1)[None]))[0]
 
     def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
-        small = ctrl[:, 0] < 2 * self.res
+        small = ctrl[:, SIGNAL["orig_h"]] < 2 * self.res
         out = torch.stack([self.images[int(i)] for i in (small & self.size_changes_class).long()])
         if self.size_blurs:
             blurred = torch.nn.functional.avg_pool2d(out, 5, stride=1, padding=2, count_include_pad=False)
@@ -52,7 +54,7 @@ class PaintModel(torch.nn.Module):
 
 @pytest.mark.parametrize("behaviour", ["ignores size", "size changes class", "size blurs"])
 def test_drift_measures_content_change_and_sharpness_under_the_size_condition(behaviour):
-    args = train.get_args(["--dataset", "shapes"])
+    args = get_args(["--dataset", "shapes"])
     args.num_classes = 10
     model = PaintModel(args.res, behaviour == "size changes class", behaviour == "size blurs")
     out = experiments.drift(model, args, n=4, cfg_scale=2.0, steps=3)
@@ -68,13 +70,13 @@ def test_drift_measures_content_change_and_sharpness_under_the_size_condition(be
 #                      A comparison end to end at toy size                      #
 #################################################################################
 
-def test_routes_trains_measures_and_writes_tables_figures_and_readme(tmp_path, monkeypatch):
+def test_routes_trains_measures_and_writes_tables_figures_and_results_page(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "ROUTES", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{experiments.BEGIN}\nold text\n{experiments.END}\n\nkept\n")
+    page = tmp_path / "RESULTS.md"
+    page.write_text(f"# x\n\n{experiments.BEGIN}\nold text\n{experiments.END}\n\nkept\n")
     argv = ["routes", "--seeds", "0,1", "--steps", "2", "--log-every", "1", "--per-class", "1", "--drift-n", "2",
             "--sample-steps", "2", "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs",
-            str(tmp_path / "docs"), "--readme", str(readme)]
+            str(tmp_path / "docs"), "--results", str(page)]
     experiments.main(argv)
     rows = json.loads((tmp_path / "docs" / "routes.json").read_text())
     assert [r["variant"] for r in rows] == ["ours", "adaln (DiT)"]
@@ -85,7 +87,7 @@ def test_routes_trains_measures_and_writes_tables_figures_and_readme(tmp_path, m
         assert all(0 <= m["size_drift_class"] <= 1 for m in r["per_seed"])
     md = (tmp_path / "docs" / "routes.md").read_text()
     assert "python experiments.py routes --seeds 0,1 --steps 2" in md and f"4 runs on {experiments.device_name()}" in md
-    text = readme.read_text()
+    text = page.read_text()
     assert "old text" not in text and "| ours |" in text and text.endswith("kept\n")
 
     # a second call trains nothing and measures nothing again: the same numbers come back from the run folders
@@ -99,7 +101,7 @@ def test_routes_trains_measures_and_writes_tables_figures_and_readme(tmp_path, m
     w, h = Image.open(tmp_path / "docs" / "size_sweep.png").size
     assert (w, h) == (2 * 5 * (72 + 2) + 12, 18 + 6 * (72 + 2) + 16)
     assert Image.open(tmp_path / "docs" / "loss_routes.png").size == (640, 400)
-    assert "size_sweep.png" in readme.read_text()
+    assert "size_sweep.png" in page.read_text()
     curve = experiments.mean_curve(rows[0]["per_seed"])
     assert sorted(curve) == [1, 2]
     assert curve[2] == pytest.approx(np.mean([m["curve"]["2"] for m in rows[0]["per_seed"]]))
@@ -107,11 +109,11 @@ def test_routes_trains_measures_and_writes_tables_figures_and_readme(tmp_path, m
 
 def test_padding_measures_text_models_on_held_out_wordings(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "PADDINGS", {"zero": ["--cond-type", "text", "--text-pad", "zero"]})
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    page = tmp_path / "RESULTS.md"
+    page.write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
     experiments.main(["padding", "--seeds", "0", "--steps", "2", "--per-class", "1", "--sample-steps", "2",
                       "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
-                      "--readme", str(readme)])
+                      "--results", str(page)])
     (row,) = json.loads((tmp_path / "docs" / "padding.json").read_text())
     m = row["per_seed"][0]
     assert 0 <= m["colour_acc"] <= 1 and np.isfinite(m["caption_loss"])
@@ -122,18 +124,18 @@ def test_padding_measures_text_models_on_held_out_wordings(tmp_path, monkeypatch
 
 def test_transfer_fine_tunes_each_variant_from_one_base_and_splits_the_held_out_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "TRANSFER", {k: v for k, v in experiments.TRANSFER.items() if "resample" in k})
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    page = tmp_path / "RESULTS.md"
+    page.write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
     experiments.main(["transfer", "--seeds", "0", "--base-steps", "2", "--ft-steps", "2", "--ft-batch", "4",
                       "--ft-warmup", "1", "--log-every", "1", "--shapes-size", "128", "--out", str(tmp_path / "runs"),
-                      "--docs", str(tmp_path / "docs"), "--readme", str(readme)])
+                      "--docs", str(tmp_path / "docs"), "--results", str(page)])
     rows = {r["variant"]: r["per_seed"][0] for r in json.loads((tmp_path / "docs" / "transfer.json").read_text())}
     assert list(rows) == ["resample + shift (paper)", "resample, no shift"]
     for m in rows.values():
         assert m["heldout"] == pytest.approx((m["heldout_low"] + m["heldout_high"]) / 2)
     alphas = {}
     for run in (tmp_path / "runs" / "transfer").glob("ft-*/0*"):
-        args = argparse.Namespace(**torch.load(train.checkpoints_in(str(run))[0], weights_only=False)["args"])
+        args = argparse.Namespace(**torch.load(checkpoints_in(str(run))[0], weights_only=False)["args"])
         assert (args.res, args.base_res) == (64, 32)  # the base grid comes from the 32 px checkpoint
-        alphas[args.res_shift] = train.make_diffusion(args).alpha
+        alphas[args.res_shift] = make_diffusion(args).alpha
     assert alphas == {"on": pytest.approx(6.0), "off": pytest.approx(3.0)}  # shift 3 x sqrt(4 x the tokens) vs 3

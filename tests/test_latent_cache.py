@@ -159,7 +159,7 @@ def test_build_dataset_latents_checks_the_resolution(cache):
         build_dataset("latents", 64, data_path=cache)
     with pytest.raises(ValueError, match="needs --data-path"):
         build_dataset("latents", RES)
-    with pytest.raises(FileNotFoundError, match="not a latent cache"):
+    with pytest.raises(FileNotFoundError, match=r"not a latent cache[\s\S]*\n  python latents.py --encode"):
         build_dataset("latents", RES, data_path=os.path.dirname(cache))
 
 
@@ -220,9 +220,10 @@ def test_training_reads_the_cache_and_sampling_decodes_with_its_scale(cache, tin
     sample.py decodes with."""
     import sample
     import train
+    from checkpoint import checkpoints_in
     run = train.main(["--dataset", "latents", "--data-path", cache, "--model", "T/2", "--batch", "4", "--steps", "3",
                       "--workers", "0", "--log-every", "1", "--out", str(tmp_path), "--cfg-scale", "1.5"])
-    ckpt = torch.load(train.checkpoints_in(run)[0], weights_only=False)
+    ckpt = torch.load(checkpoints_in(run)[0], weights_only=False)
     assert (ckpt["args"]["res"], ckpt["args"]["vae"], ckpt["args"]["source_dataset"]) == (RES, tiny_vae, "folder")
     assert ckpt["args"]["latent_scale"] == latents.Autoencoder(tiny_vae).scale
     out = str(tmp_path / "grid.png")

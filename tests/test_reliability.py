@@ -1,9 +1,11 @@
 """Faults a long run meets: kills during a checkpoint write, preemption signals, broken image files, non-finite
-losses. Each test injects the fault and checks that no work is lost and the run continues (or stops) cleanly."""
+losses. Each test injects the fault and checks that no work is lost and the run continues (or stops) cleanly. Faults
+inside train.py are injected by patching it from here, or for a subprocess from a wrapper script (train_script)."""
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -13,7 +15,9 @@ from PIL import Image
 from test_train import ROOT, TINY, losses, records
 
 import train
+from checkpoint import checkpoints_in, find_checkpoint
 from data import load_rgb
+from diffusion import Diffusion
 
 
 def wait_for(predicate, timeout=120):
@@ -29,6 +33,27 @@ def only_run(out):
     return run
 
 
+def train_script(tmp_path, patch):
+    """A train.py that runs `patch` (Python source; the project and tests/ importable) before train.main: fault
+    injection in another process."""
+    script = tmp_path / "patched_train.py"
+    paths = [ROOT, os.path.join(ROOT, "tests")]
+    script.write_text(f"import sys\nsys.path[:0] = {paths!r}\nimport train\n{textwrap.dedent(patch)}\n"
+                      f"train.main()\n")
+    return str(script)
+
+
+def nan_loss(steps, real=Diffusion.loss):
+    """Diffusion.loss, but NaN at these steps (1-based: one loss per training step), as a diverging run's would be."""
+    calls = []
+
+    def loss(self, *args, **kwargs):
+        calls.append(None)
+        out = real(self, *args, **kwargs)
+        return out * float("nan") if len(calls) in steps else out
+    return loss
+
+
 # ---------------------------------------------------------------- checkpoints ---
 
 def test_resume_auto_skips_partial_and_damaged_checkpoints(tmp_path):
@@ -41,7 +66,7 @@ def test_resume_auto_skips_partial_and_damaged_checkpoints(tmp_path):
         f.write(head)
     with open(os.path.join(run, "ckpt-0000010.pt"), "wb") as f:  # a damaged file under a complete name
         f.write(head)
-    path, state = train.find_checkpoint("auto", out)
+    path, state = find_checkpoint("auto", out)
     assert path == good and state["step"] == 8
     train.main(TINY + ["--steps", "10", "--resume", "auto", "--out", out])
     assert [r["step"] for r in records(run) if "loss" in r][-2:] == [9, 10]
@@ -51,7 +76,7 @@ def test_resuming_an_older_checkpoint_sets_later_ones_aside_and_prunes_right(tmp
     run = train.main(TINY + ["--steps", "4", "--ckpt-every", "1", "--keep", "5", "--out", str(tmp_path)])
     train.main(TINY + ["--steps", "4", "--ckpt-every", "1", "--keep", "1", "--out", str(tmp_path),
                        "--resume", os.path.join(run, "ckpt-0000002.pt")])
-    assert [os.path.basename(f) for f in train.checkpoints_in(run)] == ["ckpt-0000004.pt"]
+    assert [os.path.basename(f) for f in checkpoints_in(run)] == ["ckpt-0000004.pt"]
     assert torch.load(os.path.join(run, "ckpt-0000004.pt"), weights_only=False)["step"] == 4
     assert sorted(os.listdir(os.path.join(run, "abandoned"))) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
 
@@ -69,22 +94,44 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
 
 
 def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
-    cmd = [sys.executable, "train.py"] + TINY + ["--steps", "100000", "--ckpt-every", "1", "--keep", "3",
-                                                 "--out", str(tmp_path)]
+    """The kill lands while the 4th checkpoint's temporary file is half written: the writer is patched to write half
+    its bytes, say so, and wait to be killed."""
+    out, writing = tmp_path / "runs", tmp_path / "writing"
+    script = train_script(tmp_path, f"""
+        import io
+        import time
+
+        import checkpoint
+        real_write, calls = checkpoint.atomic_write, []
+        def half_then_wait(path, write):
+            calls.append(path)
+            if len(calls) < 4:
+                return real_write(path, write)
+            def write_half(f):
+                buf = io.BytesIO()
+                write(buf)
+                f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+                f.flush()
+                open({str(writing)!r}, "w").close()
+                time.sleep(600)
+            real_write(path, write_half)
+        checkpoint.atomic_write = half_then_wait
+    """)
+    cmd = [sys.executable, script] + TINY + ["--steps", "100000", "--ckpt-every", "1", "--keep", "3", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: os.path.isdir(tmp_path) and os.listdir(tmp_path) and
-                 len(train.checkpoints_in(only_run(tmp_path))) >= 3)
-        time.sleep(0.37)  # checkpoints are written every step: the kill lands in or near a write
+        wait_for(writing.exists)
     finally:
         proc.kill()
         proc.wait()
-    run = only_run(tmp_path)
-    for f in train.checkpoints_in(run):  # the write is atomic: every file under a complete name loads
+    run = only_run(out)
+    assert os.path.getsize(os.path.join(run, "ckpt-0000004.pt.tmp")) > 0  # killed in the middle of that write
+    for f in checkpoints_in(run):  # the write is atomic: every file under a complete name loads
         torch.load(f, weights_only=False)
-    path, state = train.find_checkpoint(run)
+    path, state = find_checkpoint(run)
     s = state["step"]
-    train.main(TINY + ["--steps", str(s + 2), "--ckpt-every", "1", "--resume", "auto", "--out", str(tmp_path)])
+    assert s == 3  # the partial file is passed over
+    train.main(TINY + ["--steps", str(s + 2), "--ckpt-every", "1", "--resume", "auto", "--out", str(out)])
     assert [r["step"] for r in records(run) if "loss" in r][-2:] == [s + 1, s + 2]
 
 
@@ -102,12 +149,12 @@ def test_sigterm_single_process_checkpoints_and_exits_75(tmp_path):
     assert proc.returncode == train.PREEMPTED, out[-2000:]
     assert "preempted by signal" in out
     run = only_run(tmp_path)
-    (ckpt,) = train.checkpoints_in(run)
+    (ckpt,) = checkpoints_in(run)
     assert torch.load(ckpt, weights_only=False)["step"] == max(losses(run))
 
 
-def torchrun(args, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "train.py"]
+def torchrun(args, script="train.py", **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", script]
     return subprocess.Popen(cmd + args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
@@ -126,7 +173,7 @@ def test_sigterm_under_torchrun_resumes_exactly(tmp_path):
     os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the launcher and every rank get the signal
     out, _ = proc.communicate(timeout=120)
     run = only_run(cut)
-    ckpts = train.checkpoints_in(run)
+    ckpts = checkpoints_in(run)
     assert len(ckpts) == 1, out[-3000:]  # one consistent checkpoint, written once by rank 0
     stopped = torch.load(ckpts[0], weights_only=False)["step"]
     assert 10 <= stopped < 150 and "preempted by signal" in out
@@ -198,24 +245,32 @@ def test_too_many_broken_files_stop_the_run(tmp_path):
 
 # ----------------------------------------------------------------- divergence ---
 
-def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path):
-    run = train.main(TINY + ["--steps", "6", "--debug-nan-steps", "3", "--out", str(tmp_path)])
+def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(Diffusion, "loss", nan_loss({3}))
+    run = train.main(TINY + ["--steps", "6", "--out", str(tmp_path)])
     recs = [r for r in records(run) if "loss" in r]
     assert recs[-1]["skipped_steps"] == 1 and np.isnan(recs[2]["loss"]) and np.isfinite(recs[3]["loss"])
-    state = torch.load(train.checkpoints_in(run)[0], weights_only=False)
+    state = torch.load(checkpoints_in(run)[0], weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_a_nan_on_one_rank_is_skipped_on_all(tmp_path):
-    proc = torchrun(TINY + ["--steps", "5", "--debug-nan-steps", "2", "--out", str(tmp_path)])
+    script = train_script(tmp_path, """
+        import os
+        from diffusion import Diffusion
+        from test_reliability import nan_loss
+        if os.environ["RANK"] == "0":  # one rank's loss goes bad
+            Diffusion.loss = nan_loss({2})
+    """)
+    proc = torchrun(TINY + ["--steps", "5", "--out", str(tmp_path / "runs")], script=script)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    recs = records(only_run(tmp_path))
+    recs = records(only_run(tmp_path / "runs"))
     assert recs[-2]["skipped_steps"] == 1 and recs[-1]["replicas_identical"] is True
 
 
-def test_nan_steps_in_a_row_stop_the_run(tmp_path):
+def test_nan_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(Diffusion, "loss", nan_loss({4, 5, 6}))
     with pytest.raises(SystemExit, match=r"3 non-finite steps in a row ending at step 6; last good checkpoint: .*"
                                          r"ckpt-0000003\.pt"):
-        train.main(TINY + ["--steps", "10", "--ckpt-every", "3", "--debug-nan-steps", "4,5,6",
-                           "--max-bad-steps", "3", "--out", str(tmp_path)])
+        train.main(TINY + ["--steps", "10", "--ckpt-every", "3", "--max-bad-steps", "3", "--out", str(tmp_path)])

@@ -157,7 +157,7 @@ def test_semantic_drop_flags_select_the_null_class_and_the_null_prompt_alike():
 FINGERPRINT = """
 import hashlib, sys
 sys.path.insert(0, {root!r})
-from conditioning import load_text_encoder
+from text import load_text_encoder
 f, m = load_text_encoder("builtin").encode({captions!r})
 print(hashlib.sha256(f.numpy().tobytes() + m.numpy().tobytes()).hexdigest())
 """
@@ -284,11 +284,13 @@ def test_class_to_text_transfer_loads_the_rest(tmp_path):
     from test_train import TINY
 
     import train
+    from checkpoint import checkpoints_in, init_from
+    from config import get_args, make_model
     run = train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "a")])
-    args = train.get_args(TINY + ["--cond-type", "text"])
+    args = get_args(TINY + ["--cond-type", "text"])
     args.num_classes, args.text_dim, args.text_max_length = 10, 64, 16
-    model = train.make_model(args)
-    loaded, skipped, new = train.init_from(model, train.checkpoints_in(run)[0])
+    model = make_model(args)
+    loaded, skipped, new = init_from(model, checkpoints_in(run)[0])
     assert [s.split()[0] for s in skipped] == ["y_embed.table.weight"]
     assert set(new) == {"y_embed.proj.0.weight", "y_embed.proj.0.bias", "y_embed.proj.2.weight",
                         "y_embed.proj.2.bias", "y_embed.null"}

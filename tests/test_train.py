@@ -11,6 +11,9 @@ import torch
 
 import sample
 import train
+from checkpoint import init_from, load_model
+from config import get_args, make_diffusion, make_model
+from diffusion import generate, make_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "256", "--batch", "16", "--eval-per-class", "0",
@@ -58,7 +61,7 @@ def test_resume_refuses_another_config(tmp_path):
 
 def test_bad_arguments_fail_fast(tmp_path, capsys):
     with pytest.raises(SystemExit, match="needs --data-path"):
-        train.main(["--dataset", "imagenet"])
+        train.main(["--dataset", "folder"])
     with pytest.raises(SystemExit, match="divisible by patch 4"):
         train.main(TINY + ["--res", "18"])
     with pytest.raises(SystemExit, match="does not exist"):
@@ -68,20 +71,43 @@ def test_bad_arguments_fail_fast(tmp_path, capsys):
     assert "invalid choice: 'concat'" in capsys.readouterr().err
 
 
-def test_trains_on_an_image_folder(tmp_path):
+def image_folder(root, classes=("a", "b", "c"), per_class=6):
+    """An ImageFolder tree root/<class>/<j>.jpg of random images of random sizes."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(0)
-    for cls in ("a", "b", "c"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for j in range(6):
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for j in range(per_class):
             size = (int(rng.integers(16, 40)), int(rng.integers(16, 40)))
-            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{j}.jpg")
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / cls / f"{j}.jpg")
+    return root
+
+
+def test_trains_on_an_image_folder(tmp_path):
+    image_folder(tmp_path / "data")
     run = train.main(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--vae", "none", "--model", "T/4",
                       "--res", "16", "--base-res", "16", "--batch", "8", "--steps", "3", "--workers", "0", "--out", str(tmp_path / "runs")])
     ckpt = torch.load(os.path.join(run, "ckpt-0000003.pt"), weights_only=False)
     assert ckpt["args"]["num_classes"] == 3 and len(losses(run)) >= 1
     assert os.path.exists(os.path.join(run, "samples.png"))
+
+
+def test_imagenet_is_found_at_IMAGENET_DIR_or_says_where_to_put_it(tmp_path, monkeypatch):
+    """`train.py --dataset imagenet` with no --data-path: $IMAGENET_DIR, else data/imagenet/train; neither there
+    fails before any work, naming every way to point at the data."""
+    monkeypatch.chdir(tmp_path)  # no data/imagenet/train here
+    monkeypatch.delenv("IMAGENET_DIR", raising=False)
+    with pytest.raises(SystemExit) as failed:
+        train.main(["--dataset", "imagenet"])
+    message = str(failed.value)
+    assert all(s in message for s in ("'data/imagenet/train'", "Set IMAGENET_DIR", "--data-path")), message
+    monkeypatch.setenv("IMAGENET_DIR", str(image_folder(tmp_path / "imagenet", classes=("n01", "n02"))))
+    run = train.main(["--dataset", "imagenet", "--vae", "none", "--model", "T/4", "--res", "16", "--base-res", "16",
+                      "--batch", "8", "--steps", "1", "--workers", "0", "--sample-every", "-1", "--out",
+                      str(tmp_path / "runs")])
+    ckpt = torch.load(os.path.join(run, "ckpt-0000001.pt"), weights_only=False)
+    assert ckpt["args"]["data_path"] == str(tmp_path / "imagenet") and ckpt["args"]["num_classes"] == 2
 
 
 def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
@@ -99,14 +125,14 @@ def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
 
 def test_sampling_from_a_checkpoint(tmp_path):
     run = train.main(TINY + ["--steps", "3", "--out", str(tmp_path)])
-    model, args = sample.load_checkpoint(run, "cpu")
-    noise = sample.make_noise([0, 1], (3, 16, 16), "cpu")
+    model, args = load_model(run, "cpu")
+    noise = make_noise([0, 1], (3, 16, 16), "cpu")
     y = torch.tensor([0, 1])
     ctrl = torch.stack([train_default_control()] * 2)
-    diffusion = train.make_diffusion(args)
-    x = sample.generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
+    diffusion = make_diffusion(args)
+    x = generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
-    again = sample.generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
+    again = generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
     assert torch.equal(x, again)
     out = tmp_path / "grid.png"
     sample.main(["--ckpt", run, "--classes", "0,6", "--flip", "0,1", "--cfg-scale", "1,3", "--seeds", "2",
@@ -129,19 +155,19 @@ def test_resolution_transfer_loads_every_tensor_and_resamples_positions(tmp_path
     on the larger grid, resampled so its even positions are the base grid's), and the noise shift doubles."""
     run = train.main(TINY + ["--steps", "2", "--out", str(tmp_path / "a")])
     ckpt = os.path.join(run, "ckpt-0000002.pt")
-    big = train.get_args(TINY + ["--res", "32", "--init-from", ckpt])
+    big = get_args(TINY + ["--res", "32", "--init-from", ckpt])
     big.num_classes = 10
-    model = train.make_model(big)
-    loaded, skipped, new = train.init_from(model, ckpt)
+    model = make_model(big)
+    loaded, skipped, new = init_from(model, ckpt)
     assert not skipped and not new and len(loaded) == len(model.state_dict())
     src = torch.load(ckpt, weights_only=False)["ema"]
     assert all(torch.equal(model.state_dict()[k], src[k]) for k in src)
     base, grid = model.pos_embed(4, 4, "cpu"), model.pos_embed(8, 8, "cpu").view(8, 8, -1)
     assert torch.allclose(grid[::2, ::2].reshape(16, -1), base, atol=1e-6)
-    small = train.get_args(TINY)
-    assert train.make_diffusion(big).alpha == 2 * train.make_diffusion(small).alpha
+    small = get_args(TINY)
+    assert make_diffusion(big).alpha == 2 * make_diffusion(small).alpha
     big.res_shift = "off"
-    assert train.make_diffusion(big).alpha == train.make_diffusion(small).alpha
+    assert make_diffusion(big).alpha == make_diffusion(small).alpha
     # the same through train.main: it fine-tunes and says what adapted
     train.main(TINY + ["--res", "32", "--init-from", ckpt, "--steps", "2", "--out", str(tmp_path / "b")])
     assert "positional embedding `resample` from the 16 px base grid, noise shift alpha 6" in capsys.readouterr().out

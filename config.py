@@ -1,0 +1,275 @@
+"""
+A run's configuration: the flags of train.py (bench.py passes them on), each dataset's preset for the flags left
+unset, the checks that fail before any work, and what a configuration builds: the model, the diffusion, the
+processes of a torchrun job. Every checkpoint stores its configuration (`vars(args)`), so sample.py rebuilds the
+same model from the file alone.
+
+    python train.py --help          # a flag marked (shapes X, imagenet Y) takes that preset's value when left unset
+"""
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS
+from data import DATASETS, MAX_WORKERS
+from diffusion import BETA_SCHEDULES, OBJECTIVES, Diffusion, noise_shift
+from latents import latent_geometry, read_cache
+from model import ARCHS, CONDS, MODELS, POS_MODES, build_model
+
+CONFIG_VERSION = 2  # the schema of the stored configuration; a checkpoint of another schema is refused
+
+# Per-dataset recipes for the flags left unset; every dataset but shapes takes imagenet's. imagenet follows the
+# ImageNet-256 recipe (SPEC.md). shapes is a small CPU preset that converges in about ten minutes on 2 cores: 24 px
+# pixel space, a higher lr and a short EMA, a noise shift of 3 (flat-coloured toy images keep their content at noise
+# levels where photos lose it), 4 class tokens (more attention mass for the label early in training), and
+# x-prediction (the network outputs the clean image, which is easier for 48-value pixel patches than the velocity;
+# the loss is still on the velocity).
+PRESETS = {
+    "shapes": dict(res=24, model="XS/4", batch=64, lr=2e-3, steps=2000, warmup=100, ema=0.999, decay="cosine",
+                   vae="none", base_res=24, shift=3.0, pred="x", class_tokens=4, log_every=50, ckpt_every=1000,
+                   sample_every=0, workers=0),
+    "imagenet": dict(res=256, model="XL/2", batch=256, lr=1e-4, steps=400_000, warmup=1000, ema=0.9999,
+                     decay="constant", vae="sd-ema", base_res=256, shift=1.0, pred="v", class_tokens=1,
+                     log_every=100, ckpt_every=10_000, sample_every=10_000, workers=8),
+}
+PRESETS["folder"] = PRESETS["imagenet"]
+
+# `--dataset imagenet` without --data-path reads $IMAGENET_DIR, else this folder (relative to the working directory)
+IMAGENET_DEFAULT = os.path.join("data", "imagenet", "train")
+
+# Config keys that must agree between a checkpoint and the run that resumes it.
+ARCH_KEYS = ("model", "arch", "pred", "cond", "class_tokens", "pos_mode", "res", "base_res", "res_shift", "vae",
+             "num_classes", "gate_size", "gate_crop", "gate_flip", "dataset", "objective", "learn_sigma",
+             "beta_schedule", "qk_norm", "decode_layers", "cond_type", "text_encoder", "text_max_length", "text_pad",
+             "pad_noise", "text_null")
+# ... and those that the saved data position and noise streams depend on: changing them breaks an exact resume.
+ORDER_KEYS = ("batch", "seed", "shapes_size", "world")
+
+#################################################################################
+#                                  The flags                                    #
+#################################################################################
+
+
+def preset(key):
+    """' (shapes 24, imagenet 256)': the presets' values of a flag, shown in --help after what it means."""
+    return f" (shapes {PRESETS['shapes'][key]}, imagenet {PRESETS['imagenet'][key]})"
+
+
+def get_args(argv=None, description=None):
+    """Parse train.py's flags and fill the ones left unset from the dataset's preset."""
+    p = argparse.ArgumentParser(description=description or __doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--dataset", default="shapes", choices=DATASETS, help="shapes (embedded, default) | imagenet | folder | "
+      "latents (a cache made by `latents.py --encode`; takes its source dataset's preset, resolution and VAE)")
+    a("--data-path", default=None, help="ImageFolder root for imagenet / folder; the cache folder for latents. "
+      f"imagenet: default $IMAGENET_DIR, else {IMAGENET_DEFAULT}")
+    a("--res", type=int, help="training resolution in pixels" + preset("res"))
+    a("--crop", default="random", choices=("random", "center"), help="crop policy; crop offsets are recorded")
+    a("--no-hflip", dest="hflip", action="store_false", help="disable random horizontal flips")
+    a("--shapes-size", type=int, default=10000, help="number of distinct shapes images")
+    a("--vae", help="none (pixel space) | sd-ema | sd-mse | a diffusers AutoencoderKL path" + preset("vae"))
+    # model
+    a("--model", help=f"size/patch preset: {', '.join(MODELS)}; --arch unet: G4, S, XS" + preset("model"))
+    a("--arch", default="dit", choices=ARCHS + ("unet",), help="dit (transformer) | mdt (mDT-v2) | unet (LDM)")
+    a("--cond", default="ours", choices=CONDS, help="conditioning route: ours (disentangled, the paper's) | adaln "
+      "(DiT) | xattn (PixArt-alpha) | mmdit (SD3)")
+    a("--qk-norm", default="auto", choices=("auto", "on", "off"), help="QK-norm; auto = as the route's recipe "
+      "(on for ours / mmdit, off for adaln / xattn)")
+    a("--decode-layers", type=int, default=None, help="mdt: decoder blocks (default 4 at depth >= 12 as "
+      "MDTv2-XL/2; XS 2, T 0)")
+    a("--mask-ratio", type=float, default=0.3, help="mdt: fraction of image tokens dropped in the masked pass "
+      "(plus U[0, 0.2])")
+    a("--class-tokens", type=int, help="context tokens per class label" + preset("class_tokens"))
+    a("--cond-type", default="class", choices=("class", "text"), help="semantic condition: class label or caption")
+    a("--text-encoder", default="builtin", help="text: frozen encoder, `builtin` (no download) or a Hugging Face "
+      "name / path (T5, CLIP, BERT-style; needs `pip install transformers`)")
+    a("--text-max-length", type=int, default=None, help="text: tokens per prompt (builtin 16, HF min(77, model's))")
+    a("--text-pad", default="noisy_replicate", choices=TEXT_PADS, help="text: how padding slots are filled")
+    a("--pad-noise", type=float, default=0.1, help="text: noisy_replicate noise std, x the prompt's feature std")
+    a("--text-null", default="learned", choices=TEXT_NULLS, help="text: null prompt for guidance, a learned token "
+      "sequence or the encoded empty string")
+    a("--pos-mode", default="resample", choices=POS_MODES, help="positional embedding on grids beyond the base")
+    for group, default in DEFAULT_GATES.items():
+        a(f"--gate-{group}", default=default, choices=GATES, help=f"schedule g(t) of the {group} control group")
+    # diffusion
+    a("--objective", default="flow", choices=OBJECTIVES, help="flow (rectified flow, SD3) | ddpm (eps, 1000 steps, "
+      "DiT / LDM)")
+    a("--beta-schedule", default="linear", choices=BETA_SCHEDULES, help="ddpm: linear (DiT / ADM) | ldm")
+    a("--learn-sigma", action="store_true", help="ddpm: also learn the variance (DiT; trained by the VLB term)")
+    a("--t-mean", type=float, default=0.0, help="logit-normal mean of training t")
+    a("--t-std", type=float, default=1.0, help="logit-normal std of training t")
+    a("--shift", type=float, help="noise shift at the base resolution; alpha = shift * sqrt(tokens / base tokens)"
+      + preset("shift"))
+    a("--pred", choices=("v", "x", "eps"), help="network output. flow: v (velocity, SD3) or x (clean image, converted "
+      "to v); ddpm: eps (the default there)" + preset("pred"))
+    a("--base-res", type=int, help="resolution whose token count has shift 1 and defines the positional grid "
+      "(default: the preset's, or with --init-from the source checkpoint's)" + preset("base_res"))
+    a("--res-shift", default="on", choices=("on", "off"), help="scale the noise shift with the token count beyond "
+      "--base-res (off: alpha = --shift at every resolution; the transfer ablation)")
+    a("--p-drop-sem", type=float, default=0.1, help="probability of dropping the semantic condition (guidance)")
+    a("--p-drop-ctrl", type=float, default=0.1, help="probability of dropping the control metadata (guidance)")
+    # optimisation
+    a("--batch", type=int, help="global batch size (split across ranks)" + preset("batch"))
+    a("--steps", type=int, help="optimizer steps" + preset("steps"))
+    a("--lr", type=float, help="peak learning rate" + preset("lr"))
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.95)
+    a("--wd", type=float, default=0.0, help="AdamW weight decay")
+    a("--warmup", type=int, help="linear warm-up steps" + preset("warmup"))
+    a("--decay", choices=("constant", "cosine"), help="learning-rate shape after warm-up" + preset("decay"))
+    a("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    a("--ema", type=float, help="EMA decay" + preset("ema"))
+    # system
+    a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = bf16 on GPU, fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--workers", type=int, help="data-loader workers per rank" + preset("workers"))
+    a("--seed", type=int, default=0)
+    a("--out", default="runs", help="folder for run folders")
+    a("--resume", default=None, help="checkpoint file, run folder, or `auto` (newest complete checkpoint under --out)")
+    a("--init-from", default=None, help="start from the weights of a checkpoint (ours or an official DiT .pt): every "
+      "tensor whose name and shape match is loaded; the rest is reported")
+    a("--log-every", type=int, help="steps between log lines" + preset("log_every"))
+    a("--ckpt-every", type=int, help="steps between checkpoints" + preset("ckpt_every"))
+    a("--sample-every", type=int, help="steps between sample grids (0 = only at the end, -1 = none)"
+      + preset("sample_every"))
+    a("--keep", type=int, default=2, help="checkpoints kept in the run folder")
+    a("--eval-per-class", type=int, default=20, help="shapes: checker evaluation samples per class at the end")
+    a("--cfg-scale", type=float, default=2.0, help="semantic guidance scale for end-of-run samples")
+    # reliability
+    a("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
+    a("--max-skip-rate", type=float, default=0.05, help="stop if more than this fraction of images are unreadable")
+    args = p.parse_args(argv)
+    if args.objective == "ddpm" and args.pred is None:
+        args.pred = "eps"
+    if args.init_from and args.base_res is None and os.path.isfile(args.init_from):  # a transfer keeps its base
+        from checkpoint import read_checkpoint  # checkpoint.py builds on this file: imported where used
+        saved = read_checkpoint(args.init_from, mmap=True)
+        args.base_res = saved.get("args", {}).get("base_res") if isinstance(saved, dict) else None
+    if args.dataset == "imagenet" and args.data_path is None:  # the documented place; validate says if it is empty
+        args.data_path = os.environ.get("IMAGENET_DIR") or IMAGENET_DEFAULT
+    args.source_dataset = args.dataset  # what the images are: for a latent cache, what it was made from
+    if args.dataset == "latents" and args.data_path and os.path.isdir(args.data_path):
+        meta = read_cache(args.data_path)[0]
+        args.source_dataset = meta["dataset"]
+        if args.vae is not None and args.vae != meta["vae"]:
+            raise SystemExit(f"--vae {args.vae}: the cache {args.data_path} holds {meta['vae']} latents")
+        args.vae, args.res = meta["vae"], args.res or meta["res"]
+        args.base_res = args.base_res or meta["res"]
+    for k, v in PRESETS["shapes" if args.source_dataset == "shapes" else "imagenet"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def validate(args):
+    """Fail before any work with a message that says what to change."""
+    if args.arch == "unet":
+        from unet import UNET_SIZES
+        if args.model not in UNET_SIZES:
+            raise SystemExit(f"--arch unet: --model {args.model!r} is unknown; choose one of {', '.join(UNET_SIZES)}")
+        patch = 2 ** (len(UNET_SIZES[args.model]["channel_mult"]) - 1)  # the total downsampling of the UNet
+        if args.cond not in ("ours", "xattn"):
+            raise SystemExit("--arch unet conditions through cross-attention: use --cond xattn (LDM) or ours")
+        if args.cond_type == "text":
+            raise SystemExit("--arch unet is the class-conditional LDM recipe here: use --cond-type class")
+    elif args.model not in MODELS:
+        raise SystemExit(f"--model {args.model!r} is unknown; choose one of {', '.join(MODELS)}")
+    else:
+        patch = int(args.model.split("/")[-1])
+    factor = latent_geometry(args.vae)[0]
+    if args.res % (patch * factor):
+        raise SystemExit(f"--res {args.res} must be divisible by patch {patch} x autoencoder factor {factor} "
+                         f"= {patch * factor}; try --res {args.res // (patch * factor) * patch * factor}")
+    if (args.objective == "ddpm") != (args.pred == "eps"):
+        raise SystemExit(f"--pred {args.pred} does not fit --objective {args.objective}: ddpm predicts eps, flow "
+                         f"predicts v or x")
+    if args.learn_sigma and args.objective != "ddpm":
+        raise SystemExit("--learn-sigma needs --objective ddpm")
+    if args.init_from and not os.path.isfile(args.init_from):
+        raise SystemExit(f"--init-from {args.init_from!r}: no such checkpoint file")
+    if args.init_from and args.resume:
+        raise SystemExit("--init-from starts a new run from other weights; --resume continues a run: give one")
+    if not 0 <= args.mask_ratio < 0.8:
+        raise SystemExit(f"--mask-ratio must be in [0, 0.8) (0.2 is added at random), got {args.mask_ratio}")
+    if args.dataset != "shapes" and not args.data_path:
+        raise SystemExit(f"--dataset {args.dataset} needs --data-path DIR (an ImageFolder tree DIR/<class>/<images>, "
+                         f"or for latents a cache folder made by `python latents.py --encode`)")
+    if args.dataset == "imagenet" and not os.path.isdir(args.data_path):
+        raise SystemExit(f"--dataset imagenet: no ImageNet train split at {args.data_path!r}. Set IMAGENET_DIR to "
+                         f"it, put it at {IMAGENET_DEFAULT} (DIR/<class>/<images>), or pass --data-path DIR")
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise SystemExit(f"--data-path {args.data_path!r} does not exist or is not a directory")
+    for name in ("batch", "steps", "res", "class_tokens", "log_every", "ckpt_every", "keep", "max_bad_steps"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("p_drop_sem", "p_drop_ctrl", "ema", "max_skip_rate"):
+        if not 0 <= getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    for name in ("lr", "shift", "t_std"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.warmup < 0 or args.clip < 0 or args.workers < 0:
+        raise SystemExit("--warmup, --clip and --workers must be >= 0")
+    if args.workers > MAX_WORKERS:
+        raise SystemExit(f"--workers {args.workers}: at most {MAX_WORKERS} per process")
+    if args.resume and args.resume != "auto" and not os.path.exists(args.resume):
+        raise SystemExit(f"--resume {args.resume!r}: no such checkpoint file or run folder (or use --resume auto)")
+
+#################################################################################
+#                        What a configuration builds                            #
+#################################################################################
+
+
+def latent_shape(args):
+    """(C, H, W) of the diffusion space: the model's input and the noise a sample starts from."""
+    factor, channels = latent_geometry(args.vae)
+    return channels, args.res // factor, args.res // factor
+
+
+def make_model(args):
+    """The network of this configuration, freshly initialised (from the global RNG)."""
+    factor, channels = latent_geometry(args.vae)
+    input_size, base = args.res // factor, args.base_res // factor
+    common = dict(input_size=input_size, in_channels=channels, out_channels=channels * (2 if args.learn_sigma else 1),
+                  num_classes=args.num_classes, class_tokens=args.class_tokens, cond=args.cond,
+                  gates={"size": args.gate_size, "crop": args.gate_crop, "flip": args.gate_flip})
+    if args.cond_type == "text":
+        common["text"] = dict(text_dim=args.text_dim, max_length=args.text_max_length, pad=args.text_pad,
+                              pad_noise=args.pad_noise, null=args.text_null)
+    if args.arch == "unet":
+        from unet import build_unet
+        return build_unet(args.model, **common)
+    return build_model(args.model, arch=args.arch, pos_mode=args.pos_mode, base_size=base,
+                       qk_norm={"auto": None, "on": True, "off": False}[args.qk_norm],
+                       decode_layers=args.decode_layers, mask_ratio=args.mask_ratio, **common)
+
+
+def make_diffusion(args):
+    """The objective, its noise-level shift at this resolution and its sampler settings."""
+    alpha = noise_shift(args.shift, args.res, args.base_res) if args.res_shift == "on" else args.shift
+    return Diffusion(args.objective, args.pred, alpha, args.t_mean,
+                     args.t_std, args.beta_schedule, args.learn_sigma)
+
+
+def use_bf16(precision, device):
+    """--precision: bf16 autocast for `bf16`, and for `auto` on a GPU; fp32 otherwise."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def setup_distributed(timeout=None):
+    """(rank, world, device) under torchrun or in one process. The LOCAL rank picks the GPU: the global rank is wrong
+    on every node but the first. `timeout`: how long a collective waits for the other ranks (None: PyTorch's)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return rank, world, device
