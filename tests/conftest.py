@@ -1,4 +1,9 @@
-"""Make the flat top-level modules importable from tests/ and keep torch to the two cores CI has."""
+"""What the tests share: the project on the import path, torch kept to the two cores CI has, the `slow` marker, the
+tiny training flags and log readers, tiny models with live conditioning paths, and a NaN-injecting loss.
+
+`python -m pytest -q -m "not slow" tests` is the fast inner loop (no training runs, subprocesses or torchrun);
+CI runs everything."""
+import json
 import os
 import sys
 
@@ -7,3 +12,73 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from conditioning import make_control  # noqa: E402  (importable only once ROOT is on the path)
+from diffusion import Diffusion  # noqa: E402
+from model import MDTv2, build_model  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains, samples through a CLI, or starts processes (deselect with "
+                                       "-m 'not slow')")
+
+
+#################################################################################
+#                           Tiny training runs                                  #
+#################################################################################
+
+# train.py flags for a run of a few seconds: a 2-block model at 16 px on 256 shapes images, a log line every step
+TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "256", "--batch", "16", "--eval-per-class",
+        "0", "--log-every", "1", "--warmup", "5"]
+
+
+def records(run_dir):
+    """Every line of a run's log.jsonl."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(run_dir):
+    """{step: loss} from a run's log."""
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def nan_loss(steps, real=Diffusion.loss):
+    """Diffusion.loss, but NaN at these steps (1-based: one loss per training step), as a diverging run's would be;
+    patched in by a test (or by a wrapper script for a subprocess) in place of Diffusion.loss."""
+    calls = []
+
+    def loss(self, *args, **kwargs):
+        calls.append(None)
+        out = real(self, *args, **kwargs)
+        return out * float("nan") if len(calls) in steps else out
+    return loss
+
+
+#################################################################################
+#                               Tiny models                                     #
+#################################################################################
+
+def tiny_model(cond="ours", arch="dit", **kw):
+    """A 16 px, 10-class transformer: T/4, or the smallest mDT (one encoder block per half, two decoder blocks, the
+    side block)."""
+    kw = dict(dict(input_size=16, in_channels=3, num_classes=10), **kw)
+    if arch == "mdt":
+        return MDTv2(patch=4, depth=4, width=64, heads=2, cond=cond, **kw)
+    return build_model("T/4", cond=cond, **kw)
+
+
+def perturb(model, std=0.05):
+    """Give every zero-initialised layer random weights, so conditioning paths are live."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def model_inputs(b=3, res=16):
+    """(x, t, y, ctrl) for tiny_model: flip alternating over the batch."""
+    ctrl = torch.stack([make_control(16, 16, 0, 0, i % 2, res) for i in range(b)])
+    return torch.randn(b, 3, res, res), torch.rand(b), torch.randint(0, 10, (b,)), ctrl

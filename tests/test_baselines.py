@@ -104,6 +104,7 @@ def test_dit_state_dict_maps_onto_adaln_with_identical_outputs():
         from_dit(bad, 64)
 
 
+@pytest.mark.slow
 def test_dit_file_loads_through_init_from_and_sample(tmp_path, capsys):
     """An official-format .pt: --init-from maps it (and refuses a model it cannot match); sample.py builds the DiT
     recipe (adaln, no QK-norm, ddpm + learned sigma) from the file alone."""
@@ -124,6 +125,7 @@ def test_dit_file_loads_through_init_from_and_sample(tmp_path, capsys):
                                              num_classes=1000, cond="ours"), path)
 
 
+@pytest.mark.slow
 def test_init_from_reports_loaded_skipped_and_new(tmp_path, capsys):
     """From an adaln checkpoint into an ours model: shared tensors load, the context streams are new."""
     src = build_model("T/4", input_size=16, in_channels=3, num_classes=10, cond="adaln")
@@ -166,7 +168,7 @@ def test_xl2_parameter_counts_match_the_published_ones():
 #          Every baseline recipe trains and samples through the same loop       #
 #################################################################################
 
-from test_train import TINY, losses  # noqa: E402
+from conftest import TINY, losses  # noqa: E402
 
 RECIPES = {
     "dit": ["--cond", "adaln", "--objective", "ddpm", "--learn-sigma"],
@@ -177,6 +179,7 @@ RECIPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_each_baseline_trains_and_samples_with_guidance(recipe, tmp_path):
     run = train.main(TINY + RECIPES[recipe] + ["--steps", "6", "--out", str(tmp_path), "--cfg-scale", "3"])

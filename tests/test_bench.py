@@ -9,14 +9,14 @@ import torch
 import bench
 
 CPU = torch.device("cpu")
-TINY = ["--model", "T/4", "--res", "16", "--base-res", "16"]
+BENCH_TINY = ["--model", "T/4", "--res", "16", "--base-res", "16"]
 
 
 def tiny(extra=(), batch=4):
     """A tiny model, its diffusion and a synthetic batch. adaLN-Zero makes a fresh model output exactly 0 with almost
     every gradient 0; the zero-initialised tensors get random values so that every weight takes part and the network's
     output moves the loss (about 5 against 3.2 for a zero output). No gradient clipping: the raw gradients compare."""
-    _, args = bench.get_args(TINY + ["--batch", str(batch), "--clip", "0", *extra])
+    _, args = bench.get_args(BENCH_TINY + ["--batch", str(batch), "--clip", "0", *extra])
     state = bench.build(args, CPU)
     with torch.no_grad():
         for p in state.model.parameters():
@@ -79,9 +79,10 @@ def test_compile_is_optional_and_off_by_default_on_cpu():
     assert (ref.attn, ref.compile, ref.bf16, ref.fused_adam) == ("math", "off", False, False)
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
-    bench.main(TINY + ["--batch", "4", "--steps", "2", "--warmup", "1", "--grad-ckpt", "--find-max-batch",
+    bench.main(BENCH_TINY + ["--batch", "4", "--steps", "2", "--warmup", "1", "--grad-ckpt", "--find-max-batch",
                        "--sample-batch", "2", "--sample-steps", "2", "--peak-size", "128", "--json", str(out)])
     text = capsys.readouterr().out
     assert "VAE is NOT run" in text and "process RSS" in text and "speed-up" in text
@@ -110,6 +111,7 @@ def test_max_batch_search(limit_of_memory, start):
     assert found <= limit_of_memory and len(tried) <= 20
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch):
     real = bench.run_path
 
@@ -119,6 +121,6 @@ def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch):
         return real(state, path, *rest)
 
     monkeypatch.setattr(bench, "run_path", oom_on_fast_path)
-    rec = bench.main(TINY + ["--batch", "2", "--steps", "1", "--warmup", "0", "--peak-size", "64"])
+    rec = bench.main(BENCH_TINY + ["--batch", "2", "--steps", "1", "--warmup", "0", "--peak-size", "64"])
     assert "out of memory at batch 2" in rec["fast"]["error"] and rec["speedup"] is None
     assert rec["reference"]["img_per_s"] > 0

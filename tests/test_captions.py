@@ -229,12 +229,13 @@ def test_shard_paths_and_ranks_fail_clearly(tmp_path, shards, monkeypatch):
         ds.captions()
 
 
+@pytest.mark.slow
 def test_text_model_trains_on_streamed_shards_and_resumes_exactly(shards, tmp_path):
     """train.py on --dataset webdataset (captions encoded batch by batch): the per-worker stream position is saved,
     and a resumed run's losses equal the uninterrupted run's."""
     import shutil
 
-    from test_train import losses
+    from conftest import losses
 
     import train
     flags = ["--dataset", "webdataset", "--data-path", shards, "--cond-type", "text", "--model", "T/4", "--res", "16",

@@ -196,9 +196,9 @@ def test_guidance_leaves_the_variance_channels_conditional():
 
 
 def test_guidance_scale_one_is_the_conditional_prediction():
-    from test_model import inputs, perturb, tiny
-    model = perturb(tiny("ours"))
-    x, t, y, c = inputs()
+    from conftest import model_inputs, perturb, tiny_model
+    model = perturb(tiny_model("ours"))
+    x, t, y, c = model_inputs()
     t = torch.full((3,), 0.4)
     ref = model(x, t, y, c)
     assert torch.allclose(guided_prediction(model, x, t, y, c, s_sem=1.0), ref, atol=1e-6)

@@ -70,6 +70,7 @@ def test_drift_measures_content_change_and_sharpness_under_the_size_condition(be
 #                      A comparison end to end at toy size                      #
 #################################################################################
 
+@pytest.mark.slow
 def test_routes_trains_measures_and_writes_tables_figures_and_results_page(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "ROUTES", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
     page = tmp_path / "RESULTS.md"
@@ -107,6 +108,7 @@ def test_routes_trains_measures_and_writes_tables_figures_and_results_page(tmp_p
     assert curve[2] == pytest.approx(np.mean([m["curve"]["2"] for m in rows[0]["per_seed"]]))
 
 
+@pytest.mark.slow
 def test_padding_measures_text_models_on_held_out_wordings(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "PADDINGS", {"zero": ["--cond-type", "text", "--text-pad", "zero"]})
     page = tmp_path / "RESULTS.md"
@@ -122,6 +124,7 @@ def test_padding_measures_text_models_on_held_out_wordings(tmp_path, monkeypatch
     assert row["null − caption loss"] == f"{m['caption_gain']:.3f}"
 
 
+@pytest.mark.slow
 def test_transfer_fine_tunes_each_variant_from_one_base_and_splits_the_held_out_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "TRANSFER", {k: v for k, v in experiments.TRANSFER.items() if "resample" in k})
     page = tmp_path / "RESULTS.md"

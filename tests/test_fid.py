@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from PIL import Image
 from scipy import linalg
 
 import fid
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #################################################################################
 #                              Frechet distance                                 #
@@ -214,6 +213,7 @@ def test_folder_and_npz_give_identical_features_and_stats_round_trip(images, wei
     assert no_images is None and np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
 
 
+@pytest.mark.slow
 def test_cli_records_settings_and_two_ranks_equal_one(images, weights, npz_features, tmp_path):
     root, arr = images
     npz = str(root / "samples.npz")

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 import latents
@@ -19,7 +20,6 @@ from latents import Autoencoder, LatentCacheDataset, shard_name
 
 diffusers = pytest.importorskip("diffusers")  # a test dependency only (requirements-dev.txt)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES, N = 32, 11  # 10 good images + 1 unreadable file (its slot is filled by another image, as in training)
 FLIP = CONTROL_SIGNALS.index("flip")
 
@@ -189,6 +189,7 @@ def test_rerun_redoes_only_missing_or_damaged_shards_and_refuses_other_settings(
         latents.main(encode_args(tiny_vae, folder, out, "--crop", "random"))
 
 
+@pytest.mark.slow
 def test_two_ranks_write_disjoint_shards_that_cover_the_dataset_once(cache, tiny_vae, folder, tmp_path):
     out = str(tmp_path / "cache2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "latents.py",
@@ -215,6 +216,7 @@ def test_two_ranks_write_disjoint_shards_that_cover_the_dataset_once(cache, tiny
         latents.main(encode_args(tiny_vae, folder, out))
 
 
+@pytest.mark.slow
 def test_training_reads_the_cache_and_sampling_decodes_with_its_scale(cache, tiny_vae, tmp_path):
     """--dataset latents takes resolution and VAE from the cache; the checkpoint records the latent scale that
     sample.py decodes with."""

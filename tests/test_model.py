@@ -1,6 +1,7 @@
 """model.py: shapes, zero-init identity, the routes' conditioning, positional embeddings, attention masking."""
 import pytest
 import torch
+from conftest import model_inputs, perturb, tiny_model
 
 from conditioning import SIGNAL, make_control
 from model import (
@@ -15,38 +16,15 @@ from model import (
     sincos_2d,
 )
 
-
-def tiny(cond="ours", arch="dit", **kw):
-    kw = dict(dict(input_size=16, in_channels=3, num_classes=10), **kw)
-    if arch == "mdt":  # the smallest mDT: one encoder block per half, two decoder blocks, the side block
-        return MDTv2(patch=4, depth=4, width=64, heads=2, cond=cond, **kw)
-    return build_model("T/4", cond=cond, **kw)
-
-
 ROUTES = [(c, "dit") for c in CONDS] + [("adaln", "mdt"), ("ours", "mdt")]
-
-
-def perturb(model, std=0.05):
-    """Give every zero-initialised layer random weights, so conditioning paths are live."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def inputs(b=3, res=16):
-    ctrl = torch.stack([make_control(16, 16, 0, 0, i % 2, res) for i in range(b)])
-    return torch.randn(b, 3, res, res), torch.rand(b), torch.randint(0, 10, (b,)), ctrl
 
 
 @pytest.mark.parametrize("cond,arch", ROUTES)
 def test_forward_backward_shapes(cond, arch):
     """Every parameter gets a gradient (DDP requires it): in training mode mDT returns the unmasked and the masked
     prediction stacked, so the side block and the mask token are used too."""
-    model = perturb(tiny(cond, arch))
-    x, t, y, c = inputs()
+    model = perturb(tiny_model(cond, arch))
+    x, t, y, c = model_inputs()
     out = model(x, t, y, c, ctrl_drop=torch.tensor([True, False, False]))
     assert out.shape == ((6,) if arch == "mdt" else (3,)) + x.shape[1:]
     out.square().mean().backward()
@@ -56,8 +34,8 @@ def test_forward_backward_shapes(cond, arch):
 
 @pytest.mark.parametrize("cond,arch", ROUTES)
 def test_fresh_model_outputs_zero_and_adaln_zero_blocks_are_identity(cond, arch):
-    model = tiny(cond, arch)
-    x, t, y, c = inputs()
+    model = tiny_model(cond, arch)
+    x, t, y, c = model_inputs()
     assert torch.equal(model(x, t, y, c), torch.zeros(2 * 3 if arch == "mdt" else 3, *x.shape[1:]))
     vec, ctx, _ = model.condition(t, y, c)
     tokens = torch.randn(3, 16, model.width)
@@ -75,8 +53,8 @@ def test_fresh_model_outputs_zero_and_adaln_zero_blocks_are_identity(cond, arch)
 
 
 def test_ours_keeps_semantics_out_of_adaln_and_gates_control():
-    model = perturb(tiny("ours"))
-    x, t, y, c = inputs()
+    model = perturb(tiny_model("ours"))
+    x, t, y, c = model_inputs()
     vec_a = model.condition(t, y, c)[0]
     vec_b = model.condition(t, (y + 1) % 10, c)[0]
     assert torch.equal(vec_a, vec_b)  # the class only reaches the model through tokens
@@ -93,8 +71,8 @@ def test_ours_keeps_semantics_out_of_adaln_and_gates_control():
 
 @pytest.mark.parametrize("cond", ["adaln", "mmdit"])
 def test_baselines_add_semantics_into_adaln(cond):
-    model = perturb(tiny(cond))
-    x, t, y, c = inputs()
+    model = perturb(tiny_model(cond))
+    x, t, y, c = model_inputs()
     assert not torch.equal(model.condition(t, y, c)[0], model.condition(t, (y + 1) % 10, c)[0])
     assert (model.condition(t, y, c)[1] is None) == (cond == "adaln")
 
@@ -102,20 +80,20 @@ def test_baselines_add_semantics_into_adaln(cond):
 def test_xattn_is_adaln_single_with_cross_attention():
     """PixArt-alpha: one shared modulation MLP (blocks only hold a (6, D) offset table); the class reaches the model
     only through cross-attention; QK-norm off as published."""
-    model = perturb(tiny("xattn"))
+    model = perturb(tiny_model("xattn"))
     assert all(not hasattr(b.img, "ada") and b.img.table.shape == (6, model.width) for b in model.blocks)
     assert all(b.cross is not None and b.ctx is None for b in model.blocks)
     assert isinstance(model.blocks[0].img.q_norm, torch.nn.Identity)
-    x, t, y, c = inputs()
+    x, t, y, c = model_inputs()
     assert torch.equal(model.condition(t, y, c)[0], model.condition(t, (y + 1) % 10, c)[0])
     assert not torch.allclose(model(x, t, y, c), model(x, t, (y + 1) % 10, c))
 
 
 def test_mdt_encoder_sees_only_the_kept_tokens():
-    model = perturb(tiny("adaln", "mdt", mask_ratio=0.5))
+    model = perturb(tiny_model("adaln", "mdt", mask_ratio=0.5))
     seen = []
     model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o[0].shape[1]))
-    x, t, y, c = inputs()
+    x, t, y, c = model_inputs()
     model(x, t, y, c)
     assert seen[0] == 16 and 3 <= seen[1] <= 8  # unmasked pass, then 16 * (1 - r), r in [0.5, 0.7]
     assert model.half == 1 and model.decode_layers == 2 and len(model.blocks) == 4
@@ -127,14 +105,14 @@ def test_mdt_encoder_sees_only_the_kept_tokens():
 def test_unpatchify_is_dits_layout_and_ends_forward():
     """unpatchify lays the patches out as DiT's einsum 'nhwpqc->nchpwq' does (here on a non-square grid), and
     forward returns exactly unpatchify of the final layer's output."""
-    model = perturb(tiny("ours"))
+    model = perturb(tiny_model("ours"))
     p, C = model.patch, model.out_channels
     tokens = torch.randn(2, 2 * 3, p * p * C)  # a 2 x 3 grid of patches
     ref = torch.einsum("nhwpqc->nchpwq", tokens.reshape(2, 2, 3, p, p, C)).reshape(2, C, 2 * p, 3 * p)
     assert torch.equal(model.unpatchify(tokens, 2 * p, 3 * p), ref)
     final = []
     model.final.register_forward_hook(lambda m, i, o: final.append(o))
-    x, t, y, c = inputs()
+    x, t, y, c = model_inputs()
     assert torch.equal(model(x, t, y, c), model.unpatchify(final[0], *x.shape[-2:]))
 
 
@@ -157,8 +135,8 @@ def test_pos_embed_resample_and_extend():
 
 
 def test_non_square_and_larger_inputs():
-    model = perturb(tiny("ours"))
-    x, t, y, _ = inputs()
+    model = perturb(tiny_model("ours"))
+    x, t, y, _ = model_inputs()
     for h, w in [(16, 32), (32, 16), (32, 32)]:
         c = torch.stack([make_control(h, w, 0, 0, 0, (h * w) ** 0.5, w / h)] * 3)
         assert model(torch.randn(3, 3, h, w), t, y, c).shape == (3, 3, h, w)
@@ -202,6 +180,6 @@ def test_presets_and_bad_names():
     with pytest.raises(ValueError, match="unknown --arch"):
         build_model("T/4", arch="uvit", **kw)
     with pytest.raises(ValueError, match="unknown --cond"):
-        tiny("concat")
+        tiny_model("concat")
     with pytest.raises(ValueError, match="not divisible"):
         build_model("T/4", input_size=18, in_channels=3, num_classes=10)

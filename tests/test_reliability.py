@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY, losses, nan_loss, records
 from PIL import Image
-from test_train import ROOT, TINY, losses, records
 
 import train
 from checkpoint import checkpoints_in, find_checkpoint
@@ -43,19 +43,9 @@ def train_script(tmp_path, patch):
     return str(script)
 
 
-def nan_loss(steps, real=Diffusion.loss):
-    """Diffusion.loss, but NaN at these steps (1-based: one loss per training step), as a diverging run's would be."""
-    calls = []
-
-    def loss(self, *args, **kwargs):
-        calls.append(None)
-        out = real(self, *args, **kwargs)
-        return out * float("nan") if len(calls) in steps else out
-    return loss
-
-
 # ---------------------------------------------------------------- checkpoints ---
 
+@pytest.mark.slow
 def test_resume_auto_skips_partial_and_damaged_checkpoints(tmp_path):
     out = str(tmp_path)
     run = train.main(TINY + ["--steps", "8", "--ckpt-every", "4", "--keep", "5", "--out", out])
@@ -72,6 +62,7 @@ def test_resume_auto_skips_partial_and_damaged_checkpoints(tmp_path):
     assert [r["step"] for r in records(run) if "loss" in r][-2:] == [9, 10]
 
 
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_sets_later_ones_aside_and_prunes_right(tmp_path):
     run = train.main(TINY + ["--steps", "4", "--ckpt-every", "1", "--keep", "5", "--out", str(tmp_path)])
     train.main(TINY + ["--steps", "4", "--ckpt-every", "1", "--keep", "1", "--out", str(tmp_path),
@@ -81,6 +72,7 @@ def test_resuming_an_older_checkpoint_sets_later_ones_aside_and_prunes_right(tmp
     assert sorted(os.listdir(os.path.join(run, "abandoned"))) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [["--base-res", "32"], ["--batch", "8"], ["--seed", "1"]])
 def test_resume_refuses_settings_that_break_exactness(tmp_path, flag):
     run = train.main(TINY + ["--steps", "2", "--out", str(tmp_path)])
@@ -88,11 +80,13 @@ def test_resume_refuses_settings_that_break_exactness(tmp_path, flag):
         train.main(TINY + flag + ["--steps", "4", "--resume", run])  # argparse: the later flag wins
 
 
+@pytest.mark.slow
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
     run = train.main(TINY + ["--steps", "2", "--resume", "auto", "--out", str(tmp_path)])
     assert sorted(losses(run)) == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
     """The kill lands while the 4th checkpoint's temporary file is half written: the writer is patched to write half
     its bytes, say so, and wait to be killed."""
@@ -137,6 +131,7 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
 
 # ----------------------------------------------------------------- preemption ---
 
+@pytest.mark.slow
 def test_sigterm_single_process_checkpoints_and_exits_75(tmp_path):
     cmd = [sys.executable, "train.py"] + TINY + ["--steps", "100000", "--ckpt-every", "100000", "--out",
                                                  str(tmp_path)]
@@ -159,6 +154,7 @@ def torchrun(args, script="train.py", **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_resumes_exactly(tmp_path):
     steps = ["--steps", "150", "--ckpt-every", "100000"]
     ref = torchrun(TINY + steps + ["--out", str(tmp_path / "ref")])
@@ -222,6 +218,7 @@ def test_sixteen_bit_images_are_rescaled_not_clipped(tmp_path):
     assert kind == "16bit" and np.asarray(white).min() == 255 and np.asarray(mid).max() == 128
 
 
+@pytest.mark.slow
 def test_broken_files_are_skipped_and_counted(tmp_path, capfd):
     root = broken_folder(tmp_path / "data")
     run = train.main(["--dataset", "folder", "--data-path", str(root), "--vae", "none", "--model", "T/4",
@@ -235,6 +232,7 @@ def test_broken_files_are_skipped_and_counted(tmp_path, capfd):
     assert "skipping truncated image" in printed and "converting cmyk image" in printed
 
 
+@pytest.mark.slow
 def test_too_many_broken_files_stop_the_run(tmp_path):
     root = broken_folder(tmp_path / "data")
     with pytest.raises(SystemExit, match="could not be used"):
@@ -245,6 +243,7 @@ def test_too_many_broken_files_stop_the_run(tmp_path):
 
 # ----------------------------------------------------------------- divergence ---
 
+@pytest.mark.slow
 def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(Diffusion, "loss", nan_loss({3}))
     run = train.main(TINY + ["--steps", "6", "--out", str(tmp_path)])
@@ -254,11 +253,12 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_is_skipped_on_all(tmp_path):
     script = train_script(tmp_path, """
         import os
         from diffusion import Diffusion
-        from test_reliability import nan_loss
+        from conftest import nan_loss
         if os.environ["RANK"] == "0":  # one rank's loss goes bad
             Diffusion.loss = nan_loss({2})
     """)
@@ -269,6 +269,7 @@ def test_a_nan_on_one_rank_is_skipped_on_all(tmp_path):
     assert recs[-2]["skipped_steps"] == 1 and recs[-1]["replicas_identical"] is True
 
 
+@pytest.mark.slow
 def test_nan_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(Diffusion, "loss", nan_loss({4, 5, 6}))
     with pytest.raises(SystemExit, match=r"3 non-finite steps in a row ending at step 6; last good checkpoint: .*"

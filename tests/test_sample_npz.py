@@ -8,19 +8,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY
 
 import fid
 import sample
 import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "256", "--batch", "16", "--steps", "2",
-        "--eval-per-class", "0"]
+pytestmark = pytest.mark.slow  # every test here samples from a trained run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return train.main(TINY + ["--out", str(tmp_path_factory.mktemp("runs"))])
+    return train.main(TINY + ["--steps", "2"] + ["--out", str(tmp_path_factory.mktemp("runs"))])
 
 
 def npz_args(run, out, *extra):

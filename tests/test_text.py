@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
-from test_model import perturb
+from conftest import ROOT, perturb
 
 from conditioning import TEXT_PADS, ClassEmbedder, TextEmbedder, drop_flags, pad_text
 from model import JointBlock
 from shapes import COLOUR_NAMES, SHAPE_NAMES
 from text import TextCache, load_text_encoder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = [f"a {c} {s}" for c in COLOUR_NAMES for s in SHAPE_NAMES]
 
 
@@ -163,6 +162,7 @@ print(hashlib.sha256(f.numpy().tobytes() + m.numpy().tobytes()).hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_builtin_encoder_is_deterministic_across_processes():
     captions = CAPTIONS + ["", "an unknown word", "A RED Circle!"]
     f, m = load_text_encoder("builtin").encode(captions)
@@ -259,8 +259,9 @@ def test_cache_round_trip_with_a_real_hugging_face_encoder(tmp_path):
 #           The text route end to end: train, sample, class -> text transfer    #
 #################################################################################
 
+@pytest.mark.slow
 def test_text_model_trains_and_samples_from_prompts(tmp_path):
-    from test_train import TINY, losses
+    from conftest import TINY, losses
 
     import sample
     import train
@@ -280,8 +281,9 @@ def test_text_model_trains_and_samples_from_prompts(tmp_path):
         sample.main(["--ckpt", class_run, "--prompt", "a red ell"])
 
 
+@pytest.mark.slow
 def test_class_to_text_transfer_loads_the_rest(tmp_path):
-    from test_train import TINY
+    from conftest import TINY
 
     import train
     from checkpoint import checkpoints_in, init_from
@@ -298,7 +300,7 @@ def test_class_to_text_transfer_loads_the_rest(tmp_path):
 
 
 def test_zero_padding_is_masked_through_the_whole_model():
-    from test_model import perturb
+    from conftest import perturb
 
     from model import build_model
     text = dict(text_dim=8, max_length=6, pad="zero")

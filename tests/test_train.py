@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY, losses
 
 import sample
 import train
@@ -15,20 +16,8 @@ from checkpoint import init_from, load_model
 from config import get_args, make_diffusion, make_model
 from diffusion import generate, make_noise
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "256", "--batch", "16", "--eval-per-class", "0",
-        "--log-every", "1", "--warmup", "5"]
 
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
-
-
+@pytest.mark.slow
 def test_loss_falls(tmp_path):
     run = train.main(TINY + ["--steps", "60", "--lr", "3e-3", "--out", str(tmp_path), "--ckpt-every", "1000"])
     log = losses(run)
@@ -38,7 +27,7 @@ def test_loss_falls(tmp_path):
     for f in ("ckpt-0000060.pt", "samples.png", "log.jsonl"):
         assert os.path.exists(os.path.join(run, f))
 
-
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     full = train.main(TINY + ["--steps", "8", "--ckpt-every", "4", "--keep", "5", "--out", str(tmp_path / "a")])
     half = tmp_path / "b" / "run"
@@ -52,12 +41,11 @@ def test_resume_is_exact(tmp_path):
     sb = torch.load(os.path.join(resumed, "ckpt-0000008.pt"), weights_only=False)
     assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
 
-
+@pytest.mark.slow
 def test_resume_refuses_another_config(tmp_path):
     run = train.main(TINY + ["--steps", "2", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"model: checkpoint 'T/4' vs now 'T/8'"):
         train.main(TINY[:1] + ["T/8"] + TINY[2:] + ["--steps", "4", "--resume", run])
-
 
 def test_bad_arguments_fail_fast(tmp_path, capsys):
     with pytest.raises(SystemExit, match="needs --data-path"):
@@ -69,7 +57,6 @@ def test_bad_arguments_fail_fast(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--cond", "concat"])
     assert "invalid choice: 'concat'" in capsys.readouterr().err
-
 
 def image_folder(root, classes=("a", "b", "c"), per_class=6):
     """An ImageFolder tree root/<class>/<j>.jpg of random images of random sizes."""
@@ -83,7 +70,7 @@ def image_folder(root, classes=("a", "b", "c"), per_class=6):
             Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / cls / f"{j}.jpg")
     return root
 
-
+@pytest.mark.slow
 def test_trains_on_an_image_folder(tmp_path):
     image_folder(tmp_path / "data")
     run = train.main(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--vae", "none", "--model", "T/4",
@@ -92,7 +79,7 @@ def test_trains_on_an_image_folder(tmp_path):
     assert ckpt["args"]["num_classes"] == 3 and len(losses(run)) >= 1
     assert os.path.exists(os.path.join(run, "samples.png"))
 
-
+@pytest.mark.slow
 def test_imagenet_is_found_at_IMAGENET_DIR_or_says_where_to_put_it(tmp_path, monkeypatch):
     """`train.py --dataset imagenet` with no --data-path: $IMAGENET_DIR, else data/imagenet/train; neither there
     fails before any work, naming every way to point at the data."""
@@ -109,7 +96,7 @@ def test_imagenet_is_found_at_IMAGENET_DIR_or_says_where_to_put_it(tmp_path, mon
     ckpt = torch.load(os.path.join(run, "ckpt-0000001.pt"), weights_only=False)
     assert ckpt["args"]["data_path"] == str(tmp_path / "imagenet") and ckpt["args"]["num_classes"] == 2
 
-
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            "train.py"] + TINY + ["--steps", "6", "--out", str(tmp_path)]
@@ -122,7 +109,7 @@ def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     assert records[-1]["replicas_identical"] is True
 
-
+@pytest.mark.slow
 def test_sampling_from_a_checkpoint(tmp_path):
     run = train.main(TINY + ["--steps", "3", "--out", str(tmp_path)])
     model, args = load_model(run, "cpu")
@@ -144,12 +131,11 @@ def test_sampling_from_a_checkpoint(tmp_path):
     assert set(res) == {"class_acc", "flip_acc", "mirrored", "crop_err"}  # a 3-step model: the figures mean nothing
     assert all(isinstance(v, float) for v in res.values())
 
-
 def train_default_control():
     from data import default_control
     return default_control("shapes", 16)
 
-
+@pytest.mark.slow
 def test_resolution_transfer_loads_every_tensor_and_resamples_positions(tmp_path, capsys):
     """16 -> 32 px (4x the tokens): every tensor loads (the positional embedding is not a parameter: it is recomputed
     on the larger grid, resampled so its even positions are the base grid's), and the noise shift doubles."""

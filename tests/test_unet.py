@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import perturb
+from conftest import perturb
 
 from conditioning import make_control
 from unet import UNET_CONDS, UNET_SIZES, Attention, build_unet
