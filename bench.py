@@ -13,9 +13,11 @@ The timed step is train.train_step itself, the step train.main takes: condition 
 autocast, backward, gradient clipping, AdamW, the EMA update. NOT timed: data loading, the autoencoder and the text
 encoder. The latents (and prompt features) are synthetic tensors of the right shape already on the device (the
 latent- and text-cache path), so the figures are an upper bound for training from caches and say nothing about the
-VAE. One process on one device: no DDP gradient all-reduce. Any train.py flag (--cond, --cond-type, --arch,
---class-tokens, --vae, --precision, ...) passes through to config.get_args; --batch is the batch on this one device
-(the presets' --batch is a global batch: give one for imagenet).
+VAE. One process on one device: no DDP gradient all-reduce. MFU divides by a measured matmul peak (matmul_tflops,
+seconds long on any device): bf16 on GPU; on CPU the dtype the run computes in, fp32 unless --precision bf16. Any
+train.py flag (--cond, --cond-type, --arch, --class-tokens, --vae, --precision, ...) passes through to
+config.get_args; --batch is the batch on this one device (the presets' --batch is a global batch: give one for
+imagenet).
 
 Two paths over the same model and batch, one after the other:
     fast       bf16 autocast where train.py uses it (GPU; --precision bf16 forces it), PyTorch's SDPA dispatch (flash
@@ -60,6 +62,8 @@ DATASHEET_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
 FLOP_CONVENTION = ("torch.utils.flop_counter.FlopCounterMode: 2 FLOPs per multiply-accumulate; matmuls, convolutions "
                    "and attention only (elementwise ops, norms, softmax, optimizer and EMA not counted); forward + "
                    "backward, attention counted as math-backend matmuls (no recompute)")
+PEAK_TRIAL_S = 0.5    # one timed trial of the peak matmul: long against timer noise, short on a slow CPU
+PEAK_BUDGET_S = 10.0  # no trial of one dtype's probe starts after this many seconds (sizing included)
 
 
 def get_args(argv=None):
@@ -83,7 +87,8 @@ def get_args(argv=None):
     a("--max-batch-limit", type=int, default=8192, help="stop the --find-max-batch search here")
     a("--sample-batch", type=int, default=0, help="also time sampling at this batch (0 = skip)")
     a("--sample-steps", type=int, default=50, help="Euler steps per sample (guided by train.py's --cfg-scale)")
-    a("--peak-size", type=int, default=0, help="matrix size of the peak-FLOPs matmul (0 = 8192 on GPU, 2048 on CPU)")
+    a("--peak-size", type=int, default=0, help="largest matrix size of the peak-FLOPs matmul (0 = 8192 on GPU, 2048 "
+      "on CPU); the probe stops doubling from 128 where one matmul would take over 0.5 s")
     a("--json", default=None, help="append the result line to this file (default: print it as the last line)")
     bench, rest = p.parse_known_args(argv)
     args = train_args(rest)
@@ -248,21 +253,56 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_tflops(device, dtype, n, iters, trials=3):
-    """Achieved TFLOP/s of an n x n x n matmul, the best of `trials` timings of `iters` back-to-back matmuls: the
-    practical peak of this device in this dtype (the best, because clocks and neighbours only ever slow it down)."""
+def peak_dtypes(path, device):
+    """The dtypes the peak probe times. GPU: bf16 (the MFU denominator) and fp32/TF32. CPU: only the one the run
+    computes in, fp32 unless --precision bf16: a CPU without native bf16 (AVX2 only: no avx512_bf16 / amx_bf16 flag)
+    emulates it at a fraction of its fp32 speed, and an fp32 run's MFU has nothing to do with that figure."""
+    if device.type == "cuda":
+        return torch.bfloat16, torch.float32
+    return (torch.bfloat16,) if path.bf16 else (torch.float32,)
+
+
+def matmul_tflops(device, dtype, n_max, trials=3, trial_s=PEAK_TRIAL_S, budget_s=PEAK_BUDGET_S, mm=torch.mm,
+                  clock=time.perf_counter):
+    """Achieved TFLOP/s of n x n x n matmuls in `dtype`, the best of `trials` timed trials of back-to-back matmuls: the
+    practical peak of this device in this dtype (the best, because clocks and neighbours only ever slow it down).
+
+    Bounded in time on any device: n doubles from 128 towards n_max only while one matmul of the next size (8x the
+    work) is predicted to fit in one trial of `trial_s` seconds, each trial runs as many matmuls as fill it and ends
+    early once it has taken `trial_s`, and no trial starts after `budget_s` (a fixed 2048^3 bf16 probe sat for minutes
+    on a CPU without native bf16, where one 1024^3 takes 2.5 s). `mm` and `clock` are seams for the tests.
+    -> dict(tflops, n, iters, trials, seconds)"""
+    start = clock()
+
+    def timed(a, b, iters):
+        """(matmuls run, seconds). The early end: on a shared CPU one small matmul can take 1000x its quiet time
+        (an OpenMP thread waits for a descheduled sibling), so `iters` sized from one quiet call may run for minutes.
+        On a GPU the clock reads enqueue time there, so it ends no later than it should."""
+        synchronize(device)
+        t0, k = clock(), 0
+        while k < iters:
+            mm(a, b)
+            k += 1
+            if clock() - t0 > trial_s:
+                break
+        synchronize(device)
+        return k, clock() - t0
+
+    n = min(128, n_max)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(trials):
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            a @ b
-        synchronize(device)
-        best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12)
-    return best
+    mm(a, b)  # untimed: library start-up (cuBLAS handle, oneDNN kernels) would make 128^3 look slow and stop here
+    one = timed(a, b, 1)[1]
+    while n < n_max and 8 * one <= trial_s:
+        n = min(2 * n, n_max)
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        one = timed(a, b, 1)[1]
+    iters = max(1, min(1000, int(trial_s / one)))  # at most 1000: a small n on a GPU takes microseconds
+    best, done = 0.0, 0
+    while done < trials and (done == 0 or clock() - start < budget_s):
+        k, dt = timed(a, b, iters)
+        best = max(best, 2 * n ** 3 * k / dt / 1e12)
+        done += 1
+    return dict(tflops=best, n=n, iters=iters, trials=done, seconds=clock() - start)
 
 
 def datasheet_tflops(device):
@@ -438,35 +478,46 @@ def main(argv=None):
           f"device: no data loading, the VAE is NOT run (latent-cache path); one device, no DDP all-reduce")
 
     # ---- peaks: a measured matmul and the datasheet -------------------------------------------------------------
-    n = bench.peak_size or (8192 if cuda else 2048)
-    iters = 50 if cuda else 3
+    # progress lines flush: under a pipe or a log file a slow phase would otherwise look like a hang
+    n_max = bench.peak_size or (8192 if cuda else 2048)
+    fp32 = "fp32/tf32" if cuda and not bench.ref_fp32 else "fp32"
+    peaks = {}
     with numerics(Path("peak", tf32=cuda and not bench.ref_fp32)):
-        peak_bf16 = matmul_tflops(device, torch.bfloat16, n, iters)
-        mm_fp32 = matmul_tflops(device, torch.float32, n, iters)
+        for dtype in peak_dtypes(fast, device):
+            name = "bf16" if dtype == torch.bfloat16 else fp32
+            print(f"  probing peak matmul throughput ({name}, n <= {n_max}, ~{PEAK_BUDGET_S:g} s at most)...",
+                  flush=True)
+            peaks[name] = matmul_tflops(device, dtype, n_max)
+    peak_name = "bf16" if "bf16" in peaks else fp32  # the MFU denominator: bf16 wherever it was probed
+    peak = peaks[peak_name]["tflops"]
     sheet = datasheet_tflops(device)
     free(device)
 
     # ---- fast path (FLOPs counted first, on a plain model of their own) -----------------------------------------
+    print("  counting FLOPs of one training step...", flush=True)
     flops = count_train_flops(args, device)
     free(device)
     state = build(args, device)
     params = sum(p.numel() for p in state.model.parameters())
     print(f"  {params / 1e6:.2f} M parameters; {flops / 1e9:.4g} GFLOP per training image (forward + backward)")
     print(f"  FLOPs: {FLOP_CONVENTION}")
-    fp32 = "fp32/tf32" if cuda and not bench.ref_fp32 else "fp32"
-    print(f"  matmul {n}^3: bf16 {peak_bf16:.4g} TFLOP/s (the measured peak), {fp32} {mm_fp32:.4g} TFLOP/s; "
-          f"datasheet bf16 peak {'n/a' if sheet is None else f'{sheet:g} TFLOP/s'}")
+    probed = "; ".join(f"{k} {r['tflops']:.4g} TFLOP/s (n={r['n']}, best of {r['trials']} x {r['iters']} matmuls, "
+                       f"{r['seconds']:.1f} s)" for k, r in peaks.items())
+    print(f"  matmul peak: {probed}; MFU divides by the {peak_name} figure; datasheet bf16 peak "
+          f"{'n/a' if sheet is None else f'{sheet:g} TFLOP/s'}")
 
     def measure(state, path):
         """run_path plus the FLOP-based figures; an out-of-memory is reported in the row, and the run goes on (so
         that --find-max-batch still answers)."""
+        print(f"  timing the {path.name} path ({bench.warmup} warm-up + {bench.steps} timed steps, batch {batch})...",
+              flush=True)
         try:
             res = run_path(state, path, args, bench, device, batch)
         except torch.cuda.OutOfMemoryError:
             return dict(settings=asdict(path), error=f"out of memory at batch {batch}: lower --batch, add "
                         f"--grad-ckpt, or use --find-max-batch")
         res["tflops"] = flops * res["img_per_s"] / 1e12
-        res["mfu"] = res["tflops"] / peak_bf16
+        res["mfu"] = res["tflops"] / peak
         res["mfu_datasheet"] = None if sheet is None else res["tflops"] / sheet
         return res
 
@@ -484,11 +535,15 @@ def main(argv=None):
     max_batch = None
     if bench.find_max_batch:
         if cuda:
+            print("  searching the largest batch that fits...", flush=True)
             max_batch = find_max_batch(args, bench, fast, device, batch)
             free(device)
         else:
             print("  --find-max-batch needs a GPU (a CPU swaps long before it runs out of memory): skipped")
-    sampling = sample_throughput(args, bench, fast, device) if bench.sample_batch else None
+    sampling = None
+    if bench.sample_batch:
+        print(f"  timing sampling ({bench.sample_steps} steps, batch {bench.sample_batch})...", flush=True)
+        sampling = sample_throughput(args, bench, fast, device)
     free(device)
 
     # ---- table ----------------------------------------------------------------------------------------------------
@@ -520,7 +575,9 @@ def main(argv=None):
     rec = dict(device=device_name(device), torch=torch.__version__, dataset=args.dataset, arch=args.arch,
                model=args.model, cond=args.cond, res=args.res, latent=list(latent), vae_run=False, batch=batch,
                steps=bench.steps, warmup=bench.warmup, params=params, flops_per_img=flops,
-               flop_convention=FLOP_CONVENTION, peak_tflops_measured_bf16=peak_bf16, matmul_tflops_fp32=mm_fp32,
+               flop_convention=FLOP_CONVENTION, peak_tflops_measured=peak, peak_dtype=peak_name,
+               peak_tflops_measured_bf16=peaks["bf16"]["tflops"] if "bf16" in peaks else None,  # None: not probed
+               matmul_tflops_fp32=peaks[fp32]["tflops"] if fp32 in peaks else None, peak_probe=peaks,
                peak_tflops_datasheet=sheet, mem_kind="cuda_max_memory_allocated" if cuda else "process_peak_rss",
                fast=results["fast"], reference=results.get("reference"), speedup=speedup, max_batch=max_batch,
                sample=sampling)

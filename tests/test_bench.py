@@ -124,3 +124,53 @@ def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch):
     rec = bench.main(BENCH_TINY + ["--batch", "2", "--steps", "1", "--warmup", "0", "--peak-size", "64"])
     assert "out of memory at batch 2" in rec["fast"]["error"] and rec["speedup"] is None
     assert rec["reference"]["img_per_s"] > 0
+
+
+def test_peak_probe_on_cpu_measures_the_runs_dtype():
+    """On a CPU the probe times only the dtype the run computes in: fp32 unless --precision bf16 (a CPU without
+    native bf16 takes seconds per bf16 matmul, and an fp32 run's MFU has nothing to do with it). A GPU probes both."""
+    for flags, want in (([], (torch.float32,)), (["--precision", "bf16"], (torch.bfloat16,))):
+        b, args = bench.get_args(["--cond", "adaln", *flags])
+        assert bench.peak_dtypes(bench.fast_path(b, args, CPU), CPU) == want
+    b, args = bench.get_args(["--cond", "adaln"])
+    gpu = torch.device("cuda")
+    assert bench.peak_dtypes(bench.fast_path(b, args, gpu), gpu) == (torch.bfloat16, torch.float32)
+
+
+class SlowMatmul:
+    """A matmul on a fake clock: it computes nothing and moves the clock on by n^3 multiply-adds at `gflops`, from
+    call number `stall_from` on 1000x slower (a neighbour took the core the second OpenMP thread waits on)."""
+
+    def __init__(self, gflops, stall_from=None):
+        self.now, self.rate, self.sizes, self.stall_from = 0.0, gflops * 1e9, [], stall_from
+
+    def clock(self):
+        return self.now
+
+    def mm(self, a, b):
+        self.sizes.append(a.shape[0])
+        stalled = self.stall_from is not None and len(self.sizes) > self.stall_from
+        self.now += 2 * a.shape[0] ** 3 / self.rate * (1000 if stalled else 1)
+        return a
+
+
+def test_peak_probe_is_bounded_in_time():
+    # an AVX2 CPU without native bf16: one 1024^3 bf16 matmul in 2.5 s, where the old probe ran 2048^3 ones
+    slow = SlowMatmul(2 * 1024 ** 3 / 2.5 / 1e9)
+    res = bench.matmul_tflops(CPU, torch.bfloat16, 2048, trial_s=0.5, budget_s=10.0, mm=slow.mm, clock=slow.clock)
+    assert res["n"] == 512 and max(slow.sizes) == 512  # 1024^3 (2.5 s) would not fit in one 0.5 s trial: never run
+    assert res["iters"] == 1 and res["trials"] == 3 and slow.now < 3  # 512^3 takes 0.31 s
+    assert res["tflops"] == pytest.approx(slow.rate / 1e12)  # the fake's own rate, measured back
+    # a fast device: the sizes double up to the largest asked for, each trial as many matmuls as fill 0.5 s
+    fast = SlowMatmul(200.0)
+    res = bench.matmul_tflops(CPU, torch.float32, 2048, trial_s=0.5, budget_s=10.0, mm=fast.mm, clock=fast.clock)
+    assert (res["n"], res["iters"], res["trials"]) == (2048, 5, 3) and fast.now < 2.5
+    # a device slower than anything sized for: the smallest size, one matmul per trial, and the budget ends the trials
+    crawl = SlowMatmul(2 * 128 ** 3 / 4.0 / 1e9)  # 4 s for 128^3
+    res = bench.matmul_tflops(CPU, torch.bfloat16, 2048, trial_s=0.5, budget_s=10.0, mm=crawl.mm, clock=crawl.clock)
+    assert res["n"] == 128 and res["iters"] == 1 and res["trials"] == 1 and crawl.sizes == [128] * 3
+    # sized on a quiet CPU (128^3 in 21 us, 1000 per trial at n = 128), then every matmul stalls: a trial ends once it
+    # has taken 0.5 s, and the budget ends the probe (without the early end: 1000 x 21 ms per trial)
+    stall = SlowMatmul(200.0, stall_from=2)
+    res = bench.matmul_tflops(CPU, torch.float32, 128, trial_s=0.5, budget_s=1.0, mm=stall.mm, clock=stall.clock)
+    assert res["iters"] == 1000 and res["trials"] == 2 and len(stall.sizes) == 2 + 2 * 24 and stall.now < 1.1
