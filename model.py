@@ -252,8 +252,12 @@ class DiffusionTransformer(nn.Module):
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         context = {"ours": "full", "mmdit": "full", "adaln": None, "xattn": "cross"}[cond]
         last = "pre_only" if context == "full" else context  # nobody reads the last context stream's output
-        block = lambda i, skip=False: JointBlock(width, heads, mlp_ratio, context if i < depth - 1 else last, qk_norm,
-                                                 mod, skip)
+
+        def block(i, skip=False, ctx_read=None):
+            """Block i of `depth`. Every block's context output is read by the next one, except the last block's:
+            its context stream is pre-only. `ctx_read` overrides that for a trunk that reads it after the stack."""
+            ctx_read = i < depth - 1 if ctx_read is None else ctx_read
+            return JointBlock(width, heads, mlp_ratio, context if ctx_read else last, qk_norm, mod, skip)
         self.make_blocks(depth, block)
         self.final = FinalLayer(width, patch, self.out_channels, mod)
         self._pos_cache = {}
@@ -323,7 +327,8 @@ class DiffusionTransformer(nn.Module):
         return (vec, tokens, mask) if self.cond == "mmdit" else (vec, None, None)
 
     def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
-        """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels or a prompt's (features (B, L, d), mask (B, L)),
+        """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels or a prompt's (features (B, L, d), mask (B, L)[, padding
+        noise (B, L, d)]),
         ctrl (B, S) raw control, ctrl_drop / sem_drop (B,) bool: use the null control / semantic condition
         -> (B, out_channels, H, W)"""
         H, W = x.shape[-2:]
@@ -337,10 +342,12 @@ class DiffusionTransformer(nn.Module):
 
 
 def semantic_tokens(embedder, y, drop=None):
-    """Class labels (B,) or a prompt (features, mask) -> context tokens (B, K, D), pooled (B, D), attention mask
-    (B, K) or None; `drop` (B,) bool selects the null condition (the null class row, or the null prompt)."""
+    """Class labels (B,) or a prompt (features, mask), at sampling (features, mask, padding noise) -> context tokens
+    (B, K, D), pooled (B, D), attention mask (B, K) or None; `drop` (B,) bool selects the null condition (the null
+    class row, or the null prompt)."""
     if isinstance(embedder, TextEmbedder):
-        return embedder(*y, drop)
+        features, mask, *noise = y  # training draws fresh padding noise; diffusion.generate brings each sample's own
+        return embedder(features, mask, drop, noise=noise[0] if noise else None)
     return (*embedder(y, drop), None)
 
 
@@ -366,8 +373,11 @@ class MDTv2(DiffusionTransformer):
         super().__init__(depth=depth, **kwargs)
 
     def make_blocks(self, depth, block):
-        # the encoder's second half and the decoder fuse an earlier activation in through a long shortcut
-        self.blocks = nn.ModuleList([block(i, skip=i >= self.half) for i in range(depth)])
+        # the encoder's second half and the decoder fuse an earlier activation in through a long shortcut. With no
+        # decoder the encoder's last block is the last of the stack, yet the side interpolator reads its context
+        # output: that block keeps a full context stream
+        ctx_read = lambda i: i < depth - 1 or self.decode_layers == 0
+        self.blocks = nn.ModuleList([block(i, skip=i >= self.half, ctx_read=ctx_read(i)) for i in range(depth)])
         self.side = block(depth - 1)  # like the last block, it reads the context without updating it
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
 

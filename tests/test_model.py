@@ -32,6 +32,24 @@ def test_forward_backward_shapes(cond, arch):
     assert model.eval()(x, t, y, c).shape == x.shape  # sampling: one unmasked pass
 
 
+@pytest.mark.parametrize("cond", ["ours", "mmdit"])
+@pytest.mark.parametrize("depth", [2, 4])
+def test_mdt_without_decoder_trains_and_samples(cond, depth):
+    """No decoder blocks (T/4's default, or --decode-layers 0): the encoder's last block feeds the side interpolator,
+    which reads its context tokens, so that block keeps a full context stream; training and sampling both run."""
+    kw = dict(input_size=16, in_channels=3, num_classes=10, cond=cond)
+    model = perturb(build_model("T/4", "mdt", **kw) if depth == 2 else
+                    MDTv2(patch=4, depth=depth, width=64, heads=2, decode_layers=0, **kw))
+    assert model.decode_layers == 0 and len(model.blocks) == depth
+    x, t, y, c = model_inputs()
+    drop = torch.tensor([False, True, False])
+    out = model.train()(x, t, y, c, ctrl_drop=drop, sem_drop=drop)
+    assert out.shape == (6,) + x.shape[1:]
+    out.square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert model.eval()(x, t, y, c).shape == x.shape  # sampling: one unmasked pass, no side block
+
+
 @pytest.mark.parametrize("cond,arch", ROUTES)
 def test_fresh_model_outputs_zero_and_adaln_zero_blocks_are_identity(cond, arch):
     model = tiny_model(cond, arch)
