@@ -168,7 +168,7 @@ TEXT_PADS = ("zero", "replicate", "noisy_replicate")
 TEXT_NULLS = ("learned", "empty")
 
 
-def pad_text(features, mask, mode="noisy_replicate", noise_std=0.1, generator=None):
+def pad_text(features, mask, mode="noisy_replicate", noise_std=0.1, generator=None, noise=None):
     """Fill the padding slots of encoded prompts. features (B, L, d), mask (B, L) bool -> (features, mask).
 
     zero             padding slots are zeros; the mask is returned as is, for the attention to skip them
@@ -179,7 +179,9 @@ def pad_text(features, mask, mode="noisy_replicate", noise_std=0.1, generator=No
                      std of that prompt's valid features (over all its valid tokens and channels): the noise level is
                      relative to the encoder's scale, so one flag value suits every encoder
     A prompt with no valid token at all comes out as zeros, with an all-False mask in zero mode (the encoders here
-    always give at least one token, so this never reaches the attention)."""
+    always give at least one token, so this never reaches the attention).
+    The noise is drawn from `generator` (training: fresh every step), unless `noise` (B, L, d), standard Gaussian, is
+    given (sampling: each sample's own, from padding_noise, so every guidance branch and step sees the same prompt)."""
     if mode not in TEXT_PADS:
         raise ValueError(f"unknown text padding {mode!r}; choose one of {TEXT_PADS}")
     mask = mask.bool()
@@ -196,10 +198,23 @@ def pad_text(features, mask, mode="noisy_replicate", noise_std=0.1, generator=No
         count = (n * d).float()  # (B, 1)
         mean = (x * valid).sum((1, 2)) / count.clamp(min=1)[:, 0]
         std = (((x - mean[:, None, None]) ** 2 * valid).sum((1, 2)) / (count - 1).clamp(min=1)[:, 0]).sqrt()  # (B,)
-        noise = torch.randn(out.shape, generator=generator, device=out.device)  # (B, L, d)
+        if noise is None:
+            noise = torch.randn(out.shape, generator=generator, device=out.device)  # (B, L, d)
         copies = (slot >= n)[..., None].float()  # (B, L, 1): never the valid tokens themselves
         out = out + (noise * copies * (noise_std * std)[:, None, None]).to(out.dtype)
     return out, torch.ones_like(mask)
+
+
+PAD_SEED = 1 << 40  # the padding noise of the sample with noise seed s comes from seed PAD_SEED + s: a stream of its
+                    # own, not a copy of the first numbers of the sample's image noise (seed s)
+
+
+def padding_noise(seeds, length, dim, device=None):
+    """Sampling-time noise for noisy_replicate padding: one standard Gaussian (L, d) per sample, from its own seed
+    (the seed of its image noise), so a prompt and a seed give the same image whatever the batch, the rank or the
+    global RNG. -> (len(seeds), L, d)"""
+    return torch.stack([torch.randn(length, dim, generator=torch.Generator().manual_seed(PAD_SEED + int(s)))
+                        for s in seeds]).to(device)
 
 
 class TextEmbedder(nn.Module):
@@ -249,9 +264,10 @@ class TextEmbedder(nn.Module):
         self.empty_mask.copy_(mask)
         self.empty_ready = True
 
-    def forward(self, features, mask, drop=None, generator=None):
-        """features (B, L, d), mask (B, L) bool, drop (B,) bool or None
-        -> tokens (B, L, D), pooled (B, D), mask (B, L) bool for the attention or None."""
+    def forward(self, features, mask, drop=None, generator=None, noise=None):
+        """features (B, L, d), mask (B, L) bool, drop (B,) bool or None, noise (B, L, d) the padding noise to use or
+        None (drawn from `generator`, see pad_text) -> tokens (B, L, D), pooled (B, D), mask (B, L) bool for the
+        attention or None."""
         mask = mask.bool()
         if drop is not None and self.null_mode == "empty":
             if not self.empty_ready:
@@ -259,7 +275,7 @@ class TextEmbedder(nn.Module):
                                    "set_empty(*encoder.encode(['']))  before training or sampling")
             features = torch.where(drop[:, None, None], self.empty_features.to(features.dtype)[None], features)
             mask = torch.where(drop[:, None], self.empty_mask[None], mask)
-        padded, keep = pad_text(features, mask, self.pad, self.pad_noise, generator)
+        padded, keep = pad_text(features, mask, self.pad, self.pad_noise, generator, noise)
         tokens = self.proj(padded)  # (B, L, D)
         w = mask[..., None].to(tokens.dtype)
         pooled = (tokens * w).sum(1) / w.sum(1).clamp(min=1)  # (B, D) mean over the valid tokens only

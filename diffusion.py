@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from conditioning import padding_noise
+
 OBJECTIVES = ("flow", "ddpm")
 PREDS = {"flow": ("v", "x"), "ddpm": ("eps",)}
 BETA_SCHEDULES = ("linear", "ldm")
@@ -145,15 +147,34 @@ def discretized_gaussian_nll(x, mean, logvar):
 
 
 def spaced_steps(total, n, method):
-    """Which of the `total` steps an n-step sampler visits, ascending. DDIM: a uniform stride from 0 (DiT's "ddimN");
-    ancestral: n evenly spaced steps including the first and the last (ADM's respacing of "N")."""
+    """Which of the `total` steps an n-step sampler visits, ascending; ADM's respace.space_timesteps (DiT's is a copy).
+
+    ddim       ADM's "ddimN": range(0, total, s) for the smallest integer stride s that gives exactly n steps, i.e.
+               s = ceil(total / n) when that fits (n = 30 of 1000: stride 34, steps 0 .. 986). Many n fit no stride
+               (37, 400, and 1, as ADM's strides stop below `total`): a ValueError names the nearest n that do.
+    ddpm       ADM's plain "N" (DiT's sample.py default, "250"): n evenly spaced steps from the first to the last,
+               round(c) as c grows by (total - 1) / (n - 1). One deviation: n = 1 takes the last step, not ADM's step
+               0, from which a one-step sampler would hand back its input noise almost unchanged."""
     if not 1 <= n <= total:
         raise ValueError(f"sampling steps must be in 1..{total}, got {n}")
-    if method == "ddim" and len(range(0, total, total // n)) == n:
-        return list(range(0, total, total // n))
+    if method == "ddim":
+        fitting = {len(range(0, total, s)): s for s in range(total - 1, 0, -1)}  # count -> smallest stride giving it
+        if n in fitting:
+            return list(range(0, total, fitting[n]))
+        below, above = [c for c in fitting if c < n], [c for c in fitting if c > n]
+        near = [str(c) for c in ([max(below)] if below else []) + ([min(above)] if above else [])]
+        raise ValueError(f"DDIM's integer stride (ADM's \"ddim{n}\") cannot make exactly {n} of {total} steps: "
+                         f"{' or '.join(near) or 'no count'} can; or use the ancestral sampler (--sampler ddpm), "
+                         f"which spaces any number of steps evenly")
     if n == 1:
         return [total - 1]
-    return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
+    # the running float sum, as ADM builds it: where i * stride is an exact .5 the sum falls just below, and rounding
+    # it (not i * stride) gives ADM's steps (21 of 1000: step 499, not 500)
+    stride, c, steps = (total - 1) / (n - 1), 0.0, []
+    for _ in range(n):
+        steps.append(round(c))
+        c += stride
+    return steps
 
 
 #################################################################################
@@ -275,27 +296,32 @@ def guided_prediction(model, x, t, y, ctrl, s_sem=1.0, s_ctrl=0.0, interval=(0.0
         out = out(0s, c) + s_sem (out(s, c) - out(0s, c)) + s_ctrl (out(s, c) - out(s, 0c))
 
     0s / 0c: the null semantic condition (null class or null prompt) / the null control, selected by the model's
-    sem_drop / ctrl_drop flags. The control c is kept in both semantic branches; the control term costs one more
-    forward pass and is skipped when s_ctrl = 0. Outside `interval` (a range of t) guidance is off and out = out(s, c).
-    s_sem = 1, s_ctrl = 0 is exactly the conditional prediction (and costs one pass). Guiding the raw output is the
-    same as guiding the velocity or eps it implies: they are affine in it with the same x_t and t in every branch.
-    Channels beyond the data's (a learned variance) are taken from the conditional branch. y: labels (B,) or a
-    prompt's (features, mask).
+    sem_drop / ctrl_drop flags. The control c is kept in both semantic branches. Only the branches whose weight is not
+    zero run, batched into one forward pass: (0s, c) only when s_sem != 1, (s, 0c) only when s_ctrl != 0. Outside
+    `interval` (a range of t) guidance is off and out = out(s, c). s_sem = 1, s_ctrl = 0 is exactly the conditional
+    prediction (and costs one pass). Guiding the raw output is the same as guiding the velocity or eps it implies:
+    they are affine in it with the same x_t and t in every branch. Channels beyond the data's (a learned variance)
+    are taken from the conditional branch. y: labels (B,) or a prompt's (features, mask[, padding noise]), every part
+    repeated alike for every branch.
     """
     B, C = x.shape[0], x.shape[1]
     t_now = float(t.reshape(-1)[0])
     if not interval[0] <= t_now <= interval[1] or (s_sem == 1.0 and s_ctrl == 0.0):
         return model(x, t, y=y, ctrl=ctrl)
-    flags = [(False, False), (True, False)] + ([(False, True)] if s_ctrl else [])  # (drop semantic, drop control)
+    # (drop semantic, drop control) of each branch; a branch whose difference has weight zero is not run
+    flags = [(False, False)] + ([(True, False)] if s_sem != 1.0 else []) + ([(False, True)] if s_ctrl else [])
     n = len(flags)
     drop = lambda i: torch.tensor([f[i] for f in flags for _ in range(B)], device=x.device)
     rep = lambda v: v.repeat(n, *([1] * (v.ndim - 1)))
     out = model(x.repeat(n, 1, 1, 1), t.repeat(n), y=tuple(map(rep, y)) if isinstance(y, tuple) else rep(y),
                 ctrl=ctrl.repeat(n, 1), ctrl_drop=drop(1), sem_drop=drop(0))
     out = out.float().view(n, B, *out.shape[1:])
-    guided = out[1, :, :C] + s_sem * (out[0, :, :C] - out[1, :, :C])
-    if s_ctrl:
-        guided = guided + s_ctrl * (out[0, :, :C] - out[2, :, :C])
+    cond = out[0, :, :C]
+    guided = cond
+    if s_sem != 1.0:
+        guided = out[1, :, :C] + s_sem * (cond - out[1, :, :C])
+    if s_ctrl:  # the null-control branch is the last one
+        guided = guided + s_ctrl * (cond - out[-1, :, :C])
     return torch.cat([guided, out[0, :, C:]], dim=1)
 
 
@@ -310,10 +336,17 @@ def make_noise(seeds, shape, device):
 
 @torch.no_grad()
 def generate(model, diffusion, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, method=None,
-             interval=(0.0, 1.0), batch=256, progress=False, seed=0):
+             interval=(0.0, 1.0), batch=256, progress=False, seed=0, seeds=None):
     """Latents for labels y (B,) (or a prompt's (features, mask)) and controls ctrl (B, S) from the given noise
     (B, C, H, W), in chunks of `batch`, guided by guided_prediction.
-    `seed` feeds the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic given `noise`."""
+    `seed` feeds the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic given `noise`.
+    `seeds` (B,), the seeds of the samples' noise (default seed, seed + 1, ...), seed their text padding noise
+    (noisy_replicate): drawn once per sample here, it is the same in every guidance branch and step, and a prompt
+    with a seed gives the same image in any batch, on any rank, whatever the global RNG did before."""
+    if isinstance(y, tuple) and len(y) == 2:  # a prompt: (features, mask) -> (features, mask, padding noise)
+        B, L, d = y[0].shape
+        seeds = range(seed, seed + B) if seeds is None else seeds
+        y = (*y, padding_noise(seeds, L, d, y[0].device))
     out = []
     gen = torch.Generator(noise.device).manual_seed(seed)
     for i in range(0, noise.shape[0], batch):

@@ -310,7 +310,7 @@ def evaluate_shapes(model, diffusion, args, per_class, device, cfg_scale=1.0, st
     y = semantic_input(args, [r[0] for r in rows], device, [r[5] for r in rows])
     ctrl = torch.stack([r[3] for r in rows]).to(device)
     x = generate(model, diffusion, noise, y, ctrl, cfg_scale, steps=steps, method=method, progress=progress,
-                 seed=seed)
+                 seed=seed, seeds=[r[2] for r in rows])
     meas = checker(to_uint8(vae.decode(x)).cpu())
     model.train(was_training)
     class_ok = np.array([m["label"] == r[0] for m, r in zip(meas, rows)])

@@ -205,3 +205,88 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     # the batched two-branch path with s_sem = 1 must agree too (it differs from the shortcut only in batching)
     both = guided_prediction(model, x, t, y, c, s_sem=1.0 + 1e-12)
     assert torch.allclose(both, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [30, 50, 250, 7, 1000, 3])
+def test_ddim_spacing_is_adms_ddimN_stride(n):
+    """ADM's "ddimN" (guided-diffusion respace.space_timesteps, copied unchanged by DiT): the smallest integer stride s
+    with len(range(0, 1000, s)) == N. That length is ceil(1000 / s), so the stride is ceil(1000 / N) whenever it
+    fits -- also when N does not divide 1000 (N = 30: stride 34, 0 .. 986, not the even spacing)."""
+    s = -(-1000 // n)
+    assert len(range(0, 1000, s)) == n and (s == 1 or len(range(0, 1000, s - 1)) != n)  # the smallest that fits
+    assert spaced_steps(1000, n, "ddim") == list(range(0, 1000, s))
+
+
+@pytest.mark.parametrize("n, neighbours", [(37, "36 or 38"), (400, "334 or 500"), (1, "2")])
+def test_ddim_spacing_without_an_integer_stride_raises(n, neighbours):
+    """No stride gives exactly N steps (37: stride 27 gives 38, stride 28 gives 36; 1: ADM's strides stop below 1000):
+    ADM raises, and so do we, naming the counts that work and the ancestral sampler, which spaces any count evenly."""
+    assert not any(len(range(0, 1000, s)) == n for s in range(1, 1000))
+    with pytest.raises(ValueError, match=f"{neighbours}.*--sampler ddpm"):
+        spaced_steps(1000, n, "ddim")
+
+
+def test_ancestral_spacing_rounds_as_adm_accumulates():
+    """ADM's plain "N": steps round(c) for c = 0, f, f + f, ... with f = (total - 1) / (N - 1), the float sum built up
+    step by step. The sum lands just below the ties that i * f hits exactly (21 steps of 1000: 10 * 49.95 sums to
+    499.49999..., so ADM keeps step 499 where round(499.5) would give 500)."""
+    for total in (1000, 100):
+        for n in range(2, total + 1):
+            f, c, want = (total - 1) / (n - 1), 0.0, []
+            for _ in range(n):
+                want.append(round(c))
+                c += f
+            assert spaced_steps(total, n, "ddpm") == want, (total, n)
+    assert spaced_steps(1000, 21, "ddpm")[10] == 499
+    assert spaced_steps(1000, 1, "ddpm") == [999]  # our one deviation: ADM's [0] would return the noise almost as is
+
+
+class Counting(torch.nn.Module):
+    """A model wrapper that records, per call, the batch size and which (drop semantic, drop control) branches ran."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
+        B = x.shape[0]
+        sem = [False] * B if sem_drop is None else sem_drop.tolist()
+        ctl = [False] * B if ctrl_drop is None else ctrl_drop.tolist()
+        self.calls.append(sorted(set(zip(sem, ctl))))
+        return self.model(x, t, y, ctrl, ctrl_drop=ctrl_drop, sem_drop=sem_drop)
+
+
+def old_guided_prediction(model, x, t, y, ctrl, s_sem, s_ctrl):
+    """The guidance before branches of zero weight were skipped: (s, c) and (0s, c) always, (s, 0c) when s_ctrl."""
+    if s_sem == 1.0 and s_ctrl == 0.0:
+        return model(x, t, y=y, ctrl=ctrl)
+    B = x.shape[0]
+    flags = [(False, False), (True, False)] + ([(False, True)] if s_ctrl else [])
+    n = len(flags)
+    drop = lambda i: torch.tensor([f[i] for f in flags for _ in range(B)])
+    out = model(x.repeat(n, 1, 1, 1), t.repeat(n), y=y.repeat(n), ctrl=ctrl.repeat(n, 1), ctrl_drop=drop(1),
+                sem_drop=drop(0)).float().view(n, B, *x.shape[1:])
+    guided = out[1] + s_sem * (out[0] - out[1])
+    return guided + s_ctrl * (out[0] - out[2]) if s_ctrl else guided
+
+
+@pytest.mark.parametrize("s_sem,s_ctrl,branches", [
+    (1.0, 0.5, [(False, False), (False, True)]),                 # no semantic guidance: the null semantic is not run
+    (3.0, 0.0, [(False, False), (True, False)]),                 # no control guidance: the null control is not run
+    (3.0, 0.5, [(False, False), (False, True), (True, False)]),  # both
+    (1.0, 0.0, [(False, False)]),                                # neither: the conditional prediction alone
+])
+def test_guidance_runs_only_the_branches_it_weighs(s_sem, s_ctrl, branches):
+    """One model call per prediction, holding exactly the branches whose weight is not zero; the result is the
+    formula's (bit-identical to the old code where it ran the same branches)."""
+    from conftest import model_inputs, perturb, tiny_model
+    model = Counting(perturb(tiny_model("ours")))
+    x, t, y, c = model_inputs()
+    t = torch.full((3,), 0.4)
+    out = guided_prediction(model, x, t, y, c, s_sem=s_sem, s_ctrl=s_ctrl)
+    assert model.calls == [branches]
+    ref = old_guided_prediction(model.model, x, t, y, c, s_sem, s_ctrl)
+    if s_sem != 1.0 or s_ctrl == 0.0:  # the old code ran these very branches: the same bits
+        assert torch.equal(out, ref)
+    else:  # it also ran (0s, c), to weigh it by s_sem - 1 = 0: equal up to rounding
+        assert torch.allclose(out, ref, atol=1e-5)
