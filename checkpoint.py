@@ -1,13 +1,22 @@
 """
 A run on disk: checkpoints written atomically, found again (a file, a run folder, or the newest under --out), checked
 against the run that resumes them, and read back as weights -- to resume, to start a fine-tune (--init-from), or to
-sample (our files, or an official DiT one).
+sample (our files, an official DiT one, or a .safetensors export).
 
 A checkpoint of ours is one torch.save dict: model, ema, opt (state dicts), step, epoch and position (where the data
-order stands), gen and torch_rng (every rank's noise stream, the global RNG), loss_window (the log line's running
-mean), args (the configuration, `vars(args)`) and config_version.
+order stands), gen, torch_rng and cuda_rng (every rank's noise stream, the global CPU RNG, every rank's CUDA RNG or
+None), loss_window (the log line's running mean), args (the configuration, `vars(args)`) and config_version.
+
+Reading a file never runs code from it. Unpickling can call any function the file names, so a .pt is read with
+weights_only=True: only tensors, numbers, strings, lists, tuples, dicts and None are built, plus the one class
+allow-listed in SAFE_GLOBALS; a file holding anything else is refused before any of it is built. A .safetensors file
+(`sample.py --ckpt RUN --export model.safetensors`) holds no pickle at all: the EMA weights, and in its metadata the
+configuration as JSON; it reads back as {ema, args, config_version, step}, so it goes wherever a checkpoint goes.
 """
+import argparse
+import json
 import os
+import pickle
 from types import SimpleNamespace
 
 import torch
@@ -20,9 +29,25 @@ from model import SIZES, from_dit, is_dit_state_dict
 #################################################################################
 
 
+# What weights_only may build besides plain data: DiT's training checkpoints ({model, ema, opt, args}) keep their
+# flags as an argparse.Namespace. Nothing broader: every class listed here is one whose unpickling we trust.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
 def read_checkpoint(path, mmap=False):
-    """A checkpoint file's contents, on the CPU. Every checkpoint read goes through here."""
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    """A checkpoint file's contents, on the CPU; a .safetensors file as {ema, args, config_version, step}. Every
+    checkpoint read goes through here, and none runs code (see the module docstring)."""
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # weights_only met something it may not build, and built none of it
+        # torch's message is a page of advice; the reason is the line after "WeightsUnpickler error: "
+        reason = str(e).split("WeightsUnpickler error: ")[-1].split("\n")[0].split(" was not an allowed")[0]
+        raise SystemExit(f"{path}: contains objects other than weights ({reason}), so it was not loaded: unpickling "
+                         f"them could run code. If you trust the file, load it with torch.load(weights_only=False) "
+                         f"and torch.save its state dicts alone") from None
 
 
 def atomic_write(path, write):
@@ -40,6 +65,44 @@ def write_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 #################################################################################
+#                      .safetensors: weights to share                           #
+#################################################################################
+# safetensors is an optional dependency (pip install safetensors), imported only here.
+
+def safetensors_module(what):
+    """The safetensors package (safe_open, and torch.save for tensors); without it, say how to get it."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise SystemExit(f"{what} needs the optional package safetensors: pip install safetensors") from None
+    return safetensors
+
+
+def export_safetensors(model, args, path):
+    """Write the model's weights to `path`, the configuration as JSON in the file's metadata (which holds strings
+    only): the file alone rebuilds the model (load_model) and starts a fine-tune (init_from)."""
+    save = safetensors_module(f"--export {path}").torch.save
+    config = {k: v for k, v in vars(args).items() if k not in ("ckpt_file", "ckpt_step")}  # where it was read from
+    metadata = dict(format="pt",  # what other readers of PyTorch safetensors files expect
+                    config=json.dumps(config), config_version=json.dumps(CONFIG_VERSION),
+                    step=json.dumps(getattr(args, "ckpt_step", None)))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda f: f.write(save(tensors, metadata)))
+
+
+def read_safetensors(path):
+    """An export as {ema, args, config_version, step}; a .safetensors without our configuration as the bare state
+    dict it is (like the published DiT .pt files)."""
+    safe_open = safetensors_module(f"reading {path}").safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "config" not in meta:
+        return tensors
+    return dict(ema=tensors, args=json.loads(meta["config"]), config_version=json.loads(meta["config_version"]),
+                step=json.loads(meta["step"]))
+
+#################################################################################
 #                                Finding one                                    #
 #################################################################################
 
@@ -50,37 +113,39 @@ def checkpoints_in(folder):
     return [os.path.join(folder, f) for f in names]
 
 
-def load_latest(paths):
-    """(path, state) of the first checkpoint in `paths` that loads; damaged files are reported and passed over."""
+def load_latest(paths, mmap=False):
+    """(path, state) of the first checkpoint in `paths` that loads; damaged files are reported and passed over (a
+    file that is refused as unsafe is not damaged: its SystemExit stops the search)."""
     for path in paths:
         try:
-            return path, read_checkpoint(path)
+            return path, read_checkpoint(path, mmap)
         except Exception as e:  # a truncated or foreign file: fall back to the one before it
             print(f"resume: skipping unreadable checkpoint {path} ({type(e).__name__}: {e})", flush=True)
     return None, None
 
 
-def find_checkpoint(path, out="runs"):
-    """Resolve --resume: a checkpoint file, a run folder (its newest complete checkpoint), or `auto` (the newest
-    complete checkpoint of the newest run folder under --out that has one; None if there is none)."""
+def find_checkpoint(path, out="runs", flag="--resume", mmap=False):
+    """Resolve --resume (or sample.py's --ckpt: `flag` names it in messages): a checkpoint file, a run folder (its
+    newest complete checkpoint), or `auto` (the newest complete checkpoint of the newest run folder under --out that
+    has one; None if there is none)."""
     if path == "auto":
         folders = sorted((os.path.join(out, d) for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))),
                          reverse=True) if os.path.isdir(out) else []
         for folder in folders:
-            found = load_latest(checkpoints_in(folder))
+            found = load_latest(checkpoints_in(folder), mmap)
             if found[0]:
                 return found
         return None, None
     if os.path.isdir(path):
-        found = load_latest(checkpoints_in(path))
+        found = load_latest(checkpoints_in(path), mmap)
         if found[0] is None:
-            raise SystemExit(f"--resume {path!r}: no complete ckpt-*.pt in that folder")
+            raise SystemExit(f"{flag} {path!r}: no complete ckpt-*.pt in that folder")
         return found
     if not os.path.isfile(path):
-        raise SystemExit(f"--resume {path!r}: no such checkpoint file or run folder")
-    found = load_latest([path])
+        raise SystemExit(f"{flag} {path!r}: no such checkpoint file or run folder")
+    found = load_latest([path], mmap)
     if found[0] is None:
-        raise SystemExit(f"--resume {path!r}: the file is not a readable checkpoint")
+        raise SystemExit(f"{flag} {path!r}: the file is not a readable checkpoint")
     return found
 
 
@@ -102,9 +167,25 @@ def checkpoint_weights(ckpt):
     return state if isinstance(state, dict) else None
 
 
+def dit_resolution(state):
+    """The image size a DiT state dict was trained at: tokens per side x patch x the SD VAE's factor 8."""
+    return int(round(state["pos_embed"].shape[1] ** 0.5)) * state["x_embedder.proj.weight"].shape[-1] * 8
+
+
+def base_res_of(ckpt):
+    """The base resolution of a checkpoint's model (get_args's default --base-res for --init-from and --resume): ours
+    stores it, a DiT's is the size it was trained at; None when the file does not say (another model's state dict)."""
+    state = checkpoint_weights(ckpt)
+    if is_dit_state_dict(state):
+        return dit_resolution(state)
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return saved.get("base_res") if isinstance(saved, dict) else None
+
+
 def init_from(model, path, rank=0):
-    """Load every tensor of a checkpoint (ours: its EMA weights; or an official DiT file) whose name and shape match
-    the model; print what was loaded, what was skipped (and why) and what is new. Returns the three name lists."""
+    """Load every tensor of a checkpoint (ours, .pt or .safetensors: its EMA weights; an official DiT file, or a DiT
+    training checkpoint's EMA) whose name and shape match the model; print what was loaded, what was skipped (and
+    why) and what is new. Returns the three name lists."""
     state = checkpoint_weights(read_checkpoint(path))
     if state is None:
         raise SystemExit(f"--init-from {path!r}: not a checkpoint of this project nor a DiT state dict")
@@ -128,10 +209,10 @@ def init_from(model, path, rank=0):
     return loaded, skipped, new
 
 
-def load_model(path, device):
-    """(EMA model in eval mode, the run's config) from a checkpoint file or run folder of ours, or from an official
-    DiT-XL/2 file."""
-    file, ckpt = find_checkpoint(path)
+def load_model(path, device, flag="--ckpt"):
+    """(EMA model in eval mode, the run's config) from a checkpoint file or run folder of ours, an export of ours
+    (.safetensors), or an official DiT file (the released state dicts, or a training checkpoint: its EMA)."""
+    file, ckpt = find_checkpoint(path, flag=flag)
     state = checkpoint_weights(ckpt)
     if is_dit_state_dict(state):  # DiT's own recipe: eps + learned variance, adaLN, no QK-norm, SD VAE latents
         width, patch = state["x_embedder.proj.weight"].shape[0], state["x_embedder.proj.weight"].shape[-1]
@@ -139,7 +220,7 @@ def load_model(path, device):
         size = next((s for s, (d, w, _) in SIZES.items() if (d, w) == (depth, width)), None)
         if size is None:
             raise SystemExit(f"{file}: a DiT of depth {depth} and width {width} matches none of our sizes")
-        res = int(round(state["pos_embed"].shape[1] ** 0.5)) * patch * 8  # tokens per side x patch x VAE factor
+        res = dit_resolution(state)
         args = get_args(["--dataset", "imagenet", "--model", f"{size}/{patch}", "--cond", "adaln", "--qk-norm", "off",
                          "--objective", "ddpm", "--learn-sigma", "--res", str(res), "--base-res", str(res)])
         args.num_classes, args.ckpt_file, args.ckpt_step = state["y_embedder.embedding_table.weight"].shape[0] - 1, \

@@ -28,10 +28,10 @@ CONFIG_VERSION = 2  # the schema of the stored configuration; a checkpoint of an
 # the loss is still on the velocity).
 PRESETS = {
     "shapes": dict(res=24, model="XS/4", batch=64, lr=2e-3, steps=2000, warmup=100, ema=0.999, decay="cosine",
-                   vae="none", base_res=24, shift=3.0, pred="x", class_tokens=4, log_every=50, ckpt_every=1000,
+                   vae="none", shift=3.0, pred="x", class_tokens=4, log_every=50, ckpt_every=1000,
                    sample_every=0, workers=0),
     "imagenet": dict(res=256, model="XL/2", batch=256, lr=1e-4, steps=400_000, warmup=1000, ema=0.9999,
-                     decay="constant", vae="sd-ema", base_res=256, shift=1.0, pred="v", class_tokens=1,
+                     decay="constant", vae="sd-ema", shift=1.0, pred="v", class_tokens=1,
                      log_every=100, ckpt_every=10_000, sample_every=10_000, workers=8),
 }
 PRESETS["folder"] = PRESETS["imagenet"]
@@ -106,8 +106,9 @@ def get_args(argv=None, description=None):
       + preset("shift"))
     a("--pred", choices=("v", "x", "eps"), help="network output. flow: v (velocity, SD3) or x (clean image, converted "
       "to v); ddpm: eps (the default there)" + preset("pred"))
-    a("--base-res", type=int, help="resolution whose token count has shift 1 and defines the positional grid "
-      "(default: the preset's, or with --init-from the source checkpoint's)" + preset("base_res"))
+    a("--base-res", type=int, help="resolution whose token count has the noise shift --shift and defines the "
+      "positional grid (default: --res, a model's own grid; with --init-from the source checkpoint's, with --resume "
+      "the run's)")
     a("--res-shift", default="on", choices=("on", "off"), help="scale the noise shift with the token count beyond "
       "--base-res (off: alpha = --shift at every resolution; the transfer ablation)")
     a("--p-drop-sem", type=float, default=0.1, help="probability of dropping the semantic condition (guidance)")
@@ -130,8 +131,8 @@ def get_args(argv=None, description=None):
     a("--seed", type=int, default=0)
     a("--out", default="runs", help="folder for run folders")
     a("--resume", default=None, help="checkpoint file, run folder, or `auto` (newest complete checkpoint under --out)")
-    a("--init-from", default=None, help="start from the weights of a checkpoint (ours or an official DiT .pt): every "
-      "tensor whose name and shape match is loaded; the rest is reported")
+    a("--init-from", default=None, help="start from the weights of a checkpoint (ours, an official DiT .pt, or a "
+      "`sample.py --export` .safetensors): every tensor whose name and shape match is loaded; the rest is reported")
     a("--log-every", type=int, help="steps between log lines" + preset("log_every"))
     a("--ckpt-every", type=int, help="steps between checkpoints" + preset("ckpt_every"))
     a("--sample-every", type=int, help="steps between sample grids (0 = only at the end, -1 = none)"
@@ -145,10 +146,12 @@ def get_args(argv=None, description=None):
     args = p.parse_args(argv)
     if args.objective == "ddpm" and args.pred is None:
         args.pred = "eps"
-    if args.init_from and args.base_res is None and os.path.isfile(args.init_from):  # a transfer keeps its base
-        from checkpoint import read_checkpoint  # checkpoint.py builds on this file: imported where used
-        saved = read_checkpoint(args.init_from, mmap=True)
-        args.base_res = saved.get("args", {}).get("base_res") if isinstance(saved, dict) else None
+    if args.base_res is None and (args.init_from or args.resume):  # a transfer keeps its base, a resumed run its own
+        from checkpoint import base_res_of, find_checkpoint, read_checkpoint  # it builds on this file: imported here
+        if args.init_from and os.path.isfile(args.init_from):  # a missing file: validate says so
+            args.base_res = base_res_of(read_checkpoint(args.init_from, mmap=True))
+        elif args.resume == "auto" or (args.resume and os.path.exists(args.resume)):
+            args.base_res = base_res_of(find_checkpoint(args.resume, args.out, mmap=True)[1])
     if args.dataset == "imagenet" and args.data_path is None:  # the documented place; validate says if it is empty
         args.data_path = os.environ.get("IMAGENET_DIR") or IMAGENET_DEFAULT
     args.source_dataset = args.dataset  # what the images are: for a latent cache, what it was made from
@@ -158,10 +161,11 @@ def get_args(argv=None, description=None):
         if args.vae is not None and args.vae != meta["vae"]:
             raise SystemExit(f"--vae {args.vae}: the cache {args.data_path} holds {meta['vae']} latents")
         args.vae, args.res = meta["vae"], args.res or meta["res"]
-        args.base_res = args.base_res or meta["res"]
     for k, v in PRESETS["shapes" if args.source_dataset == "shapes" else "imagenet"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.base_res is None:  # from scratch, whatever the data source: the model's own grid is its base
+        args.base_res = args.res
     return args
 
 

@@ -3,6 +3,7 @@ Sample from a checkpoint's EMA weights.
 
     python sample.py --ckpt runs/000-shapes-XS-4-ours --classes 0,6,7 --flip 0,1 --cfg-scale 1,3
     python sample.py --ckpt runs/000-shapes-XS-4-ours --eval-per-class 50      # the checker's accuracies (shapes)
+    python sample.py --ckpt runs/000-shapes-XS-4-ours --export model.safetensors  # EMA weights + config, to share
     torchrun --nproc_per_node=8 sample.py --ckpt runs/001-imagenet-XL-2-ours --num-samples 50000 --cfg-scale 1.5
                                                                         # an .npz (+ .json of settings) for fid.py
 
@@ -13,12 +14,13 @@ diffusion.generate, the checker's evaluation shapes.evaluate_shapes, the checkpo
 import argparse
 import itertools
 import json
+import math
 import os
 
 import numpy as np
 import torch
 
-from checkpoint import load_model
+from checkpoint import export_safetensors, load_model
 from conditioning import CONTROL_SIGNALS, SIGNAL
 from config import latent_shape, make_diffusion, setup_distributed, use_bf16
 from data import default_control
@@ -54,6 +56,7 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
     cfg_scales = cfg_scales or [cfg_scale]
     cols = list(itertools.product(cfg_scales, range(len(controls)), seeds))
     noise = make_noise([s for _, _, s in cols], latent_shape(args), device).repeat(len(rows), 1, 1, 1)
+    seeds = [s for _, _, s in cols] * len(rows)  # each cell's noise seed: it seeds a prompt's padding noise too
     if prompts:
         y = semantic_input(args, [0] * len(rows) * len(cols), device, [p for p in prompts for _ in cols])
     else:
@@ -63,7 +66,7 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
     for g in cfg_scales:  # guidance scale is a scalar per call: group the columns by it
         sel = torch.tensor([i for i, (gi, _, _) in enumerate(cols * len(rows)) if gi == g], device=device)
         imgs.append((sel, generate(model, make_diffusion(args), noise[sel], take(y, sel), ctrl[sel], g, steps=steps,
-                                   method=method, progress=progress)))
+                                   method=method, progress=progress, seeds=[seeds[i] for i in sel.tolist()])))
     lat = torch.empty_like(noise)
     for sel, x in imgs:
         lat[sel] = x
@@ -97,9 +100,9 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
 
     Sample i starts from the noise of seed `seed + i`, and global batch b (samples b * batch ...) is drawn by rank
     b % world: every image comes out of the same computation whatever the number of ranks (the ancestral sampler's
-    fresh noise is seeded per batch, so it too). Each rank saves its
-    batches to a part file next to `path` (so `path` must be on a file system every rank sees); rank 0 assembles them
-    in order, holding N x H x W x 3 bytes (10 GB for 50k at 256 px), and removes the parts.
+    fresh noise is seeded per batch, so it too; a text model's padding noise is seeded per sample, from seed + i).
+    Each rank saves its batches to a part file next to `path` (so `path` must be on a file system every rank sees);
+    rank 0 assembles them in order, holding N x H x W x 3 bytes (10 GB for 50k at 256 px), and removes the parts.
     """
     from tqdm import tqdm
     device = next(model.parameters()).device
@@ -114,7 +117,8 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
         ctrl = control.to(device).expand(len(idx), -1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = generate(model, diffusion, noise, semantic_input(args, y_all[idx], device), ctrl, cfg_scale,
-                         ctrl_scale, steps=steps, method=method, interval=interval, batch=batch, seed=seed + start)
+                         ctrl_scale, steps=steps, method=method, interval=interval, batch=batch, seed=seed + start,
+                         seeds=seed + idx)
         images.append(to_uint8(vae.decode(x)).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
         index.append(idx)
     part = lambda r: f"{path[:-len('.npz')]}.rank{r}.npz"
@@ -144,13 +148,28 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
 #                                   CLI                                         #
 #################################################################################
 
-def floats(s):
-    return [float(v) for v in s.split(",")] if s else None
+def finite(flag, v):
+    """One number of a flag; anything but a finite number ends the run with what was wrong."""
+    try:
+        x = float(v)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise SystemExit(f"{flag}: {v!r} is not a finite number")
+    return x
+
+
+def floats(s, flag):
+    """A flag's comma-separated finite numbers, or None if it is unset."""
+    return [finite(flag, v) for v in s.split(",")] if s else None
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
+    p.add_argument("--ckpt", required=True, help="checkpoint file (.pt, or a .safetensors export) or run folder")
+    p.add_argument("--export", default=None, help="write the EMA weights to this .safetensors file, the run's "
+                                                 "configuration as JSON in its metadata, and exit: --ckpt and "
+                                                 "train.py --init-from read it")
     p.add_argument("--out", default=None, help="PNG path (default: <run folder>/grid.png), or the .npz path of "
                                               "--num-samples (default: <run folder>/samples-N-cfgS-SAMPLERSTEPS.npz)")
     p.add_argument("--classes", default=None, help="comma-separated class indices (default: the first 10)")
@@ -179,12 +198,32 @@ def main(argv=None):
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="--num-samples: auto = bf16 autocast on GPU, fp32 on CPU")
     a = p.parse_args(argv)
+    # the numbers first: a bad one fails here, not after the model is loaded or deep inside the sampler
+    scales = floats(a.cfg_scale, "--cfg-scale")
+    flips, sizes = floats(a.flip, "--flip"), floats(a.orig_size, "--orig-size")
+    offsets = floats(a.crop_offset, "--crop-offset")
+    finite("--ctrl-scale", a.ctrl_scale)
+    interval = floats(a.interval, "--interval")
+    if interval is None or len(interval) != 2:
+        raise SystemExit(f"--interval: give two numbers LO,HI (guidance applies while LO <= t <= HI), got "
+                         f"{a.interval!r}")
+    if not 0 <= interval[0] <= interval[1] <= 1:
+        raise SystemExit(f"--interval {a.interval}: need 0 <= LO <= HI <= 1 (t runs from 1, noise, to 0, data)")
+    for flag in ("steps", "seeds", "batch"):
+        if getattr(a, flag) < 1:
+            raise SystemExit(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    if a.export and not a.export.endswith(".safetensors"):
+        raise SystemExit(f"--export {a.export}: writes a .safetensors file; end the path in .safetensors")
     rank, world = 0, 1
     if a.num_samples:  # torchrun: one process per GPU, the local rank picks it
         rank, world, device = setup_distributed()
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, args = load_model(a.ckpt, device)
+    model, args = load_model(a.ckpt, device, flag="--ckpt")
+    if a.export:
+        export_safetensors(model, args, a.export)
+        print(f"wrote {a.export}")
+        return a.export
     if a.sampler and a.sampler not in SAMPLERS[args.objective]:
         raise SystemExit(f"--sampler {a.sampler}: this model was trained with --objective {args.objective}; choose "
                          f"one of {SAMPLERS[args.objective]}")
@@ -193,7 +232,6 @@ def main(argv=None):
             raise SystemExit(f"--vae {a.vae}: its latent layout differs from the checkpoint's --vae {args.vae}")
         args.vae = a.vae
     vae = Autoencoder(args.vae, scale=args.latent_scale, shift=args.latent_shift).to(device)
-    scales = floats(a.cfg_scale)
     if a.eval_per_class:
         if args.source_dataset != "shapes":
             raise SystemExit("--eval-per-class uses the shapes checker: it needs a checkpoint trained on shapes")
@@ -203,8 +241,7 @@ def main(argv=None):
         return res
     base = default_control(args.source_dataset, args.res)
     controls = []
-    for flip, size, off in itertools.product(floats(a.flip) or [None], floats(a.orig_size) or [None],
-                                             floats(a.crop_offset) or [None]):
+    for flip, size, off in itertools.product(flips or [None], sizes or [None], offsets or [None]):
         c = base.clone()
         if flip is not None:
             c[SIGNAL["flip"]] = flip
@@ -223,7 +260,7 @@ def main(argv=None):
         if not out.endswith(".npz"):
             raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
         sample_npz(model, vae, args, out, a.num_samples, controls[0], a.labels, a.seed, a.batch, scales[0],
-                   a.ctrl_scale, tuple(floats(a.interval)), a.steps, a.sampler, use_bf16(a.precision, device), rank,
+                   a.ctrl_scale, tuple(interval), a.steps, a.sampler, use_bf16(a.precision, device), rank,
                    world,
                    record=dict(ckpt=args.ckpt_file, ckpt_step=args.ckpt_step))
         if rank == 0:

@@ -326,9 +326,15 @@ def set_aside_later(ckpt_path):
         print(f"resume: moved {len(later)} later checkpoint(s) to {os.path.join(run_dir, 'abandoned')}")
 
 
-def restore(ckpt, model, ema, opt, gen, loop, rank, stream):
+def cuda_rng_state(device):
+    """This rank's CUDA RNG state, or None off the GPU. The model draws from the global RNG of its device (a text
+    model's padding noise), so an exact resume needs the GPU's state as well as the CPU's."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore(ckpt, model, ema, opt, gen, loop, rank, stream, device):
     """Continue exactly where the checkpoint stopped: weights, optimizer, step, this rank's data position and noise
-    stream, the global RNG, and the log window a preemption may have cut."""
+    stream, the global RNGs (CPU, and this rank's GPU), and the log window a preemption may have cut."""
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
@@ -337,24 +343,28 @@ def restore(ckpt, model, ema, opt, gen, loop, rank, stream):
         loop.epoch, loop.position = ckpt["epoch"][rank], ckpt["position"][rank]
     gen.set_state(ckpt["gen"][rank])  # same world size: checked with the config
     torch.set_rng_state(ckpt["torch_rng"])
+    cuda_rngs = ckpt.get("cuda_rng")  # one per rank; an older checkpoint has none, a CPU run's are None
+    if cuda_rngs and cuda_rngs[rank] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rngs[rank], device)
     loop.loss_sum.fill_(ckpt["loss_window"][0])
     loop.n_acc, loop.n_steps = ckpt["loss_window"][1:]
 
 
-def save_checkpoint(run_dir, model, ema, opt, gen, loop, args, rank, world, stream):
-    """Gather every rank's noise stream and data position, write ckpt-STEP.pt from rank 0 and keep the newest --keep.
-    -> its path"""
+def save_checkpoint(run_dir, model, ema, opt, gen, loop, args, rank, world, stream, device):
+    """Gather every rank's noise stream, CUDA RNG state and data position, write ckpt-STEP.pt from rank 0 and keep the
+    newest --keep. -> its path"""
     path = os.path.join(run_dir, f"ckpt-{loop.step:07d}.pt")
-    gens, places = [gen.get_state()], [(loop.epoch, loop.position)]
+    gens, cuda_rngs, places = [gen.get_state()], [cuda_rng_state(device)], [(loop.epoch, loop.position)]
     if world > 1:
-        gens, places = [None] * world, [None] * world
+        gens, cuda_rngs, places = [None] * world, [None] * world, [None] * world
         dist.all_gather_object(gens, gen.get_state())
+        dist.all_gather_object(cuda_rngs, cuda_rng_state(device))
         dist.all_gather_object(places, (loop.epoch, loop.position))
     if rank == 0:
         state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=loop.step,
                      epoch=[p[0] for p in places] if stream else loop.epoch,
                      position=[p[1] for p in places] if stream else loop.position,
-                     gen=gens, torch_rng=torch.get_rng_state(),
+                     gen=gens, torch_rng=torch.get_rng_state(), cuda_rng=cuda_rngs,
                      loss_window=(loop.loss_sum.item(), loop.n_acc, loop.n_steps),
                      args=vars(args), config_version=CONFIG_VERSION)
         write_checkpoint(path, state)
@@ -461,7 +471,7 @@ def main(argv=None):
         if saved != (vae.scale, vae.shift):
             raise SystemExit(f"--resume: the checkpoint's latents were scaled by {saved[0]} (shift {saved[1]}), this "
                              f"data by {vae.scale} (shift {vae.shift})")
-        restore(ckpt, model, ema, opt, gen, loop, rank, stream)
+        restore(ckpt, model, ema, opt, gen, loop, rank, stream, device)
         loop.last_ckpt = ckpt_path
     if rank == 0:
         print(f"model {args.arch} {args.model} cond={args.cond}: {count_params(model) / 1e6:.2f} M parameters")
@@ -499,7 +509,7 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         stopping = preempt.requested(world, device)
         if loop.step % args.ckpt_every == 0 or loop.step == args.steps or stopping:
-            loop.last_ckpt = save_checkpoint(run_dir, model, ema, opt, gen, loop, args, rank, world, stream)
+            loop.last_ckpt = save_checkpoint(run_dir, model, ema, opt, gen, loop, args, rank, world, stream, device)
         if stopping:
             if rank == 0:
                 bar.close()

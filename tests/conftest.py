@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,3 +83,35 @@ def model_inputs(b=3, res=16):
     """(x, t, y, ctrl) for tiny_model: flip alternating over the batch."""
     ctrl = torch.stack([make_control(16, 16, 0, 0, i % 2, res) for i in range(b)])
     return torch.randn(b, 3, res, res), torch.rand(b), torch.randint(0, 10, (b,)), ctrl
+
+
+#################################################################################
+#                    A DiT-shaped state dict (facebookresearch/DiT)             #
+#################################################################################
+
+def dit_pos_embed(dim, grid):
+    """MAE / DiT 2-D sin-cos: the first half of the channels encodes the column (w) index, the second the row."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    w, h = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    return torch.from_numpy(np.concatenate([one_d(dim // 2, w), one_d(dim // 2, h)], axis=1)).float()[None]
+
+
+def random_dit_state_dict(depth=2, width=64, patch=2, channels=4, classes=10, grid=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.1
+    D = width
+    sd = {"x_embedder.proj.weight": r(D, channels, patch, patch), "x_embedder.proj.bias": r(D),
+          "pos_embed": dit_pos_embed(D, grid), "t_embedder.mlp.0.weight": r(D, 256), "t_embedder.mlp.0.bias": r(D),
+          "t_embedder.mlp.2.weight": r(D, D), "t_embedder.mlp.2.bias": r(D),
+          "y_embedder.embedding_table.weight": r(classes + 1, D),
+          "final_layer.linear.weight": r(patch * patch * 2 * channels, D),
+          "final_layer.linear.bias": r(patch * patch * 2 * channels),
+          "final_layer.adaLN_modulation.1.weight": r(2 * D, D), "final_layer.adaLN_modulation.1.bias": r(2 * D)}
+    for i in range(depth):
+        for name, shape in [("attn.qkv", (3 * D, D)), ("attn.proj", (D, D)), ("mlp.fc1", (4 * D, D)),
+                            ("mlp.fc2", (D, 4 * D)), ("adaLN_modulation.1", (6 * D, D))]:
+            sd[f"blocks.{i}.{name}.weight"], sd[f"blocks.{i}.{name}.bias"] = r(*shape), r(shape[0])
+    return sd

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, losses, random_dit_state_dict
 
 import sample
 import train
@@ -14,34 +15,6 @@ from model import DiffusionTransformer, build_model, count_params, from_dit
 #################################################################################
 #          An independent DiT forward, written from its published layout         #
 #################################################################################
-
-
-def dit_pos_embed(dim, grid):
-    """MAE / DiT 2-D sin-cos: the first half of the channels encodes the column (w) index, the second the row."""
-    def one_d(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-    w, h = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
-    return torch.from_numpy(np.concatenate([one_d(dim // 2, w), one_d(dim // 2, h)], axis=1)).float()[None]
-
-
-def random_dit_state_dict(depth=2, width=64, patch=2, channels=4, classes=10, grid=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.1
-    D = width
-    sd = {"x_embedder.proj.weight": r(D, channels, patch, patch), "x_embedder.proj.bias": r(D),
-          "pos_embed": dit_pos_embed(D, grid), "t_embedder.mlp.0.weight": r(D, 256), "t_embedder.mlp.0.bias": r(D),
-          "t_embedder.mlp.2.weight": r(D, D), "t_embedder.mlp.2.bias": r(D),
-          "y_embedder.embedding_table.weight": r(classes + 1, D),
-          "final_layer.linear.weight": r(patch * patch * 2 * channels, D),
-          "final_layer.linear.bias": r(patch * patch * 2 * channels),
-          "final_layer.adaLN_modulation.1.weight": r(2 * D, D), "final_layer.adaLN_modulation.1.bias": r(2 * D)}
-    for i in range(depth):
-        for name, shape in [("attn.qkv", (3 * D, D)), ("attn.proj", (D, D)), ("mlp.fc1", (4 * D, D)),
-                            ("mlp.fc2", (D, 4 * D)), ("adaLN_modulation.1", (6 * D, D))]:
-            sd[f"blocks.{i}.{name}.weight"], sd[f"blocks.{i}.{name}.bias"] = r(*shape), r(shape[0])
-    return sd
 
 
 def dit_forward(sd, x, k, y, heads, patch=2):
@@ -167,8 +140,6 @@ def test_xl2_parameter_counts_match_the_published_ones():
 #################################################################################
 #          Every baseline recipe trains and samples through the same loop       #
 #################################################################################
-
-from conftest import TINY, losses  # noqa: E402
 
 RECIPES = {
     "dit": ["--cond", "adaln", "--objective", "ddpm", "--learn-sigma"],

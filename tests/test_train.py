@@ -2,7 +2,6 @@
 and bad input fails fast with a message that says what to fix."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -32,7 +31,9 @@ def test_resume_is_exact(tmp_path):
     full = train.main(TINY + ["--steps", "8", "--ckpt-every", "4", "--keep", "5", "--out", str(tmp_path / "a")])
     half = tmp_path / "b" / "run"
     half.mkdir(parents=True)
-    shutil.copy(os.path.join(full, "ckpt-0000004.pt"), half)
+    state = torch.load(os.path.join(full, "ckpt-0000004.pt"), weights_only=False)
+    assert state.pop("cuda_rng") == [None]  # a CPU run has no CUDA RNG to keep ...
+    torch.save(state, half / "ckpt-0000004.pt")  # ... and a checkpoint without the key (an older one) still resumes
     resumed = train.main(TINY + ["--steps", "8", "--resume", str(half), "--out", str(tmp_path / "b")])
     a, b = losses(full), losses(resumed)
     assert sorted(b) == [5, 6, 7, 8]
@@ -40,6 +41,32 @@ def test_resume_is_exact(tmp_path):
     sa = torch.load(os.path.join(full, "ckpt-0000008.pt"), weights_only=False)
     sb = torch.load(os.path.join(resumed, "ckpt-0000008.pt"), weights_only=False)
     assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
+
+def test_checkpoint_keeps_each_ranks_cuda_rng(tmp_path, monkeypatch):
+    """On a GPU the checkpoint holds the CUDA RNG state of the rank's own device next to the CPU's, and restore puts
+    it back on that device; a checkpoint without it (older, or from a CPU run) restores the rest. Faked here: this
+    machine may have no GPU."""
+    from types import SimpleNamespace
+    got, put = {"cuda:0": torch.tensor([1, 2], dtype=torch.uint8)}, []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: got[str(device)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: put.append((state, str(device))))
+    model = torch.nn.Linear(2, 2)
+    ema, opt, gen = torch.nn.Linear(2, 2), torch.optim.AdamW(model.parameters()), torch.Generator()
+    loop = train.Progress(loss_sum=torch.zeros(()), step=3)
+    cuda = torch.device("cuda", 0)
+    path = train.save_checkpoint(str(tmp_path), model, ema, opt, gen, loop, SimpleNamespace(keep=2), 0, 1, False,
+                                 cuda)
+    ckpt = torch.load(path, weights_only=False)
+    assert torch.equal(ckpt["cuda_rng"][0], got["cuda:0"]) and torch.equal(ckpt["torch_rng"], torch.get_rng_state())
+    train.restore(ckpt, model, ema, opt, gen, train.Progress(loss_sum=torch.zeros(())), 0, False, cuda)
+    assert len(put) == 1 and torch.equal(put[0][0], got["cuda:0"]) and put[0][1] == "cuda:0"
+    for old in ({k: v for k, v in ckpt.items() if k != "cuda_rng"}, dict(ckpt, cuda_rng=[None])):  # older; CPU run
+        resumed = train.Progress(loss_sum=torch.zeros(()))
+        train.restore(old, model, ema, opt, gen, resumed, 0, False, cuda)
+        assert resumed.step == 3 and len(put) == 1
+    train.restore(ckpt, model, ema, opt, gen, loop, 0, False, torch.device("cpu"))  # a GPU checkpoint on the CPU
+    assert len(put) == 1
+
 
 @pytest.mark.slow
 def test_resume_refuses_another_config(tmp_path):

@@ -1,0 +1,234 @@
+"""Weights in and out: every checkpoint is read with weights_only (a file whose unpickling would run code is refused
+by every entry point, before it runs), a DiT training checkpoint loads its EMA, --base-res follows one rule whatever
+the data source, sample.py checks its numbers and names its own flag, and `sample.py --export` writes a .safetensors
+that every entry point reads back."""
+import argparse
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+from conftest import TINY, model_inputs, perturb, random_dit_state_dict
+
+import sample
+import train
+from checkpoint import init_from, load_model, write_checkpoint
+from config import CONFIG_VERSION, get_args, make_diffusion, make_model
+from latents import CACHE_FORMAT
+from model import from_dit
+
+_at = TINY.index("--base-res")
+TINY_NO_BASE = TINY[:_at] + TINY[_at + 2:]  # --base-res left to its default
+
+
+def our_checkpoint(path):
+    """A checkpoint of ours as train.py writes it (TINY config, 10 classes), with random weights everywhere, so a
+    model's output depends on every tensor."""
+    args = get_args(TINY)
+    args.num_classes, args.world, args.latent_scale, args.latent_shift = 10, 1, 1.0, 0.0
+    torch.manual_seed(0)
+    model = perturb(make_model(args))
+    opt = torch.optim.AdamW(model.parameters())
+    write_checkpoint(str(path), dict(model=model.state_dict(), ema=model.state_dict(), opt=opt.state_dict(), step=3,
+                                     epoch=0, position=3, gen=[torch.Generator().get_state()],
+                                     torch_rng=torch.get_rng_state(), loss_window=(0.5, 1, 1), args=vars(args),
+                                     config_version=CONFIG_VERSION))
+    return str(path)
+
+
+#################################################################################
+#                 A file that would run code is never unpickled                 #
+#################################################################################
+
+class RunsCode:
+    """Unpickling this touches `marker`: any callable could stand in for Path.touch (os.system, ...)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+ONE_STEP = ["--steps", "1", "--sample-every", "-1"]  # should a refusal fail, the run is short
+ENTRY_POINTS = {
+    "train --resume": lambda f, out: train.main(TINY + ONE_STEP + ["--resume", f, "--out", out]),
+    "train --resume auto": lambda f, out: train.main(TINY + ONE_STEP + ["--resume", "auto", "--out",
+                                                                        os.path.dirname(os.path.dirname(f))]),
+    "train --init-from": lambda f, out: train.main(TINY + ONE_STEP + ["--init-from", f, "--out", out]),
+    "train --init-from, its base-res": lambda f, out: train.main(TINY_NO_BASE + ONE_STEP + ["--init-from", f,
+                                                                                            "--out", out]),
+    "sample --ckpt": lambda f, out: sample.main(["--ckpt", f]),
+    "sample --ckpt FOLDER": lambda f, out: sample.main(["--ckpt", os.path.dirname(f)]),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_checkpoint_that_would_run_code_is_refused(entry, tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "run").mkdir()
+    path = str(tmp_path / "run" / "ckpt-0000001.pt")
+    torch.save({"ema": {"w": torch.zeros(2)}, "args": {"base_res": 16}, "config_version": CONFIG_VERSION,
+                "step": RunsCode(marker)}, path)
+    with pytest.raises(SystemExit) as refused:
+        ENTRY_POINTS[entry](path, str(tmp_path / "runs"))
+    message = str(refused.value)
+    assert path in message and "contains objects other than weights" in message and "not loaded" in message, message
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: an unchecked read would have run it
+    assert marker.exists()
+
+
+#################################################################################
+#                     A DiT training checkpoint: its EMA                        #
+#################################################################################
+
+DIT_FLAGS = ["--dataset", "imagenet", "--model", "T/2", "--cond", "adaln", "--qk-norm", "off", "--objective", "ddpm",
+             "--learn-sigma", "--vae", "sd-ema", "--res", "64"]  # DiT's recipe, as load_model builds it
+
+
+def dit_training_checkpoint(path):
+    """DiT's train.py layout: {"model", "ema", "opt", "args"}, args an argparse.Namespace; model and EMA differ."""
+    ema, raw = random_dit_state_dict(seed=0), random_dit_state_dict(seed=1)
+    params = [torch.nn.Parameter(v.clone()) for v in raw.values()]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    dit_args = argparse.Namespace(data_path="/data/imagenet/train", results_dir="results", model="DiT-T/2",
+                                  image_size=64, num_classes=10, epochs=1400, global_batch_size=256, global_seed=0,
+                                  vae="ema", num_workers=4, log_every=100, ckpt_every=50_000)
+    torch.save({"model": raw, "ema": ema, "opt": opt.state_dict(), "args": dit_args}, path)
+    return ema
+
+
+def test_a_dit_training_checkpoint_loads_its_ema(tmp_path):
+    path = str(tmp_path / "0400000.pt")
+    ema = dit_training_checkpoint(path)
+    mapped = from_dit(ema, 64)[0]
+    # --init-from: its base resolution is the DiT's (8 x 8 latents of a 64 px image), its EMA tensors load
+    args = get_args(DIT_FLAGS + ["--init-from", path])
+    assert args.base_res == 64
+    args.num_classes = 10
+    model = make_model(args)
+    loaded, skipped, new = init_from(model, path)
+    assert not skipped and all(n.startswith("c_embed.mlps.") for n in new)
+    assert all(torch.equal(model.state_dict()[k], mapped[k]) for k in loaded)
+    # sample.py --ckpt: the DiT recipe from the file alone, with the EMA weights
+    model, args = load_model(path, "cpu")
+    assert (args.model, args.cond, args.objective, args.res, args.base_res) == ("T/2", "adaln", "ddpm", 64, 64)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in mapped.items())
+
+
+#################################################################################
+#                      --base-res: one rule for every source                    #
+#################################################################################
+
+def fake_latent_cache(root, res, dataset="folder"):
+    """What get_args reads of a finished cache: meta.json and stats.json (no shards needed for the flags)."""
+    root.mkdir()
+    (root / "meta.json").write_text(json.dumps(dict(format=CACHE_FORMAT, dataset=dataset, vae="none", res=res,
+                                                    num_shards=0, world=1)))
+    (root / "stats.json").write_text("{}")
+    return str(root)
+
+
+def test_base_res_is_the_training_resolution_from_scratch_and_the_source_s_otherwise(tmp_path):
+    (tmp_path / "images").mkdir()
+    folder = get_args(["--dataset", "folder", "--data-path", str(tmp_path / "images"), "--vae", "none", "--res", "64"])
+    cache = get_args(["--dataset", "latents", "--data-path", fake_latent_cache(tmp_path / "cache", 64)])
+    assert (folder.res, folder.base_res, folder.shift) == (cache.res, cache.base_res, cache.shift) == (64, 64, 1.0)
+    assert make_diffusion(folder).alpha == make_diffusion(cache).alpha == 1.0  # the preset's shift, unscaled
+    assert get_args(["--res", "48"]).base_res == 48
+    # a transfer keeps its source's base; so does the resume of a transfer (its flags no longer name the source)
+    source = our_checkpoint(tmp_path / "ckpt-0000003.pt")  # TINY: 16 px
+    assert get_args(TINY_NO_BASE + ["--res", "32", "--init-from", source]).base_res == 16
+    assert get_args(TINY_NO_BASE + ["--res", "32", "--resume", source]).base_res == 16
+    assert get_args(TINY_NO_BASE + ["--res", "32", "--resume", str(tmp_path)]).base_res == 16  # the run folder
+    assert get_args(TINY_NO_BASE + ["--res", "32", "--base-res", "32", "--init-from", source]).base_res == 32
+
+
+#################################################################################
+#                        sample.py: flags checked, named                        #
+#################################################################################
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cfg-scale", "nan"], "--cfg-scale: 'nan' is not a finite number"),
+    (["--cfg-scale", "1,inf"], "--cfg-scale: 'inf' is not a finite number"),
+    (["--cfg-scale", "two"], "--cfg-scale: 'two' is not a finite number"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--ctrl-scale", "nan"], "--ctrl-scale: nan is not a finite number"),
+    (["--interval", "0.5"], "--interval: give two numbers LO,HI"),
+    (["--interval", "0.8,0.2"], "--interval 0.8,0.2: need 0 <= LO <= HI <= 1"),
+    (["--interval", "0,1.5"], "--interval 0,1.5: need 0 <= LO <= HI <= 1"),
+    (["--flip", "0,x"], "--flip: 'x' is not a finite number"),
+])
+def test_sample_flags_are_checked(flags, message, tmp_path):
+    ckpt = our_checkpoint(tmp_path / "ckpt-0000003.pt")
+    with pytest.raises(SystemExit, match=message.replace(".", r"\.")):
+        sample.main(["--ckpt", ckpt, "--steps", "1", "--seeds", "1", "--classes", "0", "--out",
+                     str(tmp_path / "g.png")] + flags)
+
+
+def test_a_missing_ckpt_names_the_flag_given(tmp_path):
+    with pytest.raises(SystemExit, match=r"^--ckpt '.*nope': no such checkpoint file or run folder"):
+        sample.main(["--ckpt", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match=r"^--resume '.*nope': no such checkpoint file or run folder"):
+        train.main(TINY + ["--resume", str(tmp_path / "nope")])
+
+
+#################################################################################
+#                          .safetensors: out and back in                        #
+#################################################################################
+
+def export(tmp_path):
+    """(a checkpoint of ours, its `sample.py --export`)."""
+    (tmp_path / "run").mkdir()
+    ckpt = our_checkpoint(tmp_path / "run" / "ckpt-0000003.pt")
+    out = str(tmp_path / "model.safetensors")
+    assert sample.main(["--ckpt", ckpt, "--export", out]) == out
+    return ckpt, out
+
+
+def test_export_loads_back_as_the_same_model_and_config(tmp_path):
+    from safetensors import safe_open
+    ckpt, exported = export(tmp_path)
+    with safe_open(exported, "pt") as f:
+        meta = f.metadata()
+    assert set(meta) == {"format", "config", "config_version", "step"}
+    assert all(isinstance(json.loads(v), (dict, int, type(None))) for k, v in meta.items() if k != "format")
+    a, args_a = load_model(ckpt, "cpu")
+    b, args_b = load_model(exported, "cpu")
+    assert {**vars(args_a), "ckpt_file": None} == {**vars(args_b), "ckpt_file": None}
+    assert args_b.ckpt_file == os.path.abspath(exported) and args_b.ckpt_step == 3
+    x, t, y, ctrl = model_inputs()
+    with torch.no_grad():
+        assert torch.equal(a(x, t, y, ctrl), b(x, t, y, ctrl))
+    with pytest.raises(SystemExit, match="--export model.pt: .* end the path in .safetensors"):
+        sample.main(["--ckpt", ckpt, "--export", "model.pt"])
+
+
+def test_init_from_a_safetensors_loads_every_tensor(tmp_path, capsys):
+    ckpt, exported = export(tmp_path)
+    big = get_args(TINY_NO_BASE + ["--res", "32", "--init-from", exported])
+    assert big.base_res == 16  # from the metadata, as from a .pt
+    big.num_classes = 10
+    model = make_model(big)
+    loaded, skipped, new = init_from(model, exported)
+    assert not skipped and not new and len(loaded) == len(model.state_dict())
+    src = torch.load(ckpt, weights_only=True)["ema"]
+    assert all(torch.equal(model.state_dict()[k], src[k]) for k in src)
+
+
+@pytest.mark.slow
+def test_sample_py_runs_from_an_export(tmp_path):
+    _, exported = export(tmp_path)
+    grid = sample.main(["--ckpt", exported, "--classes", "0,6", "--seeds", "1", "--steps", "2"])
+    assert os.path.isfile(tmp_path / "grid.png") and grid is None
+    res = sample.main(["--ckpt", exported, "--eval-per-class", "1", "--steps", "2"])
+    assert set(res) == {"class_acc", "flip_acc", "mirrored", "crop_err"}
+    npz = sample.main(["--ckpt", exported, "--num-samples", "2", "--steps", "2", "--batch", "2"])
+    assert npz == str(tmp_path / "samples-2-cfg1-euler2.npz") and os.path.isfile(npz)
+    with open(npz[:-len(".npz")] + ".json") as f:
+        assert json.load(f)["ckpt"] == os.path.abspath(exported)
