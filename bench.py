@@ -86,7 +86,7 @@ def get_args(argv=None):
     a("--find-max-batch", action="store_true", help="GPU: search the largest batch the fast path fits in memory")
     a("--max-batch-limit", type=int, default=8192, help="stop the --find-max-batch search here")
     a("--sample-batch", type=int, default=0, help="also time sampling at this batch (0 = skip)")
-    a("--sample-steps", type=int, default=50, help="Euler steps per sample (guided by train.py's --cfg-scale)")
+    a("--sample-steps", type=int, default=50, help="sampler steps per sample (Euler; DDIM for --objective ddpm), guided by train.py's --cfg-scale")
     a("--peak-size", type=int, default=0, help="largest matrix size of the peak-FLOPs matmul (0 = 8192 on GPU, 2048 "
       "on CPU); the probe stops doubling from 128 where one matmul would take over 0.5 s")
     a("--json", default=None, help="append the result line to this file (default: print it as the last line)")
@@ -435,7 +435,7 @@ def largest_fitting(fits, start, limit):
 
 
 def sample_throughput(args, bench, path, device):
-    """Images/s of sample.generate: `--sample-steps` Euler steps with guidance at --cfg-scale (two network passes per
+    """Images/s of diffusion.generate: `--sample-steps` sampler steps (Euler, or DDIM for ddpm) with guidance at --cfg-scale (two network passes per
     step when it is not 1), under the fast path's precision, attention and compilation."""
     from diffusion import generate
     model = build(args, device).model.eval().requires_grad_(False)

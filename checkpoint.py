@@ -99,8 +99,8 @@ def read_safetensors(path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "config" not in meta:
         return tensors
-    return dict(ema=tensors, args=json.loads(meta["config"]), config_version=json.loads(meta["config_version"]),
-                step=json.loads(meta["step"]))
+    read = lambda key: json.loads(meta.get(key, "null"))  # a foreign file may carry a `config` key and nothing else
+    return dict(ema=tensors, args=read("config"), config_version=read("config_version"), step=read("step"))
 
 #################################################################################
 #                                Finding one                                    #
@@ -229,6 +229,8 @@ def load_model(path, device, flag="--ckpt"):
         model = make_model(args)
         model.load_state_dict({**model.state_dict(), **from_dit(state, model.width)[0]})  # + our control MLPs' inputs
         return model.to(device).eval(), args
+    if not isinstance(ckpt, dict) or "args" not in ckpt or "ema" not in ckpt:
+        raise SystemExit(f"{flag} {file}: not a checkpoint of this project nor a DiT state dict")
     if ckpt.get("config_version") != CONFIG_VERSION:
         raise SystemExit(f"{file}: written by another version of this code (config schema "
                          f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION})")

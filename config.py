@@ -16,7 +16,7 @@ from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS
 from data import DATASETS, MAX_WORKERS
 from diffusion import BETA_SCHEDULES, OBJECTIVES, Diffusion, noise_shift
 from latents import latent_geometry, read_cache
-from model import ARCHS, CONDS, MODELS, POS_MODES, build_model
+from model import ARCHS, CONDS, MODELS, POS_MODES, SIZES, build_model, mdt_decode_layers
 
 CONFIG_VERSION = 2  # the schema of the stored configuration; a checkpoint of another schema is refused
 
@@ -197,6 +197,11 @@ def validate(args):
         raise SystemExit(f"--init-from {args.init_from!r}: no such checkpoint file")
     if args.init_from and args.resume:
         raise SystemExit("--init-from starts a new run from other weights; --resume continues a run: give one")
+    if args.arch == "mdt":
+        try:
+            mdt_decode_layers(SIZES[args.model.split("/")[0]][0], args.decode_layers)
+        except ValueError as e:
+            raise SystemExit(f"{e} (--model {args.model})")
     if not 0 <= args.mask_ratio < 0.8:
         raise SystemExit(f"--mask-ratio must be in [0, 0.8) (0.2 is added at random), got {args.mask_ratio}")
     if args.dataset != "shapes" and not args.data_path:

@@ -169,7 +169,7 @@ def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False
     """The velocity loss of a run's `weights` ("model": the final weights; "ema") on n images of a dataset the run
     never saw, at `levels` fixed noise levels t = (i + 0.5) / levels with fixed noise: the same inputs for every
     variant, so differences are the models'. A text model reads each image's caption in a wording it never saw in
-    training (data.HELDOUT_TEMPLATES, in turn). null=True gives every image the null condition instead: the null
+    training (shapes.HELDOUT_TEMPLATES, in turn). null=True gives every image the null condition instead: the null
     loss minus the conditional one is how much the model uses the condition. per_level: the loss at each level."""
     ckpt = read_checkpoint(last_ckpt(run_dir))
     args = argparse.Namespace(**ckpt["args"])

@@ -264,7 +264,8 @@ class DiffusionTransformer(nn.Module):
         self.initialize_weights()
 
     def make_blocks(self, depth, block):
-        """The trunk's modules; `block(i, skip=False)` builds block i of `depth`. A method so that a subclass can add
+        """The trunk's modules; `block(i, skip=False, ctx_read=True)` builds block i of `depth` (skip: it fuses a long
+        shortcut; ctx_read: its context stream is kept, not attention-only). A method so that a subclass can add
         modules of its own here, before the final layer: the registration order fixes the initialisation order, and
         with it which random numbers each tensor gets."""
         self.blocks = nn.ModuleList([block(i) for i in range(depth)])
@@ -355,6 +356,16 @@ def semantic_tokens(embedder, y, drop=None):
 #                     mDT-v2: masked training on the same blocks                #
 #################################################################################
 
+def mdt_decode_layers(depth, decode_layers=None):
+    """The decoder blocks of an mDT of this depth: as given, or 4 from depth 12 up, else what leaves two equal encoder
+    halves; a count that leaves no two equal halves is refused."""
+    decode_layers = decode_layers if decode_layers is not None else (4 if depth >= 12 else (depth - 2) % 4)
+    if not 0 <= decode_layers <= depth - 2 or (depth - decode_layers) % 2:
+        raise ValueError(f"--decode-layers {decode_layers}: depth {depth} minus the decoder layers must be even and "
+                         f"at least 2")
+    return decode_layers
+
+
 class MDTv2(DiffusionTransformer):
     """mDT-v2 (Gao et al., MDTv2): the encoder's two halves are joined by long shortcuts (U-ViT), then decoder blocks
     each re-read the input tokens. In training (mask_ratio > 0) a random share of the image tokens, drawn from
@@ -364,10 +375,7 @@ class MDTv2(DiffusionTransformer):
     decode_layers: decoder blocks, default 4 from depth 12 up, else what leaves two equal encoder halves."""
 
     def __init__(self, depth=28, decode_layers=None, mask_ratio=0.3, **kwargs):
-        decode_layers = decode_layers if decode_layers is not None else (4 if depth >= 12 else (depth - 2) % 4)
-        if not 0 <= decode_layers <= depth - 2 or (depth - decode_layers) % 2:
-            raise ValueError(f"--decode-layers {decode_layers}: depth {depth} minus the decoder layers must be "
-                             f"even and at least 2")
+        decode_layers = mdt_decode_layers(depth, decode_layers)
         # set before the base constructor: its make_blocks reads them
         self.half, self.decode_layers, self.mask_ratio = (depth - decode_layers) // 2, decode_layers, mask_ratio
         super().__init__(depth=depth, **kwargs)

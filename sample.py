@@ -24,7 +24,7 @@ from checkpoint import export_safetensors, load_model
 from conditioning import CONTROL_SIGNALS, SIGNAL
 from config import latent_shape, make_diffusion, setup_distributed, use_bf16
 from data import default_control
-from diffusion import SAMPLERS, generate, make_noise
+from diffusion import SAMPLERS, generate, make_noise, spaced_steps
 from latents import Autoencoder, latent_geometry, to_uint8
 from shapes import evaluate_shapes, semantic_input
 
@@ -227,6 +227,11 @@ def main(argv=None):
     if a.sampler and a.sampler not in SAMPLERS[args.objective]:
         raise SystemExit(f"--sampler {a.sampler}: this model was trained with --objective {args.objective}; choose "
                          f"one of {SAMPLERS[args.objective]}")
+    if args.objective == "ddpm":  # DDIM's integer stride fits only some step counts: say so before any sampling
+        try:
+            spaced_steps(make_diffusion(args).num_steps, a.steps, a.sampler or SAMPLERS["ddpm"][0])
+        except ValueError as e:
+            raise SystemExit(f"--steps {a.steps}: {e}")
     if a.vae:
         if latent_geometry(a.vae) != latent_geometry(args.vae):
             raise SystemExit(f"--vae {a.vae}: its latent layout differs from the checkpoint's --vae {args.vae}")

@@ -18,10 +18,6 @@ from conditioning import sinusoidal
 #################################################################################
 #                              Frozen encoders                                  #
 #################################################################################
-# An encoder turns prompts into per-token features (B, L, d) and a mask (B, L), True on real tokens. It is frozen:
-# the denoiser learns only the projection of its features (TextEmbedder), so the features are computed once per
-# dataset (TextCache) and never during training.
-
 # Hugging Face model types whose checkpoints hold more than the text encoder: load only the encoder half
 HF_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
                "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}
@@ -142,7 +138,6 @@ def encode_prompts(args, prompts, device):
         _LOADED[key] = load_text_encoder(args.text_encoder, device, args.text_max_length)
     features, mask = _LOADED[key].encode(list(prompts))
     return features.half().float().to(device), mask.to(device)
-
 
 
 #################################################################################

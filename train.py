@@ -8,8 +8,8 @@ Train a diffusion transformer. One loop for every setting.
 DDP under torchrun (NCCL on GPU, gloo on CPU; the *local* rank picks the GPU), bf16 autocast + TF32 on GPU, fused
 attention through scaled_dot_product_attention, AdamW with warmup, gradient clipping, EMA, atomic checkpoints that
 resume exactly (model, EMA, optimizer, step, data position, RNG states), a JSON-lines log and sample grids.
-Flags left unset take the dataset's preset, shown as (shapes X, imagenet Y) in --help; every other dataset takes
-imagenet's (config.PRESETS). Every flag is printed and stored in the checkpoint.
+Flags left unset take the dataset's preset, shown as (shapes X, imagenet Y) in --help; the folder datasets take
+imagenet's, a latent cache its source dataset's (config.PRESETS). Every flag is printed and stored in the checkpoint.
 """
 import json
 import math
@@ -278,6 +278,10 @@ def resume_point(args, rank):
         print(f"--resume auto: no checkpoint under {args.out!r}, starting a new run")
     if ckpt is not None and ckpt.get("config_version") != CONFIG_VERSION:
         raise SystemExit(f"{path}: config schema {ckpt.get('config_version')} != {CONFIG_VERSION}")
+    missing = {"model", "opt", "gen", "torch_rng", "loss_window"} - set(ckpt or {})
+    if ckpt is not None and missing:  # an export or a bare state dict holds weights, not a run to continue
+        raise SystemExit(f"--resume {path}: weights only (no {', '.join(sorted(missing))}), not a training "
+                         f"checkpoint; start a new run from them with --init-from {path}")
     return path, ckpt
 
 
@@ -317,7 +321,7 @@ def new_run_dir(args, rank, world):
 def set_aside_later(ckpt_path):
     """Resuming an older checkpoint abandons the later ones: move them to abandoned/, out of the way of --resume auto
     and of pruning."""
-    run_dir = os.path.dirname(ckpt_path)
+    run_dir = os.path.dirname(os.path.abspath(ckpt_path))
     later = [f for f in checkpoints_in(run_dir) if os.path.basename(f) > os.path.basename(ckpt_path)]
     if later:
         os.makedirs(os.path.join(run_dir, "abandoned"), exist_ok=True)

@@ -22,10 +22,10 @@ _at = TINY.index("--base-res")
 TINY_NO_BASE = TINY[:_at] + TINY[_at + 2:]  # --base-res left to its default
 
 
-def our_checkpoint(path):
-    """A checkpoint of ours as train.py writes it (TINY config, 10 classes), with random weights everywhere, so a
-    model's output depends on every tensor."""
-    args = get_args(TINY)
+def our_checkpoint(path, flags=()):
+    """A checkpoint of ours as train.py writes it (TINY config + `flags`, 10 classes), with random weights everywhere,
+    so a model's output depends on every tensor."""
+    args = get_args(TINY + list(flags))
     args.num_classes, args.world, args.latent_scale, args.latent_shift = 10, 1, 1.0, 0.0
     torch.manual_seed(0)
     model = perturb(make_model(args))
@@ -232,3 +232,23 @@ def test_sample_py_runs_from_an_export(tmp_path):
     assert npz == str(tmp_path / "samples-2-cfg1-euler2.npz") and os.path.isfile(npz)
     with open(npz[:-len(".npz")] + ".json") as f:
         assert json.load(f)["ckpt"] == os.path.abspath(exported)
+
+
+def test_resume_from_an_export_is_refused_and_moves_nothing(tmp_path):
+    """An export holds weights, not a run to continue: --resume must say so (and point to --init-from) before it
+    touches the run folder it sits in."""
+    ckpt, out = export(tmp_path)
+    inside = tmp_path / "run" / "best.safetensors"  # sorts before ckpt-*: a resume would set those aside as later
+    os.replace(out, inside)
+    with pytest.raises(SystemExit, match=r"weights only .*--init-from"):
+        train.main(TINY + ["--steps", "4", "--resume", str(inside), "--out", str(tmp_path / "runs")])
+    assert os.path.exists(ckpt) and not os.path.exists(tmp_path / "run" / "abandoned")
+
+
+def test_a_ddim_step_count_no_stride_gives_is_refused_before_sampling(tmp_path):
+    """A ddpm model samples with DDIM by default, whose integer stride fits only some step counts (ADM's ddimN)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = our_checkpoint(run / "ckpt-0000003.pt", ["--objective", "ddpm", "--cond", "adaln"])
+    with pytest.raises(SystemExit, match=r"--steps 37: .*36 or 38"):
+        sample.main(["--ckpt", ckpt, "--steps", "37"])

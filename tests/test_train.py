@@ -26,6 +26,7 @@ def test_loss_falls(tmp_path):
     for f in ("ckpt-0000060.pt", "samples.png", "log.jsonl"):
         assert os.path.exists(os.path.join(run, f))
 
+
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     full = train.main(TINY + ["--steps", "8", "--ckpt-every", "4", "--keep", "5", "--out", str(tmp_path / "a")])
@@ -41,6 +42,7 @@ def test_resume_is_exact(tmp_path):
     sa = torch.load(os.path.join(full, "ckpt-0000008.pt"), weights_only=False)
     sb = torch.load(os.path.join(resumed, "ckpt-0000008.pt"), weights_only=False)
     assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
+
 
 def test_checkpoint_keeps_each_ranks_cuda_rng(tmp_path, monkeypatch):
     """On a GPU the checkpoint holds the CUDA RNG state of the rank's own device next to the CPU's, and restore puts
@@ -74,6 +76,7 @@ def test_resume_refuses_another_config(tmp_path):
     with pytest.raises(SystemExit, match=r"model: checkpoint 'T/4' vs now 'T/8'"):
         train.main(TINY[:1] + ["T/8"] + TINY[2:] + ["--steps", "4", "--resume", run])
 
+
 def test_bad_arguments_fail_fast(tmp_path, capsys):
     with pytest.raises(SystemExit, match="needs --data-path"):
         train.main(["--dataset", "folder"])
@@ -81,9 +84,12 @@ def test_bad_arguments_fail_fast(tmp_path, capsys):
         train.main(TINY + ["--res", "18"])
     with pytest.raises(SystemExit, match="does not exist"):
         train.main(["--dataset", "folder", "--data-path", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match=r"--decode-layers 3: depth 2 .*--model T/4"):  # before any data is made
+        train.main(TINY + ["--arch", "mdt", "--decode-layers", "3"])
     with pytest.raises(SystemExit):
         train.main(["--cond", "concat"])
     assert "invalid choice: 'concat'" in capsys.readouterr().err
+
 
 def image_folder(root, classes=("a", "b", "c"), per_class=6):
     """An ImageFolder tree root/<class>/<j>.jpg of random images of random sizes."""
@@ -97,6 +103,7 @@ def image_folder(root, classes=("a", "b", "c"), per_class=6):
             Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / cls / f"{j}.jpg")
     return root
 
+
 @pytest.mark.slow
 def test_trains_on_an_image_folder(tmp_path):
     image_folder(tmp_path / "data")
@@ -105,6 +112,7 @@ def test_trains_on_an_image_folder(tmp_path):
     ckpt = torch.load(os.path.join(run, "ckpt-0000003.pt"), weights_only=False)
     assert ckpt["args"]["num_classes"] == 3 and len(losses(run)) >= 1
     assert os.path.exists(os.path.join(run, "samples.png"))
+
 
 @pytest.mark.slow
 def test_imagenet_is_found_at_IMAGENET_DIR_or_says_where_to_put_it(tmp_path, monkeypatch):
@@ -123,6 +131,7 @@ def test_imagenet_is_found_at_IMAGENET_DIR_or_says_where_to_put_it(tmp_path, mon
     ckpt = torch.load(os.path.join(run, "ckpt-0000001.pt"), weights_only=False)
     assert ckpt["args"]["data_path"] == str(tmp_path / "imagenet") and ckpt["args"]["num_classes"] == 2
 
+
 @pytest.mark.slow
 def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
@@ -135,6 +144,7 @@ def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     assert records[-1]["replicas_identical"] is True
+
 
 @pytest.mark.slow
 def test_sampling_from_a_checkpoint(tmp_path):
@@ -158,9 +168,11 @@ def test_sampling_from_a_checkpoint(tmp_path):
     assert set(res) == {"class_acc", "flip_acc", "mirrored", "crop_err"}  # a 3-step model: the figures mean nothing
     assert all(isinstance(v, float) for v in res.values())
 
+
 def train_default_control():
     from data import default_control
     return default_control("shapes", 16)
+
 
 @pytest.mark.slow
 def test_resolution_transfer_loads_every_tensor_and_resamples_positions(tmp_path, capsys):
