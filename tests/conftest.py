@@ -115,3 +115,18 @@ def random_dit_state_dict(depth=2, width=64, patch=2, channels=4, classes=10, gr
                             ("mlp.fc2", (D, 4 * D)), ("adaLN_modulation.1", (6 * D, D))]:
             sd[f"blocks.{i}.{name}.weight"], sd[f"blocks.{i}.{name}.bias"] = r(*shape), r(shape[0])
     return sd
+
+
+def init_loads_every_tensor(flags, source, reference):
+    """Build the model of train.py `flags + --init-from source`, load it as --init-from does, and check that every
+    tensor loaded and equals the EMA weights of the checkpoint `reference`. Returns (args, model)."""
+    from checkpoint import init_from, read_checkpoint
+    from config import get_args, make_model
+    args = get_args(flags + ["--init-from", source])
+    args.num_classes = 10
+    model = make_model(args)
+    loaded, skipped, new = init_from(model, source)
+    assert not skipped and not new and len(loaded) == len(model.state_dict())
+    src = read_checkpoint(reference)["ema"]
+    assert all(torch.equal(model.state_dict()[k], src[k]) for k in src)
+    return args, model

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, losses
+from conftest import ROOT, TINY, init_loads_every_tensor, losses
 
 import sample
 import train
-from checkpoint import init_from, load_model
-from config import get_args, make_diffusion, make_model
+from checkpoint import load_model
+from config import get_args, make_diffusion
 from diffusion import generate, make_noise
 
 
@@ -180,13 +180,7 @@ def test_resolution_transfer_loads_every_tensor_and_resamples_positions(tmp_path
     on the larger grid, resampled so its even positions are the base grid's), and the noise shift doubles."""
     run = train.main(TINY + ["--steps", "2", "--out", str(tmp_path / "a")])
     ckpt = os.path.join(run, "ckpt-0000002.pt")
-    big = get_args(TINY + ["--res", "32", "--init-from", ckpt])
-    big.num_classes = 10
-    model = make_model(big)
-    loaded, skipped, new = init_from(model, ckpt)
-    assert not skipped and not new and len(loaded) == len(model.state_dict())
-    src = torch.load(ckpt, weights_only=False)["ema"]
-    assert all(torch.equal(model.state_dict()[k], src[k]) for k in src)
+    big, model = init_loads_every_tensor(TINY + ["--res", "32"], ckpt, ckpt)
     base, grid = model.pos_embed(4, 4, "cpu"), model.pos_embed(8, 8, "cpu").view(8, 8, -1)
     assert torch.allclose(grid[::2, ::2].reshape(16, -1), base, atol=1e-6)
     small = get_args(TINY)
