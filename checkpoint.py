@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import pickle
-from types import SimpleNamespace
 
 import torch
 
-from config import ARCH_KEYS, CONFIG_VERSION, ORDER_KEYS, get_args, make_model
-from model import SIZES, from_dit, is_dit_state_dict
+from model import from_dit, is_dit_state_dict
+
+CONFIG_VERSION = 2  # the schema of the stored configuration; a checkpoint of another schema is refused
 
 #################################################################################
 #                              Reading and writing                              #
@@ -80,7 +80,7 @@ def safetensors_module(what):
 
 def export_safetensors(model, args, path):
     """Write the model's weights to `path`, the configuration as JSON in the file's metadata (which holds strings
-    only): the file alone rebuilds the model (load_model) and starts a fine-tune (init_from)."""
+    only): the file alone rebuilds the model (sample.load_model) and starts a fine-tune (init_from)."""
     save = safetensors_module(f"--export {path}").torch.save
     config = {k: v for k, v in vars(args).items() if k not in ("ckpt_file", "ckpt_step")}  # where it was read from
     metadata = dict(format="pt",  # what other readers of PyTorch safetensors files expect
@@ -149,12 +149,6 @@ def find_checkpoint(path, out="runs", flag="--resume", mmap=False):
     return found
 
 
-def config_mismatch(saved, args):
-    """Human-readable list of architecture / data settings that differ between a checkpoint and this run."""
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k, None)!r}"
-            for k in ARCH_KEYS + ORDER_KEYS + (("workers",) if saved.get("dataset") == "webdataset" else ())
-            if saved.get(k) != getattr(args, k, None)]  # a stream's position is per loader worker
-
 #################################################################################
 #                             Weights from a file                               #
 #################################################################################
@@ -207,34 +201,3 @@ def init_from(model, path, rank=0):
             for name in names:
                 print(f"  {title}: {name}")
     return loaded, skipped, new
-
-
-def load_model(path, device, flag="--ckpt"):
-    """(EMA model in eval mode, the run's config) from a checkpoint file or run folder of ours, an export of ours
-    (.safetensors), or an official DiT file (the released state dicts, or a training checkpoint: its EMA)."""
-    file, ckpt = find_checkpoint(path, flag=flag)
-    state = checkpoint_weights(ckpt)
-    if is_dit_state_dict(state):  # DiT's own recipe: eps + learned variance, adaLN, no QK-norm, SD VAE latents
-        width, patch = state["x_embedder.proj.weight"].shape[0], state["x_embedder.proj.weight"].shape[-1]
-        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        size = next((s for s, (d, w, _) in SIZES.items() if (d, w) == (depth, width)), None)
-        if size is None:
-            raise SystemExit(f"{file}: a DiT of depth {depth} and width {width} matches none of our sizes")
-        res = dit_resolution(state)
-        args = get_args(["--dataset", "imagenet", "--model", f"{size}/{patch}", "--cond", "adaln", "--qk-norm", "off",
-                         "--objective", "ddpm", "--learn-sigma", "--res", str(res), "--base-res", str(res)])
-        args.num_classes, args.ckpt_file, args.ckpt_step = state["y_embedder.embedding_table.weight"].shape[0] - 1, \
-            os.path.abspath(file), None
-        args.latent_scale = args.latent_shift = None  # the VAE's own (0.18215, as DiT trained)
-        model = make_model(args)
-        model.load_state_dict({**model.state_dict(), **from_dit(state, model.width)[0]})  # + our control MLPs' inputs
-        return model.to(device).eval(), args
-    if not isinstance(ckpt, dict) or "args" not in ckpt or "ema" not in ckpt:
-        raise SystemExit(f"{flag} {file}: not a checkpoint of this project nor a DiT state dict")
-    if ckpt.get("config_version") != CONFIG_VERSION:
-        raise SystemExit(f"{file}: written by another version of this code (config schema "
-                         f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION})")
-    args = SimpleNamespace(**ckpt["args"], ckpt_file=os.path.abspath(file), ckpt_step=ckpt.get("step"))
-    model = make_model(args)
-    model.load_state_dict(ckpt["ema"])
-    return model.to(device).eval(), args

@@ -21,6 +21,7 @@ import tarfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
@@ -283,6 +284,40 @@ class CaptionFolderDataset(ImageFileDataset):
 
 
 #################################################################################
+#                 Ranks: which process of a torchrun job reads what             #
+#################################################################################
+# Every entry point (train.py, sample.py, latents.py --encode, fid.py) starts its processes with setup_distributed;
+# the readers split their work by data_rank.
+
+def setup_distributed(timeout=None):
+    """(rank, world, device) under torchrun or in one process. The LOCAL rank picks the GPU: the global rank is wrong
+    on every node but the first. `timeout`: how long a collective waits for the other ranks (None: PyTorch's)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return rank, world, device
+
+
+def data_rank(rank=None, world=None):
+    """(rank, world) of this process: from torch.distributed if it is initialised, else torchrun's RANK / WORLD_SIZE,
+    else (0, 1). An explicit argument wins (tests emulate ranks this way)."""
+    if dist.is_available() and dist.is_initialized():
+        found = dist.get_rank(), dist.get_world_size()
+    else:
+        found = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = found[0] if rank is None else rank, found[1] if world is None else world
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of 0..{world - 1}")
+    return rank, world
+
+
+#################################################################################
 #               Image-caption pairs: webdataset tar shards, streamed            #
 #################################################################################
 # CC12M-style shards (as img2dataset writes them): each .tar holds samples NNNNN.jpg + NNNNN.txt (+ .json and others,
@@ -297,20 +332,6 @@ class CaptionFolderDataset(ImageFileDataset):
 # and with a shard count that is not a multiple of the ranks, or shards of unequal size, ranks come to the end of an
 # epoch at different times. Use at least ranks x workers shards, better many more (CC12M as img2dataset writes it:
 # about 1,100 shards of 10,000).
-
-def data_rank(rank=None, world=None):
-    """(rank, world) of this process: from torch.distributed if it is initialised, else torchrun's RANK / WORLD_SIZE,
-    else (0, 1). An explicit argument wins (tests emulate ranks this way)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        found = dist.get_rank(), dist.get_world_size()
-    else:
-        found = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    rank, world = found[0] if rank is None else rank, found[1] if world is None else world
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not one of 0..{world - 1}")
-    return rank, world
-
 
 def list_shards(path_or_glob):
     """Sorted .tar shards: those in a folder, those a glob pattern matches (webdataset's brace ranges such as

@@ -32,12 +32,13 @@ import numpy as np
 import torch
 
 import train
-from checkpoint import checkpoints_in, load_model, read_checkpoint
+from checkpoint import checkpoints_in, read_checkpoint
 from conditioning import SIGNAL
 from config import latent_shape, make_diffusion, make_model
 from data import build_dataset, default_control
 from diffusion import generate, make_noise, to_velocity
 from latents import Autoencoder, to_uint8
+from sample import load_model
 from shapes import CANVAS_MARGIN, HELDOUT_TEMPLATES, SHAPE_NAMES, ShapesChecker, evaluate_shapes, semantic_input
 
 DOCS = os.path.join("docs", "experiments")

@@ -30,7 +30,7 @@ import torchvision
 from PIL import Image
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
-from config import setup_distributed
+from data import setup_distributed
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from checkpoint import atomic_write
 from conditioning import CONTROL_SIGNALS
-from data import DATASETS, EVENTS, build_dataset
+from data import DATASETS, EVENTS, build_dataset, setup_distributed
 
 #################################################################################
 #                       Autoencoder (pixel or latent space)                     #
@@ -135,20 +136,13 @@ def shard_name(k, world):
     return f"shard-{k % world:03d}-{k:05d}.pt"
 
 
-def _atomic_write(path, write):
-    """checkpoint.atomic_write: a kill leaves no file or a complete one under `path`, never a partial."""
-    from checkpoint import atomic_write  # checkpoint.py builds on this file (through config.py): imported where used
-    atomic_write(path, write)
-
-
 def _write_json(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def _distributed():
-    """config.setup_distributed with a long timeout: on a re-run the missing shards may all be one rank's, and the
-    others wait."""
-    from config import setup_distributed  # config.py builds on this file (latent_geometry): imported where used
+    """setup_distributed with a long timeout: on a re-run the missing shards may all be one rank's, and the others
+    wait."""
     return setup_distributed(timeout=timedelta(hours=12))
 
 
@@ -177,7 +171,7 @@ def _write_shard(path, start, mean, std, label, control, caption):
                  caption=caption, sums=torch.stack([m.sum(dims), (m * m).sum(dims), var.sum(dims)]))
     if std is not None:
         shard["std"] = std
-    _atomic_write(path, lambda f: torch.save(shard, f))
+    atomic_write(path, lambda f: torch.save(shard, f))
 
 
 def encode_command(meta, out):

@@ -9,26 +9,27 @@ Sample from a checkpoint's EMA weights.
 
 A grid has one row per class and one column per (guidance scale, control variant, seed); the same noise is reused
 across rows and control variants, so a column-to-column change is caused by the condition alone. The sampler is
-diffusion.generate, the checker's evaluation shapes.evaluate_shapes, the checkpoint reader checkpoint.load_model.
+diffusion.generate, the checker's evaluation shapes.evaluate_shapes, the files themselves are read by checkpoint.py.
 """
 import argparse
 import itertools
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from checkpoint import export_safetensors, load_model
+from checkpoint import CONFIG_VERSION, checkpoint_weights, dit_resolution, export_safetensors, find_checkpoint
 from conditioning import CONTROL_SIGNALS, SIGNAL
-from config import latent_shape, make_diffusion, setup_distributed, use_bf16
-from data import default_control
+from config import get_args, latent_shape, make_diffusion, make_model, use_bf16
+from data import default_control, setup_distributed
 from diffusion import SAMPLERS, generate, make_noise, spaced_steps
 from latents import Autoencoder, latent_geometry, to_uint8
+from model import SIZES, from_dit, is_dit_state_dict
 from shapes import evaluate_shapes, semantic_input
 
-load_checkpoint = load_model  # the older name of checkpoint.load_model
 
 #################################################################################
 #                                 Sample grids                                  #
@@ -142,6 +143,41 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
         with open(path[:-len(".npz")] + ".json", "w") as f:
             json.dump(settings, f, indent=1)
     return path
+
+
+#################################################################################
+#                         A model from a file                                   #
+#################################################################################
+
+def load_model(path, device, flag="--ckpt"):
+    """(EMA model in eval mode, the run's config) from a checkpoint file or run folder of ours, an export of ours
+    (.safetensors), or an official DiT file (the released state dicts, or a training checkpoint: its EMA)."""
+    file, ckpt = find_checkpoint(path, flag=flag)
+    state = checkpoint_weights(ckpt)
+    if is_dit_state_dict(state):  # DiT's own recipe: eps + learned variance, adaLN, no QK-norm, SD VAE latents
+        width, patch = state["x_embedder.proj.weight"].shape[0], state["x_embedder.proj.weight"].shape[-1]
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        size = next((s for s, (d, w, _) in SIZES.items() if (d, w) == (depth, width)), None)
+        if size is None:
+            raise SystemExit(f"{file}: a DiT of depth {depth} and width {width} matches none of our sizes")
+        res = dit_resolution(state)
+        args = get_args(["--dataset", "imagenet", "--model", f"{size}/{patch}", "--cond", "adaln", "--qk-norm", "off",
+                         "--objective", "ddpm", "--learn-sigma", "--res", str(res), "--base-res", str(res)])
+        args.num_classes, args.ckpt_file, args.ckpt_step = state["y_embedder.embedding_table.weight"].shape[0] - 1, \
+            os.path.abspath(file), None
+        args.latent_scale = args.latent_shift = None  # the VAE's own (0.18215, as DiT trained)
+        model = make_model(args)
+        model.load_state_dict({**model.state_dict(), **from_dit(state, model.width)[0]})  # + our control MLPs' inputs
+        return model.to(device).eval(), args
+    if not isinstance(ckpt, dict) or "args" not in ckpt or "ema" not in ckpt:
+        raise SystemExit(f"{flag} {file}: not a checkpoint of this project nor a DiT state dict")
+    if ckpt.get("config_version") != CONFIG_VERSION:
+        raise SystemExit(f"{file}: written by another version of this code (config schema "
+                         f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION})")
+    args = SimpleNamespace(**ckpt["args"], ckpt_file=os.path.abspath(file), ckpt_step=ckpt.get("step"))
+    model = make_model(args)
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval(), args
 
 
 #################################################################################

@@ -84,7 +84,7 @@ def test_dit_file_loads_through_init_from_and_sample(tmp_path, capsys):
     sd = random_dit_state_dict(depth=2, width=64, classes=1000)
     path = str(tmp_path / "DiT-T-2.pt")
     torch.save(sd, path)
-    model, args = sample.load_checkpoint(path, "cpu")
+    model, args = sample.load_model(path, "cpu")
     assert (args.model, args.cond, args.objective, args.learn_sigma, args.res) == ("T/2", "adaln", "ddpm", True, 64)
     x, k, y, ctrl = dit_inputs()
     assert torch.allclose(model(x, k.float() / 1000, y, ctrl), dit_forward(sd, x, k, y, heads=2), atol=1e-4)

@@ -13,8 +13,8 @@ from conftest import TINY, init_loads_every_tensor, model_inputs, perturb, rando
 
 import sample
 import train
-from checkpoint import init_from, load_model, write_checkpoint
-from config import CONFIG_VERSION, get_args, make_diffusion, make_model
+from checkpoint import CONFIG_VERSION, init_from, write_checkpoint
+from config import get_args, make_diffusion, make_model
 from latents import CACHE_FORMAT
 from model import from_dit
 
@@ -115,7 +115,7 @@ def test_a_dit_training_checkpoint_loads_its_ema(tmp_path):
     assert not skipped and all(n.startswith("c_embed.mlps.") for n in new)
     assert all(torch.equal(model.state_dict()[k], mapped[k]) for k in loaded)
     # sample.py --ckpt: the DiT recipe from the file alone, with the EMA weights
-    model, args = load_model(path, "cpu")
+    model, args = sample.load_model(path, "cpu")
     assert (args.model, args.cond, args.objective, args.res, args.base_res) == ("T/2", "adaln", "ddpm", 64, 64)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in mapped.items())
 
@@ -198,8 +198,8 @@ def test_export_loads_back_as_the_same_model_and_config(tmp_path):
         meta = f.metadata()
     assert set(meta) == {"format", "config", "config_version", "step"}
     assert all(isinstance(json.loads(v), (dict, int, type(None))) for k, v in meta.items() if k != "format")
-    a, args_a = load_model(ckpt, "cpu")
-    b, args_b = load_model(exported, "cpu")
+    a, args_a = sample.load_model(ckpt, "cpu")
+    b, args_b = sample.load_model(exported, "cpu")
     assert {**vars(args_a), "ckpt_file": None} == {**vars(args_b), "ckpt_file": None}
     assert args_b.ckpt_file == os.path.abspath(exported) and args_b.ckpt_step == 3
     x, t, y, ctrl = model_inputs()
