@@ -42,10 +42,10 @@ from types import SimpleNamespace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+from train import checkpoint_blocks  # --grad-ckpt: the same wrapping as train.py's
 from config import get_args as train_args
 from config import make_diffusion, make_model, use_bf16, validate
 from data import default_control
@@ -174,15 +174,6 @@ def build(args, device):
                            gen=torch.Generator(device).manual_seed(args.seed))
 
 
-def checkpoint_blocks(model):
-    """Activation checkpointing without touching model.py: each block's forward is wrapped so that only its inputs
-    are kept and its activations are recomputed in the backward pass (train.py could adopt this as a flag)."""
-    if not hasattr(model, "blocks"):
-        raise SystemExit("--grad-ckpt wraps model.blocks: this architecture has none (use --arch dit or mdt)")
-    for block in model.blocks:
-        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
-
-
 def prepare(state, path, args):
     """Apply a path's speed options to a freshly built state: checkpointing, compilation, the optimizer."""
     model = state.model
@@ -224,7 +215,7 @@ def synthetic_batch(args, batch, device, seed=0):
 def train_step(state, batch, step, args, path):
     """train.train_step, the step train.main takes, on this path's model and optimizer. It reads no device value on
     the host (unless path.train_syncs), so the CPU queues the next step while the GPU still runs this one."""
-    loss, _, _ = train.train_step(state.net, state.model, state.ema, state.opt, state.diffusion, batch, state.gen,
+    loss, _, _ = train.train_step(state.net, state.model, state.ema, state.opt, state.diffusion, [batch], state.gen,
                                   step, args, path.bf16, skip_non_finite=path.train_syncs)
     if path.train_syncs:  # train.Preemption.requested on one process: a flag tensor copied in and read back
         bool(torch.tensor(0.0, device=loss.device).item())

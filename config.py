@@ -1,7 +1,7 @@
 """
 A run's configuration: the flags of train.py (bench.py passes them on), each dataset's preset for the flags left
-unset, the checks that fail before any work, and what a configuration builds: the model, the diffusion, the
-processes of a torchrun job. Every checkpoint stores its configuration (`vars(args)`), so sample.py rebuilds the
+unset, the checks that fail before any work (and those a resume repeats against its checkpoint), and what a
+configuration builds: the model and the diffusion. Every checkpoint stores its configuration (`vars(args)`), so sample.py rebuilds the
 same model from the file alone.
 
     python train.py --help          # a flag marked (shapes X, imagenet Y) takes that preset's value when left unset
@@ -9,16 +9,12 @@ same model from the file alone.
 import argparse
 import os
 
-import torch
-import torch.distributed as dist
-
+from checkpoint import base_res_of, find_checkpoint, read_checkpoint
 from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS
 from data import DATASETS, MAX_WORKERS
 from diffusion import BETA_SCHEDULES, OBJECTIVES, Diffusion, noise_shift
 from latents import latent_geometry, read_cache
 from model import ARCHS, CONDS, MODELS, POS_MODES, SIZES, build_model, mdt_decode_layers
-
-CONFIG_VERSION = 2  # the schema of the stored configuration; a checkpoint of another schema is refused
 
 # Per-dataset recipes for the flags left unset; every dataset but shapes takes imagenet's. imagenet follows the
 # ImageNet-256 recipe (SPEC.md). shapes is a small CPU preset that converges in about ten minutes on 2 cores: 24 px
@@ -45,7 +41,9 @@ ARCH_KEYS = ("model", "arch", "pred", "cond", "class_tokens", "pos_mode", "res",
              "beta_schedule", "qk_norm", "decode_layers", "cond_type", "text_encoder", "text_max_length", "text_pad",
              "pad_noise", "text_null")
 # ... and those that the saved data position and noise streams depend on: changing them breaks an exact resume.
-ORDER_KEYS = ("batch", "seed", "shapes_size", "world")
+ORDER_KEYS = ("batch", "seed", "shapes_size", "world", "grad_accum")
+# ... the value an older checkpoint, saved before the key existed, ran with
+ADDED_KEYS = {"grad_accum": 1}
 
 #################################################################################
 #                                  The flags                                    #
@@ -123,6 +121,10 @@ def get_args(argv=None, description=None):
     a("--warmup", type=int, help="linear warm-up steps" + preset("warmup"))
     a("--decay", choices=("constant", "cosine"), help="learning-rate shape after warm-up" + preset("decay"))
     a("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step: each rank runs --batch / "
+      "(processes x N) images at a time and the step averages them, so the global batch stays --batch")
+    a("--grad-ckpt", action="store_true", help="activation checkpointing of every transformer block (less memory, "
+      "about one more forward)")
     a("--ema", type=float, help="EMA decay" + preset("ema"))
     # system
     a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = bf16 on GPU, fp32 on CPU")
@@ -147,7 +149,6 @@ def get_args(argv=None, description=None):
     if args.objective == "ddpm" and args.pred is None:
         args.pred = "eps"
     if args.base_res is None and (args.init_from or args.resume):  # a transfer keeps its base, a resumed run its own
-        from checkpoint import base_res_of, find_checkpoint, read_checkpoint  # it builds on this file: imported here
         if args.init_from and os.path.isfile(args.init_from):  # a missing file: validate says so
             args.base_res = base_res_of(read_checkpoint(args.init_from, mmap=True))
         elif args.resume == "auto" or (args.resume and os.path.exists(args.resume)):
@@ -167,6 +168,13 @@ def get_args(argv=None, description=None):
     if args.base_res is None:  # from scratch, whatever the data source: the model's own grid is its base
         args.base_res = args.res
     return args
+
+
+def config_mismatch(saved, args):
+    """Human-readable list of architecture / data settings that differ between a checkpoint and this run."""
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k, None)!r}"
+            for k in ARCH_KEYS + ORDER_KEYS + (("workers",) if saved.get("dataset") == "webdataset" else ())
+            if saved.get(k, ADDED_KEYS.get(k)) != getattr(args, k, None)]  # a stream's position is per loader worker
 
 
 def validate(args):
@@ -212,7 +220,8 @@ def validate(args):
                          f"it, put it at {IMAGENET_DEFAULT} (DIR/<class>/<images>), or pass --data-path DIR")
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f"--data-path {args.data_path!r} does not exist or is not a directory")
-    for name in ("batch", "steps", "res", "class_tokens", "log_every", "ckpt_every", "keep", "max_bad_steps"):
+    for name in ("batch", "steps", "res", "class_tokens", "log_every", "ckpt_every", "keep", "max_bad_steps",
+                 "grad_accum"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("p_drop_sem", "p_drop_ctrl", "ema", "max_skip_rate"):
@@ -221,6 +230,11 @@ def validate(args):
     for name in ("lr", "shift", "t_std"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.batch % args.grad_accum:
+        raise SystemExit(f"--batch {args.batch} must be divisible by --grad-accum {args.grad_accum} (each step "
+                         f"averages {args.grad_accum} equal micro-batches)")
+    if args.grad_ckpt and args.arch == "unet":
+        raise SystemExit("--grad-ckpt checkpoints transformer blocks: --arch unet has none (use --arch dit or mdt)")
     if args.warmup < 0 or args.clip < 0 or args.workers < 0:
         raise SystemExit("--warmup, --clip and --workers must be >= 0")
     if args.workers > MAX_WORKERS:
@@ -267,18 +281,3 @@ def make_diffusion(args):
 def use_bf16(precision, device):
     """--precision: bf16 autocast for `bf16`, and for `auto` on a GPU; fp32 otherwise."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def setup_distributed(timeout=None):
-    """(rank, world, device) under torchrun or in one process. The LOCAL rank picks the GPU: the global rank is wrong
-    on every node but the first. `timeout`: how long a collective waits for the other ranks (None: PyTorch's)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    return rank, world, device

@@ -6,7 +6,8 @@ Train a diffusion transformer. One loop for every setting.
                                                                           # data/imagenet/train (else --data-path)
 
 DDP under torchrun (NCCL on GPU, gloo on CPU; the *local* rank picks the GPU), bf16 autocast + TF32 on GPU, fused
-attention through scaled_dot_product_attention, AdamW with warmup, gradient clipping, EMA, atomic checkpoints that
+attention through scaled_dot_product_attention, AdamW with warmup, gradient clipping, EMA, gradient accumulation
+(--grad-accum: the global --batch whatever the GPUs) and activation checkpointing (--grad-ckpt), atomic checkpoints that
 resume exactly (model, EMA, optimizer, step, data position, RNG states), a JSON-lines log and sample grids.
 Flags left unset take the dataset's preset, shown as (shapes X, imagenet Y) in --help; the folder datasets take
 imagenet's, a latent cache its source dataset's (config.PRESETS). Every flag is printed and stored in the checkpoint.
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
-from checkpoint import checkpoints_in, config_mismatch, find_checkpoint, init_from, write_checkpoint
+from checkpoint import CONFIG_VERSION, checkpoints_in, find_checkpoint, init_from, write_checkpoint
 from conditioning import drop_flags
-from config import CONFIG_VERSION, get_args, make_diffusion, make_model, setup_distributed, use_bf16, validate
-from data import build_dataset
+from config import config_mismatch, get_args, make_diffusion, make_model, use_bf16, validate
+from data import EVENTS, SKIPPED, build_dataset, setup_distributed
 from latents import Autoencoder
 from model import count_params
 from sample import class_grid
@@ -125,7 +127,6 @@ class Preemption:
 
 def data_events(dataset, world, args):
     """Counts of skipped / converted images summed over ranks (and their workers); stop when too many are bad."""
-    from data import EVENTS, SKIPPED
     if not hasattr(dataset, "events"):
         return {}
     counts = dataset.events.sum(0)
@@ -209,28 +210,46 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
-def train_step(net, model, ema, opt, diffusion, batch, gen, step, args, bf16, skip_non_finite=True):
-    """One optimisation step on batch = (x0, y, ctrl): condition dropout (for guidance), this step's learning rate,
-    the mean loss under bf16 autocast (or fp32), backward, gradient clipping, AdamW, the EMA. `net` is what runs the
-    forward (the model, or its DDP / compiled wrapper); noise, noise levels and dropout come from `gen`.
+def checkpoint_blocks(model):
+    """--grad-ckpt: activation checkpointing of every transformer block. Each block's forward is wrapped so that only
+    its inputs are kept and its activations are recomputed in the backward pass: less memory for about one more
+    forward. The weights and their names are untouched, so checkpoints and the EMA are the same either way."""
+    if not hasattr(model, "blocks"):
+        raise SystemExit("--grad-ckpt wraps model.blocks: this architecture has none (use --arch dit or mdt)")
+    for block in model.blocks:
+        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
+
+
+def train_step(net, model, ema, opt, diffusion, micro_batches, gen, step, args, bf16, skip_non_finite=True):
+    """One optimisation step on the micro-batches [(x0, y, ctrl), ...] of this rank (one, or --grad-accum of them):
+    for each, condition dropout (for guidance) and the mean loss under bf16 autocast (or fp32), scaled by 1 / their
+    number and backpropagated, so the gradients add up to those of the mean loss of the whole batch; then this
+    step's learning rate, gradient clipping, AdamW, the EMA. `net` is what runs the forward (the model, or its DDP /
+    compiled wrapper); under DDP only the last micro-batch's backward all-reduces, the others accumulate locally.
+    Noise, noise levels and dropout come from `gen`, drawn micro-batch by micro-batch.
     A non-finite gradient norm skips the update (skip_non_finite=False omits that check, a host read of a device
     value). Under DDP the gradients are averaged first, so a NaN on any rank is a NaN in every rank's norm and all
-    ranks skip alike. -> (loss, grad norm, whether the weights were updated)"""
-    x0, y, ctrl = batch
-    sem_drop, ctrl_drop = drop_flags(x0.shape[0], args.p_drop_sem, args.p_drop_ctrl, gen, x0.device)
+    ranks skip alike. -> (loss averaged over the micro-batches, grad norm, whether the weights were updated)"""
+    n = len(micro_batches)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-        loss = diffusion.loss(net, x0, gen, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop, sem_drop=sem_drop).mean()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for i, (x0, y, ctrl) in enumerate(micro_batches):
+        sem_drop, ctrl_drop = drop_flags(x0.shape[0], args.p_drop_sem, args.p_drop_ctrl, gen, x0.device)
+        sync = i == n - 1 or not hasattr(net, "no_sync")  # DDP: all-reduce once, with the last backward
+        with nullcontext() if sync else net.no_sync():
+            with torch.autocast(x0.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                loss = diffusion.loss(net, x0, gen, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop, sem_drop=sem_drop).mean()
+            (loss / n).backward()
+        total = total + loss.detach() / n
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
     if skip_non_finite and not torch.isfinite(gnorm):
         opt.zero_grad(set_to_none=True)
-        return loss.detach(), gnorm, False
+        return total, gnorm, False
     opt.step()
     update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
-    return loss.detach(), gnorm, True
+    return total, gnorm, True
 
 
 #################################################################################
@@ -429,8 +448,10 @@ def main(argv=None):
     args = get_args(argv, description=__doc__)
     validate(args)
     rank, world, device = setup_distributed()
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes {world}")
+    if args.batch % (world * args.grad_accum):  # the global batch is the recipe's, whatever the processes
+        raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes {world} x --grad-accum "
+                         f"{args.grad_accum} = {world * args.grad_accum} (the micro-batch of each rank is "
+                         f"batch / (processes x grad-accum)); change --grad-accum or the number of processes")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -452,6 +473,8 @@ def main(argv=None):
 
     # ---- model, EMA, autoencoder, optimizer ---------------------------------------------------------------------
     model = make_model(args).to(device)
+    if args.grad_ckpt:
+        checkpoint_blocks(model)
     if encoder is not None and args.text_null == "empty":
         model.y_embed.set_empty(*encoder.encode([""]))
     if args.init_from and ckpt is None:
@@ -491,15 +514,18 @@ def main(argv=None):
         from tqdm import tqdm
         log = open(os.path.join(run_dir, "log.jsonl"), "a")
         bar = tqdm(total=args.steps, initial=loop.step, desc="train", dynamic_ncols=True)
-    data = batches(dataset, args, rank, world, args.batch // world, loop.epoch, loop.position)
+    # one step = --grad-accum micro-batches per rank; the data position counts micro-batches
+    data = batches(dataset, args, rank, world, args.batch // (world * args.grad_accum), loop.epoch, loop.position)
     preempt = Preemption()
     model.train()
     loop.t0 = time.time()
     while loop.step < args.steps:
-        loop.epoch, loop.position, batch = next(data)
-        batch = model_inputs(batch, vae, latent, text_cache, encoder, gen, device)
+        micro = []
+        for _ in range(args.grad_accum):
+            loop.epoch, loop.position, batch = next(data)
+            micro.append(model_inputs(batch, vae, latent, text_cache, encoder, gen, device))
         # forward, backward, update
-        loss, gnorm, updated = train_step(net, model, ema, opt, diffusion, batch, gen, loop.step, args, bf16)
+        loss, gnorm, updated = train_step(net, model, ema, opt, diffusion, micro, gen, loop.step, args, bf16)
         count_step(loop, loss, updated, args, rank)
         loop.step, loop.n_steps = loop.step + 1, loop.n_steps + 1
         if bar is not None:

@@ -11,7 +11,6 @@ from conftest import ROOT, TINY, init_loads_every_tensor, losses
 
 import sample
 import train
-from checkpoint import load_model
 from config import get_args, make_diffusion
 from diffusion import generate, make_noise
 
@@ -149,7 +148,7 @@ def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
 @pytest.mark.slow
 def test_sampling_from_a_checkpoint(tmp_path):
     run = train.main(TINY + ["--steps", "3", "--out", str(tmp_path)])
-    model, args = load_model(run, "cpu")
+    model, args = sample.load_model(run, "cpu")
     noise = make_noise([0, 1], (3, 16, 16), "cpu")
     y = torch.tensor([0, 1])
     ctrl = torch.stack([train_default_control()] * 2)
