@@ -130,3 +130,15 @@ def init_loads_every_tensor(flags, source, reference):
     src = read_checkpoint(reference)["ema"]
     assert all(torch.equal(model.state_dict()[k], src[k]) for k in src)
     return args, model
+
+
+def assert_resumed_exactly(full, resumed, start, stop):
+    """A run resumed at step `start` logged the same losses as the uninterrupted run `full` for steps start+1..stop,
+    and ended with the same EMA weights."""
+    from checkpoint import read_checkpoint
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == list(range(start + 1, stop + 1))
+    assert all(a[s] == b[s] for s in b), (a, b)
+    name = f"ckpt-{stop:07d}.pt"
+    sa, sb = (read_checkpoint(os.path.join(run, name))["ema"] for run in (full, resumed))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
