@@ -248,6 +248,9 @@ def main(argv=None):
     for flag in ("steps", "seeds", "batch"):
         if getattr(a, flag) < 1:
             raise SystemExit(f"--{flag} must be >= 1, got {getattr(a, flag)}")
+    for flag in ("num_samples", "eval_per_class"):  # 0 = not asked for
+        if getattr(a, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     if a.export and not a.export.endswith(".safetensors"):
         raise SystemExit(f"--export {a.export}: writes a .safetensors file; end the path in .safetensors")
     rank, world = 0, 1
@@ -318,7 +321,7 @@ def main(argv=None):
     if prompts and getattr(args, "cond_type", "class") != "text":
         raise SystemExit("--prompt / --prompts need a text-conditional checkpoint (train.py --cond-type text)")
     classes = [int(c) for c in a.classes.split(",")] if a.classes else None
-    if classes and max(classes) >= args.num_classes:
+    if classes and not 0 <= min(classes) <= max(classes) < args.num_classes:
         raise SystemExit(f"--classes: the model knows classes 0..{args.num_classes - 1}")
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt,
                                 "grid.png")

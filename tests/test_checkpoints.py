@@ -163,6 +163,9 @@ def test_base_res_is_the_training_resolution_from_scratch_and_the_source_s_other
     (["--interval", "0.8,0.2"], "--interval 0.8,0.2: need 0 <= LO <= HI <= 1"),
     (["--interval", "0,1.5"], "--interval 0,1.5: need 0 <= LO <= HI <= 1"),
     (["--flip", "0,x"], "--flip: 'x' is not a finite number"),
+    (["--num-samples", "-8"], "--num-samples must be >= 0, got -8"),
+    (["--eval-per-class", "-1"], "--eval-per-class must be >= 0, got -1"),
+    (["--classes", "-1"], "--classes: the model knows classes 0..9"),
 ])
 def test_sample_flags_are_checked(flags, message, tmp_path):
     ckpt = our_checkpoint(tmp_path / "ckpt-0000003.pt")
