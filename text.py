@@ -129,14 +129,21 @@ def load_text_encoder(name_or_path="builtin", device="cpu", max_length=None):
 _LOADED = {}  # (name, device, max_length) -> a loaded encoder, so a grid or an evaluation does not reload it per call
 
 
+def shared_text_encoder(name_or_path, device, max_length=None):
+    """load_text_encoder, once per process: training, its sample grids and its evaluation share one copy (a Hugging
+    Face encoder can take gigabytes). Also filed under the max_length it resolved to, which is what a run records."""
+    key = (name_or_path, str(device), max_length)
+    if key not in _LOADED:
+        encoder = load_text_encoder(name_or_path, device, max_length)
+        _LOADED[key] = _LOADED[(name_or_path, str(device), encoder.max_length)] = encoder
+    return _LOADED[key]
+
+
 def encode_prompts(args, prompts, device):
     """A text model's input for these prompts: (features (B, L, d), mask (B, L)) from the run's encoder
     (args.text_encoder, loaded once per process). Features are rounded to fp16 like the training cache, so a prompt
     seen in training gives the same input."""
-    key = (args.text_encoder, str(device), args.text_max_length)
-    if key not in _LOADED:
-        _LOADED[key] = load_text_encoder(args.text_encoder, device, args.text_max_length)
-    features, mask = _LOADED[key].encode(list(prompts))
+    features, mask = shared_text_encoder(args.text_encoder, device, args.text_max_length).encode(list(prompts))
     return features.half().float().to(device), mask.to(device)
 
 

@@ -33,7 +33,7 @@ from latents import Autoencoder
 from model import count_params
 from sample import class_grid
 from shapes import evaluate_shapes
-from text import TextCache, load_text_encoder
+from text import TextCache, shared_text_encoder
 
 PREEMPTED = 75  # exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
 
@@ -150,7 +150,7 @@ def text_features(dataset, args, device, rank, world):
     training only looks features up; (None, None) for a class model."""
     if args.cond_type != "text":
         return None, None
-    encoder = load_text_encoder(args.text_encoder, device, args.text_max_length)
+    encoder = shared_text_encoder(args.text_encoder, device, args.text_max_length)
     args.text_dim, args.text_max_length = encoder.dim, encoder.max_length
     return encoder, text_cache_for(dataset, encoder, args, rank, world)
 

@@ -352,3 +352,12 @@ def test_zero_padding_is_masked_through_the_whole_model():
         junk = feats.clone()
         junk[~mask] = 100.0
         assert torch.allclose(model(x, t, (feats, mask), c), model(x, t, (junk, mask), c), atol=1e-5)
+
+
+def test_training_grids_and_evaluation_share_one_encoder():
+    """train.py loads the encoder with the max_length left open, sampling asks with the one the run recorded: both
+    get the same object, not a second copy of (possibly gigabytes of) weights."""
+    from text import shared_text_encoder
+    first = shared_text_encoder("builtin", "cpu", None)
+    assert shared_text_encoder("builtin", "cpu", first.max_length) is first
+    assert shared_text_encoder("builtin", "cpu", 8) is not first  # another length is another encoder
