@@ -41,9 +41,9 @@ ARCH_KEYS = ("model", "arch", "pred", "cond", "class_tokens", "pos_mode", "res",
              "beta_schedule", "qk_norm", "decode_layers", "cond_type", "text_encoder", "text_max_length", "text_pad",
              "pad_noise", "text_null")
 # ... and those that the saved data position and noise streams depend on: changing them breaks an exact resume.
-ORDER_KEYS = ("batch", "seed", "shapes_size", "world", "grad_accum")
+ORDER_KEYS = ("batch", "seed", "shapes_size", "size_corr", "world", "grad_accum")
 # ... the value an older checkpoint, saved before the key existed, ran with
-ADDED_KEYS = {"grad_accum": 1}
+ADDED_KEYS = {"grad_accum": 1, "size_corr": 0.0}
 
 #################################################################################
 #                                  The flags                                    #
@@ -69,6 +69,8 @@ def get_args(argv=None, description=None):
     a("--crop", default="random", choices=("random", "center"), help="crop policy; crop offsets are recorded")
     a("--no-hflip", dest="hflip", action="store_false", help="disable random horizontal flips")
     a("--shapes-size", type=int, default=10000, help="number of distinct shapes images")
+    a("--size-corr", type=float, default=0.0, help="shapes: class <-> original-size correlation rho in [0, 1]: with "
+      "probability rho an even class is drawn small (res/2..res), an odd one large (res..2 res); 0 = independent")
     a("--vae", help="none (pixel space) | sd-ema | sd-mse | a diffusers AutoencoderKL path" + preset("vae"))
     # model
     a("--model", help=f"size/patch preset: {', '.join(MODELS)}; --arch unet: G4, S, XS" + preset("model"))
@@ -212,6 +214,8 @@ def validate(args):
             raise SystemExit(f"{e} (--model {args.model})")
     if not 0 <= args.mask_ratio < 0.8:
         raise SystemExit(f"--mask-ratio must be in [0, 0.8) (0.2 is added at random), got {args.mask_ratio}")
+    if not 0 <= args.size_corr <= 1 or (args.size_corr and args.dataset != "shapes"):
+        raise SystemExit(f"--size-corr {args.size_corr}: a probability in [0, 1], for --dataset shapes only")
     if args.dataset != "shapes" and not args.data_path:
         raise SystemExit(f"--dataset {args.dataset} needs --data-path DIR (an ImageFolder tree DIR/<class>/<images>, "
                          f"or for latents a cache folder made by `python latents.py --encode`)")

@@ -513,11 +513,12 @@ def folder_default_control(res):
 DATASETS = ("shapes", "imagenet", "folder", "captions", "webdataset", "latents")
 
 
-def build_dataset(name, res, data_path=None, seed=0, size=10000, crop="random", hflip=True, progress=False):
+def build_dataset(name, res, data_path=None, seed=0, size=10000, crop="random", hflip=True, progress=False,
+                  size_corr=0.0):
     """Dataset by name; `imagenet` and `folder` both read an ImageFolder tree at `data_path`, `captions` a folder of
     images with .txt captions or a CSV file of image,caption rows there, `webdataset` a folder (or glob) of .tar shards
     (a stream: an IterableDataset), `latents` a latent cache (its crop was fixed when it was made: `crop` does not
-    apply)."""
+    apply). `size_corr`: the shapes class <-> original-size correlation (shapes.py)."""
     # the embedded dataset and the latent cache build on this file (crop_flip, DATASETS): imported where used
     if name == "latents":
         from latents import LatentCacheDataset, encode_command
@@ -531,7 +532,8 @@ def build_dataset(name, res, data_path=None, seed=0, size=10000, crop="random", 
         return ds
     if name == "shapes":
         from shapes import ShapesDataset
-        return ShapesDataset(size=size, res=res, seed=seed, crop=crop, hflip=hflip, progress=progress)
+        return ShapesDataset(size=size, res=res, seed=seed, crop=crop, hflip=hflip, progress=progress,
+                             size_corr=size_corr)
     if name in ("imagenet", "folder"):
         if data_path is None:
             raise ValueError(f"--dataset {name} needs --data-path DIR (an ImageFolder tree: DIR/<class>/<images>)")

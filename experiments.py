@@ -9,7 +9,8 @@ rebuilt from them, so no number in it is typed by hand.
     python experiments.py padding     # text: noisy_replicate vs replicate vs zero padding
     python experiments.py transfer    # 32 -> 64 px: resample vs extend, with and without the noise-shift scaling
     python experiments.py figures     # size-sweep grid (ours vs adaln) and loss curves
-    python experiments.py all         # all of the above, then the results page
+    python experiments.py drift       # at convergence, class <-> size correlated data: routes, gates, --ctrl-scale
+    python experiments.py all         # routes, gates, padding, transfer, figures, then the results page
     python experiments.py results     # only the results page, from the tables already written
 
 Defaults: seeds 0,1,2 and 800 steps per run (about 6 minutes per run on one CPU thread). A finished run is not
@@ -347,6 +348,175 @@ def padding(a):
 
 
 #################################################################################
+#            Drift at convergence, with class <-> size correlated data          #
+#################################################################################
+# The paper's Figure 2: on real data the original size correlates with the content, so a model that adds the size and
+# the class into one embedding can change *what* it draws when only the size condition changes. Here every run is
+# trained to the budget where `ours` reads >= 0.9 of its classes right (the default preset's 2000 steps), on shapes
+# whose size is independent of the class (rho = 0) or correlated with it (--size-corr rho: even classes mostly small
+# originals, odd ones mostly large). Each finished run's per-pair readings are written to a JSON file under
+# docs/experiments/drift_runs/ (committed), so a comparison can be finished over several sessions or machines and a
+# rerun only assembles; the intervals are a bootstrap over seeds and, within each, over (noise, class) pairs.
+
+from shapes import size_group  # noqa: E402  (kept beside the experiment that uses it)
+
+DRIFT_VARIANTS = dict(ROUTES)
+DRIFT_GATES = {  # at high rho, --cond ours; the default gates only the size group
+    "ungated": ["--gate-size", "none", "--gate-crop", "none", "--gate-flip", "none"],
+    "size cosine (default)": [],
+    "all cosine": ["--gate-size", "cosine", "--gate-crop", "cosine", "--gate-flip", "cosine"],
+    "size linear": ["--gate-size", "linear"],
+}
+DRIFT_METRICS = {  # name -> what one (noise, class) pair contributes
+    "class acc": "fraction of the pair's sweep images read as the requested class",
+    "size acc": "1 if the image at original size 2 res is sharper than at 0.5 res",
+    "class drift": "1 if the class read back is not the same at every size",
+    "colour drift": "1 if the colour read back is not the same at every size",
+    "pulled": "1 if, at the extreme size typical of the other class group, the image is read as a class of that group",
+    "pulled (same-size base)": "1 if, at the extreme size typical of its own group, the image is read as a class of "
+                               "the other group: the confusion rate without a push from the size condition",
+}
+
+
+@torch.no_grad()
+def size_sweep_pairs(model, args, n, cfg_scale, steps, ctrl_scale=0.0, seed=20_000):
+    """n (noise, class) pairs (classes in turn), each sampled at every original size of SIZE_SWEEP with the same noise,
+    everything else at the sampling default; returns per pair the DRIFT_METRICS values (0 / 1 or a fraction)."""
+    controls = size_controls(args.res, SIZE_SWEEP)
+    k = len(controls)
+    labels = [i % args.num_classes for i in range(n)]
+    noise = make_noise([seed + i for i in range(n)], latent_shape(args), "cpu").repeat_interleave(k, 0)
+    y = semantic_input(args, [lab for lab in labels for _ in controls], "cpu")
+    x = generate(model, make_diffusion(args), noise, y, torch.stack(controls * n), cfg_scale, ctrl_scale, steps=steps)
+    meas = ShapesChecker()(to_uint8(Autoencoder("none").decode(x)))
+    pairs = []
+    for i, c in enumerate(labels):
+        sweep = meas[i * k:(i + 1) * k]  # small (0.5 res) .. large (2 res) original
+        ends = {0: sweep[0], 1: sweep[-1]}  # the size group each extreme is typical of -> the reading there
+        own, other = size_group(c), 1 - size_group(c)
+        pairs.append({"class acc": float(np.mean([m["label"] == c for m in sweep])),
+                      "size acc": float(sweep[-1]["sharpness"] > sweep[0]["sharpness"]),
+                      "class drift": float(len({m["label"] for m in sweep}) > 1),
+                      "colour drift": float(len({m["colour"] for m in sweep}) > 1),
+                      "pulled": float(size_group(ends[other]["label"]) == other),
+                      "pulled (same-size base)": float(size_group(ends[own]["label"]) == other)})
+    return pairs
+
+
+def bootstrap(per_seed, n=2000, seed=0):
+    """per_seed: a list (seeds) of lists (pairs) of values -> mean, 95 % interval (resampling seeds, then the pairs
+    within each drawn seed) and the per-seed means."""
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(v, dtype=np.float64) for v in per_seed]
+    stats = np.empty(n)
+    for b in range(n):
+        drawn = [arrays[i] for i in rng.integers(len(arrays), size=len(arrays))]
+        stats[b] = np.mean(np.concatenate([v[rng.integers(len(v), size=len(v))] for v in drawn]))
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return dict(mean=float(np.mean(np.concatenate(arrays))), lo=float(lo), hi=float(hi),
+                per_seed=[float(v.mean()) for v in arrays])
+
+
+def drift_record(a, flags, corr, seed):
+    """The committed measurements of one run (variant flags, rho, seed), training and measuring it if missing."""
+    tag = "-".join(f.lstrip("-") for f in flags) or "default"
+    path = os.path.join(a.docs, "drift_runs", f"{tag}-rho{corr:g}-{a.steps}st-s{seed}.json")
+    key = dict(flags=flags, corr=corr, steps=a.steps, seed=seed, shapes_size=a.shapes_size, pairs=a.drift_pairs,
+               sample_steps=a.sample_steps, cfg_scale=a.cfg_scale, per_class=a.per_class)
+    record = None
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+        if record["key"] != key:
+            raise SystemExit(f"{path} was measured with {record['key']}, not {key}: move it aside to remeasure")
+    missing = [s for s in a.ctrl_scales if record is None or str(s) not in record["ctrl_scales"]]
+    if not missing:
+        return record
+    run_dir = shapes_run(a, flags + (["--size-corr", f"{corr:g}"] if corr else []), seed)  # trained once per folder
+    model, args = load_model(run_dir, "cpu")
+    t0 = time.time()
+    if record is None:
+        losses = train_losses(run_dir)
+        record = dict(key=key, train=dict(run_info(run_dir), loss_last=losses[max(losses)]), ctrl_scales={},
+                      eval=evaluate_shapes(model, make_diffusion(args), args, a.per_class, "cpu",
+                                           cfg_scale=a.cfg_scale, steps=a.sample_steps))
+    record["ctrl_scales"].update({str(s): size_sweep_pairs(model, args, a.drift_pairs, a.cfg_scale, a.sample_steps, s)
+                                  for s in missing})
+    record["measure_s"] = record.get("measure_s", 0) + time.time() - t0
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return record
+
+
+def drift_rows(a, variants, corrs, scale=0.0):
+    """One row per (variant, rho): every DRIFT_METRICS value at control guidance `scale`, with intervals."""
+    rows = []
+    for corr in corrs:
+        for variant, flags in variants.items():
+            records = [drift_record(a, flags, corr, seed) for seed in a.seeds]
+            metrics = {m: bootstrap([[p[m] for p in r["ctrl_scales"][str(scale)]] for r in records])
+                       for m in DRIFT_METRICS}
+            metrics["checker class acc"] = dict(mean=float(np.mean([r["eval"]["class_acc"] for r in records])),
+                                                per_seed=[r["eval"]["class_acc"] for r in records])
+            rows.append(dict(variant=variant, corr=corr, steps=a.steps, seeds=a.seeds, ctrl_scale=scale,
+                             metrics=metrics, train_s=[r["train"]["wall_s"] for r in records],
+                             device=sorted({r["train"]["device"] for r in records})))
+    return rows
+
+
+def interval(m):
+    return f"{m['mean']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]" if "lo" in m else f"{m['mean']:.3f}"
+
+
+def drift_table(a, name, rows, first, note):
+    """rows -> NAME.json (the rows) and NAME.md (a table, intervals in brackets) under --docs."""
+    os.makedirs(a.docs, exist_ok=True)
+    with open(os.path.join(a.docs, f"{name}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    names = ["checker class acc"] + list(DRIFT_METRICS)
+    md = "| " + " | ".join(list(first) + names) + " |\n|" + "---|" * (len(first) + len(names)) + "\n"
+    for r in rows:
+        md += "| " + " | ".join([str(f(r)) for f in first.values()] + [interval(r["metrics"][m]) for m in names]) + " |\n"
+    train_min = sum(sum(r["train_s"]) for r in rows) / 60
+    md += (f"\n{note} `{drift_command(a)}`; training {train_min:.0f} min of {', '.join(sorted({d for r in rows for d in r['device']}))} "
+           f"for these rows (runs shared between tables counted in each). Mean over seeds {','.join(map(str, a.seeds))} x "
+           f"{a.drift_pairs} (noise, class) pairs each, [95 % bootstrap interval over seeds and pairs]; checker class "
+           f"acc: shapes.evaluate_shapes at the default control ({a.per_class} seeds per class, x2 flips), mean of "
+           f"seeds. Sweep: original size {', '.join(f'{f:g}' for f in SIZE_SWEEP)} x res, same noise, "
+           f"{a.sample_steps} Euler steps, guidance {a.cfg_scale}. " +
+           " ".join(f"*{k}*: {v}." for k, v in DRIFT_METRICS.items()) + "\n")
+    with open(os.path.join(a.docs, f"{name}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return rows
+
+
+def drift_command(a):
+    return (f"python experiments.py drift --seeds {','.join(map(str, a.seeds))} --steps {a.steps} --corrs "
+            f"{','.join(f'{c:g}' for c in a.corrs)} --shapes-size {a.shapes_size} --drift-pairs {a.drift_pairs}")
+
+
+def drift_experiment(a):
+    """Routes at rho = 0 and high rho, then at the highest rho the gate schedules of ours and its control guidance."""
+    routes = {v: f for v, f in DRIFT_VARIANTS.items() if not a.variants or v in a.variants}
+    rows = drift_rows(a, routes, a.corrs)
+    drift_table(a, "drift", rows, {"variant": lambda r: r["variant"], "rho": lambda r: f"{r['corr']:g}"},
+                f"Semantic drift when only the size condition changes, {a.steps} steps per run.")
+    high = max(a.corrs)
+    if a.variants and "ours" not in a.variants:
+        return rows
+    gates = {v: f for v, f in DRIFT_GATES.items() if not a.gate_variants or v in a.gate_variants}
+    drift_table(a, "drift_gates", drift_rows(a, gates, [high]), {"gates of ours": lambda r: r["variant"]},
+                f"Gate schedules g(t) of `--cond ours` at rho = {high:g}.")
+    scales = [r for s in a.ctrl_scales for r in drift_rows(a, {"ours": []}, [high], s)]
+    drift_table(a, "drift_ctrl_scale", scales, {"--ctrl-scale": lambda r: f"{r['ctrl_scale']:g}"},
+                f"Control guidance scale of `--cond ours` at rho = {high:g} (size accuracy against drift).")
+    return rows
+
+
+#################################################################################
 #                       32 -> 64 px resolution transfer                         #
 #################################################################################
 
@@ -530,11 +700,19 @@ def update_results(a, page=os.path.join("docs", "RESULTS.md")):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "figures", "results", "all"))
+    p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "drift", "figures", "results",
+                                          "all"))
     p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="routes / gates / padding: only "
                    "these variants (comma-separated names as in the tables)")
-    p.add_argument("--steps", type=int, default=800, help="routes / gates / padding: steps per run")
+    p.add_argument("--steps", type=int, default=None, help="steps per run: routes / gates / padding 800, drift 2000")
+    p.add_argument("--corrs", default="0,0.9", type=lambda s: [float(v) for v in s.split(",")],
+                   help="drift: class <-> size correlations rho of the data (train.py --size-corr)")
+    p.add_argument("--drift-pairs", type=int, default=100, help="drift: (noise, class) pairs per run")
+    p.add_argument("--ctrl-scales", default="0,1,2,3", type=lambda s: [float(v) for v in s.split(",")],
+                   help="drift: control guidance scales measured on each run (0 = the sampling default)")
+    p.add_argument("--gate-variants", type=lambda s: s.split(","), default=None, help="drift: only these gate "
+                   "schedules (names as in the table)")
     p.add_argument("--log-every", type=int, default=25, help="steps per point of the loss curves")
     p.add_argument("--per-class", type=int, default=10, help="checker: seeds per class (each drawn twice)")
     p.add_argument("--drift-n", type=int, default=40, help="drift: (noise, class) pairs per sweep")
@@ -551,9 +729,12 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join("docs", "RESULTS.md"), help="the page whose results block is "
                    "rebuilt")
     a = p.parse_args(argv)
+    a.steps = a.steps or (2000 if a.experiment == "drift" else 800)
     experiments = dict(routes=routes, gates=gates, padding=padding, transfer=transfer)
     if a.experiment in experiments:
         experiments[a.experiment](a)
+    elif a.experiment == "drift":  # not part of `all`: hours of CPU at its budget
+        drift_experiment(a)
     elif a.experiment == "figures":
         figures(a)
     elif a.experiment == "all":

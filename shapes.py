@@ -89,16 +89,34 @@ def render_shape(shape_fn, size, half_extent, supersample=4):
     return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
-def shapes_scene(index, res, seed):
+# Correlated metadata (--size-corr rho, default 0). On real data the original size correlates with the content, which
+# is what lets a model that adds size and class in one embedding confuse them. With probability rho a scene's
+# original side is drawn from its class group's half of the range: even classes mostly small originals
+# (res / 2 .. res), odd classes mostly large ones (res .. 2 res); otherwise from the whole range as at rho = 0.
+SIZE_GROUPS = ("small", "large")
+
+
+def size_group(label):
+    """The original-size group a class is correlated with under --size-corr: 0 small (even classes), 1 large (odd)."""
+    return label % 2
+
+
+def shapes_scene(index, res, seed, size_corr=0.0):
     """Deterministic scene parameters of item `index`."""
     rng = np.random.default_rng([seed, index])
-    return dict(label=int(rng.integers(len(SHAPES))), colour=COLOUR_NAMES[rng.integers(len(COLOURS))],
+    scene = dict(label=int(rng.integers(len(SHAPES))), colour=COLOUR_NAMES[rng.integers(len(COLOURS))],
                 bg=rng.uniform(0.0, 0.3, size=3), bg_grad=rng.uniform(-0.08, 0.08, size=(2, 3)),
                 extent=rng.uniform(0.20, 0.27),  # shape half-extent as a fraction of the canvas
                 orig=int(rng.integers(res // 2, 2 * res + 1)),
                 template=int(rng.integers(len(CAPTION_TEMPLATES))),  # drawn last: earlier draws stay as they were
                 filler=[(int(rng.integers(8)), FILLER_WORDS[rng.integers(len(FILLER_WORDS))])
                         for _ in range(rng.integers(3))])
+    if size_corr > 0:  # its own stream: at rho = 0 every scene is exactly as without the flag
+        corr = np.random.default_rng([seed, index, 2])
+        if corr.random() < size_corr:
+            lo, hi = (res // 2, res) if size_group(scene["label"]) == 0 else (res, 2 * res)
+            scene["orig"] = int(corr.integers(lo, hi + 1))
+    return scene
 
 
 def render_canvas(scene, res):
@@ -144,9 +162,9 @@ class ShapesDataset(Dataset):
 
     num_classes = len(SHAPES)
 
-    def __init__(self, size=10000, res=32, seed=0, crop="random", hflip=True, progress=False):
+    def __init__(self, size=10000, res=32, seed=0, crop="random", hflip=True, progress=False, size_corr=0.0):
         self.res, self.seed, self.crop, self.hflip, self.epoch = res, seed, crop, hflip, 0
-        self.scenes = [shapes_scene(i, res, seed) for i in range(size)]
+        self.scenes = [shapes_scene(i, res, seed, size_corr) for i in range(size)]
         it = self.scenes
         if progress:
             from tqdm import tqdm

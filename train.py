@@ -462,6 +462,7 @@ def main(argv=None):
     # ---- data: the dataset, its caption features, the run folder ------------------------------------------------
     try:
         dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, size=args.shapes_size,
+                                size_corr=args.size_corr,
                                 crop=args.crop, hflip=args.hflip, progress=rank == 0)
     except (ValueError, FileNotFoundError) as e:  # a wrong path or an unfinished cache: say what to do
         raise SystemExit(f"--dataset {args.dataset}: {e}")

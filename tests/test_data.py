@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 
 from conditioning import CONTROL_SIGNALS, SIGNAL
 from data import ImageFolderDataset, build_dataset, crop_flip
-from shapes import CANVAS_MARGIN, CHIRAL, SHAPE_NAMES, ShapesChecker, ShapesDataset, expected_position
+from shapes import CANVAS_MARGIN, CHIRAL, SHAPE_NAMES, ShapesChecker, ShapesDataset, expected_position, size_group
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,19 @@ def test_bad_paths_fail_clearly(tmp_path):
         ImageFolderDataset(str(tmp_path / "missing"), 32)
     with pytest.raises(ValueError, match="unknown dataset"):
         build_dataset("cifar", 32)
+
+
+def test_size_corr_ties_the_original_size_to_the_class_group_and_leaves_the_rest_alone():
+    res = 24
+    plain, same = ShapesDataset(size=300, res=res, seed=5), ShapesDataset(size=300, res=res, seed=5, size_corr=0.0)
+    assert all(torch.equal(plain[i][0], same[i][0]) for i in range(300))  # rho = 0 is exactly today's data
+    full = ShapesDataset(size=300, res=res, seed=5, size_corr=1.0)
+    for a, b in zip(plain.scenes, full.scenes):  # only the original size changes
+        assert all(np.array_equal(a[k], b[k]) for k in a if k != "orig")
+        assert res // 2 <= b["orig"] <= res if size_group(b["label"]) == 0 else res <= b["orig"] <= 2 * res
+    half = ShapesDataset(size=2000, res=res, seed=5, size_corr=0.5)
+    in_group = np.mean([(s["orig"] <= res) == (size_group(s["label"]) == 0) for s in half.scenes])
+    assert 0.65 < in_group < 0.85  # 0.5 always in its group + 0.5 x about half by chance
+    # the control records the size actually drawn, and the canvas is rendered from it
+    _, label, ctrl, _ = full[0]
+    assert ctrl[SIGNAL["orig_h"]] == full.scenes[0]["orig"]

@@ -66,6 +66,66 @@ def test_drift_measures_content_change_and_sharpness_under_the_size_condition(be
         assert out["size_acc"] == (1.0 if behaviour == "size blurs" else 0.0)
 
 
+def test_size_sweep_pairs_reads_drift_and_the_pull_toward_a_size_group():
+    args = get_args(["--dataset", "shapes"])
+    args.num_classes = 10
+    # small originals (0.5 and 1 x res) paint a square (class 1, the large-size group), 2 x res a circle (class 0)
+    pairs = experiments.size_sweep_pairs(PaintModel(args.res, size_changes_class=True), args, n=4, cfg_scale=2.0,
+                                         steps=3)
+    assert [p["class drift"] for p in pairs] == [1.0] * 4 and [p["colour drift"] for p in pairs] == [0.0] * 4
+    assert [p["class acc"] for p in pairs] == [1 / 3, 2 / 3, 0.0, 0.0]  # classes 0, 1, 2, 3 in turn
+    # the push goes against the groups: never toward the typical group, always out of one's own
+    assert [p["pulled"] for p in pairs] == [0.0] * 4
+    assert [p["pulled (same-size base)"] for p in pairs] == [1.0] * 4
+    steady = experiments.size_sweep_pairs(PaintModel(args.res, size_blurs=True), args, n=2, cfg_scale=2.0, steps=3)
+    assert all(p["class drift"] == 0.0 and p["size acc"] == 1.0 for p in steady)
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_pairs():
+    rng = np.random.default_rng(0)
+    few = [list(rng.random(10) < 0.3) for _ in range(3)]
+    many = [list(rng.random(1000) < 0.3) for _ in range(3)]
+    a, b = experiments.bootstrap(few), experiments.bootstrap(many)
+    for m, data in ((a, few), (b, many)):
+        assert m["lo"] <= m["mean"] <= m["hi"]
+        assert m["mean"] == pytest.approx(np.mean(np.concatenate(data)))
+        assert m["per_seed"] == pytest.approx([np.mean(v) for v in data])
+    assert b["hi"] - b["lo"] < a["hi"] - a["lo"]
+    assert experiments.bootstrap([[1.0, 1.0], [1.0]]) == dict(mean=1.0, lo=1.0, hi=1.0, per_seed=[1.0, 1.0])
+
+
+@pytest.mark.slow
+def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "DRIFT_VARIANTS", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
+    monkeypatch.setattr(experiments, "DRIFT_GATES", {"size cosine (default)": [], "ungated": ["--gate-size", "none"]})
+    argv = ["drift", "--seeds", "0,1", "--steps", "2", "--corrs", "0,1", "--per-class", "1", "--drift-pairs", "3",
+            "--ctrl-scales", "0,2", "--sample-steps", "2", "--shapes-size", "64", "--out", str(tmp_path / "runs"),
+            "--docs", str(tmp_path / "docs"), "--results", str(tmp_path / "none.md")]
+    (tmp_path / "none.md").write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    experiments.main(argv)
+    rows = json.loads((tmp_path / "docs" / "drift.json").read_text())
+    assert [(r["variant"], r["corr"]) for r in rows] == [("ours", 0), ("adaln (DiT)", 0), ("ours", 1), ("adaln (DiT)", 1)]
+    for r in rows:
+        assert r["seeds"] == [0, 1] and r["steps"] == 2
+        for m in experiments.DRIFT_METRICS:
+            assert r["metrics"][m]["lo"] <= r["metrics"][m]["mean"] <= r["metrics"][m]["hi"]
+            assert len(r["metrics"][m]["per_seed"]) == 2
+    runs = sorted(p.name for p in (tmp_path / "docs" / "drift_runs").iterdir())
+    assert len(runs) == 2 * 2 * 2 + 2  # routes x rho x seeds, and the ungated gates at rho 1
+    record = json.loads((tmp_path / "docs" / "drift_runs" / "cond-adaln-rho1-2st-s1.json").read_text())
+    assert set(record["ctrl_scales"]) == {"0.0", "2.0"} and len(record["ctrl_scales"]["0.0"]) == 3
+    scales = json.loads((tmp_path / "docs" / "drift_ctrl_scale.json").read_text())
+    assert [r["ctrl_scale"] for r in scales] == [0.0, 2.0]
+    # the run folders are gone (another machine): the committed records are enough, nothing trains again
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    monkeypatch.setattr(experiments, "shapes_run", lambda *a: pytest.fail("trained again"))
+    experiments.main(argv)
+    assert json.loads((tmp_path / "docs" / "drift.json").read_text()) == rows
+    with pytest.raises(SystemExit, match="measured with"):  # a record of other settings is not silently mixed in
+        experiments.main([v if v != "3" else "4" for v in argv])
+
+
 #################################################################################
 #                      A comparison end to end at toy size                      #
 #################################################################################
