@@ -161,6 +161,22 @@ def checkpoint_weights(ckpt):
     return state if isinstance(state, dict) else None
 
 
+def load_weights(model, state, file):
+    """model.load_state_dict(state), or a message when the weights do not fit the model the file's configuration
+    builds: a checkpoint written by a version of this code whose network had other tensors."""
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise SystemExit(f"{file}: its weights do not fit the model its configuration builds with this code (written "
+                         f"by another version?). Missing: {', '.join(missing) or 'none'}; not in the model: "
+                         f"{', '.join(unexpected) or 'none'}; other shapes: {', '.join(wrong) or 'none'}. Sample it "
+                         f"with the code that trained it, or start a new run from it with --init-from, which loads "
+                         f"what matches")
+    model.load_state_dict(state)
+
+
 def dit_resolution(state):
     """The image size a DiT state dict was trained at: tokens per side x patch x the SD VAE's factor 8."""
     return int(round(state["pos_embed"].shape[1] ** 0.5)) * state["x_embedder.proj.weight"].shape[-1] * 8

@@ -9,7 +9,7 @@ The denoiser: a diffusion transformer whose conditioning route is a flag.
 
 Conditioning routes (`cond`), all built from the same blocks:
     ours   semantic tokens only in the context stream; adaLN = e_t + sum_k g_k(t) e_ctrl,k  (gated per control group)
-    mmdit  SD3: context stream + pooled semantic vector added into adaLN; control added ungated
+    mmdit  SD3: context stream + pooled semantic vector, through its own MLP, added into adaLN; control added ungated
     adaln  DiT: no context stream; class embedding and control added to e_t -> adaLN-Zero
     xattn  PixArt-alpha: image tokens cross-attend to the semantic tokens; control added to e_t; adaLN-single (one
            shared modulation MLP, per-block learned offsets)
@@ -248,6 +248,8 @@ class DiffusionTransformer(nn.Module):
         # the semantic condition: class labels, or (text=dict(text_dim, max_length, pad, pad_noise, null)) a prompt
         self.y_embed = TextEmbedder(dim=width, **text) if text else ClassEmbedder(num_classes, width, class_tokens)
         self.c_embed = ControlEmbedder(width, gates=gates)
+        if cond == "mmdit":  # SD3: the pooled semantic vector gets an MLP of its own before it joins the time embedding
+            self.pool_embed = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         if cond == "xattn":  # adaLN-single: one modulation MLP shared by all blocks
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         context = {"ours": "full", "mmdit": "full", "adaln": None, "xattn": "cross"}[cond]
@@ -279,7 +281,8 @@ class DiffusionTransformer(nn.Module):
         w = self.x_embed.weight.data  # initialise the patch embedding like a linear layer (DiT)
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embed.bias)
-        for mlp in [self.t_embed.mlp, *self.c_embed.mlps.values()]:
+        mlps = [self.t_embed.mlp, *self.c_embed.mlps.values()] + ([self.pool_embed] if self.cond == "mmdit" else [])
+        for mlp in mlps:
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
         zero = [self.final.linear]
@@ -324,8 +327,9 @@ class DiffusionTransformer(nn.Module):
             return e_t + self.c_embed.gated(e_ctrl, t), tokens, mask
         if self.cond == "xattn":  # semantics only through cross-attention; control added to the time embedding
             return e_t + e_ctrl.sum(1), tokens, mask
-        vec = e_t + e_ctrl.sum(1) + pooled  # additive, ungated: the entangled baselines
-        return (vec, tokens, mask) if self.cond == "mmdit" else (vec, None, None)
+        if self.cond == "mmdit":  # pooled vector through its MLP (SD3), control added ungated
+            return e_t + e_ctrl.sum(1) + self.pool_embed(pooled), tokens, mask
+        return e_t + e_ctrl.sum(1) + pooled, None, None  # adaln (DiT): the class embedding added, like the control
 
     def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels or a prompt's (features (B, L, d), mask (B, L)[, padding

@@ -95,6 +95,19 @@ def test_baselines_add_semantics_into_adaln(cond):
     assert (model.condition(t, y, c)[1] is None) == (cond == "adaln")
 
 
+def test_mmdit_embeds_the_pooled_vector_through_its_own_mlp():
+    """SD3: adaLN = time embedding + MLP(pooled) (Linear -> SiLU -> Linear), here + the ungated control; adaln (DiT)
+    adds the class embedding itself."""
+    model = perturb(tiny_model("mmdit"))
+    x, t, y, c = model_inputs()
+    tokens, pooled = model.y_embed(y)
+    mlp = model.pool_embed
+    assert [type(m) for m in mlp] == [torch.nn.Linear, torch.nn.SiLU, torch.nn.Linear]
+    expected = model.t_embed(t) + model.c_embed(c).sum(1) + mlp[2](torch.nn.functional.silu(mlp[0](pooled)))
+    torch.testing.assert_close(model.condition(t, y, c)[0], expected)
+    assert not hasattr(tiny_model("adaln"), "pool_embed") and not hasattr(tiny_model("ours"), "pool_embed")
+
+
 def test_xattn_is_adaln_single_with_cross_attention():
     """PixArt-alpha: one shared modulation MLP (blocks only hold a (6, D) offset table); the class reaches the model
     only through cross-attention; QK-norm off as published."""
