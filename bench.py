@@ -186,8 +186,7 @@ def prepare(state, path, args):
             raise SystemExit("--compile blocks compiles model.blocks: this architecture has none (use --compile model)")
         for block in model.blocks:
             block.compile()
-    state.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                  weight_decay=args.wd, fused=path.fused_adam)
+    state.opt = train.make_optimizer(model.parameters(), args, fused=path.fused_adam)
     return state
 
 

@@ -7,30 +7,73 @@ same model from the file alone.
     python train.py --help          # a flag marked (shapes X, imagenet Y) takes that preset's value when left unset
 """
 import argparse
+import importlib.util
+import json
 import os
 
 from checkpoint import base_res_of, find_checkpoint, read_checkpoint
 from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS
 from data import DATASETS, MAX_WORKERS
-from diffusion import BETA_SCHEDULES, OBJECTIVES, Diffusion, noise_shift
+from diffusion import BETA_SCHEDULES, OBJECTIVES, SAMPLERS, Diffusion, noise_shift
 from latents import latent_geometry, read_cache
 from model import ARCHS, CONDS, MODELS, POS_MODES, SIZES, build_model, mdt_decode_layers
 
-# Per-dataset recipes for the flags left unset; every dataset but shapes takes imagenet's. imagenet follows the
-# ImageNet-256 recipe (SPEC.md). shapes is a small CPU preset that converges in about ten minutes on 2 cores: 24 px
-# pixel space, a higher lr and a short EMA, a noise shift of 3 (flat-coloured toy images keep their content at noise
-# levels where photos lose it), 4 class tokens (more attention mass for the label early in training), and
+# Per-dataset presets for the flags left unset; every dataset but shapes takes imagenet's. imagenet follows the
+# ImageNet-256 recipe (SPEC.md). shapes is the `small` recipe below at 24 px, which converges in about ten minutes on
+# 2 cores: pixel space, a higher lr and a short EMA, a noise shift of 3 (flat-coloured toy images keep their content
+# at noise levels where photos lose it), 4 class tokens (more attention mass for the label early in training), and
 # x-prediction (the network outputs the clean image, which is easier for 48-value pixel patches than the velocity;
 # the loss is still on the velocity).
 PRESETS = {
-    "shapes": dict(res=24, model="XS/4", batch=64, lr=2e-3, steps=2000, warmup=100, ema=0.999, decay="cosine",
-                   vae="none", shift=3.0, pred="x", class_tokens=4, log_every=50, ckpt_every=1000,
-                   sample_every=0, workers=0),
     "imagenet": dict(res=256, model="XL/2", batch=256, lr=1e-4, steps=400_000, warmup=1000, ema=0.9999,
                      decay="constant", vae="sd-ema", shift=1.0, pred="v", class_tokens=1,
                      log_every=100, ckpt_every=10_000, sample_every=10_000, workers=8),
 }
 PRESETS["folder"] = PRESETS["imagenet"]
+
+# The published recipes, one flag each (`--recipe NAME`; README "The baselines" gives the source of every value).
+# What a recipe sets wins over the dataset's preset; a flag given on the command line wins over both. Values that no
+# source publishes are ours and say so in the README. Model sizes stay the dataset preset's (XL/2 for ImageNet, XS/4 on
+# CPU): a recipe is how a model is trained, at any size. `python train.py --recipe NAME --print-config` shows the result.
+RECIPES = {
+    # the paper's own model and its shared setting: what runs with no recipe on imagenet / folder
+    "ours": dict(arch="dit", cond="ours", objective="flow", pred="v", optimizer="adamw", lr=1e-4, beta1=0.9,
+                 beta2=0.95, eps=1e-8, wd=0.0, warmup=1000, decay="constant", clip=1.0, ema=0.9999, ema_warmup="on",
+                 batch=256, sample_steps=50),
+    # DiT (facebookresearch/DiT train.py, sample_ddp.py): eps + learned variance, plain AdamW, EMA from the first step
+    "dit": dict(arch="dit", cond="adaln", objective="ddpm", beta_schedule="linear", learn_sigma=True, pred="eps",
+                optimizer="adamw", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.0, warmup=0, decay="constant",
+                clip=0.0, ema=0.9999, ema_warmup="off", batch=256, sampler="ddpm", sample_steps=250, cfg_scale=1.5),
+    # PixArt-alpha (configs/pixart_config/PixArt_xl2_img256_internal.py, scripts/inference.py)
+    "pixart": dict(arch="dit", cond="xattn", objective="ddpm", beta_schedule="linear", learn_sigma=True, pred="eps",
+                   optimizer="adamw", lr=2e-5, beta1=0.9, beta2=0.999, eps=1e-10, wd=0.03, warmup=1000,
+                   decay="constant", clip=0.01, ema=0.9999, ema_warmup="off", batch=256, sampler="ddpm",
+                   sample_steps=100, cfg_scale=4.5),
+    # mDT-v2 (sail-sg/MDT scripts/image_train.py, image_sample.py): Adan, min-SNR-5 weighting, masked training
+    "mdt": dict(arch="mdt", cond="adaln", objective="ddpm", beta_schedule="linear", learn_sigma=True, pred="eps",
+                optimizer="adan", lr=3e-4, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, wd=0.0, warmup=0,
+                decay="constant", clip=1.0, ema=0.9999, ema_warmup="off", batch=256, mask_ratio=0.3, min_snr=5.0,
+                sampler="ddpm", sample_steps=250, cfg_scale=1.5),
+    # LDM (CompVis/latent-diffusion configs/latent-diffusion/cin256-v2.yaml): UNet, sqrt-linear betas, no EMA
+    "ldm": dict(arch="unet", cond="xattn", objective="ddpm", beta_schedule="ldm", learn_sigma=False, pred="eps",
+                optimizer="adamw", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.01, warmup=0, decay="constant",
+                clip=0.0, ema=0.0, batch=256, sampler="ddim", sample_steps=250, cfg_scale=1.5),
+    # SD3 (Esser et al. 2024): mmDiT, rectified flow with logit-normal t, QK-norm
+    "sd3": dict(arch="dit", cond="mmdit", objective="flow", pred="v", t_mean=0.0, t_std=1.0, optimizer="adamw",
+                lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.0, warmup=1000, decay="constant", clip=1.0,
+                ema=0.9999, ema_warmup="on", batch=1024, sampler="euler", sample_steps=50, cfg_scale=5.0),
+    # small images on a CPU in minutes (the `shapes` preset at any resolution, any folder): pixel space, a small
+    # model, a high lr with cosine decay, a short EMA, x-prediction and a noise shift of 3
+    "small": dict(res=32, model="XS/4", vae="none", batch=64, lr=2e-3, steps=2000, warmup=100, decay="cosine",
+                  ema=0.999, shift=3.0, pred="x", class_tokens=4, log_every=50, ckpt_every=1000, sample_every=0,
+                  workers=0),
+}
+PRESETS["shapes"] = dict(RECIPES["small"], res=24)
+# Every flag a recipe or a preset may set, when neither does: the paper's choices and the ImageNet recipe's.
+DEFAULTS = dict(arch="dit", cond="ours", objective="flow", beta_schedule="linear", learn_sigma=False, qk_norm="auto",
+                t_mean=0.0, t_std=1.0, optimizer="adamw", beta1=0.9, beta2=0.95, beta3=0.99, eps=1e-8, wd=0.0,
+                clip=1.0, ema_warmup="on", min_snr=0.0, mask_ratio=0.3, p_drop_sem=0.1, sampler=None,
+                sample_steps=50, cfg_scale=2.0)
 
 # `--dataset imagenet` without --data-path reads $IMAGENET_DIR, else this folder (relative to the working directory)
 IMAGENET_DEFAULT = os.path.join("data", "imagenet", "train")
@@ -55,6 +98,12 @@ def preset(key):
     return f" (shapes {PRESETS['shapes'][key]}, imagenet {PRESETS['imagenet'][key]})"
 
 
+def default(key):
+    """' (default 0.95; recipes: dit 0.999, ...)': a recipe-set flag's value without a recipe, and each recipe's."""
+    set_by = [f"{name} {r[key]}" for name, r in RECIPES.items() if key in r and r[key] != DEFAULTS.get(key)]
+    return f" (default {DEFAULTS[key]}" + (f"; recipes: {', '.join(set_by)})" if set_by else ")")
+
+
 def get_args(argv=None, description=None):
     """Parse train.py's flags and fill the ones left unset from the dataset's preset."""
     p = argparse.ArgumentParser(description=description or __doc__,
@@ -74,15 +123,16 @@ def get_args(argv=None, description=None):
     a("--vae", help="none (pixel space) | sd-ema | sd-mse | a diffusers AutoencoderKL path" + preset("vae"))
     # model
     a("--model", help=f"size/patch preset: {', '.join(MODELS)}; --arch unet: G4, S, XS" + preset("model"))
-    a("--arch", default="dit", choices=ARCHS + ("unet",), help="dit (transformer) | mdt (mDT-v2) | unet (LDM)")
-    a("--cond", default="ours", choices=CONDS, help="conditioning route: ours (disentangled, the paper's) | adaln "
-      "(DiT) | xattn (PixArt-alpha) | mmdit (SD3)")
-    a("--qk-norm", default="auto", choices=("auto", "on", "off"), help="QK-norm; auto = as the route's recipe "
-      "(on for ours / mmdit, off for adaln / xattn)")
+    a("--arch", choices=ARCHS + ("unet",), help="dit (transformer) | mdt (mDT-v2) | unet (LDM; its own sizes G4, S, "
+      "XS: XS when the preset's model is XS/4, else G4)" + default("arch"))
+    a("--cond", choices=CONDS, help="conditioning route: ours (disentangled, the paper's) | adaln (DiT) | xattn "
+      "(PixArt-alpha) | mmdit (SD3)" + default("cond"))
+    a("--qk-norm", choices=("auto", "on", "off"), help="QK-norm; auto = as the route's recipe (on for ours / mmdit, "
+      "off for adaln / xattn)" + default("qk_norm"))
     a("--decode-layers", type=int, default=None, help="mdt: decoder blocks (default 4 at depth >= 12 as "
       "MDTv2-XL/2; XS 2, T 0)")
-    a("--mask-ratio", type=float, default=0.3, help="mdt: fraction of image tokens dropped in the masked pass "
-      "(plus U[0, 0.2])")
+    a("--mask-ratio", type=float, help="mdt: fraction of image tokens dropped in the masked pass (plus U[0, 0.2])"
+      + default("mask_ratio"))
     a("--class-tokens", type=int, help="context tokens per class label" + preset("class_tokens"))
     a("--cond-type", default="class", choices=("class", "text"), help="semantic condition: class label or caption")
     a("--text-encoder", default="builtin", help="text: frozen encoder, `builtin` (no download) or a Hugging Face "
@@ -93,15 +143,18 @@ def get_args(argv=None, description=None):
     a("--text-null", default="learned", choices=TEXT_NULLS, help="text: null prompt for guidance, a learned token "
       "sequence or the encoded empty string")
     a("--pos-mode", default="resample", choices=POS_MODES, help="positional embedding on grids beyond the base")
-    for group, default in DEFAULT_GATES.items():
-        a(f"--gate-{group}", default=default, choices=GATES, help=f"schedule g(t) of the {group} control group")
+    for group, gate in DEFAULT_GATES.items():
+        a(f"--gate-{group}", default=gate, choices=GATES, help=f"schedule g(t) of the {group} control group")
     # diffusion
-    a("--objective", default="flow", choices=OBJECTIVES, help="flow (rectified flow, SD3) | ddpm (eps, 1000 steps, "
-      "DiT / LDM)")
-    a("--beta-schedule", default="linear", choices=BETA_SCHEDULES, help="ddpm: linear (DiT / ADM) | ldm")
-    a("--learn-sigma", action="store_true", help="ddpm: also learn the variance (DiT; trained by the VLB term)")
-    a("--t-mean", type=float, default=0.0, help="logit-normal mean of training t")
-    a("--t-std", type=float, default=1.0, help="logit-normal std of training t")
+    a("--objective", choices=OBJECTIVES, help="flow (rectified flow, SD3) | ddpm (eps, 1000 steps, DiT / LDM)"
+      + default("objective"))
+    a("--beta-schedule", choices=BETA_SCHEDULES, help="ddpm: linear (DiT / ADM) | ldm" + default("beta_schedule"))
+    a("--learn-sigma", action=argparse.BooleanOptionalAction, help="ddpm: also learn the variance (DiT; trained by "
+      "the VLB term)" + default("learn_sigma"))
+    a("--min-snr", type=float, help="ddpm: weight the eps loss by min(SNR, gamma) / SNR (mDT-v2's gamma 5; 0 = off)"
+      + default("min_snr"))
+    a("--t-mean", type=float, help="logit-normal mean of training t" + default("t_mean"))
+    a("--t-std", type=float, help="logit-normal std of training t" + default("t_std"))
     a("--shift", type=float, help="noise shift at the base resolution; alpha = shift * sqrt(tokens / base tokens)"
       + preset("shift"))
     a("--pred", choices=("v", "x", "eps"), help="network output. flow: v (velocity, SD3) or x (clean image, converted "
@@ -111,23 +164,33 @@ def get_args(argv=None, description=None):
       "the run's)")
     a("--res-shift", default="on", choices=("on", "off"), help="scale the noise shift with the token count beyond "
       "--base-res (off: alpha = --shift at every resolution; the transfer ablation)")
-    a("--p-drop-sem", type=float, default=0.1, help="probability of dropping the semantic condition (guidance)")
+    a("--p-drop-sem", type=float, help="probability of dropping the semantic condition (guidance)"
+      + default("p_drop_sem"))
     a("--p-drop-ctrl", type=float, default=0.1, help="probability of dropping the control metadata (guidance)")
     # optimisation
+    a("--recipe", choices=tuple(RECIPES), help="a published recipe: sets the flags it publishes (objective, route, "
+      "optimizer, EMA, batch, evaluation sampler); flags given here still win. README: The baselines")
+    a("--print-config", action="store_true", help="print the resolved flags as one JSON object and exit")
     a("--batch", type=int, help="global batch size (split across ranks)" + preset("batch"))
     a("--steps", type=int, help="optimizer steps" + preset("steps"))
     a("--lr", type=float, help="peak learning rate" + preset("lr"))
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
-    a("--wd", type=float, default=0.0, help="AdamW weight decay")
+    a("--optimizer", choices=("adamw", "adan"), help="adamw | adan (mDT-v2; needs `pip install adan-pytorch`)"
+      + default("optimizer"))
+    a("--beta1", type=float, help="first moment decay" + default("beta1"))
+    a("--beta2", type=float, help="second moment decay (adan: of the gradient difference)" + default("beta2"))
+    a("--beta3", type=float, help="adan: decay of the squared-gradient moment" + default("beta3"))
+    a("--eps", type=float, help="optimizer epsilon" + default("eps"))
+    a("--wd", type=float, help="decoupled weight decay" + default("wd"))
     a("--warmup", type=int, help="linear warm-up steps" + preset("warmup"))
     a("--decay", choices=("constant", "cosine"), help="learning-rate shape after warm-up" + preset("decay"))
-    a("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    a("--clip", type=float, help="gradient-norm clip (0 = off)" + default("clip"))
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step: each rank runs --batch / "
       "(processes x N) images at a time and the step averages them, so the global batch stays --batch")
     a("--grad-ckpt", action="store_true", help="activation checkpointing of every transformer block (less memory, "
       "about one more forward)")
-    a("--ema", type=float, help="EMA decay" + preset("ema"))
+    a("--ema", type=float, help="EMA decay (0: sample from the trained weights)" + preset("ema"))
+    a("--ema-warmup", choices=("on", "off"), help="on: decay min(ema, (1 + step) / (10 + step)), so early averages "
+      "are not dominated by the random initialisation; off: ema from the first step" + default("ema_warmup"))
     # system
     a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = bf16 on GPU, fp32 on CPU")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -143,13 +206,19 @@ def get_args(argv=None, description=None):
       + preset("sample_every"))
     a("--keep", type=int, default=2, help="checkpoints kept in the run folder")
     a("--eval-per-class", type=int, default=20, help="shapes: checker evaluation samples per class at the end")
-    a("--cfg-scale", type=float, default=2.0, help="semantic guidance scale for end-of-run samples")
+    a("--cfg-scale", type=float, help="semantic guidance scale of end-of-run samples and, by default, of sample.py"
+      + default("cfg_scale"))
+    a("--sampler", choices=sorted({s for v in SAMPLERS.values() for s in v}), help="sampler of end-of-run samples "
+      "and sample.py's default: euler / heun (flow), ddim / ddpm (ddpm); default: the objective's first")
+    a("--sample-steps", type=int, help="sampler steps of end-of-run samples and sample.py's default"
+      + default("sample_steps"))
     # reliability
     a("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
     a("--max-skip-rate", type=float, default=0.05, help="stop if more than this fraction of images are unreadable")
     args = p.parse_args(argv)
-    if args.objective == "ddpm" and args.pred is None:
-        args.pred = "eps"
+    for k, v in RECIPES.get(args.recipe, {}).items():  # the recipe, where the command line left a flag unset
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.base_res is None and (args.init_from or args.resume):  # a transfer keeps its base, a resumed run its own
         if args.init_from and os.path.isfile(args.init_from):  # a missing file: validate says so
             args.base_res = base_res_of(read_checkpoint(args.init_from, mmap=True))
@@ -164,11 +233,21 @@ def get_args(argv=None, description=None):
         if args.vae is not None and args.vae != meta["vae"]:
             raise SystemExit(f"--vae {args.vae}: the cache {args.data_path} holds {meta['vae']} latents")
         args.vae, args.res = meta["vae"], args.res or meta["res"]
-    for k, v in PRESETS["shapes" if args.source_dataset == "shapes" else "imagenet"].items():
+    preset_name = "shapes" if args.source_dataset == "shapes" else "imagenet"
+    if args.arch == "unet" and args.model is None:  # the UNet has sizes of its own: XS on the CPU presets, else G4
+        args.model = "XS" if "XS/4" in (PRESETS[preset_name]["model"], RECIPES.get(args.recipe, {}).get("model")) \
+            else "G4"
+    if (args.objective or DEFAULTS["objective"]) == "ddpm" and args.pred is None:
+        args.pred = "eps"  # the only output a ddpm model has here
+    for k, v in {**DEFAULTS, **PRESETS[preset_name]}.items():  # then the dataset's preset, then the defaults
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.base_res is None:  # from scratch, whatever the data source: the model's own grid is its base
         args.base_res = args.res
+    if args.print_config:
+        print(json.dumps({k.replace("_", "-"): v for k, v in vars(args).items()
+                          if k not in ("print_config", "source_dataset")}, indent=1))
+        raise SystemExit(0)
     return args
 
 
@@ -203,6 +282,15 @@ def validate(args):
                          f"predicts v or x")
     if args.learn_sigma and args.objective != "ddpm":
         raise SystemExit("--learn-sigma needs --objective ddpm")
+    if args.min_snr and args.objective != "ddpm":
+        raise SystemExit("--min-snr weights the eps loss of --objective ddpm")
+    if args.sampler is not None and args.sampler not in SAMPLERS[args.objective]:
+        raise SystemExit(f"--sampler {args.sampler} does not fit --objective {args.objective}: choose one of "
+                         f"{', '.join(SAMPLERS[args.objective])}")
+    if args.optimizer == "adan":
+        if importlib.util.find_spec("adan_pytorch") is None:  # mDT-v2's optimizer: an optional dependency
+            raise SystemExit("--optimizer adan (the mdt recipe) needs the Adan optimizer: pip install adan-pytorch "
+                             "(or train with --optimizer adamw)")
     if args.init_from and not os.path.isfile(args.init_from):
         raise SystemExit(f"--init-from {args.init_from!r}: no such checkpoint file")
     if args.init_from and args.resume:
@@ -225,13 +313,13 @@ def validate(args):
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f"--data-path {args.data_path!r} does not exist or is not a directory")
     for name in ("batch", "steps", "res", "class_tokens", "log_every", "ckpt_every", "keep", "max_bad_steps",
-                 "grad_accum"):
+                 "grad_accum", "sample_steps"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("p_drop_sem", "p_drop_ctrl", "ema", "max_skip_rate"):
+    for name in ("p_drop_sem", "p_drop_ctrl", "ema", "max_skip_rate", "beta1", "beta2", "beta3"):
         if not 0 <= getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-    for name in ("lr", "shift", "t_std"):
+    for name in ("lr", "shift", "t_std", "eps"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.batch % args.grad_accum:
@@ -239,8 +327,8 @@ def validate(args):
                          f"averages {args.grad_accum} equal micro-batches)")
     if args.grad_ckpt and args.arch == "unet":
         raise SystemExit("--grad-ckpt checkpoints transformer blocks: --arch unet has none (use --arch dit or mdt)")
-    if args.warmup < 0 or args.clip < 0 or args.workers < 0:
-        raise SystemExit("--warmup, --clip and --workers must be >= 0")
+    if args.warmup < 0 or args.clip < 0 or args.workers < 0 or args.min_snr < 0:
+        raise SystemExit("--warmup, --clip, --workers and --min-snr must be >= 0")
     if args.workers > MAX_WORKERS:
         raise SystemExit(f"--workers {args.workers}: at most {MAX_WORKERS} per process")
     if args.resume and args.resume != "auto" and not os.path.exists(args.resume):
@@ -278,8 +366,8 @@ def make_model(args):
 def make_diffusion(args):
     """The objective, its noise-level shift at this resolution and its sampler settings."""
     alpha = noise_shift(args.shift, args.res, args.base_res) if args.res_shift == "on" else args.shift
-    return Diffusion(args.objective, args.pred, alpha, args.t_mean,
-                     args.t_std, args.beta_schedule, args.learn_sigma)
+    return Diffusion(args.objective, args.pred, alpha, args.t_mean, args.t_std, args.beta_schedule, args.learn_sigma,
+                     min_snr=getattr(args, "min_snr", 0.0))  # a checkpoint from before the flag: none
 
 
 def use_bf16(precision, device):

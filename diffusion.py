@@ -185,7 +185,7 @@ class Diffusion:
     """One objective's training loss and sampler. `predict(x, t)` in `sample` returns the raw network output."""
 
     def __init__(self, objective="flow", pred=None, alpha=1.0, t_mean=0.0, t_std=1.0, beta_schedule="linear",
-                 learn_sigma=False, num_steps=1000):
+                 learn_sigma=False, num_steps=1000, min_snr=0.0):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown --objective {objective!r}; choose one of {OBJECTIVES}")
         if learn_sigma and objective != "ddpm":
@@ -194,7 +194,7 @@ class Diffusion:
         if pred not in PREDS[objective]:
             raise ValueError(f"--pred {pred!r} does not fit --objective {objective}; choose one of {PREDS[objective]}")
         self.objective, self.pred, self.alpha, self.t_mean, self.t_std = objective, pred, alpha, t_mean, t_std
-        self.learn_sigma, self.num_steps = learn_sigma, num_steps
+        self.learn_sigma, self.num_steps, self.min_snr = learn_sigma, num_steps, min_snr
         self.chain = Chain(ddpm_betas(beta_schedule, num_steps)) if objective == "ddpm" else None
 
     # ---- training -----------------------------------------------------------------------------------------------
@@ -220,6 +220,9 @@ class Diffusion:
         x0n, x_tn, kn = x0.repeat(n, 1, 1, 1), x_t.repeat(n, 1, 1, 1), k.repeat(n)
         eps = out[:, :C].float()
         per = ((eps - noise.float().repeat(n, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
+        if self.min_snr > 0:  # min-SNR-gamma (Hang et al. 2023; mDT-v2): the eps loss weighted by min(SNR, gamma) / SNR
+            snr = (self.chain.ab / (1 - self.chain.ab)).to(x0.device)[kn]
+            per = per * (snr.clamp(max=self.min_snr) / snr).float()
         if self.learn_sigma:  # the variational bound trains the variance only: the mean is frozen (ADM's L_hybrid)
             per = per + self.vb_term(eps.detach(), out[:, C:], x0n.float(), x_tn.float(), kn)
         return per.view(n, B).sum(0)

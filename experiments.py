@@ -9,6 +9,7 @@ rebuilt from them, so no number in it is typed by hand.
     python experiments.py padding     # text: noisy_replicate vs replicate vs zero padding
     python experiments.py transfer    # 32 -> 64 px: resample vs extend, with and without the noise-shift scaling
     python experiments.py figures     # size-sweep grid (ours vs adaln) and loss curves
+    python experiments.py recipes     # each published recipe (train.py --recipe NAME) on shapes, its own sampler
     python experiments.py drift       # at convergence, class <-> size correlated data: routes, gates, --ctrl-scale
     python experiments.py all         # routes, gates, padding, transfer, figures, then the results page
     python experiments.py results     # only the results page, from the tables already written
@@ -348,6 +349,49 @@ def padding(a):
 
 
 #################################################################################
+#                 Each published recipe, as one command, on shapes              #
+#################################################################################
+
+def recipes(a):
+    """`train.py --recipe NAME` for every recipe on shapes, at the experiment's budget and the preset's batch (the
+    recipes' own batches are 4-16x larger), then the checker with the recipe's own sampler, steps and guidance."""
+    from config import RECIPES
+    rows, dirs, measurements = [], [], []
+    for name in RECIPES:
+        per_seed = []
+        for seed in a.seeds:
+            flags = ["--recipe", name, "--batch", "64"] + (["--model", "XS"] if name == "ldm" else [])
+            run_dir = shapes_run(a, flags, seed)
+            dirs.append(run_dir)
+
+            def measure():
+                model, args = load_model(run_dir, "cpu")
+                return dict(evaluate_shapes(model, make_diffusion(args), args, a.per_class, "cpu",
+                                            cfg_scale=args.cfg_scale, steps=args.sample_steps, method=args.sampler),
+                            sampler=args.sampler or ("euler" if args.objective == "flow" else "ddim"),
+                            sample_steps=args.sample_steps, cfg_scale=args.cfg_scale)
+            m = measured(run_dir, f"recipe-eval-per_class{a.per_class}", measure)
+            losses = train_losses(run_dir)
+            measurements.append(m)
+            per_seed.append(dict(m, seed=seed, run_dir=run_dir, train_loss=losses[max(losses)]))
+        rows.append({"recipe": name, "train loss (last)": mean_spread([m["train_loss"] for m in per_seed]),
+                     "class acc": mean_spread([m["class_acc"] for m in per_seed]),
+                     "flip acc": mean_spread([m["flip_acc"] for m in per_seed]),
+                     "evaluated with": f"{per_seed[0]['sampler']} {per_seed[0]['sample_steps']} steps, guidance "
+                                       f"{per_seed[0]['cfg_scale']:g}", "per_seed": per_seed})
+    command = (f"python experiments.py recipes --seeds {','.join(map(str, a.seeds))} --steps {a.steps} "
+               f"--shapes-size {a.shapes_size} --per-class {a.per_class}")
+    note = (f"Each recipe as `train.py --recipe NAME --batch 64` (ldm: `--model XS`) on shapes: XS/4, 24 px, "
+            f"{a.steps} steps. {budget_note(a, dirs, measurements, command)} Checker on EMA samples (the ldm "
+            f"recipe has no EMA: its trained weights), {a.per_class} seeds per class x 2 flips, with each recipe's own "
+            f"evaluation sampler. The loss is each recipe's own objective (flow: velocity MSE; ddpm: eps MSE, + the "
+            f"VLB term with a learned variance, x min-SNR weights for mdt; mdt sums its masked and unmasked passes), so "
+            f"losses compare only within an objective.")
+    write_table(a, "recipes", rows, ["recipe", "train loss (last)", "class acc", "flip acc", "evaluated with"], note)
+    return rows
+
+
+#################################################################################
 #            Drift at convergence, with class <-> size correlated data          #
 #################################################################################
 # The paper's Figure 2: on real data the original size correlates with the content, so a model that adds the size and
@@ -672,7 +716,11 @@ BEGIN, END = "<!-- experiments:begin (written by experiments.py) -->", "<!-- exp
 SECTIONS = (("routes", "Conditioning routes", ("size_sweep.png", "loss_routes.png")),
             ("gates", "Control gates", ("loss_gates.png",)),
             ("padding", "Text padding", ("loss_padding.png",)),
-            ("transfer", "Resolution transfer, 32 → 64 px", ()))
+            ("transfer", "Resolution transfer, 32 → 64 px", ()),
+            ("recipes", "Each published recipe, one command each", ()),
+            ("drift", "Semantic drift at convergence, class-correlated sizes", ("drift.png", "drift_size_sweep.png")),
+            ("drift_gates", "Gate schedules at high rho", ()),
+            ("drift_ctrl_scale", "Control guidance at high rho", ("drift_ctrl_scale.png",)))
 
 
 def update_results(a, page=os.path.join("docs", "RESULTS.md")):
@@ -700,12 +748,13 @@ def update_results(a, page=os.path.join("docs", "RESULTS.md")):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "drift", "figures", "results",
-                                          "all"))
+    p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "drift", "recipes", "figures",
+                                          "results", "all"))
     p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="routes / gates / padding: only "
                    "these variants (comma-separated names as in the tables)")
-    p.add_argument("--steps", type=int, default=None, help="steps per run: routes / gates / padding 800, drift 2000")
+    p.add_argument("--steps", type=int, default=None, help="steps per run: routes / gates / padding 800, drift 2000, "
+                   "recipes 300")
     p.add_argument("--corrs", default="0,0.9", type=lambda s: [float(v) for v in s.split(",")],
                    help="drift: class <-> size correlations rho of the data (train.py --size-corr)")
     p.add_argument("--drift-pairs", type=int, default=100, help="drift: (noise, class) pairs per run")
@@ -729,12 +778,14 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join("docs", "RESULTS.md"), help="the page whose results block is "
                    "rebuilt")
     a = p.parse_args(argv)
-    a.steps = a.steps or (2000 if a.experiment == "drift" else 800)
+    a.steps = a.steps or {"drift": 2000, "recipes": 300}.get(a.experiment, 800)
     experiments = dict(routes=routes, gates=gates, padding=padding, transfer=transfer)
     if a.experiment in experiments:
         experiments[a.experiment](a)
     elif a.experiment == "drift":  # not part of `all`: hours of CPU at its budget
         drift_experiment(a)
+    elif a.experiment == "recipes":
+        recipes(a)
     elif a.experiment == "figures":
         figures(a)
     elif a.experiment == "all":

@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from checkpoint import CONFIG_VERSION, checkpoint_weights, dit_resolution, export_safetensors, find_checkpoint
+from checkpoint import (CONFIG_VERSION, checkpoint_weights, dit_resolution, export_safetensors, find_checkpoint,
+                        load_weights)
 from conditioning import CONTROL_SIGNALS, SIGNAL
 from config import get_args, latent_shape, make_diffusion, make_model, use_bf16
 from data import default_control, setup_distributed
@@ -161,8 +162,8 @@ def load_model(path, device, flag="--ckpt"):
         if size is None:
             raise SystemExit(f"{file}: a DiT of depth {depth} and width {width} matches none of our sizes")
         res = dit_resolution(state)
-        args = get_args(["--dataset", "imagenet", "--model", f"{size}/{patch}", "--cond", "adaln", "--qk-norm", "off",
-                         "--objective", "ddpm", "--learn-sigma", "--res", str(res), "--base-res", str(res)])
+        args = get_args(["--dataset", "imagenet", "--recipe", "dit", "--model", f"{size}/{patch}", "--qk-norm", "off",
+                         "--res", str(res), "--base-res", str(res)])  # + DiT's sampler: 250 DDPM steps at 1.5
         args.num_classes, args.ckpt_file, args.ckpt_step = state["y_embedder.embedding_table.weight"].shape[0] - 1, \
             os.path.abspath(file), None
         args.latent_scale = args.latent_shift = None  # the VAE's own (0.18215, as DiT trained)
@@ -176,7 +177,7 @@ def load_model(path, device, flag="--ckpt"):
                          f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION})")
     args = SimpleNamespace(**ckpt["args"], ckpt_file=os.path.abspath(file), ckpt_step=ckpt.get("step"))
     model = make_model(args)
-    model.load_state_dict(ckpt["ema"])
+    load_weights(model, ckpt["ema"], file)
     return model.to(device).eval(), args
 
 
@@ -213,8 +214,9 @@ def main(argv=None):
                                                                      "flag for more rows")
     p.add_argument("--prompts", default=None, help="text model: a file of prompts, one per line")
     p.add_argument("--seeds", type=int, default=4, help="noise seeds per cell")
-    p.add_argument("--cfg-scale", default="1.0", help="semantic guidance scale(s), comma-separated")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-scale", default=None, help="semantic guidance scale(s), comma-separated (default: the "
+                   "run's train.py --cfg-scale, which its recipe sets)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps)")
     p.add_argument("--sampler", default=None, choices=[s for v in SAMPLERS.values() for s in v],
                    help="flow: euler (default) | heun; ddpm: ddim (default) | ddpm (ancestral)")
     p.add_argument("--vae", default=None, help="decode with this autoencoder instead of the checkpoint's (e.g. "
@@ -235,7 +237,7 @@ def main(argv=None):
                    help="--num-samples: auto = bf16 autocast on GPU, fp32 on CPU")
     a = p.parse_args(argv)
     # the numbers first: a bad one fails here, not after the model is loaded or deep inside the sampler
-    scales = floats(a.cfg_scale, "--cfg-scale")
+    scales = floats(a.cfg_scale, "--cfg-scale") if a.cfg_scale is not None else None
     flips, sizes = floats(a.flip, "--flip"), floats(a.orig_size, "--orig-size")
     offsets = floats(a.crop_offset, "--crop-offset")
     finite("--ctrl-scale", a.ctrl_scale)
@@ -246,7 +248,7 @@ def main(argv=None):
     if not 0 <= interval[0] <= interval[1] <= 1:
         raise SystemExit(f"--interval {a.interval}: need 0 <= LO <= HI <= 1 (t runs from 1, noise, to 0, data)")
     for flag in ("steps", "seeds", "batch"):
-        if getattr(a, flag) < 1:
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
             raise SystemExit(f"--{flag} must be >= 1, got {getattr(a, flag)}")
     for flag in ("num_samples", "eval_per_class"):  # 0 = not asked for
         if getattr(a, flag) < 0:
@@ -263,6 +265,10 @@ def main(argv=None):
         export_safetensors(model, args, a.export)
         print(f"wrote {a.export}")
         return a.export
+    # the run's evaluation settings (its recipe's) where these flags are not given; 50 steps at 1.0 for older runs
+    a.steps = a.steps or getattr(args, "sample_steps", 50)
+    a.sampler = a.sampler or getattr(args, "sampler", None)
+    scales = scales or [getattr(args, "cfg_scale", 1.0)]
     if a.sampler and a.sampler not in SAMPLERS[args.objective]:
         raise SystemExit(f"--sampler {a.sampler}: this model was trained with --objective {args.objective}; choose "
                          f"one of {SAMPLERS[args.objective]}")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import CONFIG_VERSION, checkpoints_in, find_checkpoint, init_from, write_checkpoint
+from checkpoint import CONFIG_VERSION, checkpoints_in, find_checkpoint, init_from, load_weights, write_checkpoint
 from conditioning import drop_flags
 from config import config_mismatch, get_args, make_diffusion, make_model, use_bf16, validate
 from data import EVENTS, SKIPPED, build_dataset, setup_distributed
@@ -203,6 +203,25 @@ def lr_at(step, args):
     return args.lr
 
 
+def ema_decay(step, args):
+    """--ema-warmup on: min(ema, (1 + step) / (10 + step)) (0.1 at the first step, 0.5 at step 8, 0.99 at step 890), so
+    early averages are not dominated by the random initialisation (LDM's LitEma); off: --ema from the first step (DiT,
+    PixArt-alpha, mDT-v2, which copy the weights into the EMA at the start, as train.main does)."""
+    return min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup == "on" else args.ema
+
+
+def make_optimizer(params, args, fused=False):
+    """--optimizer adamw (torch's; `fused`: one kernel on GPU) or adan (mDT-v2's, from the adan-pytorch package,
+    imported only here). --beta1/2/3 are the moment decays in the Adan paper's convention (mDT-v2: 0.98, 0.92, 0.99);
+    adan-pytorch takes one minus each."""
+    if args.optimizer == "adan":
+        from adan_pytorch import Adan
+        return Adan(params, lr=args.lr, betas=(1 - args.beta1, 1 - args.beta2, 1 - args.beta3), eps=args.eps,
+                    weight_decay=args.wd)
+    return torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.wd,
+                             fused=fused)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, every parameter in one fused call."""
@@ -224,7 +243,7 @@ def train_step(net, model, ema, opt, diffusion, micro_batches, gen, step, args, 
     """One optimisation step on the micro-batches [(x0, y, ctrl), ...] of this rank (one, or --grad-accum of them):
     for each, condition dropout (for guidance) and the mean loss under bf16 autocast (or fp32), scaled by 1 / their
     number and backpropagated, so the gradients add up to those of the mean loss of the whole batch; then this
-    step's learning rate, gradient clipping, AdamW, the EMA. `net` is what runs the forward (the model, or its DDP /
+    step's learning rate, gradient clipping, the optimizer, the EMA. `net` is what runs the forward (the model, or its DDP /
     compiled wrapper); under DDP only the last micro-batch's backward all-reduces, the others accumulate locally.
     Noise, noise levels and dropout come from `gen`, drawn micro-batch by micro-batch.
     A non-finite gradient norm skips the update (skip_non_finite=False omits that check, a host read of a device
@@ -248,7 +267,7 @@ def train_step(net, model, ema, opt, diffusion, micro_batches, gen, step, args, 
         opt.zero_grad(set_to_none=True)
         return total, gnorm, False
     opt.step()
-    update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
+    update_ema(ema, model, ema_decay(step, args))
     return total, gnorm, True
 
 
@@ -358,8 +377,8 @@ def cuda_rng_state(device):
 def restore(ckpt, model, ema, opt, gen, loop, rank, stream, device):
     """Continue exactly where the checkpoint stopped: weights, optimizer, step, this rank's data position and noise
     stream, the global RNGs (CPU, and this rank's GPU), and the log window a preemption may have cut."""
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
+    load_weights(model, ckpt["model"], "--resume")
+    load_weights(ema, ckpt["ema"], "--resume")
     opt.load_state_dict(ckpt["opt"])
     loop.step, loop.epoch, loop.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
     if stream:  # one position (and epoch) per rank
@@ -488,8 +507,7 @@ def main(argv=None):
     # the latent scale (and shift) the data was made with; sampling decodes with the same ones
     vae = Autoencoder(args.vae, **(dict(scale=dataset.scale, shift=dataset.shift) if latent else {})).to(device)
     args.latent_scale, args.latent_shift = vae.scale, vae.shift
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd,
-                            fused=device.type == "cuda")
+    opt = make_optimizer(model.parameters(), args, fused=device.type == "cuda")
     gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)  # noise, t and condition dropout
 
     # ---- resume: weights, optimizer, data position, RNG streams -------------------------------------------------
@@ -571,12 +589,13 @@ def main(argv=None):
 
 def write_grid(ema, vae, args, path, device):
     """A sample grid of the EMA model (sample.class_grid): a row per class, the flip off and on."""
-    class_grid(ema, vae, args, path, device, cfg_scale=args.cfg_scale)
+    class_grid(ema, vae, args, path, device, cfg_scale=args.cfg_scale, steps=args.sample_steps, method=args.sampler)
 
 
 def write_eval(ema, diffusion, args, path, device, step):
     """The shapes checker's verdict on EMA samples, printed and written to `path` (eval.json)."""
-    res = evaluate_shapes(ema, diffusion, args, args.eval_per_class, device, cfg_scale=args.cfg_scale, progress=True)
+    res = evaluate_shapes(ema, diffusion, args, args.eval_per_class, device, cfg_scale=args.cfg_scale,
+                          steps=args.sample_steps, method=args.sampler, progress=True)
     print("checker on EMA samples: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     with open(path, "w") as f:
         json.dump(dict(res, cfg_scale=args.cfg_scale, per_class=args.eval_per_class, step=step), f)

@@ -249,3 +249,20 @@ def test_a_ddim_step_count_no_stride_gives_is_refused_before_sampling(tmp_path):
     ckpt = our_checkpoint(run / "ckpt-0000003.pt", ["--objective", "ddpm", "--cond", "adaln"])
     with pytest.raises(SystemExit, match=r"--steps 37: .*36 or 38"):
         sample.main(["--ckpt", ckpt, "--steps", "37"])
+
+
+@pytest.mark.parametrize("entry", ["sample --ckpt", "train --resume"])
+def test_weights_that_do_not_fit_the_model_get_a_message(entry, tmp_path):
+    """A checkpoint from a version of the code whose network had other tensors (here: SD3's pooled-vector MLP, which
+    an older --cond mmdit lacked) says what differs instead of load_state_dict's traceback."""
+    (tmp_path / "run").mkdir()
+    path = our_checkpoint(tmp_path / "run" / "ckpt-0000003.pt", ["--cond", "mmdit"])
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("model", "ema"):
+        ckpt[key] = {k: v for k, v in ckpt[key].items() if not k.startswith("pool_embed.")}
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=r"do not fit the model.*Missing: pool_embed\.0\.weight"):
+        if entry == "sample --ckpt":
+            sample.main(["--ckpt", path])
+        else:
+            train.main(TINY + ONE_STEP + ["--cond", "mmdit", "--resume", path, "--out", str(tmp_path / "out")])

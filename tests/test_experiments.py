@@ -202,3 +202,19 @@ def test_transfer_fine_tunes_each_variant_from_one_base_and_splits_the_held_out_
         assert (args.res, args.base_res) == (64, 32)  # the base grid comes from the 32 px checkpoint
         alphas[args.res_shift] = make_diffusion(args).alpha
     assert alphas == {"on": pytest.approx(6.0), "off": pytest.approx(3.0)}  # shift 3 x sqrt(4 x the tokens) vs 3
+
+
+@pytest.mark.slow
+def test_recipes_trains_each_recipe_and_evaluates_with_its_own_sampler(tmp_path, monkeypatch):
+    import config
+    monkeypatch.setattr(config, "RECIPES", {k: dict(config.RECIPES[k], sample_steps=4) for k in ("dit", "ldm")})
+    (tmp_path / "R.md").write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    experiments.main(["recipes", "--seeds", "0", "--steps", "2", "--per-class", "1", "--shapes-size", "64", "--out",
+                      str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--results", str(tmp_path / "R.md")])
+    rows = json.loads((tmp_path / "docs" / "recipes.json").read_text())
+    assert [r["recipe"] for r in rows] == ["dit", "ldm"]
+    assert rows[0]["evaluated with"] == "ddpm 4 steps, guidance 1.5"  # each recipe's sampler and guidance
+    assert rows[1]["evaluated with"] == "ddim 4 steps, guidance 1.5"
+    m = rows[1]["per_seed"][0]
+    assert 0 <= m["class_acc"] <= 1 and np.isfinite(m["train_loss"])
+    assert "| dit |" in (tmp_path / "R.md").read_text()
