@@ -86,7 +86,6 @@ def get_args(argv=None):
     a("--find-max-batch", action="store_true", help="GPU: search the largest batch the fast path fits in memory")
     a("--max-batch-limit", type=int, default=8192, help="stop the --find-max-batch search here")
     a("--sample-batch", type=int, default=0, help="also time sampling at this batch (0 = skip)")
-    a("--sample-steps", type=int, default=50, help="sampler steps per sample (Euler; DDIM for --objective ddpm), guided by train.py's --cfg-scale")
     a("--peak-size", type=int, default=0, help="largest matrix size of the peak-FLOPs matmul (0 = 8192 on GPU, 2048 "
       "on CPU); the probe stops doubling from 128 where one matmul would take over 0.5 s")
     a("--json", default=None, help="append the result line to this file (default: print it as the last line)")
@@ -99,7 +98,7 @@ def get_args(argv=None):
     if args.cond_type == "text":  # the model's text input size, as train.main reads it off the encoder
         encoder = load_text_encoder(args.text_encoder, "cpu", args.text_max_length)
         args.text_dim, args.text_max_length = encoder.dim, encoder.max_length
-    for name in ("steps", "sample_steps", "max_batch_limit"):
+    for name in ("steps", "max_batch_limit"):
         if getattr(bench, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(bench, name)}")
     if bench.warmup < 0 or bench.sample_batch < 0:
@@ -425,8 +424,9 @@ def largest_fitting(fits, start, limit):
 
 
 def sample_throughput(args, bench, path, device):
-    """Images/s of diffusion.generate: `--sample-steps` sampler steps (Euler, or DDIM for ddpm) with guidance at --cfg-scale (two network passes per
-    step when it is not 1), under the fast path's precision, attention and compilation."""
+    """Images/s of diffusion.generate: train.py's --sample-steps steps of its --sampler (a recipe's; else Euler, or
+    DDIM for ddpm) with guidance at --cfg-scale (two network passes per step when it is not 1), under the fast path's
+    precision, attention and compilation."""
     from diffusion import generate
     model = build(args, device).model.eval().requires_grad_(False)
     net = model
@@ -438,15 +438,17 @@ def sample_throughput(args, bench, path, device):
     B = bench.sample_batch
     noise, y, ctrl = synthetic_batch(args, B, device, seed=1)
     diffusion = make_diffusion(args)
-    run = lambda steps: generate(net, diffusion, noise, y, ctrl, args.cfg_scale, steps=steps, batch=B)
+    method = args.sampler or ("euler" if args.objective == "flow" else "ddim")
+    run = lambda steps: generate(net, diffusion, noise, y, ctrl, args.cfg_scale, steps=steps, method=method,
+                                 batch=B)
     with numerics(path), torch.autocast(device.type, dtype=torch.bfloat16, enabled=path.bf16):
         run(2)  # warm-up (and compilation)
         synchronize(device)
         t0 = time.perf_counter()
-        run(bench.sample_steps)
+        run(args.sample_steps)
         synchronize(device)
         dt = time.perf_counter() - t0
-    return dict(batch=B, steps=bench.sample_steps, sampler="euler" if args.objective == "flow" else "ddim",
+    return dict(batch=B, steps=args.sample_steps, sampler=method,
                 cfg_scale=args.cfg_scale, precision="bf16" if path.bf16 else "fp32", compile=path.compile,
                 img_per_s=B / dt, s_per_batch=dt)
 
@@ -532,7 +534,7 @@ def main(argv=None):
             print("  --find-max-batch needs a GPU (a CPU swaps long before it runs out of memory): skipped")
     sampling = None
     if bench.sample_batch:
-        print(f"  timing sampling ({bench.sample_steps} steps, batch {bench.sample_batch})...", flush=True)
+        print(f"  timing sampling ({args.sample_steps} steps, batch {bench.sample_batch})...", flush=True)
         sampling = sample_throughput(args, bench, fast, device)
     free(device)
 

@@ -14,7 +14,7 @@ import os
 from checkpoint import base_res_of, find_checkpoint, read_checkpoint
 from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS
 from data import DATASETS, MAX_WORKERS
-from diffusion import BETA_SCHEDULES, OBJECTIVES, SAMPLERS, Diffusion, noise_shift
+from diffusion import BETA_SCHEDULES, OBJECTIVES, SAMPLERS, Diffusion, noise_shift, spaced_steps
 from latents import latent_geometry, read_cache
 from model import ARCHS, CONDS, MODELS, POS_MODES, SIZES, build_model, mdt_decode_layers
 
@@ -83,10 +83,11 @@ ARCH_KEYS = ("model", "arch", "pred", "cond", "class_tokens", "pos_mode", "res",
              "num_classes", "gate_size", "gate_crop", "gate_flip", "dataset", "objective", "learn_sigma",
              "beta_schedule", "qk_norm", "decode_layers", "cond_type", "text_encoder", "text_max_length", "text_pad",
              "pad_noise", "text_null")
-# ... and those that the saved data position and noise streams depend on: changing them breaks an exact resume.
-ORDER_KEYS = ("batch", "seed", "shapes_size", "size_corr", "world", "grad_accum")
+# ... and those that the saved data position, noise streams and optimizer state depend on: changing them breaks an
+# exact resume (another optimizer cannot read the saved moments).
+ORDER_KEYS = ("batch", "seed", "shapes_size", "size_corr", "world", "grad_accum", "optimizer")
 # ... the value an older checkpoint, saved before the key existed, ran with
-ADDED_KEYS = {"grad_accum": 1, "size_corr": 0.0}
+ADDED_KEYS = {"grad_accum": 1, "size_corr": 0.0, "optimizer": "adamw"}
 
 #################################################################################
 #                                  The flags                                    #
@@ -216,9 +217,7 @@ def get_args(argv=None, description=None):
     a("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
     a("--max-skip-rate", type=float, default=0.05, help="stop if more than this fraction of images are unreadable")
     args = p.parse_args(argv)
-    for k, v in RECIPES.get(args.recipe, {}).items():  # the recipe, where the command line left a flag unset
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    given = {k for k, v in vars(args).items() if v is not None}  # on the command line
     if args.base_res is None and (args.init_from or args.resume):  # a transfer keeps its base, a resumed run its own
         if args.init_from and os.path.isfile(args.init_from):  # a missing file: validate says so
             args.base_res = base_res_of(read_checkpoint(args.init_from, mmap=True))
@@ -233,15 +232,21 @@ def get_args(argv=None, description=None):
         if args.vae is not None and args.vae != meta["vae"]:
             raise SystemExit(f"--vae {args.vae}: the cache {args.data_path} holds {meta['vae']} latents")
         args.vae, args.res = meta["vae"], args.res or meta["res"]
+    recipe = dict(RECIPES.get(args.recipe, {}))
+    if args.objective is not None and args.objective != recipe.get("objective", args.objective):
+        for k in ("pred", "sampler", "learn_sigma", "min_snr", "beta_schedule"):  # the recipe's objective's own
+            recipe.pop(k, None)
     preset_name = "shapes" if args.source_dataset == "shapes" else "imagenet"
-    if args.arch == "unet" and args.model is None:  # the UNet has sizes of its own: XS on the CPU presets, else G4
-        args.model = "XS" if "XS/4" in (PRESETS[preset_name]["model"], RECIPES.get(args.recipe, {}).get("model")) \
-            else "G4"
+    for k, v in recipe.items():  # the recipe where the command line left a flag unset (a latent cache set vae, res)
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if (args.objective or DEFAULTS["objective"]) == "ddpm" and args.pred is None:
         args.pred = "eps"  # the only output a ddpm model has here
     for k, v in {**DEFAULTS, **PRESETS[preset_name]}.items():  # then the dataset's preset, then the defaults
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.arch == "unet" and "model" not in given and args.model in MODELS:  # the UNet has sizes of its own:
+        args.model = "XS" if args.model == "XS/4" else "G4"  # XS in place of the CPU presets' XS/4, else LDM's G4
     if args.base_res is None:  # from scratch, whatever the data source: the model's own grid is its base
         args.base_res = args.res
     if args.print_config:
@@ -253,7 +258,7 @@ def get_args(argv=None, description=None):
 
 def config_mismatch(saved, args):
     """Human-readable list of architecture / data settings that differ between a checkpoint and this run."""
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(args, k, None)!r}"
+    return [f"{k}: checkpoint {saved.get(k, ADDED_KEYS.get(k))!r} vs now {getattr(args, k, None)!r}"
             for k in ARCH_KEYS + ORDER_KEYS + (("workers",) if saved.get("dataset") == "webdataset" else ())
             if saved.get(k, ADDED_KEYS.get(k)) != getattr(args, k, None)]  # a stream's position is per loader worker
 
@@ -287,6 +292,11 @@ def validate(args):
     if args.sampler is not None and args.sampler not in SAMPLERS[args.objective]:
         raise SystemExit(f"--sampler {args.sampler} does not fit --objective {args.objective}: choose one of "
                          f"{', '.join(SAMPLERS[args.objective])}")
+    if args.objective == "ddpm" and args.sample_steps > 0:  # DDIM's integer stride: say so now, not after training
+        try:
+            spaced_steps(1000, args.sample_steps, args.sampler or SAMPLERS["ddpm"][0])
+        except ValueError as e:
+            raise SystemExit(f"--sample-steps {args.sample_steps}: {e}")
     if args.optimizer == "adan":
         if importlib.util.find_spec("adan_pytorch") is None:  # mDT-v2's optimizer: an optional dependency
             raise SystemExit("--optimizer adan (the mdt recipe) needs the Adan optimizer: pip install adan-pytorch "

@@ -265,10 +265,12 @@ def main(argv=None):
         export_safetensors(model, args, a.export)
         print(f"wrote {a.export}")
         return a.export
-    # the run's evaluation settings (its recipe's) where these flags are not given; 50 steps at 1.0 for older runs
-    a.steps = a.steps or getattr(args, "sample_steps", 50)
-    a.sampler = a.sampler or getattr(args, "sampler", None)
-    scales = scales or [getattr(args, "cfg_scale", 1.0)]
+    # the run's evaluation settings (its recipe's) where these flags are not given; a run from before they were
+    # recorded: 50 steps of the objective's sampler at guidance 1.0, as sample.py's defaults then were
+    recorded = hasattr(args, "sample_steps")
+    a.steps = a.steps or (args.sample_steps if recorded else 50)
+    a.sampler = a.sampler or (args.sampler if recorded else None)
+    scales = scales or [args.cfg_scale if recorded else 1.0]
     if a.sampler and a.sampler not in SAMPLERS[args.objective]:
         raise SystemExit(f"--sampler {a.sampler}: this model was trained with --objective {args.objective}; choose "
                          f"one of {SAMPLERS[args.objective]}")

@@ -113,9 +113,13 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
     runs = sorted(p.name for p in (tmp_path / "docs" / "drift_runs").iterdir())
     assert len(runs) == 2 * 2 * 2 + 2  # routes x rho x seeds, and the ungated gates at rho 1
     record = json.loads((tmp_path / "docs" / "drift_runs" / "cond-adaln-rho1-2st-s1.json").read_text())
-    assert set(record["ctrl_scales"]) == {"0.0", "2.0"} and len(record["ctrl_scales"]["0.0"]) == 3
+    assert set(record["ctrl_scales"]) == {"0.0"} and len(record["ctrl_scales"]["0.0"]) == 3
+    ours = json.loads((tmp_path / "docs" / "drift_runs" / "default-rho1-2st-s1.json").read_text())
+    assert set(ours["ctrl_scales"]) == {"0.0", "2.0"}  # the control-guidance sweep: ours at the highest rho only
     scales = json.loads((tmp_path / "docs" / "drift_ctrl_scale.json").read_text())
     assert [r["ctrl_scale"] for r in scales] == [0.0, 2.0]
+    for png in ("drift.png", "drift_ctrl_scale.png", "drift_size_sweep.png"):  # bars, curves, the sweep grid
+        assert Image.open(tmp_path / "docs" / png).size[0] > 300
     # the run folders are gone (another machine): the committed records are enough, nothing trains again
     import shutil
     shutil.rmtree(tmp_path / "runs")
@@ -216,5 +220,5 @@ def test_recipes_trains_each_recipe_and_evaluates_with_its_own_sampler(tmp_path,
     assert rows[0]["evaluated with"] == "ddpm 4 steps, guidance 1.5"  # each recipe's sampler and guidance
     assert rows[1]["evaluated with"] == "ddim 4 steps, guidance 1.5"
     m = rows[1]["per_seed"][0]
-    assert 0 <= m["class_acc"] <= 1 and np.isfinite(m["train_loss"])
+    assert 0 <= m["class_acc"] <= 1 and 0 <= m["trained_class_acc"] <= 1 and np.isfinite(m["train_loss"])
     assert "| dit |" in (tmp_path / "R.md").read_text()

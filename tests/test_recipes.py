@@ -56,7 +56,33 @@ def test_no_recipe_on_imagenet_is_the_papers_shared_setting_and_shapes_is_the_sm
     assert {k: v for k, v in plain.items() if k != "recipe"} == {k: v for k, v in ours.items() if k != "recipe"}
     assert (plain["optimizer"], plain["lr"], plain["beta1"], plain["beta2"], plain["wd"]) == \
         ("adamw", 1e-4, 0.9, 0.95, 0.0)
-    assert PRESETS["shapes"] == dict(RECIPES["small"], res=24)
+    # the shapes preset as it was before recipes existed: `small` at 24 px
+    assert PRESETS["shapes"] == dict(res=24, model="XS/4", batch=64, lr=2e-3, steps=2000, warmup=100, ema=0.999,
+                                     decay="cosine", vae="none", shift=3.0, pred="x", class_tokens=4, log_every=50,
+                                     ckpt_every=1000, sample_every=0, workers=0)
+    assert {k: v for k, v in RECIPES["small"].items() if k != "res"} == \
+        {k: v for k, v in PRESETS["shapes"].items() if k != "res"}
+
+
+def test_another_objective_or_arch_than_the_recipes_takes_what_fits_it(capsys):
+    flow = print_config(["--dataset", "shapes", "--recipe", "dit", "--objective", "flow"], capsys)
+    assert (flow["pred"], flow["sampler"], flow["learn-sigma"]) == ("x", None, False)  # the preset's, the defaults
+    assert flow["beta2"] == 0.999  # the rest of the recipe stays
+    ddpm = print_config(["--dataset", "imagenet", "--recipe", "sd3", "--objective", "ddpm"], capsys)
+    assert ddpm["pred"] == "eps" and ddpm["cond"] == "mmdit"
+    assert print_config(["--recipe", "small", "--arch", "unet"], capsys)["model"] == "XS"
+    assert print_config(["--arch", "unet", "--model", "S"], capsys)["model"] == "S"
+
+
+def test_resume_with_another_optimizer_or_an_unusable_sampler_is_refused():
+    from config import config_mismatch, validate
+    saved = vars(get_args(TINY))
+    del saved["optimizer"]  # a checkpoint from before the flag: it trained with AdamW
+    assert config_mismatch(saved, get_args(TINY)) == []
+    assert config_mismatch(saved, get_args(TINY + ["--optimizer", "adan"])) == \
+        ["optimizer: checkpoint 'adamw' vs now 'adan'"]
+    with pytest.raises(SystemExit, match="--sample-steps 37: .*stride"):  # DDIM's stride, before training
+        validate(get_args(TINY + ["--recipe", "ldm", "--model", "XS", "--sample-steps", "37"]))
 
 
 def test_a_recipe_that_needs_a_package_not_installed_says_which(monkeypatch):
@@ -137,6 +163,14 @@ def test_sample_py_defaults_to_the_runs_evaluation_settings(tmp_path, monkeypatc
     assert seen == dict(cfg_scales=[1.5], steps=4, method="ddpm")  # the dit recipe's sampler and guidance
     sample.main(["--ckpt", run, "--steps", "2", "--sampler", "ddim", "--cfg-scale", "1"])
     assert seen == dict(cfg_scales=[1.0], steps=2, method="ddim")
+    # a run from before the evaluation settings were recorded samples as sample.py then did: 50 steps at 1.0
+    path = os.path.join(run, sorted(f for f in os.listdir(run) if f.startswith("ckpt-"))[-1])
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("sample_steps", "sampler", "recipe"):
+        del ckpt["args"][key]
+    torch.save(ckpt, path)
+    sample.main(["--ckpt", run])
+    assert seen == dict(cfg_scales=[1.0], steps=50, method=None)
 
 
 #################################################################################
