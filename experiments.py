@@ -11,6 +11,7 @@ rebuilt from them, so no number in it is typed by hand.
     python experiments.py figures     # size-sweep grid (ours vs adaln) and loss curves
     python experiments.py recipes     # each published recipe (train.py --recipe NAME) on shapes, its own sampler
     python experiments.py drift       # at convergence, class <-> size correlated data: routes, gates, --ctrl-scale
+    python experiments.py padding-converged   # text padding at the same budget, 95 % intervals
     python experiments.py all         # routes, gates, padding, transfer, figures, then the results page
     python experiments.py results     # only the results page, from the tables already written
 
@@ -547,7 +548,9 @@ def drift_table(a, name, rows, first, note):
 
 
 def drift_command(a):
-    return (f"python experiments.py drift --seeds {','.join(map(str, a.seeds))} --steps {a.steps} --corrs "
+    subset = "".join(f" --{flag} '{','.join(v)}'" for flag, v in (("variants", a.variants),
+                                                                   ("gate-variants", a.gate_variants)) if v)
+    return (f"python experiments.py drift{subset} --seeds {','.join(map(str, a.seeds))} --steps {a.steps} --corrs "
             f"{','.join(f'{c:g}' for c in a.corrs)} --shapes-size {a.shapes_size} --drift-pairs {a.drift_pairs}")
 
 
@@ -576,6 +579,66 @@ def drift_experiment(a):
                 f"Control guidance scale of `--cond ours` at rho = {high:g} (size accuracy against drift).")
     plot_against(os.path.join(a.docs, "drift_ctrl_scale.png"), f"--cond ours at rho = {high:g}: control guidance",
                  scales, "ctrl_scale", ["size acc", "class drift", "colour drift", "pulled"], "--ctrl-scale")
+    return rows
+
+
+def padding_record(a, flags, seed):
+    """The committed measurements of one text run at the drift budget: each checker sample's outcome on held-out
+    wordings, and the held-out caption loss (text_losses), training and measuring it if missing."""
+    tag = "-".join(f.lstrip("-") for f in flags)
+    path = os.path.join(a.docs, "padding_runs", f"{tag}-{a.steps}st-s{seed}.json")
+    key = dict(flags=flags, steps=a.steps, seed=seed, shapes_size=a.shapes_size, per_class=a.per_class,
+               sample_steps=a.sample_steps, cfg_scale=a.cfg_scale)
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+        if record["key"] != key:
+            raise SystemExit(f"{path} was measured with {record['key']}, not {key}: move it aside to remeasure")
+        return record
+    run_dir = shapes_run(a, flags, seed)
+    model, args = load_model(run_dir, "cpu")
+    t0 = time.time()
+    losses = train_losses(run_dir)
+    record = dict(key=key, train=dict(run_info(run_dir), loss_last=losses[max(losses)]),
+                  eval=evaluate_shapes(model, make_diffusion(args), args, a.per_class, "cpu", cfg_scale=a.cfg_scale,
+                                       steps=a.sample_steps, per_sample=True), losses=text_losses(run_dir))
+    record["measure_s"] = time.time() - t0
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return record
+
+
+def padding_converged(a):
+    """Text padding at the drift budget (2000 steps, where shape words are learned), 3 seeds, 95 % intervals."""
+    rows = []
+    for variant, flags in PADDINGS.items():
+        if a.variants and variant not in a.variants:
+            continue
+        records = [padding_record(a, flags, seed) for seed in a.seeds]
+        samples = [r["eval"]["per_sample"] for r in records]
+        metrics = {"class + colour acc": bootstrap([np.logical_and(s["class_ok"], s["colour_ok"]) for s in samples]),
+                   "class acc": bootstrap([s["class_ok"] for s in samples]),
+                   "colour acc": bootstrap([s["colour_ok"] for s in samples]),
+                   "null − caption loss": bootstrap([[r["losses"]["caption_gain"]] for r in records])}
+        rows.append(dict(variant=variant, steps=a.steps, seeds=a.seeds, metrics=metrics,
+                         train_s=[r["train"]["wall_s"] for r in records],
+                         device=sorted({r["train"]["device"] for r in records})))
+    os.makedirs(a.docs, exist_ok=True)
+    with open(os.path.join(a.docs, "padding_converged.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    names = list(rows[0]["metrics"]) if rows else []
+    md = "| padding | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1) + "\n"
+    for r in rows:
+        md += f"| {r['variant']} | " + " | ".join(interval(r["metrics"][m]) for m in names) + " |\n"
+    md += (f"\n`python experiments.py padding-converged --seeds {','.join(map(str, a.seeds))} --steps {a.steps} "
+           f"--shapes-size {a.shapes_size}`; training {sum(sum(r['train_s']) for r in rows) / 60:.0f} min. Mean "
+           f"[95 % bootstrap interval over seeds, then samples]: {a.per_class} seeds per class x 2 flips on prompts "
+           f"in wordings never seen in training; null − caption loss: per seed, so its interval is over seeds only.\n")
+    with open(os.path.join(a.docs, "padding_converged.md"), "w") as f:
+        f.write(md)
+    print(md)
     return rows
 
 
@@ -776,7 +839,8 @@ SECTIONS = (("routes", "Conditioning routes", ("size_sweep.png", "loss_routes.pn
             ("recipes", "Each published recipe, one command each", ()),
             ("drift", "Semantic drift at convergence, class-correlated sizes", ("drift.png", "drift_size_sweep.png")),
             ("drift_gates", "Gate schedules at high rho", ()),
-            ("drift_ctrl_scale", "Control guidance at high rho", ("drift_ctrl_scale.png",)))
+            ("drift_ctrl_scale", "Control guidance at high rho", ("drift_ctrl_scale.png",)),
+            ("padding_converged", "Text padding at 2000 steps", ()))
 
 
 def update_results(a, page=os.path.join("docs", "RESULTS.md")):
@@ -804,13 +868,13 @@ def update_results(a, page=os.path.join("docs", "RESULTS.md")):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "drift", "recipes", "figures",
-                                          "results", "all"))
+    p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "drift", "padding-converged",
+                                          "recipes", "figures", "results", "all"))
     p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="routes / gates / padding: only "
                    "these variants (comma-separated names as in the tables)")
-    p.add_argument("--steps", type=int, default=None, help="steps per run: routes / gates / padding 800, drift 2000, "
-                   "recipes 300")
+    p.add_argument("--steps", type=int, default=None, help="steps per run: routes / gates / padding 800, drift and "
+                   "padding-converged 2000, recipes 300")
     p.add_argument("--corrs", default="0,0.9", type=lambda s: [float(v) for v in s.split(",")],
                    help="drift: class <-> size correlations rho of the data (train.py --size-corr)")
     p.add_argument("--drift-pairs", type=int, default=100, help="drift: (noise, class) pairs per run")
@@ -834,12 +898,14 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join("docs", "RESULTS.md"), help="the page whose results block is "
                    "rebuilt")
     a = p.parse_args(argv)
-    a.steps = a.steps or {"drift": 2000, "recipes": 300}.get(a.experiment, 800)
+    a.steps = a.steps or {"drift": 2000, "padding-converged": 2000, "recipes": 300}.get(a.experiment, 800)
     experiments = dict(routes=routes, gates=gates, padding=padding, transfer=transfer)
     if a.experiment in experiments:
         experiments[a.experiment](a)
     elif a.experiment == "drift":  # not part of `all`: hours of CPU at its budget
         drift_experiment(a)
+    elif a.experiment == "padding-converged":
+        padding_converged(a)
     elif a.experiment == "recipes":
         recipes(a)
     elif a.experiment == "figures":

@@ -293,7 +293,7 @@ def semantic_input(args, labels, device, prompts=None):
 
 @torch.no_grad()
 def evaluate_shapes(model, diffusion, args, per_class, device, cfg_scale=1.0, steps=50, seed=10_000, method=None,
-                    progress=False):
+                    progress=False, per_sample=False):
     """Checker accuracies of samples drawn per class, each seed drawn with flip 0 and flip 1.
 
     class_acc  measured class == requested class
@@ -304,6 +304,7 @@ def evaluate_shapes(model, diffusion, args, per_class, device, cfg_scale=1.0, st
     (in turn) and a shape, and also gets
     colour_acc           measured colour == requested colour
     class_colour_acc     both right
+    per_sample=True adds each sample's outcome (class_ok, and colour_ok for text) under "per_sample".
     """
     was_training = model.training
     model.eval()
@@ -341,4 +342,8 @@ def evaluate_shapes(model, diffusion, args, per_class, device, cfg_scale=1.0, st
     if getattr(args, "cond_type", "class") == "text":
         colour_ok = np.array([m["colour"] == r[4] for m, r in zip(meas, rows)])
         out.update(colour_acc=float(colour_ok.mean()), class_colour_acc=float((colour_ok & class_ok).mean()))
+        if per_sample:  # for intervals over samples
+            out["per_sample"] = dict(class_ok=class_ok.tolist(), colour_ok=colour_ok.tolist())
+    elif per_sample:
+        out["per_sample"] = dict(class_ok=class_ok.tolist())
     return out

@@ -222,3 +222,23 @@ def test_recipes_trains_each_recipe_and_evaluates_with_its_own_sampler(tmp_path,
     m = rows[1]["per_seed"][0]
     assert 0 <= m["class_acc"] <= 1 and 0 <= m["trained_class_acc"] <= 1 and np.isfinite(m["train_loss"])
     assert "| dit |" in (tmp_path / "R.md").read_text()
+
+
+@pytest.mark.slow
+def test_padding_converged_commits_per_sample_outcomes_with_intervals(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "PADDINGS", {"zero": ["--cond-type", "text", "--text-pad", "zero"]})
+    argv = ["padding-converged", "--seeds", "0,1", "--steps", "2", "--per-class", "1", "--sample-steps", "2",
+            "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--results",
+            str(tmp_path / "R.md")]
+    (tmp_path / "R.md").write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    experiments.main(argv)
+    (row,) = json.loads((tmp_path / "docs" / "padding_converged.json").read_text())
+    record = json.loads((tmp_path / "docs" / "padding_runs" / "cond-type-text-text-pad-zero-2st-s1.json").read_text())
+    outcomes = record["eval"]["per_sample"]
+    assert len(outcomes["class_ok"]) == len(outcomes["colour_ok"]) == 10 * 1 * 2  # classes x seeds x flips
+    assert np.mean(outcomes["colour_ok"]) == pytest.approx(record["eval"]["colour_acc"])
+    m = row["metrics"]["class + colour acc"]
+    assert m["lo"] <= m["mean"] <= m["hi"] and len(m["per_seed"]) == 2
+    monkeypatch.setattr(experiments, "shapes_run", lambda *a: pytest.fail("trained again"))
+    experiments.main(argv)  # the committed records are enough
+    assert json.loads((tmp_path / "docs" / "padding_converged.json").read_text()) == [row]
