@@ -101,8 +101,8 @@ def get_args(argv=None):
     for name in ("steps", "max_batch_limit"):
         if getattr(bench, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(bench, name)}")
-    if bench.warmup < 0 or bench.sample_batch < 0:
-        raise SystemExit("--warmup and --sample-batch must be >= 0")
+    if bench.warmup < 0 or bench.sample_batch < 0 or bench.peak_size < 0:
+        raise SystemExit("--warmup, --sample-batch and --peak-size must be >= 0")
     return bench, args
 
 

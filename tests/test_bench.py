@@ -174,3 +174,9 @@ def test_peak_probe_is_bounded_in_time():
     stall = SlowMatmul(200.0, stall_from=2)
     res = bench.matmul_tflops(CPU, torch.float32, 128, trial_s=0.5, budget_s=1.0, mm=stall.mm, clock=stall.clock)
     assert res["iters"] == 1000 and res["trials"] == 2 and len(stall.sizes) == 2 + 2 * 24 and stall.now < 1.1
+
+
+@pytest.mark.parametrize("flag", ["--warmup", "--sample-batch", "--peak-size"])
+def test_negative_counts_are_refused_before_any_work(flag):
+    with pytest.raises(SystemExit, match="must be >= 0"):
+        bench.get_args(BENCH_TINY + [flag, "-1"])
