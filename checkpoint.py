@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import pickle
+import zipfile
 
 import torch
 
@@ -39,6 +40,7 @@ def read_checkpoint(path, mmap=False):
     checkpoint read goes through here, and none runs code (see the module docstring)."""
     if path.endswith(".safetensors"):
         return read_safetensors(path)
+    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only the zip format; an old (pre-1.6) file is read whole
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -266,3 +266,15 @@ def test_weights_that_do_not_fit_the_model_get_a_message(entry, tmp_path):
             sample.main(["--ckpt", path])
         else:
             train.main(TINY + ONE_STEP + ["--cond", "mmdit", "--resume", path, "--out", str(tmp_path / "out")])
+
+
+def test_a_file_in_torchs_old_non_zip_format_is_read_too(tmp_path):
+    """torch.save before 1.6 (or with _use_new_zipfile_serialization=False) writes a format torch cannot memory-map:
+    the --init-from / --resume look-ups that map a file read such a file whole instead of failing."""
+    from checkpoint import base_res_of, dit_resolution, read_checkpoint
+    state = random_dit_state_dict()
+    path = str(tmp_path / "old.pt")
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    ckpt = read_checkpoint(path, mmap=True)
+    assert all(torch.equal(ckpt[k], v) for k, v in state.items())
+    assert base_res_of(ckpt) == dit_resolution(state) == 64
