@@ -572,8 +572,9 @@ def drift_experiment(a):
     if a.variants and "ours" not in a.variants:
         return rows
     gates = {v: f for v, f in DRIFT_GATES.items() if not a.gate_variants or v in a.gate_variants}
-    drift_table(a, "drift_gates", drift_rows(a, gates, [high]), {"gates of ours": lambda r: r["variant"]},
-                f"Gate schedules g(t) of `--cond ours` at rho = {high:g}.")
+    if len(gates) > 1:  # a comparison; --gate-variants with one name leaves the gates out
+        drift_table(a, "drift_gates", drift_rows(a, gates, [high]), {"gates of ours": lambda r: r["variant"]},
+                    f"Gate schedules g(t) of `--cond ours` at rho = {high:g}.")
     scales = [r for s in a.ctrl_scales for r in drift_rows(a, {"ours": []}, [high], s)]
     drift_table(a, "drift_ctrl_scale", scales, {"--ctrl-scale": lambda r: f"{r['ctrl_scale']:g}"},
                 f"Control guidance scale of `--cond ours` at rho = {high:g} (size accuracy against drift).")
@@ -881,7 +882,7 @@ def main(argv=None):
     p.add_argument("--ctrl-scales", default="0,1,2,3", type=lambda s: [float(v) for v in s.split(",")],
                    help="drift: control guidance scales measured on each run (0 = the sampling default)")
     p.add_argument("--gate-variants", type=lambda s: s.split(","), default=None, help="drift: only these gate "
-                   "schedules (names as in the table)")
+                   "schedules (names as in the table; a single one leaves the gate comparison out)")
     p.add_argument("--log-every", type=int, default=25, help="steps per point of the loss curves")
     p.add_argument("--per-class", type=int, default=10, help="checker: seeds per class (each drawn twice)")
     p.add_argument("--drift-n", type=int, default=40, help="drift: (noise, class) pairs per sweep")
