@@ -504,17 +504,31 @@ def drift_record(a, flags, corr, seed, scales=(0.0,)):
     return record
 
 
+def committed_seeds(a, flags, corr, scale):
+    """--assemble: the seeds whose record at this scale is committed (nothing is trained or measured)."""
+    tag = "-".join(f.lstrip("-") for f in flags) or "default"
+    paths = {s: os.path.join(a.docs, "drift_runs", f"{tag}-rho{corr:g}-{a.steps}st-s{s}.json") for s in a.seeds}
+    def has(path):
+        with open(path) as f:
+            return str(scale) in json.load(f)["ctrl_scales"]
+    return [s for s, p in paths.items() if os.path.exists(p) and has(p)]
+
+
 def drift_rows(a, variants, corrs, scale=0.0):
-    """One row per (variant, rho): every DRIFT_METRICS value at control guidance `scale`, with intervals."""
+    """One row per (variant, rho): every DRIFT_METRICS value at control guidance `scale`, with intervals. With
+    --assemble, from the committed records alone (a row has the seeds that are there, or is left out)."""
     rows = []
     for corr in corrs:
         for variant, flags in variants.items():
-            records = [drift_record(a, flags, corr, seed, [scale]) for seed in a.seeds]
+            seeds = committed_seeds(a, flags, corr, scale) if a.assemble else a.seeds
+            if not seeds:
+                continue
+            records = [drift_record(a, flags, corr, seed, [scale]) for seed in seeds]
             metrics = {m: bootstrap([[p[m] for p in r["ctrl_scales"][str(scale)]] for r in records])
                        for m in DRIFT_METRICS}
             metrics["checker class acc"] = dict(mean=float(np.mean([r["eval"]["class_acc"] for r in records])),
                                                 per_seed=[r["eval"]["class_acc"] for r in records])
-            rows.append(dict(variant=variant, corr=corr, steps=a.steps, seeds=a.seeds, ctrl_scale=scale,
+            rows.append(dict(variant=variant, corr=corr, steps=a.steps, seeds=seeds, ctrl_scale=scale,
                              metrics=metrics, train_s=[r["train"]["wall_s"] for r in records],
                              device=sorted({r["train"]["device"] for r in records})))
     return rows
@@ -530,15 +544,16 @@ def drift_table(a, name, rows, first, note):
     with open(os.path.join(a.docs, f"{name}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     names = ["checker class acc"] + list(DRIFT_METRICS)
+    first = dict(first, seeds=lambda r: ",".join(map(str, r["seeds"])))
     md = "| " + " | ".join(list(first) + names) + " |\n|" + "---|" * (len(first) + len(names)) + "\n"
     for r in rows:
         md += "| " + " | ".join([str(f(r)) for f in first.values()] + [interval(r["metrics"][m]) for m in names]) + " |\n"
     train_min = sum(sum(r["train_s"]) for r in rows) / 60
     md += (f"\n{note} `{drift_command(a)}`; training {train_min:.0f} min of {', '.join(sorted({d for r in rows for d in r['device']}))} "
-           f"for these rows (runs shared between tables counted in each). Mean over seeds {','.join(map(str, a.seeds))} x "
-           f"{a.drift_pairs} (noise, class) pairs each, [95 % bootstrap interval over seeds and pairs]; checker class "
-           f"acc: shapes.evaluate_shapes at the default control ({a.per_class} seeds per class, x2 flips), mean of "
-           f"seeds. Sweep: original size {', '.join(f'{f:g}' for f in SIZE_SWEEP)} x res, same noise, "
+           f"for these rows (runs shared between tables counted in each). Mean over each row's seeds x "
+           f"{a.drift_pairs} (noise, class) pairs each, [95 % bootstrap interval over seeds and pairs; with one seed, "
+           f"over pairs only]; checker class acc: shapes.evaluate_shapes at the default control ({a.per_class} seeds "
+           f"per class, x2 flips), mean of seeds. Sweep: original size {', '.join(f'{f:g}' for f in SIZE_SWEEP)} x res, same noise, "
            f"{a.sample_steps} Euler steps, guidance {a.cfg_scale}. " +
            " ".join(f"*{k}*: {v}." for k, v in DRIFT_METRICS.items()) + "\n")
     with open(os.path.join(a.docs, f"{name}.md"), "w") as f:
@@ -550,6 +565,7 @@ def drift_table(a, name, rows, first, note):
 def drift_command(a):
     subset = "".join(f" --{flag} '{','.join(v)}'" for flag, v in (("variants", a.variants),
                                                                    ("gate-variants", a.gate_variants)) if v)
+    subset += " --assemble" if a.assemble else ""
     return (f"python experiments.py drift{subset} --seeds {','.join(map(str, a.seeds))} --steps {a.steps} --corrs "
             f"{','.join(f'{c:g}' for c in a.corrs)} --shapes-size {a.shapes_size} --drift-pairs {a.drift_pairs}")
 
@@ -566,7 +582,8 @@ def drift_experiment(a):
     high = max(a.corrs)
     pair = {f"{v.split(' (')[0]}, rho {high:g}, seed {a.seeds[0]}": drift_record(a, DRIFT_VARIANTS[v], high,
                                                                               a.seeds[0])["train"]["run_dir"]
-            for v in ("ours", "adaln (DiT)") if v in routes}
+            for v in ("ours", "adaln (DiT)") if v in routes
+            and (not a.assemble or a.seeds[0] in committed_seeds(a, DRIFT_VARIANTS[v], high, 0.0))}
     if len(pair) == 2 and all(os.path.isdir(d) for d in pair.values()):  # the run folders of this machine
         size_sweep_figure(a, pair, os.path.join(a.docs, "drift_size_sweep.png"))
     if a.variants and "ours" not in a.variants:
@@ -576,6 +593,8 @@ def drift_experiment(a):
         drift_table(a, "drift_gates", drift_rows(a, gates, [high]), {"gates of ours": lambda r: r["variant"]},
                     f"Gate schedules g(t) of `--cond ours` at rho = {high:g}.")
     scales = [r for s in a.ctrl_scales for r in drift_rows(a, {"ours": []}, [high], s)]
+    if not scales:
+        return rows
     drift_table(a, "drift_ctrl_scale", scales, {"--ctrl-scale": lambda r: f"{r['ctrl_scale']:g}"},
                 f"Control guidance scale of `--cond ours` at rho = {high:g} (size accuracy against drift).")
     plot_against(os.path.join(a.docs, "drift_ctrl_scale.png"), f"--cond ours at rho = {high:g}: control guidance",
@@ -879,6 +898,8 @@ def main(argv=None):
     p.add_argument("--corrs", default="0,0.9", type=lambda s: [float(v) for v in s.split(",")],
                    help="drift: class <-> size correlations rho of the data (train.py --size-corr)")
     p.add_argument("--drift-pairs", type=int, default=100, help="drift: (noise, class) pairs per run")
+    p.add_argument("--assemble", action="store_true", help="drift: tables and figures from the committed records "
+                   "alone; each row takes the seeds that are there (nothing is trained or measured)")
     p.add_argument("--ctrl-scales", default="0,1,2,3", type=lambda s: [float(v) for v in s.split(",")],
                    help="drift: control guidance scales measured on each run (0 = the sampling default)")
     p.add_argument("--gate-variants", type=lambda s: s.split(","), default=None, help="drift: only these gate "

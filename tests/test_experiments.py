@@ -128,6 +128,12 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
     assert json.loads((tmp_path / "docs" / "drift.json").read_text()) == rows
     with pytest.raises(SystemExit, match="measured with"):  # a record of other settings is not silently mixed in
         experiments.main([v if v != "3" else "4" for v in argv])
+    # --assemble: a seed nobody has run yet is left out of its rows instead of being trained
+    experiments.main([v if v != "0,1" else "0,1,7" for v in argv] + ["--assemble"])
+    assembled = json.loads((tmp_path / "docs" / "drift.json").read_text())
+    assert [r["seeds"] for r in assembled] == [[0, 1]] * 4
+    assert [r["metrics"] for r in assembled] == [r["metrics"] for r in rows]
+    assert "--assemble" in (tmp_path / "docs" / "drift.md").read_text()
 
 
 #################################################################################
