@@ -577,8 +577,9 @@ def drift_experiment(a):
     drift_table(a, "drift", rows, {"variant": lambda r: r["variant"], "rho": lambda r: f"{r['corr']:g}"},
                 f"Semantic drift when only the size condition changes, {a.steps} steps per run.")
     shown = ["class acc", "size acc", "class drift", "colour drift", "pulled"]
-    plot_bars(os.path.join(a.docs, "drift.png"), f"{a.steps} steps, mean of seeds {','.join(map(str, a.seeds))} "
-              f"with 95 % bootstrap intervals", rows, shown)
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    plot_bars(os.path.join(a.docs, "drift.png"), f"Only the size condition changes: {a.steps} steps, seeds "
+              f"{','.join(map(str, seeds))} (per row: the table), means with 95 % bootstrap intervals", rows, shown)
     high = max(a.corrs)
     pair = {f"{v.split(' (')[0]}, rho {high:g}, seed {a.seeds[0]}": drift_record(a, DRIFT_VARIANTS[v], high,
                                                                               a.seeds[0])["train"]["run_dir"]
