@@ -359,6 +359,8 @@ def recipes(a):
     from config import RECIPES
     rows, dirs, measurements = [], [], []
     for name in RECIPES:
+        if a.variants and name not in a.variants:  # a subset, e.g. one process per recipe
+            continue
         per_seed = []
         for seed in a.seeds:
             flags = ["--recipe", name, "--batch", "64"] + (["--model", "XS"] if name == "ldm" else [])
@@ -892,8 +894,8 @@ def main(argv=None):
     p.add_argument("experiment", choices=("routes", "gates", "padding", "transfer", "drift", "padding-converged",
                                           "recipes", "figures", "results", "all"))
     p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
-    p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="routes / gates / padding: only "
-                   "these variants (comma-separated names as in the tables)")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="routes / gates / padding / drift / "
+                   "recipes: only these variants (comma-separated names as in the tables)")
     p.add_argument("--steps", type=int, default=None, help="steps per run: routes / gates / padding 800, drift and "
                    "padding-converged 2000, recipes 300")
     p.add_argument("--corrs", default="0,0.9", type=lambda s: [float(v) for v in s.split(",")],
