@@ -386,9 +386,10 @@ def recipes(a):
                      "flip acc (EMA)": mean_spread([m["flip_acc"] for m in per_seed]),
                      "evaluated with": f"{per_seed[0]['sampler']} {per_seed[0]['sample_steps']} steps, guidance "
                                        f"{per_seed[0]['cfg_scale']:g}", "per_seed": per_seed})
-    command = (f"python experiments.py recipes --seeds {','.join(map(str, a.seeds))} --steps {a.steps} "
+    subset = f" --variants {','.join(a.variants)}" if a.variants else ""
+    command = (f"python experiments.py recipes{subset} --seeds {','.join(map(str, a.seeds))} --steps {a.steps} "
                f"--shapes-size {a.shapes_size} --per-class {a.per_class}")
-    note = (f"Each recipe as `train.py --recipe NAME --batch 64` (ldm: `--model XS`) on shapes: XS/4, 24 px, "
+    note = (f"Each recipe as `train.py --recipe NAME --batch 64` (ldm: `--model XS`) on shapes: XS/4 at 24 px (small: 32 px, its own), "
             f"{a.steps} steps. {budget_note(a, dirs, measurements, command)} Checker on EMA samples (the ldm "
             f"recipe has no EMA: its trained weights), {a.per_class} seeds per class x 2 flips, with each recipe's own "
             f"evaluation sampler. The loss is each recipe's own objective (flow: velocity MSE; ddpm: eps MSE, + the "
