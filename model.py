@@ -374,7 +374,8 @@ class MDTv2(DiffusionTransformer):
     """mDT-v2 (Gao et al., MDTv2): the encoder's two halves are joined by long shortcuts (U-ViT), then decoder blocks
     each re-read the input tokens. In training (mask_ratio > 0) a random share of the image tokens, drawn from
     [mask_ratio, mask_ratio + 0.2] (30-50 % by default), never reaches the encoder; a side interpolator (one more
-    block) fills them in before the decoder, so the model learns to predict the full image from the rest.
+    block) fills them in before the decoder, so the model learns to predict the full image from the rest. With
+    mask_ratio 0 nothing is masked and neither the side block nor the mask token is built.
     Everything else (embedders, routes, final layer) is DiffusionTransformer's.
     decode_layers: decoder blocks, default 4 from depth 12 up, else what leaves two equal encoder halves."""
 
@@ -388,13 +389,18 @@ class MDTv2(DiffusionTransformer):
         # the encoder's second half and the decoder fuse an earlier activation in through a long shortcut. With no
         # decoder the encoder's last block is the last of the stack, yet the side interpolator reads its context
         # output: that block keeps a full context stream
-        ctx_read = lambda i: i < depth - 1 or self.decode_layers == 0
+        masking = self.mask_ratio > 0
+        ctx_read = lambda i: i < depth - 1 or (self.decode_layers == 0 and masking)
         self.blocks = nn.ModuleList([block(i, skip=i >= self.half, ctx_read=ctx_read(i)) for i in range(depth)])
-        self.side = block(depth - 1)  # like the last block, it reads the context without updating it
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
+        if masking:  # only masked tokens need filling in: with --mask-ratio 0 these would be weights nothing trains
+            # (and DDP refuses parameters that get no gradient)
+            self.side = block(depth - 1)  # like the last block, it reads the context without updating it
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
 
     def initialize_weights(self):
         super().initialize_weights()
+        if self.mask_ratio <= 0:
+            return
         if self.cond != "xattn":  # adaLN-Zero: the side block starts as the identity too
             for layer in self.side.ada_outputs():
                 nn.init.zeros_(layer.weight)

@@ -32,6 +32,21 @@ def test_forward_backward_shapes(cond, arch):
     assert model.eval()(x, t, y, c).shape == x.shape  # sampling: one unmasked pass
 
 
+@pytest.mark.parametrize("decode_layers", [0, 2])
+def test_mdt_without_masking_builds_no_side_block(decode_layers):
+    """--mask-ratio 0: no token is dropped, so there is no side interpolator or mask token to fill them in, and every
+    parameter still gets a gradient (under DDP a parameter without one stops training at the second step)."""
+    model = perturb(MDTv2(patch=4, depth=4, width=64, heads=2, decode_layers=decode_layers, mask_ratio=0,
+                          input_size=16, in_channels=3, num_classes=10, cond="ours"))
+    assert not hasattr(model, "side") and not hasattr(model, "mask_token")
+    x, t, y, c = model_inputs()
+    drop = torch.tensor([False, True, False])  # condition dropout, as in training
+    out = model.train()(x, t, y, c, ctrl_drop=drop, sem_drop=drop)
+    assert out.shape == x.shape  # one unmasked pass in training too
+    out.square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 @pytest.mark.parametrize("cond", ["ours", "mmdit"])
 @pytest.mark.parametrize("depth", [2, 4])
 def test_mdt_without_decoder_trains_and_samples(cond, depth):
