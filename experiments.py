@@ -473,6 +473,26 @@ def bootstrap(per_seed, n=2000, seed=0):
                 per_seed=[float(v.mean()) for v in arrays])
 
 
+def committed_record(path, key):
+    """The record committed at `path` (None when there is none), refused if it was measured with other settings."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record["key"] != key:
+        raise SystemExit(f"{path} was measured with {record['key']}, not {key}: move it aside to remeasure")
+    return record
+
+
+def commit_record(path, record):
+    """Write a run's record atomically (a stopped process leaves the old file or none, never half of one)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return record
+
+
 def drift_record(a, flags, corr, seed, scales=(0.0,)):
     """The committed measurements of one run (variant flags, rho, seed) at these control guidance scales, training
     and measuring what is missing (a scale not measured yet needs the run folder of this machine)."""
@@ -480,12 +500,7 @@ def drift_record(a, flags, corr, seed, scales=(0.0,)):
     path = os.path.join(a.docs, "drift_runs", f"{tag}-rho{corr:g}-{a.steps}st-s{seed}.json")
     key = dict(flags=flags, corr=corr, steps=a.steps, seed=seed, shapes_size=a.shapes_size, pairs=a.drift_pairs,
                sample_steps=a.sample_steps, cfg_scale=a.cfg_scale, per_class=a.per_class)
-    record = None
-    if os.path.exists(path):
-        with open(path) as f:
-            record = json.load(f)
-        if record["key"] != key:
-            raise SystemExit(f"{path} was measured with {record['key']}, not {key}: move it aside to remeasure")
+    record = committed_record(path, key)
     missing = [s for s in scales if record is None or str(s) not in record["ctrl_scales"]]
     if not missing:
         return record
@@ -500,11 +515,7 @@ def drift_record(a, flags, corr, seed, scales=(0.0,)):
     record["ctrl_scales"].update({str(s): size_sweep_pairs(model, args, a.drift_pairs, a.cfg_scale, a.sample_steps, s)
                                   for s in missing})
     record["measure_s"] = record.get("measure_s", 0) + time.time() - t0
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
-    return record
+    return commit_record(path, record)
 
 
 def committed_seeds(a, flags, corr, scale):
@@ -613,11 +624,8 @@ def padding_record(a, flags, seed):
     path = os.path.join(a.docs, "padding_runs", f"{tag}-{a.steps}st-s{seed}.json")
     key = dict(flags=flags, steps=a.steps, seed=seed, shapes_size=a.shapes_size, per_class=a.per_class,
                sample_steps=a.sample_steps, cfg_scale=a.cfg_scale)
-    if os.path.exists(path):
-        with open(path) as f:
-            record = json.load(f)
-        if record["key"] != key:
-            raise SystemExit(f"{path} was measured with {record['key']}, not {key}: move it aside to remeasure")
+    record = committed_record(path, key)
+    if record is not None:
         return record
     run_dir = shapes_run(a, flags, seed)
     model, args = load_model(run_dir, "cpu")
@@ -627,11 +635,7 @@ def padding_record(a, flags, seed):
                   eval=evaluate_shapes(model, make_diffusion(args), args, a.per_class, "cpu", cfg_scale=a.cfg_scale,
                                        steps=a.sample_steps, per_sample=True), losses=text_losses(run_dir))
     record["measure_s"] = time.time() - t0
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
-    return record
+    return commit_record(path, record)
 
 
 def padding_converged(a):
