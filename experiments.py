@@ -297,11 +297,15 @@ def run_flags(a, seed):
             str(a.log_every), "--eval-per-class", "0", "--sample-every", "-1", "--ckpt-every", "100000"]
 
 
+def flag_tag(flags):
+    """A variant's flags as a name for its run folder and records: ["--cond", "adaln"] -> "cond-adaln"."""
+    return "-".join(f.lstrip("-") for f in flags) or "default"
+
+
 def shapes_run(a, flags, seed):
     """The run of one variant and seed: the shapes preset with the experiment's budget (same data and order for
     every variant of a seed)."""
-    tag = "-".join(f.lstrip("-") for f in flags) or "default"
-    return run(f"shapes/{tag}-{a.steps}st-s{seed}", run_flags(a, seed) + ["--steps", str(a.steps)] + flags, a.out)
+    return run(f"shapes/{flag_tag(flags)}-{a.steps}st-s{seed}", run_flags(a, seed) + ["--steps", str(a.steps)] + flags, a.out)
 
 
 def compare(a, name, variants, columns, title, text=False):
@@ -493,11 +497,14 @@ def commit_record(path, record):
     return record
 
 
+def drift_path(a, flags, corr, seed):
+    return os.path.join(a.docs, "drift_runs", f"{flag_tag(flags)}-rho{corr:g}-{a.steps}st-s{seed}.json")
+
+
 def drift_record(a, flags, corr, seed, scales=(0.0,)):
     """The committed measurements of one run (variant flags, rho, seed) at these control guidance scales, training
     and measuring what is missing (a scale not measured yet needs the run folder of this machine)."""
-    tag = "-".join(f.lstrip("-") for f in flags) or "default"
-    path = os.path.join(a.docs, "drift_runs", f"{tag}-rho{corr:g}-{a.steps}st-s{seed}.json")
+    path = drift_path(a, flags, corr, seed)
     key = dict(flags=flags, corr=corr, steps=a.steps, seed=seed, shapes_size=a.shapes_size, pairs=a.drift_pairs,
                sample_steps=a.sample_steps, cfg_scale=a.cfg_scale, per_class=a.per_class)
     record = committed_record(path, key)
@@ -520,8 +527,7 @@ def drift_record(a, flags, corr, seed, scales=(0.0,)):
 
 def committed_seeds(a, flags, corr, scale):
     """--assemble: the seeds whose record at this scale is committed (nothing is trained or measured)."""
-    tag = "-".join(f.lstrip("-") for f in flags) or "default"
-    paths = {s: os.path.join(a.docs, "drift_runs", f"{tag}-rho{corr:g}-{a.steps}st-s{s}.json") for s in a.seeds}
+    paths = {s: drift_path(a, flags, corr, s) for s in a.seeds}
     def has(path):
         with open(path) as f:
             return str(scale) in json.load(f)["ctrl_scales"]
@@ -617,11 +623,14 @@ def drift_experiment(a):
     return rows
 
 
+def padding_path(a, flags, seed):
+    return os.path.join(a.docs, "padding_runs", f"{flag_tag(flags)}-{a.steps}st-s{seed}.json")
+
+
 def padding_record(a, flags, seed):
     """The committed measurements of one text run at the drift budget: each checker sample's outcome on held-out
     wordings, and the held-out caption loss (text_losses), training and measuring it if missing."""
-    tag = "-".join(f.lstrip("-") for f in flags)
-    path = os.path.join(a.docs, "padding_runs", f"{tag}-{a.steps}st-s{seed}.json")
+    path = padding_path(a, flags, seed)
     key = dict(flags=flags, steps=a.steps, seed=seed, shapes_size=a.shapes_size, per_class=a.per_class,
                sample_steps=a.sample_steps, cfg_scale=a.cfg_scale)
     record = committed_record(path, key)
@@ -639,29 +648,34 @@ def padding_record(a, flags, seed):
 
 
 def padding_converged(a):
-    """Text padding at the drift budget (2000 steps, where shape words are learned), 3 seeds, 95 % intervals."""
+    """Text padding at the drift budget (2000 steps, where shape words are learned), 3 seeds, 95 % intervals. With
+    --assemble, from the committed records alone: each row has the seeds that are there, or is left out."""
     rows = []
     for variant, flags in PADDINGS.items():
         if a.variants and variant not in a.variants:
             continue
-        records = [padding_record(a, flags, seed) for seed in a.seeds]
+        seeds = [s for s in a.seeds if os.path.exists(padding_path(a, flags, s))] if a.assemble else a.seeds
+        if not seeds:
+            continue
+        records = [padding_record(a, flags, seed) for seed in seeds]
         samples = [r["eval"]["per_sample"] for r in records]
         metrics = {"class + colour acc": bootstrap([np.logical_and(s["class_ok"], s["colour_ok"]) for s in samples]),
                    "class acc": bootstrap([s["class_ok"] for s in samples]),
                    "colour acc": bootstrap([s["colour_ok"] for s in samples]),
                    "null − caption loss": bootstrap([[r["losses"]["caption_gain"]] for r in records])}
-        rows.append(dict(variant=variant, steps=a.steps, seeds=a.seeds, metrics=metrics,
+        rows.append(dict(variant=variant, steps=a.steps, seeds=seeds, metrics=metrics,
                          train_s=[r["train"]["wall_s"] for r in records],
                          device=sorted({r["train"]["device"] for r in records})))
     os.makedirs(a.docs, exist_ok=True)
     with open(os.path.join(a.docs, "padding_converged.json"), "w") as f:
         json.dump(rows, f, indent=1)
     names = list(rows[0]["metrics"]) if rows else []
-    md = "| padding | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1) + "\n"
+    md = "| padding | seeds | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 2) + "\n"
     for r in rows:
-        md += f"| {r['variant']} | " + " | ".join(interval(r["metrics"][m]) for m in names) + " |\n"
-    md += (f"\n`python experiments.py padding-converged --seeds {','.join(map(str, a.seeds))} --steps {a.steps} "
-           f"--shapes-size {a.shapes_size}`; training {sum(sum(r['train_s']) for r in rows) / 60:.0f} min. Mean "
+        md += (f"| {r['variant']} | {','.join(map(str, r['seeds']))} | "
+               + " | ".join(interval(r["metrics"][m]) for m in names) + " |\n")
+    md += (f"\n`python experiments.py padding-converged{' --assemble' if a.assemble else ''} --seeds "
+           f"{','.join(map(str, a.seeds))} --steps {a.steps} --shapes-size {a.shapes_size}`; training {sum(sum(r['train_s']) for r in rows) / 60:.0f} min. Mean "
            f"[95 % bootstrap interval over seeds, then samples]: {a.per_class} seeds per class x 2 flips on prompts "
            f"in wordings never seen in training; null − caption loss: per seed, so its interval is over seeds only.\n")
     with open(os.path.join(a.docs, "padding_converged.md"), "w") as f:
@@ -906,8 +920,8 @@ def main(argv=None):
     p.add_argument("--corrs", default="0,0.9", type=lambda s: [float(v) for v in s.split(",")],
                    help="drift: class <-> size correlations rho of the data (train.py --size-corr)")
     p.add_argument("--drift-pairs", type=int, default=100, help="drift: (noise, class) pairs per run")
-    p.add_argument("--assemble", action="store_true", help="drift: tables and figures from the committed records "
-                   "alone; each row takes the seeds that are there (nothing is trained or measured)")
+    p.add_argument("--assemble", action="store_true", help="drift / padding-converged: tables and figures from the "
+                   "committed records alone; each row takes the seeds that are there (nothing is trained or measured)")
     p.add_argument("--ctrl-scales", default="0,1,2,3", type=lambda s: [float(v) for v in s.split(",")],
                    help="drift: control guidance scales measured on each run (0 = the sampling default)")
     p.add_argument("--gate-variants", type=lambda s: s.split(","), default=None, help="drift: only these gate "

@@ -248,3 +248,7 @@ def test_padding_converged_commits_per_sample_outcomes_with_intervals(tmp_path, 
     monkeypatch.setattr(experiments, "shapes_run", lambda *a: pytest.fail("trained again"))
     experiments.main(argv)  # the committed records are enough
     assert json.loads((tmp_path / "docs" / "padding_converged.json").read_text()) == [row]
+    experiments.main(argv + ["--assemble", "--seeds", "0,1,2"])  # seed 2 has no record: the row keeps 0 and 1
+    (assembled,) = json.loads((tmp_path / "docs" / "padding_converged.json").read_text())
+    assert assembled["seeds"] == [0, 1] and assembled["metrics"] == row["metrics"]
+    assert "--assemble --seeds 0,1,2" in (tmp_path / "docs" / "padding_converged.md").read_text()
