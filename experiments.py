@@ -550,6 +550,7 @@ def drift_rows(a, variants, corrs, scale=0.0):
                                                 per_seed=[r["eval"]["class_acc"] for r in records])
             rows.append(dict(variant=variant, corr=corr, steps=a.steps, seeds=seeds, ctrl_scale=scale,
                              metrics=metrics, train_s=[r["train"]["wall_s"] for r in records],
+                             measure_s=[r["measure_s"] for r in records],
                              device=sorted({r["train"]["device"] for r in records})))
     return rows
 
@@ -568,8 +569,10 @@ def drift_table(a, name, rows, first, note):
     md = "| " + " | ".join(list(first) + names) + " |\n|" + "---|" * (len(first) + len(names)) + "\n"
     for r in rows:
         md += "| " + " | ".join([str(f(r)) for f in first.values()] + [interval(r["metrics"][m]) for m in names]) + " |\n"
-    train_min = sum(sum(r["train_s"]) for r in rows) / 60
-    md += (f"\n{note} `{drift_command(a)}`; training {train_min:.0f} min of {', '.join(sorted({d for r in rows for d in r['device']}))} "
+    def minutes(field):  # each run once, though several rows (control scales) may read it
+        return sum({(r["variant"], r["corr"], s): t for r in rows for s, t in zip(r["seeds"], r[field])}.values()) / 60
+    md += (f"\n{note} `{drift_command(a)}`; training {minutes('train_s'):.0f} min and measuring "
+           f"{minutes('measure_s'):.0f} min of {', '.join(sorted({d for r in rows for d in r['device']}))} "
            f"for these rows (runs shared between tables counted in each). Mean over each row's seeds x "
            f"{a.drift_pairs} (noise, class) pairs each, [95 % bootstrap interval over seeds and pairs; with one seed, "
            f"over pairs only]; checker class acc: shapes.evaluate_shapes at the default control ({a.per_class} seeds "
