@@ -125,7 +125,9 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
     shutil.rmtree(tmp_path / "runs")
     monkeypatch.setattr(experiments, "shapes_run", lambda *a: pytest.fail("trained again"))
     experiments.main(argv)
-    assert json.loads((tmp_path / "docs" / "drift.json").read_text()) == rows
+    # the same rows; only ours at rho 1 took longer to measure in all (its control scales came after the first table)
+    same = lambda rows: [{k: v for k, v in r.items() if k != "measure_s"} for r in rows]
+    assert same(json.loads((tmp_path / "docs" / "drift.json").read_text())) == same(rows)
     with pytest.raises(SystemExit, match="measured with"):  # a record of other settings is not silently mixed in
         experiments.main([v if v != "3" else "4" for v in argv])
     # --assemble: a seed nobody has run yet is left out of its rows instead of being trained
