@@ -614,8 +614,12 @@ def drift_experiment(a):
         return rows
     gates = {v: f for v, f in DRIFT_GATES.items() if not a.gate_variants or v in a.gate_variants}
     if len(gates) > 1:  # a comparison; --gate-variants with one name leaves the gates out
-        drift_table(a, "drift_gates", drift_rows(a, gates, [high]), {"gates of ours": lambda r: r["variant"]},
+        gate_rows = drift_rows(a, gates, [high])
+        drift_table(a, "drift_gates", gate_rows, {"gates of ours": lambda r: r["variant"]},
                     f"Gate schedules g(t) of `--cond ours` at rho = {high:g}.")
+        plot_bars(os.path.join(a.docs, "drift_gates.png"), f"Gate schedules of ours, rho = {high:g}, {a.steps} steps "
+                  "(seeds per row: the table), means with 95 % bootstrap intervals", gate_rows,
+                  ["class acc", "class drift", "colour drift", "pulled"])
     scales = [r for s in a.ctrl_scales for r in drift_rows(a, {"ours": []}, [high], s)]
     if not scales:
         return rows
@@ -768,6 +772,8 @@ def plot_curves(path, title, curves, ylabel="training loss"):
 
 def plot_bars(path, title, rows, metrics, group="corr", group_label="rho = {:g}"):
     """rows (drift_rows): one panel per metric, a bar per variant and group (e.g. rho) with its 95 % interval."""
+    if not rows:  # nothing committed for this table yet
+        return None
     plt = pyplot()
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
@@ -783,7 +789,8 @@ def plot_bars(path, title, rows, metrics, group="corr", group_label="rho = {:g}"
             ax.bar(xs, m, width, yerr=err, capsize=3, label=group_label.format(g))
         ax.set_xticks(range(len(variants)), [v.split(" (")[0] for v in variants], rotation=30, fontsize=8)
         ax.set_title(metric, fontsize=9)
-        ax.set_ylim(0, 1)
+        top = max((r["metrics"][metric]["hi"] for r in rows), default=1.0)  # rates near 0 stay readable
+        ax.set_ylim(0, 1 if "acc" in metric else min(1.0, max(0.05, 1.25 * top)))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)

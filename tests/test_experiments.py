@@ -118,7 +118,7 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
     assert set(ours["ctrl_scales"]) == {"0.0", "2.0"}  # the control-guidance sweep: ours at the highest rho only
     scales = json.loads((tmp_path / "docs" / "drift_ctrl_scale.json").read_text())
     assert [r["ctrl_scale"] for r in scales] == [0.0, 2.0]
-    for png in ("drift.png", "drift_ctrl_scale.png", "drift_size_sweep.png"):  # bars, curves, the sweep grid
+    for png in ("drift.png", "drift_gates.png", "drift_ctrl_scale.png", "drift_size_sweep.png"):  # bars, curves, grid
         assert Image.open(tmp_path / "docs" / png).size[0] > 300
     # the run folders are gone (another machine): the committed records are enough, nothing trains again
     import shutil
@@ -131,7 +131,9 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="measured with"):  # a record of other settings is not silently mixed in
         experiments.main([v if v != "3" else "4" for v in argv])
     # --assemble: a seed nobody has run yet is left out of its rows instead of being trained
-    experiments.main([v if v != "0,1" else "0,1,7" for v in argv] + ["--assemble"])
+    seven = list(argv)
+    seven[seven.index("--seeds") + 1] = "0,1,7"
+    experiments.main(seven + ["--assemble"])
     assembled = json.loads((tmp_path / "docs" / "drift.json").read_text())
     assert [r["seeds"] for r in assembled] == [[0, 1]] * 4
     assert [r["metrics"] for r in assembled] == [r["metrics"] for r in rows]
