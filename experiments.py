@@ -305,7 +305,8 @@ def flag_tag(flags):
 def shapes_run(a, flags, seed):
     """The run of one variant and seed: the shapes preset with the experiment's budget (same data and order for
     every variant of a seed)."""
-    return run(f"shapes/{flag_tag(flags)}-{a.steps}st-s{seed}", run_flags(a, seed) + ["--steps", str(a.steps)] + flags, a.out)
+    return run(f"shapes/{flag_tag(flags)}-{a.steps}st-s{seed}", run_flags(a, seed) + ["--steps", str(a.steps)] + flags,
+               a.out)
 
 
 def compare(a, name, variants, columns, title, text=False):
