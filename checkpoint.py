@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -35,21 +36,33 @@ CONFIG_VERSION = 2  # the schema of the stored configuration; a checkpoint of an
 SAFE_GLOBALS = [argparse.Namespace]
 
 
+class UnreadableCheckpoint(Exception):
+    """A file torch.load cannot read back (truncated, bytes changed, another kind of file): --resume passes over it
+    to the checkpoint before; where a file was named, the caller says so and stops."""
+
+
 def read_checkpoint(path, mmap=False):
     """A checkpoint file's contents, on the CPU; a .safetensors file as {ema, args, config_version, step}. Every
     checkpoint read goes through here, and none runs code (see the module docstring)."""
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
+        try:
+            return read_safetensors(path)
+        except Exception as e:  # safetensors' own error for a header or length that does not add up
+            raise UnreadableCheckpoint(f"{path}: damaged or not a safetensors file ({type(e).__name__}: {e})") from None
     mmap = mmap and zipfile.is_zipfile(path)  # torch maps only the zip format; an old (pre-1.6) file is read whole
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only met something it may not build, and built none of it
         # torch's message is a page of advice; the reason is the line after "WeightsUnpickler error: "
-        reason = str(e).split("WeightsUnpickler error: ")[-1].split("\n")[0].split(" was not an allowed")[0]
-        raise SystemExit(f"{path}: contains objects other than weights ({reason}), so it was not loaded: unpickling "
-                         f"them could run code. If you trust the file, load it with torch.load(weights_only=False) "
-                         f"and torch.save its state dicts alone") from None
+        reason = str(e).split("WeightsUnpickler error: ")[-1].strip().split("\n")[0]
+        if not re.search(r"global|allowlist|function", reason, re.I):  # a bad opcode or byte: damaged, not unsafe
+            raise UnreadableCheckpoint(f"{path}: damaged or not a checkpoint ({reason})") from None
+        raise SystemExit(f"{path}: contains objects other than weights ({reason.split(' was not an allowed')[0]}), "
+                         f"so it was not loaded: unpickling them could run code. If you trust the file, load it "
+                         f"with torch.load(weights_only=False) and torch.save its state dicts alone") from None
+    except Exception as e:  # a truncated zip, a changed byte, a text file: torch's error names what broke
+        raise UnreadableCheckpoint(f"{path}: damaged or not a checkpoint ({type(e).__name__}: {e})") from None
 
 
 def atomic_write(path, write):
@@ -121,8 +134,8 @@ def load_latest(paths, mmap=False):
     for path in paths:
         try:
             return path, read_checkpoint(path, mmap)
-        except Exception as e:  # a truncated or foreign file: fall back to the one before it
-            print(f"resume: skipping unreadable checkpoint {path} ({type(e).__name__}: {e})", flush=True)
+        except UnreadableCheckpoint as e:  # a truncated or foreign file: fall back to the one before it
+            print(f"resume: skipping it, {e}", flush=True)
     return None, None
 
 
@@ -145,10 +158,10 @@ def find_checkpoint(path, out="runs", flag="--resume", mmap=False):
         return found
     if not os.path.isfile(path):
         raise SystemExit(f"{flag} {path!r}: no such checkpoint file or run folder")
-    found = load_latest([path], mmap)
-    if found[0] is None:
-        raise SystemExit(f"{flag} {path!r}: the file is not a readable checkpoint")
-    return found
+    try:
+        return path, read_checkpoint(path, mmap)
+    except UnreadableCheckpoint as e:
+        raise SystemExit(f"{flag}: {e}") from None
 
 
 #################################################################################
@@ -198,7 +211,10 @@ def init_from(model, path, rank=0):
     """Load every tensor of a checkpoint (ours, .pt or .safetensors: its EMA weights; an official DiT file, or a DiT
     training checkpoint's EMA) whose name and shape match the model; print what was loaded, what was skipped (and
     why) and what is new. Returns the three name lists."""
-    state = checkpoint_weights(read_checkpoint(path))
+    try:
+        state = checkpoint_weights(read_checkpoint(path))
+    except UnreadableCheckpoint as e:
+        raise SystemExit(f"--init-from: {e}") from None
     if state is None:
         raise SystemExit(f"--init-from {path!r}: not a checkpoint of this project nor a DiT state dict")
     if is_dit_state_dict(state):

@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 
-from checkpoint import base_res_of, find_checkpoint, read_checkpoint
+from checkpoint import UnreadableCheckpoint, base_res_of, find_checkpoint, read_checkpoint
 from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS
 from data import DATASETS, MAX_WORKERS
 from diffusion import BETA_SCHEDULES, OBJECTIVES, SAMPLERS, Diffusion, noise_shift, spaced_steps
@@ -220,7 +220,10 @@ def get_args(argv=None, description=None):
     given = {k for k, v in vars(args).items() if v is not None}  # on the command line
     if args.base_res is None and (args.init_from or args.resume):  # a transfer keeps its base, a resumed run its own
         if args.init_from and os.path.isfile(args.init_from):  # a missing file: validate says so
-            args.base_res = base_res_of(read_checkpoint(args.init_from, mmap=True))
+            try:
+                args.base_res = base_res_of(read_checkpoint(args.init_from, mmap=True))
+            except UnreadableCheckpoint as e:
+                raise SystemExit(f"--init-from: {e}") from None
         elif args.resume == "auto" or (args.resume and os.path.exists(args.resume)):
             args.base_res = base_res_of(find_checkpoint(args.resume, args.out, mmap=True)[1])
     if args.dataset == "imagenet" and args.data_path is None:  # the documented place; validate says if it is empty

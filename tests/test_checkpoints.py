@@ -13,7 +13,7 @@ from conftest import TINY, init_loads_every_tensor, model_inputs, perturb, rando
 
 import sample
 import train
-from checkpoint import CONFIG_VERSION, init_from, write_checkpoint
+from checkpoint import CONFIG_VERSION, find_checkpoint, init_from, write_checkpoint
 from config import get_args, make_diffusion, make_model
 from latents import CACHE_FORMAT
 from model import from_dit
@@ -78,6 +78,39 @@ def test_a_checkpoint_that_would_run_code_is_refused(entry, tmp_path):
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: an unchecked read would have run it
     assert marker.exists()
+
+
+def with_changed_pickle(path, out):
+    """A copy of a torch.save zip whose pickle has one byte changed to an opcode that does not exist: what a bit
+    flip or a bad copy leaves, damaged rather than dangerous."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in files if n.endswith("data.pkl"))
+    files[name] = files[name][:2] + b"\xff" + files[name][3:]  # right after the protocol header
+    with zipfile.ZipFile(out, "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+    return str(out)
+
+
+def test_a_damaged_checkpoint_is_told_apart_from_an_unsafe_one(tmp_path, capsys):
+    run = tmp_path / "runs" / "000-run"
+    run.mkdir(parents=True)
+    good = our_checkpoint(run / "ckpt-0000003.pt")
+    damaged = with_changed_pickle(good, run / "ckpt-0000006.pt")  # newer, under a complete name
+    path, state = find_checkpoint("auto", str(tmp_path / "runs"))  # --resume auto falls back to the one before
+    assert path == good and state["step"] == 3
+    assert damaged in capsys.readouterr().out
+    text = tmp_path / "log.jsonl"
+    text.write_text('{"step": 1, "loss": 0.5}\n')
+    for bad in (damaged, str(text)):
+        for entry in ("sample --ckpt", "train --init-from"):
+            with pytest.raises(SystemExit) as stopped:
+                ENTRY_POINTS[entry](bad, str(tmp_path / "out"))
+            message = str(stopped.value)
+            assert bad in message and "damaged or not a checkpoint" in message, message
+            assert "other than weights" not in message and "weights_only=False" not in message
 
 
 #################################################################################
