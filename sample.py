@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from checkpoint import (CONFIG_VERSION, checkpoint_weights, dit_resolution, export_safetensors, find_checkpoint,
-                        load_weights)
+from checkpoint import (CONFIG_VERSION, atomic_write, checkpoint_weights, dit_resolution, export_safetensors,
+                        find_checkpoint, load_weights)
 from conditioning import CONTROL_SIGNALS, SIGNAL
 from config import get_args, latent_shape, make_diffusion, make_model, use_bf16
 from data import default_control, setup_distributed
@@ -43,9 +43,9 @@ def take(y, idx):
 
 
 def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None, cfg_scales=None,
-               cfg_scale=1.0, steps=50, method=None, progress=False, prompts=None):
+               cfg_scale=1.0, steps=50, method=None, progress=False, prompts=None, ctrl_scale=0.0, interval=(0.0, 1.0)):
     """Save a PNG grid: rows = classes (or prompts, for a text model), columns = guidance scale x control variant x
-    seed."""
+    seed; ctrl_scale and interval go to the sampler (generate)."""
     from torchvision.utils import save_image
     was_training = model.training
     model.eval()
@@ -67,8 +67,9 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
     imgs = []
     for g in cfg_scales:  # guidance scale is a scalar per call: group the columns by it
         sel = torch.tensor([i for i, (gi, _, _) in enumerate(cols * len(rows)) if gi == g], device=device)
-        imgs.append((sel, generate(model, make_diffusion(args), noise[sel], take(y, sel), ctrl[sel], g, steps=steps,
-                                   method=method, progress=progress, seeds=[seeds[i] for i in sel.tolist()])))
+        imgs.append((sel, generate(model, make_diffusion(args), noise[sel], take(y, sel), ctrl[sel], g, ctrl_scale,
+                                   steps=steps, method=method, interval=interval, progress=progress,
+                                   seeds=[seeds[i] for i in sel.tolist()])))
     lat = torch.empty_like(noise)
     for sel, x in imgs:
         lat[sel] = x
@@ -104,7 +105,9 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
     b % world: every image comes out of the same computation whatever the number of ranks (the ancestral sampler's
     fresh noise is seeded per batch, so it too; a text model's padding noise is seeded per sample, from seed + i).
     Each rank saves its batches to a part file next to `path` (so `path` must be on a file system every rank sees);
-    rank 0 assembles them in order, holding N x H x W x 3 bytes (10 GB for 50k at 256 px), and removes the parts.
+    rank 0 assembles them in order, holding N x H x W x 3 bytes (10 GB for 50k at 256 px), writes `path` and its
+    .json atomically (a full disk or a kill leaves the parts, never a partial file under the name), then removes the
+    parts.
     """
     from tqdm import tqdm
     device = next(model.parameters()).device
@@ -124,7 +127,8 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
         images.append(to_uint8(vae.decode(x)).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
         index.append(idx)
     part = lambda r: f"{path[:-len('.npz')]}.rank{r}.npz"
-    np.savez(part(rank), arr_0=np.concatenate(images), index=np.concatenate(index))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(part(rank), lambda f: np.savez(f, arr_0=np.concatenate(images), index=np.concatenate(index)))
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
@@ -132,8 +136,10 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
         for r in range(world):
             with np.load(part(r)) as z:
                 arr[z["index"]] = z["arr_0"]
-            os.remove(part(r))
-        np.savez(path, arr_0=arr, labels=y_all)
+        settings_path = path[:-len(".npz")] + ".json"
+        if os.path.exists(settings_path):  # an earlier run's: never left beside these samples
+            os.remove(settings_path)
+        atomic_write(path, lambda f: np.savez(f, arr_0=arr, labels=y_all))
         settings = dict(record or {}, num_samples=num_samples, labels=labels, seed=seed, batch=batch,
                         sampler=method, steps=steps, cfg_scale=cfg_scale, ctrl_scale=ctrl_scale,
                         interval=list(interval), control=dict(zip(CONTROL_SIGNALS, control.tolist())),
@@ -141,8 +147,9 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
                         res=args.res, dataset=args.dataset, num_classes=args.num_classes, shift_alpha=diffusion.alpha,
                         arch=args.arch, objective=args.objective,
                         world_size=world)
-        with open(path[:-len(".npz")] + ".json", "w") as f:
-            json.dump(settings, f, indent=1)
+        atomic_write(settings_path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        for r in range(world):
+            os.remove(part(r))
     return path
 
 
@@ -201,6 +208,20 @@ def floats(s, flag):
     return [finite(flag, v) for v in s.split(",")] if s else None
 
 
+def npz_name(a, cfg_scale, control, base, default_sampler):
+    """--num-samples' default file name: every setting that changes the samples and is not at its default, so two
+    runs that differ in any of them never write over each other."""
+    name = f"samples-{a.num_samples}-cfg{cfg_scale:g}-{a.sampler or default_sampler}{a.steps}"
+    for signal in CONTROL_SIGNALS:
+        if control[SIGNAL[signal]] != base[SIGNAL[signal]]:
+            name += f"-{signal.replace('_', '')}{control[SIGNAL[signal]].item():g}"
+    extras = dict(ctrl=f"{a.ctrl_scale:g}" if a.ctrl_scale else None,
+                  interval=a.interval if a.interval != "0,1" else None,
+                  labels=a.labels if a.labels != "equal" else None, seed=a.seed or None,
+                  precision=a.precision if a.precision != "auto" else None)
+    return name + "".join(f"-{k}{v}".replace(",", "-") for k, v in extras.items() if v is not None) + ".npz"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file (.pt, or a .safetensors export) or run folder")
@@ -208,7 +229,8 @@ def main(argv=None):
                                                  "configuration as JSON in its metadata, and exit: --ckpt and "
                                                  "train.py --init-from read it")
     p.add_argument("--out", default=None, help="PNG path (default: <run folder>/grid.png), or the .npz path of "
-                                              "--num-samples (default: <run folder>/samples-N-cfgS-SAMPLERSTEPS.npz)")
+                                              "--num-samples (default: <run folder>/samples-N-cfgS-SAMPLERSTEPS"
+                                              ".npz, plus every setting not at its default: -flip1-ctrl2-seed5)")
     p.add_argument("--classes", default=None, help="comma-separated class indices (default: the first 10)")
     p.add_argument("--prompt", action="append", default=None, help="text model: a prompt (one grid row); repeat the "
                                                                      "flag for more rows")
@@ -231,8 +253,8 @@ def main(argv=None):
                    help="--num-samples: N / classes per class in order, or uniform from --seed")
     p.add_argument("--seed", type=int, default=0, help="--num-samples: sample i starts from noise seed SEED + i")
     p.add_argument("--batch", type=int, default=64, help="--num-samples: images per forward pass")
-    p.add_argument("--ctrl-scale", type=float, default=0.0, help="--num-samples: control guidance scale")
-    p.add_argument("--interval", default="0,1", help="--num-samples: guide only while t is in LO,HI")
+    p.add_argument("--ctrl-scale", type=float, default=0.0, help="control guidance scale (0 = none)")
+    p.add_argument("--interval", default="0,1", help="guide only while t is in LO,HI")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="--num-samples: auto = bf16 autocast on GPU, fp32 on CPU")
     a = p.parse_args(argv)
@@ -288,8 +310,10 @@ def main(argv=None):
         if args.source_dataset != "shapes":
             raise SystemExit("--eval-per-class uses the shapes checker: it needs a checkpoint trained on shapes")
         res = evaluate_shapes(model, make_diffusion(args), args, a.eval_per_class, device, cfg_scale=scales[0],
-                              steps=a.steps, method=a.sampler, progress=True)
-        print(json.dumps(dict(res, cfg_scale=scales[0], per_class=a.eval_per_class, steps=a.steps)))
+                              steps=a.steps, method=a.sampler, progress=True, vae=vae, ctrl_scale=a.ctrl_scale,
+                              interval=tuple(interval))
+        print(json.dumps(dict(res, cfg_scale=scales[0], ctrl_scale=a.ctrl_scale, interval=interval,
+                              per_class=a.eval_per_class, steps=a.steps)))
         return res
     base = default_control(args.source_dataset, args.res)
     controls = []
@@ -306,9 +330,14 @@ def main(argv=None):
         if len(controls) > 1 or len(scales) > 1:
             raise SystemExit("--num-samples draws one setting: give --cfg-scale, --flip, --orig-size and "
                              "--crop-offset one value each")
-        out = a.out or os.path.join(os.path.dirname(args.ckpt_file),
-                                    f"samples-{a.num_samples}-cfg{scales[0]:g}-"
-                                    f"{a.sampler or SAMPLERS[args.objective][0]}{a.steps}.npz")
+        if a.prompt or a.prompts:
+            raise SystemExit("--num-samples draws its prompts from --labels (the shapes captions of each class); "
+                             "--prompt / --prompts are for grids")
+        if getattr(args, "cond_type", "class") == "text" and args.source_dataset != "shapes":
+            raise SystemExit(f"--num-samples on a text model trained on {args.source_dataset}: this sampler only "
+                             f"knows the shapes captions; write a grid with --prompts FILE instead")
+        out = a.out or os.path.join(os.path.dirname(args.ckpt_file), npz_name(a, scales[0], controls[0], base,
+                                                                              SAMPLERS[args.objective][0]))
         if not out.endswith(".npz"):
             raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
         sample_npz(model, vae, args, out, a.num_samples, controls[0], a.labels, a.seed, a.batch, scales[0],
@@ -334,7 +363,8 @@ def main(argv=None):
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt,
                                 "grid.png")
     class_grid(model, vae, args, out, device, classes=classes, seeds=range(a.seeds), controls=controls,
-               cfg_scales=scales, steps=a.steps, method=a.sampler, progress=True, prompts=prompts or None)
+               cfg_scales=scales, steps=a.steps, method=a.sampler, progress=True, prompts=prompts or None,
+               ctrl_scale=a.ctrl_scale, interval=tuple(interval))
     print(f"wrote {out}")
 
 

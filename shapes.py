@@ -293,7 +293,7 @@ def semantic_input(args, labels, device, prompts=None):
 
 @torch.no_grad()
 def evaluate_shapes(model, diffusion, args, per_class, device, cfg_scale=1.0, steps=50, seed=10_000, method=None,
-                    progress=False, per_sample=False):
+                    progress=False, per_sample=False, vae=None, ctrl_scale=0.0, interval=(0.0, 1.0)):
     """Checker accuracies of samples drawn per class, each seed drawn with flip 0 and flip 1.
 
     class_acc  measured class == requested class
@@ -304,11 +304,12 @@ def evaluate_shapes(model, diffusion, args, per_class, device, cfg_scale=1.0, st
     (in turn) and a shape, and also gets
     colour_acc           measured colour == requested colour
     class_colour_acc     both right
-    per_sample=True adds each sample's outcome (class_ok, and colour_ok for text) under "per_sample".
+    per_sample=True adds each sample's outcome (class_ok, and colour_ok for text) under "per_sample". `vae` decodes
+    the samples (the run's autoencoder; pixels when None), ctrl_scale and interval go to the sampler (generate).
     """
     was_training = model.training
     model.eval()
-    vae = Autoencoder("none")
+    vae = vae or Autoencoder("none")
     checker = ShapesChecker()
     base = shapes_default_control(args.res)
     rng = np.random.default_rng(seed)
@@ -328,8 +329,8 @@ def evaluate_shapes(model, diffusion, args, per_class, device, cfg_scale=1.0, st
     noise = make_noise([r[2] for r in rows], (channels, args.res // factor, args.res // factor), device)
     y = semantic_input(args, [r[0] for r in rows], device, [r[5] for r in rows])
     ctrl = torch.stack([r[3] for r in rows]).to(device)
-    x = generate(model, diffusion, noise, y, ctrl, cfg_scale, steps=steps, method=method, progress=progress,
-                 seed=seed, seeds=[r[2] for r in rows])
+    x = generate(model, diffusion, noise, y, ctrl, cfg_scale, ctrl_scale, steps=steps, method=method,
+                 interval=interval, progress=progress, seed=seed, seeds=[r[2] for r in rows])
     meas = checker(to_uint8(vae.decode(x)).cpu())
     model.train(was_training)
     class_ok = np.array([m["label"] == r[0] for m, r in zip(meas, rows)])

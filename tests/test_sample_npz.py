@@ -72,6 +72,49 @@ def test_npz_holds_images_labels_and_settings(run, tmp_path):
     assert labels.min() >= 0 and labels.max() < 10 and labels.tolist() != [0, 1, 2, 4, 5, 7, 8]
 
 
+def test_npz_makes_its_folder_names_its_settings_and_a_failed_write_loses_nothing(run, tmp_path, monkeypatch):
+    out = sample.main(npz_args(run, tmp_path / "new" / "deeper" / "s.npz"))  # a folder that is not there yet
+    assert os.path.isfile(out) and os.path.isfile(tmp_path / "new" / "deeper" / "s.json")
+    args = npz_args(run, "unused", "--ctrl-scale", "1.5", "--interval", "0.2,1")
+    named = sample.main(args[:args.index("--out")] + args[args.index("--out") + 2:])  # the default name
+    assert os.path.basename(named) == "samples-7-cfg2-euler2-flip1-ctrl1.5-interval0.2-1-seed5.npz"
+    os.remove(named)  # keep the run folder as the other tests expect it
+    os.remove(named[:-len(".npz")] + ".json")
+    stale = tmp_path / "f.json"
+    stale.write_text('{"cfg_scale": 9}')  # an earlier run's settings under this name
+    real_savez = np.savez
+    def full_disk(f, **arrays):
+        if "labels" in arrays:  # the assembled file: the disk is full
+            raise OSError(28, "No space left on device")
+        real_savez(f, **arrays)
+    monkeypatch.setattr(sample.np, "savez", full_disk)
+    with pytest.raises(OSError):
+        sample.main(npz_args(run, tmp_path / "f.npz"))
+    assert not (tmp_path / "f.npz").exists() and not stale.exists()  # no partial file, no settings of other samples
+    with np.load(tmp_path / "f.rank0.npz") as z:  # every sample is still on disk
+        assert z["arr_0"].shape == (7, 16, 16, 3) and sorted(z["index"].tolist()) == list(range(7))
+
+
+def test_prompts_are_refused_with_num_samples(run, tmp_path):
+    with pytest.raises(SystemExit, match="--prompt"):
+        sample.main(npz_args(run, tmp_path / "p.npz", "--prompt", "a red circle"))
+
+
+@pytest.mark.parametrize("mode", ["grid", "eval"])
+def test_ctrl_scale_and_interval_reach_the_sampler(run, tmp_path, monkeypatch, mode):
+    import diffusion
+    import shapes
+    seen = []
+    def spy(*args, **kwargs):
+        seen.append((args[6] if len(args) > 6 else kwargs.get("ctrl_scale"), kwargs.get("interval")))
+        return diffusion.generate(*args, **kwargs)
+    monkeypatch.setattr(sample, "generate", spy)
+    monkeypatch.setattr(shapes, "generate", spy)
+    what = ["--out", str(tmp_path / "g.png")] if mode == "grid" else ["--eval-per-class", "1"]
+    sample.main(["--ckpt", run, "--steps", "2", "--seeds", "1", "--ctrl-scale", "2", "--interval", "0.1,0.9", *what])
+    assert seen and all(s == (2.0, (0.1, 0.9)) for s in seen), seen
+
+
 def test_two_ranks_write_the_same_npz_as_one(run, tmp_path):
     one = sample.main(npz_args(run, tmp_path / "one.npz"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29612", "sample.py",
