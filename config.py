@@ -112,9 +112,11 @@ def get_args(argv=None, description=None):
     a = p.add_argument
     # data
     a("--dataset", default="shapes", choices=DATASETS, help="shapes (embedded, default) | imagenet | folder | "
-      "latents (a cache made by `latents.py --encode`; takes its source dataset's preset, resolution and VAE)")
-    a("--data-path", default=None, help="ImageFolder root for imagenet / folder; the cache folder for latents. "
-      f"imagenet: default $IMAGENET_DIR, else {IMAGENET_DEFAULT}")
+      "captions (image-caption pairs) | webdataset (.tar shards) | latents (a cache made by `latents.py --encode`; "
+      "takes its source dataset's preset, resolution and VAE)")
+    a("--data-path", default=None, help="ImageFolder root for imagenet / folder (one split: DIR/<class>/<images>); "
+      "captions: a folder of images with .txt captions or a CSV file; webdataset: a folder of .tar shards or a glob; "
+      f"the cache folder for latents. imagenet: default $IMAGENET_DIR, else {IMAGENET_DEFAULT}")
     a("--res", type=int, help="training resolution in pixels" + preset("res"))
     a("--crop", default="random", choices=("random", "center"), help="crop policy; crop offsets are recorded")
     a("--no-hflip", dest="hflip", action="store_false", help="disable random horizontal flips")
@@ -304,10 +306,14 @@ def validate(args):
         if importlib.util.find_spec("adan_pytorch") is None:  # mDT-v2's optimizer: an optional dependency
             raise SystemExit("--optimizer adan (the mdt recipe) needs the Adan optimizer: pip install adan-pytorch "
                              "(or train with --optimizer adamw)")
+    if args.vae not in (None, "none") and importlib.util.find_spec("diffusers") is None:
+        raise SystemExit(f"--vae {args.vae} (latent diffusion) needs the optional package diffusers: pip install "
+                         f"diffusers (or train in pixel space with --vae none)")
     if args.init_from and not os.path.isfile(args.init_from):
         raise SystemExit(f"--init-from {args.init_from!r}: no such checkpoint file")
-    if args.init_from and args.resume:
-        raise SystemExit("--init-from starts a new run from other weights; --resume continues a run: give one")
+    if args.init_from and args.resume and args.resume != "auto":  # auto: the same command starts, then continues
+        raise SystemExit("--init-from starts a new run from other weights; --resume continues a run: give one (or "
+                         "--resume auto, which starts from --init-from while the run has no checkpoint yet)")
     if args.arch == "mdt":
         try:
             mdt_decode_layers(SIZES[args.model.split("/")[0]][0], args.decode_layers)
@@ -323,8 +329,11 @@ def validate(args):
     if args.dataset == "imagenet" and not os.path.isdir(args.data_path):
         raise SystemExit(f"--dataset imagenet: no ImageNet train split at {args.data_path!r}. Set IMAGENET_DIR to "
                          f"it, put it at {IMAGENET_DEFAULT} (DIR/<class>/<images>), or pass --data-path DIR")
-    if args.data_path and not os.path.isdir(args.data_path):
-        raise SystemExit(f"--data-path {args.data_path!r} does not exist or is not a directory")
+    if args.dataset == "captions" and args.data_path and not os.path.exists(args.data_path):
+        raise SystemExit(f"--data-path {args.data_path!r}: no such folder or CSV file (--dataset captions reads a "
+                         f"folder of images with .txt captions, or a CSV file of image,caption rows)")
+    elif args.dataset not in ("captions", "webdataset") and args.data_path and not os.path.isdir(args.data_path):
+        raise SystemExit(f"--data-path {args.data_path!r} does not exist or is not a directory")  # shards: a glob too
     for name in ("batch", "steps", "res", "class_tokens", "log_every", "ckpt_every", "keep", "max_bad_steps",
                  "grad_accum", "sample_steps"):
         if getattr(args, name) <= 0:

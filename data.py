@@ -181,6 +181,10 @@ class ImageFolderDataset(ImageFileDataset):
             raise FileNotFoundError(f"--data-path {root!r} is not a directory; point it at a folder laid out as "
                                     "ROOT/<class_name>/<image files> (e.g. ImageNet's train/ folder)")
         self.folder = torchvision.datasets.ImageFolder(root)
+        splits = {"train", "val", "valid", "validation", "test"}
+        if set(self.folder.classes) <= splits:  # the dataset's root, not a split: its classes would be the splits
+            raise FileNotFoundError(f"--data-path {root!r} holds the folders {self.folder.classes}, which name "
+                                    f"splits, not classes: point it at one split, e.g. {os.path.join(root, 'train')}")
         if len(self.folder) == 0:
             raise FileNotFoundError(f"no images found under {root!r}")
         super().__init__(res, seed, crop, hflip, where=root)

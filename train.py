@@ -488,10 +488,11 @@ def main(argv=None):
     latent = getattr(dataset, "is_latent", False)
     stream = isinstance(dataset, torch.utils.data.IterableDataset)
     args.num_classes, args.world = dataset.num_classes, world
+    if not stream:  # say it now, not after a run folder was made for a run that cannot take a step
+        epoch_indices(len(dataset), 0, args.seed, rank, world, args.batch // (world * args.grad_accum))
     encoder, text_cache = text_features(dataset, args, device, rank, world)
-    run_dir = run_folder(args, ckpt_path, ckpt, rank, world)
 
-    # ---- model, EMA, autoencoder, optimizer ---------------------------------------------------------------------
+    # ---- model, EMA, autoencoder, optimizer, and then the run folder (a failure above leaves none behind) ----------
     model = make_model(args).to(device)
     if args.grad_ckpt:
         checkpoint_blocks(model)
@@ -505,10 +506,14 @@ def main(argv=None):
     ema = make_model(args).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     # the latent scale (and shift) the data was made with; sampling decodes with the same ones
-    vae = Autoencoder(args.vae, **(dict(scale=dataset.scale, shift=dataset.shift) if latent else {})).to(device)
+    try:
+        vae = Autoencoder(args.vae, **(dict(scale=dataset.scale, shift=dataset.shift) if latent else {})).to(device)
+    except (OSError, ValueError) as e:  # no such folder or hub name, no network, another latent layout
+        raise SystemExit(f"--vae {args.vae}: could not load it ({e})") from None
     args.latent_scale, args.latent_shift = vae.scale, vae.shift
     opt = make_optimizer(model.parameters(), args, fused=device.type == "cuda")
     gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)  # noise, t and condition dropout
+    run_dir = run_folder(args, ckpt_path, ckpt, rank, world)
 
     # ---- resume: weights, optimizer, data position, RNG streams -------------------------------------------------
     loop = Progress(loss_sum=torch.zeros((), device=device), position=None if stream else 0)
@@ -581,7 +586,7 @@ def main(argv=None):
             write_grid(ema, vae, args, os.path.join(run_dir, "samples.png"), device)
         print(f"run folder: {run_dir}")
         if args.source_dataset == "shapes" and args.eval_per_class > 0:
-            write_eval(ema, diffusion, args, os.path.join(run_dir, "eval.json"), device, loop.step)
+            write_eval(ema, diffusion, vae, args, os.path.join(run_dir, "eval.json"), device, loop.step)
         log.close()
     finish_distributed(world)
     return run_dir
@@ -592,10 +597,11 @@ def write_grid(ema, vae, args, path, device):
     class_grid(ema, vae, args, path, device, cfg_scale=args.cfg_scale, steps=args.sample_steps, method=args.sampler)
 
 
-def write_eval(ema, diffusion, args, path, device, step):
-    """The shapes checker's verdict on EMA samples, printed and written to `path` (eval.json)."""
+def write_eval(ema, diffusion, vae, args, path, device, step):
+    """The shapes checker's verdict on EMA samples (decoded by the run's autoencoder), printed and written to `path`
+    (eval.json)."""
     res = evaluate_shapes(ema, diffusion, args, args.eval_per_class, device, cfg_scale=args.cfg_scale,
-                          steps=args.sample_steps, method=args.sampler, progress=True)
+                          steps=args.sample_steps, method=args.sampler, progress=True, vae=vae)
     print("checker on EMA samples: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     with open(path, "w") as f:
         json.dump(dict(res, cfg_scale=args.cfg_scale, per_class=args.eval_per_class, step=step), f)

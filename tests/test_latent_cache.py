@@ -233,3 +233,16 @@ def test_training_reads_the_cache_and_sampling_decodes_with_its_scale(cache, tin
     assert Image.open(out).size == (1 + (RES + 1), 1 + 2 * (RES + 1))  # one seed, one control; two classes
     with pytest.raises(SystemExit, match="holds"):
         train.main(["--dataset", "latents", "--data-path", cache, "--vae", "none", "--steps", "1"])
+
+
+@pytest.mark.slow
+def test_a_shapes_model_in_latent_space_is_checked_on_decoded_pixels(tiny_vae, tmp_path):
+    """The checker reads pixels: a shapes run in latent space decodes its samples with its own autoencoder at the
+    end-of-run evaluation (it used to decode latents as if they were pixels, and failed)."""
+    import train
+    run = train.main(["--vae", tiny_vae, "--model", "T/2", "--res", str(RES), "--base-res", str(RES), "--batch", "4",
+                      "--shapes-size", "8", "--steps", "1", "--workers", "0", "--sample-every", "-1",
+                      "--eval-per-class", "1", "--sample-steps", "2", "--out", str(tmp_path)])
+    with open(os.path.join(run, "eval.json")) as f:
+        res = json.load(f)
+    assert 0 <= res["class_acc"] <= 1 and res["per_class"] == 1

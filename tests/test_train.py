@@ -126,6 +126,38 @@ def test_imagenet_is_found_at_IMAGENET_DIR_or_says_where_to_put_it(tmp_path, mon
     assert ckpt["args"]["data_path"] == str(tmp_path / "imagenet") and ckpt["args"]["num_classes"] == 2
 
 
+def test_data_paths_are_checked_as_each_dataset_reads_them(tmp_path):
+    """A captions CSV file and a glob of shards are valid paths; an ImageNet root holding train/ and val/, a missing
+    caption file and a dataset smaller than one batch are refused before a run folder exists."""
+    from config import validate
+    (tmp_path / "pairs.csv").write_text("image,caption\na.png,a cat\n")
+    for dataset, path in (("captions", tmp_path / "pairs.csv"), ("webdataset", tmp_path / "shards" / "*.tar")):
+        validate(get_args(["--dataset", dataset, "--data-path", str(path), "--vae", "none"]))  # does not raise
+    with pytest.raises(SystemExit, match="no such folder or CSV file"):
+        validate(get_args(["--dataset", "captions", "--data-path", str(tmp_path / "missing.csv"), "--vae", "none"]))
+    for split in ("train", "val"):
+        image_folder(tmp_path / "imagenet" / split, classes=("n01", "n02"), per_class=1)
+    runs = tmp_path / "runs"
+    tiny = ["--vae", "none", "--model", "T/4", "--res", "16", "--base-res", "16", "--workers", "0", "--out", str(runs)]
+    with pytest.raises(SystemExit, match="name splits, not classes") as stopped:
+        train.main(["--dataset", "imagenet", "--data-path", str(tmp_path / "imagenet"), *tiny])
+    assert os.path.join(str(tmp_path / "imagenet"), "train") in str(stopped.value)
+    with pytest.raises(SystemExit, match="smaller than one batch"):
+        train.main(["--dataset", "folder", "--data-path", str(tmp_path / "imagenet" / "val"), "--batch", "8", *tiny])
+    assert not runs.exists() or not os.listdir(runs)  # nothing left behind to shift the next run's number
+
+
+def test_resume_auto_goes_with_init_from_and_a_named_resume_does_not(tmp_path):
+    ckpt = tmp_path / "base.pt"
+    ckpt.write_bytes(b"")  # validate only looks for the file
+    args = get_args(TINY + ["--init-from", str(ckpt), "--resume", "auto", "--out", str(tmp_path / "runs")])
+    from config import validate
+    validate(args)  # the README's fine-tune: the same command starts from --init-from, then continues
+    args.resume = str(tmp_path / "runs" / "000-run")
+    with pytest.raises(SystemExit, match="give one"):
+        validate(args)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
