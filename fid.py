@@ -30,6 +30,7 @@ import torchvision
 from PIL import Image
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
+from checkpoint import atomic_write
 from data import setup_distributed
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -221,8 +222,12 @@ class FolderImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        try:
+            with Image.open(self.paths[i]) as im:
+                return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        except (OSError, ValueError) as e:  # skipping it would quietly make the statistics of another set
+            raise ValueError(f"{self.paths[i]}: not a readable image ({e}); every image of the folder counts in "
+                             f"the statistics, so replace or remove it and run again") from None
 
 
 class NpzImages(torch.utils.data.Dataset):
@@ -277,10 +282,14 @@ def open_input(path):
                          "or an .npz of statistics (mu, sigma)")
     if not path.endswith(".npz"):
         raise SystemExit(f"{path!r}: not a folder or an .npz; put single images in a folder")
-    with np.load(path) as z:
-        keys = set(z.files)
-        stats = (z["mu"].astype(np.float64), z["sigma"].astype(np.float64)) if {"mu", "sigma"} <= keys else None
-    images = NpzImages(path) if "arr_0" in keys else None
+    try:
+        with np.load(path) as z:
+            keys = set(z.files)
+            stats = (z["mu"].astype(np.float64), z["sigma"].astype(np.float64)) if {"mu", "sigma"} <= keys else None
+        images = NpzImages(path) if "arr_0" in keys else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise SystemExit(f"{path}: not a readable .npz ({type(e).__name__}: {e}); a copy cut short? (a stopped "
+                         f"sample.py leaves its .rankN.npz parts, never a partial file under the final name)") from None
     if stats is None and images is None:
         raise SystemExit(f"{path}: an .npz needs `arr_0` (uint8 images N x H x W x 3) or `mu` and `sigma` "
                          f"(statistics from --save-stats); this one holds {sorted(keys)}")
@@ -290,7 +299,8 @@ def open_input(path):
 
 
 def save_stats(path, mu, sigma):
-    np.savez(path, mu=mu, sigma=sigma)
+    """mu and sigma as an .npz at `path` (written whole or not at all), which fid.py reads back as REF or SAMPLE."""
+    atomic_write(str(path), lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 #################################################################################
@@ -491,6 +501,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="result JSON (default: SAMPLE.metrics.json when SAMPLE has a "
                                               "sidecar JSON of its settings)")
     a = p.parse_args(argv)
+    if a.save_stats and not a.save_stats.endswith(".npz"):
+        p.error(f"--save-stats {a.save_stats}: writes an .npz; end the path in .npz")
     if a.sample is None and a.save_stats is None:
         p.error("give SAMPLE, or --save-stats OUT to only compute REF's statistics")
     if a.clip and not a.prompts:

@@ -274,7 +274,7 @@ def test_precision_recall():
 #                         Bad input says what to fix                            #
 #################################################################################
 
-def test_bad_inputs_fail_with_a_clear_message(tmp_path):
+def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such file or folder"):
         fid.open_input(str(tmp_path / "missing.npz"))
     np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
@@ -286,6 +286,18 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no .png/.jpg/.jpeg/.webp files"):
         fid.open_input(str(tmp_path / "empty"))
+    np.savez(tmp_path / "whole.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:300])  # a copy cut short
+    with pytest.raises(SystemExit, match="cut.npz: not a readable .npz"):
+        fid.open_input(str(tmp_path / "cut.npz"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "0.png").write_bytes(b"not a png")
+    _, folder = fid.open_input(str(tmp_path / "broken"))
+    with pytest.raises(ValueError, match="0.png: not a readable image.*replace or remove it"):
+        folder[0]
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path / "broken"), "--save-stats", str(tmp_path / "st")])
+    assert "end the path in .npz" in capsys.readouterr().err
     fid.save_stats(tmp_path / "stats.npz", np.zeros(4), np.eye(4))
     with pytest.raises(SystemExit, match="--pr compares features"):
         fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "stats.npz"), "--pr"])
