@@ -234,4 +234,8 @@ def init_from(model, path, rank=0):
         for title, names in (("skipped", skipped), ("new (initialised)", new)):
             for name in names:
                 print(f"  {title}: {name}")
+        share = sum(own[k].numel() for k in loaded) / max(1, sum(v.numel() for v in own.values()))
+        if share < 0.5:  # a transfer keeps the backbone; this is mostly a new network
+            print(f"--init-from: WARNING only {share:.0%} of the model's weights came from {path}; most of it starts "
+                  f"from scratch. Do --model, --arch and --cond match the checkpoint's?")
     return loaded, skipped, new

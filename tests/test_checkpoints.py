@@ -94,6 +94,18 @@ def with_changed_pickle(path, out):
     return str(out)
 
 
+def test_init_from_warns_when_most_of_the_model_starts_from_scratch(tmp_path, capsys):
+    path = our_checkpoint(tmp_path / "ckpt.pt")  # T/4
+    same = get_args(TINY)
+    same.num_classes = 10
+    init_from(make_model(same), path)
+    assert "WARNING" not in capsys.readouterr().out
+    wider = get_args(TINY + ["--model", "S/4"])  # another width: only shape-free tensors fit
+    wider.num_classes = 10
+    init_from(make_model(wider), path)
+    assert "WARNING only" in capsys.readouterr().out
+
+
 def test_a_damaged_checkpoint_is_told_apart_from_an_unsafe_one(tmp_path, capsys):
     run = tmp_path / "runs" / "000-run"
     run.mkdir(parents=True)
