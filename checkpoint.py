@@ -41,6 +41,20 @@ class UnreadableCheckpoint(Exception):
     to the checkpoint before; where a file was named, the caller says so and stops."""
 
 
+# What torch's weights-only unpickler says of bytes that are no valid pickle; anything else it refuses (a global, a
+# class, a function to call) is treated as a file that would run code, so a doubt stops the run instead of skipping
+DAMAGED = r"Unsupported operand|String is too long|unsupported persistent id|Can only append to lists|pickle data"
+
+
+def unpickling_reason(message):
+    """The line of torch's refusal that names what it met (the rest is a page of advice around it)."""
+    if "WeightsUnpickler error: " in message:
+        message = message.split("WeightsUnpickler error: ")[-1]
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [line.strip() for line in message.split("\n") if line.strip()]
+    return next((line for line in lines if not line.startswith(advice)), lines[0] if lines else "")
+
+
 def read_checkpoint(path, mmap=False):
     """A checkpoint file's contents, on the CPU; a .safetensors file as {ema, args, config_version, step}. Every
     checkpoint read goes through here, and none runs code (see the module docstring)."""
@@ -54,9 +68,8 @@ def read_checkpoint(path, mmap=False):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only met something it may not build, and built none of it
-        # torch's message is a page of advice; the reason is the line after "WeightsUnpickler error: "
-        reason = str(e).split("WeightsUnpickler error: ")[-1].strip().split("\n")[0]
-        if not re.search(r"global|allowlist|function", reason, re.I):  # a bad opcode or byte: damaged, not unsafe
+        reason = unpickling_reason(str(e))
+        if re.match(DAMAGED, reason):  # a byte that is no pickle opcode: damaged, not dangerous
             raise UnreadableCheckpoint(f"{path}: damaged or not a checkpoint ({reason})") from None
         raise SystemExit(f"{path}: contains objects other than weights ({reason.split(' was not an allowed')[0]}), "
                          f"so it was not loaded: unpickling them could run code. If you trust the file, load it "
@@ -68,10 +81,15 @@ def read_checkpoint(path, mmap=False):
 def atomic_write(path, write):
     """write(f) to path.tmp, fsync, rename: a kill leaves no file or a complete one under `path`, never a partial."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, or a power loss could leave an empty file under the name
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, or a power loss could leave an empty file under the name
+    except BaseException:  # a full disk: no half-written file left to fill it further
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

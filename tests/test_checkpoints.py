@@ -51,6 +51,28 @@ class RunsCode:
         return pathlib.Path.touch, (pathlib.Path(self.marker),)
 
 
+class RunsShell:
+    """Unpickling this runs a shell command: os.system, whose module torch blocks by name."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_auto_stops_at_a_checkpoint_that_would_run_a_shell_command(tmp_path):
+    """A refusal of a blocked module is worded unlike a refused global; it must still stop --resume auto rather than
+    be passed over as a damaged file (which would resume an older checkpoint without a word)."""
+    run = tmp_path / "runs" / "000-run"
+    run.mkdir(parents=True)
+    our_checkpoint(run / "ckpt-0000003.pt")
+    torch.save({"ema": {}, "step": RunsShell(tmp_path / "pwned")}, str(run / "ckpt-0000006.pt"))
+    with pytest.raises(SystemExit, match="contains objects other than weights.*system"):
+        find_checkpoint("auto", str(tmp_path / "runs"))
+    assert not (tmp_path / "pwned").exists()
+
+
 ONE_STEP = ["--steps", "1", "--sample-every", "-1"]  # should a refusal fail, the run is short
 ENTRY_POINTS = {
     "train --resume": lambda f, out: train.main(TINY + ONE_STEP + ["--resume", f, "--out", out]),
