@@ -136,10 +136,6 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
         for r in range(world):
             with np.load(part(r)) as z:
                 arr[z["index"]] = z["arr_0"]
-        settings_path = path[:-len(".npz")] + ".json"
-        if os.path.exists(settings_path):  # an earlier run's: never left beside these samples
-            os.remove(settings_path)
-        atomic_write(path, lambda f: np.savez(f, arr_0=arr, labels=y_all))
         settings = dict(record or {}, num_samples=num_samples, labels=labels, seed=seed, batch=batch,
                         sampler=method, steps=steps, cfg_scale=cfg_scale, ctrl_scale=ctrl_scale,
                         interval=list(interval), control=dict(zip(CONTROL_SIGNALS, control.tolist())),
@@ -147,6 +143,13 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
                         res=args.res, dataset=args.dataset, num_classes=args.num_classes, shift_alpha=diffusion.alpha,
                         arch=args.arch, objective=args.objective,
                         world_size=world)
+        # the samples whole under a temporary name first (a failure leaves an earlier pair as it was), then the pair
+        # is swapped: an earlier .json never stays beside these samples
+        settings_path = path[:-len(".npz")] + ".json"
+        atomic_write(path + ".new", lambda f: np.savez(f, arr_0=arr, labels=y_all))
+        if os.path.exists(settings_path):
+            os.remove(settings_path)
+        os.replace(path + ".new", path)
         atomic_write(settings_path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
         for r in range(world):
             os.remove(part(r))
@@ -209,17 +212,20 @@ def floats(s, flag):
 
 
 def npz_name(a, cfg_scale, control, base, default_sampler):
-    """--num-samples' default file name: every setting that changes the samples and is not at its default, so two
-    runs that differ in any of them never write over each other."""
+    """--num-samples' default file name: every sampling flag that changes the samples and is not at its default, so
+    two runs of one checkpoint that differ in any of them never write over each other (the .json beside the file
+    holds them all, and which checkpoint step made it)."""
     name = f"samples-{a.num_samples}-cfg{cfg_scale:g}-{a.sampler or default_sampler}{a.steps}"
     for signal in CONTROL_SIGNALS:
         if control[SIGNAL[signal]] != base[SIGNAL[signal]]:
             name += f"-{signal.replace('_', '')}{control[SIGNAL[signal]].item():g}"
+    lo, hi = floats(a.interval, "--interval")
     extras = dict(ctrl=f"{a.ctrl_scale:g}" if a.ctrl_scale else None,
-                  interval=a.interval if a.interval != "0,1" else None,
+                  interval=f"{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else None,
                   labels=a.labels if a.labels != "equal" else None, seed=a.seed or None,
-                  precision=a.precision if a.precision != "auto" else None)
-    return name + "".join(f"-{k}{v}".replace(",", "-") for k, v in extras.items() if v is not None) + ".npz"
+                  batch=a.batch if a.batch != 64 else None,  # it seeds the ancestral sampler's noise per batch
+                  precision=a.precision if a.precision != "auto" else None, vae=a.vae)
+    return name + "".join(f"-{k}{v}" for k, v in extras.items() if v is not None) + ".npz"
 
 
 def main(argv=None):
@@ -340,6 +346,7 @@ def main(argv=None):
                                                                               SAMPLERS[args.objective][0]))
         if not out.endswith(".npz"):
             raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # fails now, not after the sampling
         sample_npz(model, vae, args, out, a.num_samples, controls[0], a.labels, a.seed, a.batch, scales[0],
                    a.ctrl_scale, tuple(interval), a.steps, a.sampler, use_bf16(a.precision, device), rank,
                    world,

@@ -323,14 +323,19 @@ def resume_point(args, rank):
     return path, ckpt
 
 
-def run_folder(args, ckpt_path, ckpt, rank, world):
-    """The resumed checkpoint's run folder (the config must match it), or a new one."""
-    if ckpt is None:
-        return new_run_dir(args, rank, world)
-    bad = config_mismatch(ckpt["args"], args)
+def refuse_other_config(args, ckpt_path, ckpt):
+    """A resumed checkpoint must have been made with this configuration: checked once the data and the text encoder
+    have set their keys (number of classes, text length), before a model, an autoencoder or a folder is made."""
+    bad = config_mismatch(ckpt["args"], args) if ckpt is not None else None
     if bad:
         raise SystemExit(f"--resume {ckpt_path}: checkpoint was made with another configuration:\n  "
                          + "\n  ".join(bad) + "\nresume with the same flags, or start a new run")
+
+
+def run_folder(args, ckpt_path, ckpt, rank, world):
+    """The resumed checkpoint's run folder (its later checkpoints set aside), or a new one."""
+    if ckpt is None:
+        return new_run_dir(args, rank, world)
     if rank == 0:
         set_aside_later(ckpt_path)
     return os.path.dirname(ckpt_path)
@@ -491,6 +496,7 @@ def main(argv=None):
     if not stream:  # say it now, not after a run folder was made for a run that cannot take a step
         epoch_indices(len(dataset), 0, args.seed, rank, world, args.batch // (world * args.grad_accum))
     encoder, text_cache = text_features(dataset, args, device, rank, world)
+    refuse_other_config(args, ckpt_path, ckpt)  # the data and the text encoder have set every compared key
 
     # ---- model, EMA, autoencoder, optimizer, and then the run folder (a failure above leaves none behind) ----------
     model = make_model(args).to(device)

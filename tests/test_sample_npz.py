@@ -75,13 +75,13 @@ def test_npz_holds_images_labels_and_settings(run, tmp_path):
 def test_npz_makes_its_folder_names_its_settings_and_a_failed_write_loses_nothing(run, tmp_path, monkeypatch):
     out = sample.main(npz_args(run, tmp_path / "new" / "deeper" / "s.npz"))  # a folder that is not there yet
     assert os.path.isfile(out) and os.path.isfile(tmp_path / "new" / "deeper" / "s.json")
-    args = npz_args(run, "unused", "--ctrl-scale", "1.5", "--interval", "0.2,1")
+    args = npz_args(run, "unused", "--ctrl-scale", "1.5", "--interval", "0.20, 1.0")
     named = sample.main(args[:args.index("--out")] + args[args.index("--out") + 2:])  # the default name
-    assert os.path.basename(named) == "samples-7-cfg2-euler2-flip1-ctrl1.5-interval0.2-1-seed5.npz"
+    assert os.path.basename(named) == "samples-7-cfg2-euler2-flip1-ctrl1.5-interval0.2-1-seed5-batch3.npz"
     os.remove(named)  # keep the run folder as the other tests expect it
     os.remove(named[:-len(".npz")] + ".json")
-    stale = tmp_path / "f.json"
-    stale.write_text('{"cfg_scale": 9}')  # an earlier run's settings under this name
+    np.savez(tmp_path / "f.npz", arr_0=np.zeros((1, 16, 16, 3), np.uint8))  # an earlier run's pair under this name
+    (tmp_path / "f.json").write_text('{"cfg_scale": 9}')
     real_savez = np.savez
     def full_disk(f, **arrays):
         if "labels" in arrays:  # the assembled file: the disk is full
@@ -90,7 +90,10 @@ def test_npz_makes_its_folder_names_its_settings_and_a_failed_write_loses_nothin
     monkeypatch.setattr(sample.np, "savez", full_disk)
     with pytest.raises(OSError):
         sample.main(npz_args(run, tmp_path / "f.npz"))
-    assert not (tmp_path / "f.npz").exists() and not stale.exists()  # no partial file, no settings of other samples
+    with np.load(tmp_path / "f.npz") as z:  # the earlier pair as it was, no partial file beside it
+        assert len(z["arr_0"]) == 1
+    assert json.loads((tmp_path / "f.json").read_text()) == {"cfg_scale": 9}
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".new"))]
     with np.load(tmp_path / "f.rank0.npz") as z:  # every sample is still on disk
         assert z["arr_0"].shape == (7, 16, 16, 3) and sorted(z["index"].tolist()) == list(range(7))
 
