@@ -464,18 +464,31 @@ def size_sweep_pairs(model, args, n, cfg_scale, steps, ctrl_scale=0.0, seed=20_0
     return pairs
 
 
-def bootstrap(per_seed, n=2000, seed=0):
-    """per_seed: a list (seeds) of lists (pairs) of values -> mean, 95 % interval (resampling seeds, then the pairs
-    within each drawn seed) and the per-seed means."""
-    rng = np.random.default_rng(seed)
+def resampled_means(per_seed, rng, n):
+    """n bootstrap means of per_seed, a list (seeds) of lists (pairs) of values: seeds drawn with replacement, then
+    the pairs within each drawn seed."""
     arrays = [np.asarray(v, dtype=np.float64) for v in per_seed]
     stats = np.empty(n)
     for b in range(n):
         drawn = [arrays[i] for i in rng.integers(len(arrays), size=len(arrays))]
         stats[b] = np.mean(np.concatenate([v[rng.integers(len(v), size=len(v))] for v in drawn]))
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return dict(mean=float(np.mean(np.concatenate(arrays))), lo=float(lo), hi=float(hi),
-                per_seed=[float(v.mean()) for v in arrays])
+    return stats
+
+
+def bootstrap(per_seed, n=2000, seed=0):
+    """per_seed: a list (seeds) of lists (pairs) of values -> mean, 95 % interval and the per-seed means."""
+    lo, hi = np.percentile(resampled_means(per_seed, np.random.default_rng(seed), n), [2.5, 97.5])
+    return dict(mean=float(np.mean(np.concatenate(per_seed))), lo=float(lo), hi=float(hi),
+                per_seed=[float(np.mean(v)) for v in per_seed])
+
+
+def bootstrap_difference(first, second, n=2000, seed=0):
+    """mean(first) - mean(second) and its 95 % interval, each side resampled on its own (they are separate runs):
+    an effect against its uncertainty, where two overlapping intervals would leave it open."""
+    rng = np.random.default_rng(seed)
+    lo, hi = np.percentile(resampled_means(first, rng, n) - resampled_means(second, rng, n), [2.5, 97.5])
+    return dict(mean=float(np.mean(np.concatenate(first)) - np.mean(np.concatenate(second))), lo=float(lo),
+                hi=float(hi))
 
 
 def committed_record(path, key):
@@ -621,6 +634,7 @@ def drift_experiment(a):
         plot_bars(os.path.join(a.docs, "drift_gates.png"), f"Gate schedules of ours, rho = {high:g}, {a.steps} steps "
                   "(seeds per row: the table), means with 95 % bootstrap intervals", gate_rows,
                   ["class acc", "class drift", "colour drift", "pulled"])
+        drift_contrasts(a, rows, gate_rows)
     scales = [r for s in a.ctrl_scales for r in drift_rows(a, {"ours": []}, [high], s)]
     if not scales:
         return rows
@@ -629,6 +643,39 @@ def drift_experiment(a):
     plot_against(os.path.join(a.docs, "drift_ctrl_scale.png"), f"--cond ours at rho = {high:g}: control guidance",
                  scales, "ctrl_scale", ["size acc", "class drift", "colour drift", "pulled"], "--ctrl-scale")
     return rows
+
+
+CONTRASTED = ("class drift", "colour drift", "pulled")
+
+
+def drift_contrasts(a, rows, gate_rows):
+    """Each route against `ours` at the same rho, each gate schedule against the default: the difference of the
+    drift rates with its 95 % bootstrap interval (drift_contrasts.md / .json). A difference whose interval excludes
+    0 is an effect these runs resolve."""
+    def values(flags, row, metric):  # per seed, per pair, at control scale 0 (records are read, never trained)
+        return [[p[metric] for p in drift_record(a, flags, row["corr"], s)["ctrl_scales"]["0.0"]]
+                for s in row["seeds"]]
+    pairs = [(r, DRIFT_VARIANTS[r["variant"]], base, []) for r in rows if r["variant"] != "ours"
+             for base in rows if base["variant"] == "ours" and base["corr"] == r["corr"]]
+    default = next((g for g in gate_rows if g["variant"] == "size cosine (default)"), None)
+    pairs += [(g, DRIFT_GATES[g["variant"]], default, []) for g in gate_rows if default and g is not default]
+    out = [dict(comparison=f"{r['variant']} − {base['variant']}", corr=r["corr"], seeds=[r["seeds"], base["seeds"]],
+                metrics={m: bootstrap_difference(values(flags, r, m), values(base_flags, base, m)) for m in CONTRASTED})
+           for r, flags, base, base_flags in pairs]
+    with open(os.path.join(a.docs, "drift_contrasts.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    md = "| comparison | rho | seeds | " + " | ".join(CONTRASTED) + " |\n|" + "---|" * (len(CONTRASTED) + 3) + "\n"
+    for c in out:
+        md += (f"| {c['comparison']} | {c['corr']:g} | {','.join(map(str, c['seeds'][0]))} vs "
+               f"{','.join(map(str, c['seeds'][1]))} | " + " | ".join(interval(c["metrics"][m]) for m in CONTRASTED)
+               + " |\n")
+    md += (f"\nDifferences of drift rates (the first minus the second), each from the committed records of the tables "
+           f"drift.md and drift_gates.md: `{drift_command(a)}`. [95 % bootstrap interval: each side resampled over "
+           f"its own seeds, then pairs]; an interval that excludes 0 is a difference these runs resolve.\n")
+    with open(os.path.join(a.docs, "drift_contrasts.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return out
 
 
 def padding_path(a, flags, seed):

@@ -94,6 +94,19 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_pairs():
     assert experiments.bootstrap([[1.0, 1.0], [1.0]]) == dict(mean=1.0, lo=1.0, hi=1.0, per_seed=[1.0, 1.0])
 
 
+def test_bootstrap_difference_resolves_a_real_gap_and_not_noise():
+    rng = np.random.default_rng(0)
+    draw = lambda p: [list((rng.random(100) < p).astype(float)) for _ in range(3)]
+    low, same, high = draw(0.1), draw(0.1), draw(0.3)
+    gap = experiments.bootstrap_difference(high, low)
+    assert gap["mean"] == pytest.approx(np.mean(np.concatenate(high)) - np.mean(np.concatenate(low)))
+    assert 0 < gap["lo"] <= gap["mean"] <= gap["hi"]  # 0.3 against 0.1 over 300 pairs: resolved
+    noise = experiments.bootstrap_difference(same, low)
+    assert noise["lo"] < 0 < noise["hi"]  # the same rate twice: the interval holds 0
+    flipped = experiments.bootstrap_difference(low, high)
+    assert flipped["mean"] == pytest.approx(-gap["mean"]) and flipped["hi"] < 0
+
+
 @pytest.mark.slow
 def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "DRIFT_VARIANTS", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
@@ -118,6 +131,12 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
     assert set(ours["ctrl_scales"]) == {"0.0", "2.0"}  # the control-guidance sweep: ours at the highest rho only
     scales = json.loads((tmp_path / "docs" / "drift_ctrl_scale.json").read_text())
     assert [r["ctrl_scale"] for r in scales] == [0.0, 2.0]
+    contrasts = json.loads((tmp_path / "docs" / "drift_contrasts.json").read_text())
+    assert [(c["comparison"], c["corr"]) for c in contrasts] == [
+        ("adaln (DiT) − ours", 0), ("adaln (DiT) − ours", 1), ("ungated − size cosine (default)", 1)]
+    colour = lambda variant, corr: np.mean(next(r for r in rows if (r["variant"], r["corr"]) == (variant, corr))
+                                           ["metrics"]["colour drift"]["per_seed"])
+    assert contrasts[1]["metrics"]["colour drift"]["mean"] == pytest.approx(colour("adaln (DiT)", 1) - colour("ours", 1))
     for png in ("drift.png", "drift_gates.png", "drift_ctrl_scale.png", "drift_size_sweep.png"):  # bars, curves, grid
         assert Image.open(tmp_path / "docs" / png).size[0] > 300
     # the run folders are gone (another machine): the committed records are enough, nothing trains again
