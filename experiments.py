@@ -705,7 +705,7 @@ def padding_record(a, flags, seed):
 def padding_converged(a):
     """Text padding at the drift budget (2000 steps, where shape words are learned), 3 seeds, 95 % intervals. With
     --assemble, from the committed records alone: each row has the seeds that are there, or is left out."""
-    rows = []
+    rows, both_right = [], {}  # variant -> per seed, per sample: shape and colour read right
     for variant, flags in PADDINGS.items():
         if a.variants and variant not in a.variants:
             continue
@@ -714,13 +714,18 @@ def padding_converged(a):
             continue
         records = [padding_record(a, flags, seed) for seed in seeds]
         samples = [r["eval"]["per_sample"] for r in records]
-        metrics = {"class + colour acc": bootstrap([np.logical_and(s["class_ok"], s["colour_ok"]) for s in samples]),
+        both_right[variant] = [np.logical_and(s["class_ok"], s["colour_ok"]) for s in samples]
+        metrics = {"class + colour acc": bootstrap(both_right[variant]),
                    "class acc": bootstrap([s["class_ok"] for s in samples]),
                    "colour acc": bootstrap([s["colour_ok"] for s in samples]),
                    "null − caption loss": bootstrap([[r["losses"]["caption_gain"]] for r in records])}
         rows.append(dict(variant=variant, steps=a.steps, seeds=seeds, metrics=metrics,
                          train_s=[r["train"]["wall_s"] for r in records],
                          device=sorted({r["train"]["device"] for r in records})))
+    default = next((v for v in both_right if "(default)" in v), None)
+    for r in rows:  # the effect of each padding against the default's, with the interval of the difference
+        if default and r["variant"] != default:
+            r["vs_default"] = bootstrap_difference(both_right[r["variant"]], both_right[default])
     os.makedirs(a.docs, exist_ok=True)
     with open(os.path.join(a.docs, "padding_converged.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -729,6 +734,8 @@ def padding_converged(a):
     for r in rows:
         md += (f"| {r['variant']} | {','.join(map(str, r['seeds']))} | "
                + " | ".join(interval(r["metrics"][m]) for m in names) + " |\n")
+    md += "".join(f"\n{r['variant']} − {default}, class + colour acc: {interval(r['vs_default'])}" for r in rows
+                  if "vs_default" in r) + ("\n" if default and len(rows) > 1 else "")
     md += (f"\n`python experiments.py padding-converged{' --assemble' if a.assemble else ''} --seeds "
            f"{','.join(map(str, a.seeds))} --steps {a.steps} --shapes-size {a.shapes_size}`; training {sum(sum(r['train_s']) for r in rows) / 60:.0f} min. Mean "
            f"[95 % bootstrap interval over seeds, then samples]: {a.per_class} seeds per class x 2 flips on prompts "

@@ -136,7 +136,8 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
         ("adaln (DiT) − ours", 0), ("adaln (DiT) − ours", 1), ("ungated − size cosine (default)", 1)]
     colour = lambda variant, corr: np.mean(next(r for r in rows if (r["variant"], r["corr"]) == (variant, corr))
                                            ["metrics"]["colour drift"]["per_seed"])
-    assert contrasts[1]["metrics"]["colour drift"]["mean"] == pytest.approx(colour("adaln (DiT)", 1) - colour("ours", 1))
+    gap = contrasts[1]["metrics"]["colour drift"]["mean"]
+    assert gap == pytest.approx(colour("adaln (DiT)", 1) - colour("ours", 1))
     for png in ("drift.png", "drift_gates.png", "drift_ctrl_scale.png", "drift_size_sweep.png"):  # bars, curves, grid
         assert Image.open(tmp_path / "docs" / png).size[0] > 300
     # the run folders are gone (another machine): the committed records are enough, nothing trains again
@@ -275,3 +276,12 @@ def test_padding_converged_commits_per_sample_outcomes_with_intervals(tmp_path, 
     (assembled,) = json.loads((tmp_path / "docs" / "padding_converged.json").read_text())
     assert assembled["seeds"] == [0, 1] and assembled["metrics"] == row["metrics"]
     assert "--assemble --seeds 0,1,2" in (tmp_path / "docs" / "padding_converged.md").read_text()
+    # against the default: here the same runs under two names, so the difference is 0 and its interval holds it
+    monkeypatch.setattr(experiments, "PADDINGS", {"noisy_replicate (default)": experiments.PADDINGS["zero"],
+                                                  "zero": experiments.PADDINGS["zero"]})
+    experiments.main(argv + ["--assemble"])
+    default, zero = json.loads((tmp_path / "docs" / "padding_converged.json").read_text())
+    assert "vs_default" not in default and zero["vs_default"]["mean"] == 0
+    assert zero["vs_default"]["lo"] <= 0 <= zero["vs_default"]["hi"]
+    assert "zero − noisy_replicate (default), class + colour acc: 0.000 [" in (
+        tmp_path / "docs" / "padding_converged.md").read_text()
