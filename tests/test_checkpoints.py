@@ -294,7 +294,7 @@ def test_sample_py_runs_from_an_export(tmp_path):
     assert set(res) == {"class_acc", "flip_acc", "mirrored", "crop_err"}
     npz = sample.main(["--ckpt", exported, "--num-samples", "2", "--steps", "2", "--batch", "2"])
     # the guidance the run recorded (train.py --cfg-scale, 2.0) is sample.py's default, from the export as well
-    assert npz == str(tmp_path / "samples-2-cfg2-euler2.npz") and os.path.isfile(npz)
+    assert npz == str(tmp_path / "samples-2-cfg2-euler2-batch2.npz") and os.path.isfile(npz)
     with open(npz[:-len(".npz")] + ".json") as f:
         assert json.load(f)["ckpt"] == os.path.abspath(exported)
 
