@@ -224,20 +224,24 @@ def mean_spread(values):
     return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
-def write_table(a, name, rows, columns, note):
-    """rows: list of dicts (per variant: column -> str, and 'per_seed' -> raw numbers). Writes NAME.json and NAME.md
-    under --docs; returns the Markdown."""
+def save_table(a, name, rows, md):
+    """NAME.json (the rows) and NAME.md (the table, printed too) under --docs; returns the Markdown."""
     os.makedirs(a.docs, exist_ok=True)
     with open(os.path.join(a.docs, f"{name}.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    for r in rows:
-        md += "| " + " | ".join(str(r[c]) for c in columns) + " |\n"
-    md += "\n" + note + "\n"
     with open(os.path.join(a.docs, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
     return md
+
+
+def write_table(a, name, rows, columns, note):
+    """rows: list of dicts (per variant: column -> str, and 'per_seed' -> raw numbers). Writes NAME.json and NAME.md
+    under --docs; returns the Markdown."""
+    md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    for r in rows:
+        md += "| " + " | ".join(str(r[c]) for c in columns) + " |\n"
+    return save_table(a, name, rows, md + "\n" + note + "\n")
 
 
 def summarise(variants, columns):
@@ -575,9 +579,6 @@ def interval(m):
 
 def drift_table(a, name, rows, first, note):
     """rows -> NAME.json (the rows) and NAME.md (a table, intervals in brackets) under --docs."""
-    os.makedirs(a.docs, exist_ok=True)
-    with open(os.path.join(a.docs, f"{name}.json"), "w") as f:
-        json.dump(rows, f, indent=1)
     names = ["checker class acc"] + list(DRIFT_METRICS)
     first = dict(first, seeds=lambda r: ",".join(map(str, r["seeds"])))
     md = "| " + " | ".join(list(first) + names) + " |\n|" + "---|" * (len(first) + len(names)) + "\n"
@@ -593,9 +594,7 @@ def drift_table(a, name, rows, first, note):
            f"per class, x2 flips), mean of seeds. Sweep: original size {', '.join(f'{f:g}' for f in SIZE_SWEEP)} x res, same noise, "
            f"{a.sample_steps} Euler steps, guidance {a.cfg_scale}. " +
            " ".join(f"*{k}*: {v}." for k, v in DRIFT_METRICS.items()) + "\n")
-    with open(os.path.join(a.docs, f"{name}.md"), "w") as f:
-        f.write(md)
-    print(md)
+    save_table(a, name, rows, md)
     return rows
 
 
@@ -662,8 +661,6 @@ def drift_contrasts(a, rows, gate_rows):
     out = [dict(comparison=f"{r['variant']} − {base['variant']}", corr=r["corr"], seeds=[r["seeds"], base["seeds"]],
                 metrics={m: bootstrap_difference(values(flags, r, m), values(base_flags, base, m)) for m in CONTRASTED})
            for r, flags, base, base_flags in pairs]
-    with open(os.path.join(a.docs, "drift_contrasts.json"), "w") as f:
-        json.dump(out, f, indent=1)
     md = "| comparison | rho | seeds | " + " | ".join(CONTRASTED) + " |\n|" + "---|" * (len(CONTRASTED) + 3) + "\n"
     for c in out:
         md += (f"| {c['comparison']} | {c['corr']:g} | {','.join(map(str, c['seeds'][0]))} vs "
@@ -672,9 +669,7 @@ def drift_contrasts(a, rows, gate_rows):
     md += (f"\nDifferences of drift rates (the first minus the second), each from the committed records of the tables "
            f"drift.md and drift_gates.md: `{drift_command(a)}`. [95 % bootstrap interval: each side resampled over "
            f"its own seeds, then pairs]; an interval that excludes 0 is a difference these runs resolve.\n")
-    with open(os.path.join(a.docs, "drift_contrasts.md"), "w") as f:
-        f.write(md)
-    print(md)
+    save_table(a, "drift_contrasts", out, md)
     return out
 
 
@@ -726,9 +721,6 @@ def padding_converged(a):
     for r in rows:  # the effect of each padding against the default's, with the interval of the difference
         if default and r["variant"] != default:
             r["vs_default"] = bootstrap_difference(both_right[r["variant"]], both_right[default])
-    os.makedirs(a.docs, exist_ok=True)
-    with open(os.path.join(a.docs, "padding_converged.json"), "w") as f:
-        json.dump(rows, f, indent=1)
     names = list(rows[0]["metrics"]) if rows else []
     md = "| padding | seeds | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 2) + "\n"
     for r in rows:
@@ -740,9 +732,7 @@ def padding_converged(a):
            f"{','.join(map(str, a.seeds))} --steps {a.steps} --shapes-size {a.shapes_size}`; training {sum(sum(r['train_s']) for r in rows) / 60:.0f} min. Mean "
            f"[95 % bootstrap interval over seeds, then samples]: {a.per_class} seeds per class x 2 flips on prompts "
            f"in wordings never seen in training; null − caption loss: per seed, so its interval is over seeds only.\n")
-    with open(os.path.join(a.docs, "padding_converged.md"), "w") as f:
-        f.write(md)
-    print(md)
+    save_table(a, "padding_converged", rows, md)
     return rows
 
 
