@@ -2,7 +2,7 @@
 Sample-quality metrics: FID as the ADM evaluation suite computes it, plus Inception Score, improved precision /
 recall and (for text-to-image) CLIP score.
 
-    python fid.py VIRTUAL_imagenet256_labeled.npz runs/000-imagenet-XL-2-ours/samples-50000.npz
+    python fid.py VIRTUAL_imagenet256_labeled.npz runs/000-imagenet-XL-2-ours/samples-50000-cfg1.5-euler50.npz
     python fid.py REF SAMPLE --is --pr                            # + Inception Score, precision and recall
     python fid.py /data/imagenet/val --save-stats val_stats.npz   # cache a reference set's statistics
     torchrun --nproc_per_node=8 fid.py REF SAMPLE                 # features on 8 GPUs, same numbers
