@@ -22,7 +22,7 @@ import tarfile
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from conditioning import make_control
@@ -86,7 +86,9 @@ def load_rgb(path, name=None):
     try:
         with Image.open(path) as f:
             f.load()  # decode now: truncated files fail here, not later in a worker
-            mode, img = f.mode, f.copy()
+            # upright, as a viewer shows it: a phone photo's pixels are stored turned, its EXIF says by how much (so
+            # the original size recorded for the control is the one people see, not the sensor's)
+            mode, img = f.mode, ImageOps.exif_transpose(f)
     except (UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage("unreadable", f"{name}: {e}") from e
     except OSError as e:
@@ -131,6 +133,28 @@ def count_event(events, kind, message=None):
               f"further {kind} items are counted in the log without a message", flush=True)
 
 
+def hidden(name):
+    """Names a listing passes over: dot-files and dot-folders (macOS `._x.jpg` resource forks, `.DS_Store`,
+    `.ipynb_checkpoints/`, `.git/`), which are never images or classes of a dataset."""
+    return name.startswith(".")
+
+
+def image_files(root):
+    """[(folder, image file names, every visible file name of that folder)] under `root` at any depth, sorted (every
+    rank lists the same), without hidden names; a folder reached twice through symbolic links is listed once."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not hidden(d))
+        files = sorted(f for f in files if not hidden(f))
+        found.append((folder, [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS], files))
+    return found
+
+
 class ImageFileDataset(Dataset):
     """Base of the map-style datasets that read one image file per item: a subclass lists its items, sets
     `num_classes` and says what item j is through `_record(j)` -> (path, label, caption).
@@ -151,7 +175,10 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i):
         for attempt in range(50):
-            j = (i + attempt * 7919) % len(self)  # a deterministic stand-in, so a resume sees the same data
+            # item i, else a stand-in drawn from (seed, epoch, i, attempt): the same after a resume, and from the whole
+            # dataset, so a run of bad files (a corrupt class folder) is left within a few draws
+            j = i if attempt == 0 else int(np.random.default_rng([self.seed, self.epoch, i, attempt, 4]).integers(
+                len(self)))
             path, label, caption = self._record(j)
             try:
                 img, kind = load_rgb(path)
@@ -164,7 +191,7 @@ class ImageFileDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, j, 1])
             img, ctrl = crop_flip(img, self.res, rng, crop=self.crop, hflip=self.hflip)
             return img, label, ctrl, caption
-        raise RuntimeError(f"50 bad images in a row around index {i} of {self.where}: is the dataset corrupt?")
+        raise RuntimeError(f"item {i} of {self.where} and 49 stand-ins drawn for it are all bad: is the data corrupt?")
 
 
 #################################################################################
@@ -172,30 +199,35 @@ class ImageFileDataset(Dataset):
 #################################################################################
 
 class ImageFolderDataset(ImageFileDataset):
-    """`root/<class>/<image>` like torchvision's ImageFolder; the caption is the class folder's name. Random crop /
-    flip record their control metadata; bad files are skipped and counted (ImageFileDataset)."""
+    """`root/<class>/<image>` as torchvision's ImageFolder reads it (class k: the k-th folder name in sorted order, as
+    DiT's labels; images at any depth below it), but hidden names are no class and no image. The caption is the class
+    folder's name. Random crop / flip record their control metadata; bad files are skipped and counted
+    (ImageFileDataset)."""
 
     def __init__(self, root, res, seed=0, crop="random", hflip=True):
-        import torchvision
         if not root or not os.path.isdir(root):
             raise FileNotFoundError(f"--data-path {root!r} is not a directory; point it at a folder laid out as "
                                     "ROOT/<class_name>/<image files> (e.g. ImageNet's train/ folder)")
-        self.folder = torchvision.datasets.ImageFolder(root)
+        self.classes = sorted(d for d in os.listdir(root) if not hidden(d) and os.path.isdir(os.path.join(root, d)))
         splits = {"train", "val", "valid", "validation", "test"}
-        if set(self.folder.classes) <= splits:  # the dataset's root, not a split: its classes would be the splits
-            raise FileNotFoundError(f"--data-path {root!r} holds the folders {self.folder.classes}, which name "
+        if self.classes and set(self.classes) <= splits:  # the dataset's root, not a split: its classes would be splits
+            raise FileNotFoundError(f"--data-path {root!r} holds the folders {self.classes}, which name "
                                     f"splits, not classes: point it at one split, e.g. {os.path.join(root, 'train')}")
-        if len(self.folder) == 0:
-            raise FileNotFoundError(f"no images found under {root!r}")
+        self.samples = [(os.path.join(folder, f), label) for label, c in enumerate(self.classes)
+                        for folder, images, _ in image_files(os.path.join(root, c)) for f in images]
+        empty = sorted(set(self.classes) - {self.classes[label] for _, label in self.samples})
+        if not self.classes or empty:  # an empty class would still take a label and shift nothing, but is a mistake
+            raise FileNotFoundError(f"--data-path {root!r}: no images in the class folder(s) {empty[:5]}" if empty else
+                                    f"--data-path {root!r}: no class folders; lay it out as ROOT/<class>/<images>")
         super().__init__(res, seed, crop, hflip, where=root)
-        self.num_classes = len(self.folder.classes)
+        self.num_classes = len(self.classes)
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.samples)
 
     def _record(self, j):
-        path, label = self.folder.samples[j]
-        return path, label, self.folder.classes[label]
+        path, label = self.samples[j]
+        return path, label, self.classes[label]
 
 
 #################################################################################
@@ -210,18 +242,14 @@ def read_caption(data):
 
 def caption_folder_pairs(root):
     """(image path, caption) of every image under `root`, at any depth, in sorted order (every rank lists the same);
-    the caption is the same-stem .txt file beside the image, "" when there is none."""
+    the caption is the same-stem .txt (or .TXT) file beside the image, "" when there is none."""
     pairs = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
-        names = set(files)
-        for f in sorted(files):
-            stem, ext = os.path.splitext(f)
-            if ext.lower() not in IMAGE_EXTENSIONS:
-                continue
+    for folder, images, files in image_files(root):
+        texts = {os.path.splitext(f)[0]: f for f in files if os.path.splitext(f)[1].lower() == ".txt"}
+        for f in images:
             caption = ""
-            if stem + ".txt" in names:
-                with open(os.path.join(folder, stem + ".txt"), "rb") as t:
+            if os.path.splitext(f)[0] in texts:
+                with open(os.path.join(folder, texts[os.path.splitext(f)[0]]), "rb") as t:
                     caption = read_caption(t.read())
             pairs.append((os.path.join(folder, f), caption))
     return pairs
@@ -378,6 +406,22 @@ def tar_samples(path):
         yield key, files
 
 
+def sample_caption(files):
+    """A webdataset sample's caption: its .txt, else the "caption" field of its .json (img2dataset writes both); ""
+    when neither has one."""
+    if "txt" in files:
+        return read_caption(files["txt"])
+    if "json" in files:
+        import json
+        try:
+            meta = json.loads(files["json"])
+        except ValueError:
+            return ""
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        return caption.strip() if isinstance(caption, str) else ""
+    return ""
+
+
 def shuffled(items, size, rng):
     """Items in a random order drawn through a buffer of `size` (a stream cannot be permuted whole); 0 or 1: as they
     come."""
@@ -461,9 +505,11 @@ class WebDatasetShards(IterableDataset):
     def _item(self, k, p, key, files):
         """The item of one sample, or None (counted) when it must be skipped."""
         where = f"{self.shards[k]}:{key}"
-        caption = read_caption(files["txt"]) if "txt" in files else ""
+        caption = sample_caption(files)
         if not caption:
-            count_event(self.events, "empty_caption", f"{where}.txt {'is empty' if 'txt' in files else 'is missing'}")
+            why = "an empty .txt" if "txt" in files else "no .txt"
+            why += ", no caption in the .json" if "json" in files else ""
+            count_event(self.events, "empty_caption", f"{where}: {why}")
             return None
         ext = next((e for e in files if "." + e in IMAGE_EXTENSIONS), None)
         if ext is None:

@@ -99,6 +99,25 @@ def test_caption_pairs_skip_and_count_bad_items_and_keep_batches_full(tmp_path, 
     assert c["truncated"] + c["unreadable"] == 1 and c["ok"] == 6 and c["empty_caption"] == 0
 
 
+def test_caption_folder_passes_over_hidden_names_reads_any_case_and_lists_a_linked_folder_once(tmp_path):
+    """What a folder copied from a Mac or a notebook holds: `._x` resource forks beside each file (binary, no image,
+    no caption), `.ipynb_checkpoints/` copies, an upper-case .JPG / .TXT pair, and a link back up the tree."""
+    root = tmp_path / "data"
+    (root / "a" / ".ipynb_checkpoints").mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(image_bytes(0, "PNG"))
+    (root / "a" / "x.txt").write_text("a caption")
+    (root / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    (root / "a" / "._x.txt").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    (root / "a" / ".ipynb_checkpoints" / "x-checkpoint.png").write_bytes(image_bytes(1, "PNG"))
+    (root / "a" / ".ipynb_checkpoints" / "x-checkpoint.txt").write_text("a copy")
+    (root / "B.JPG").write_bytes(image_bytes(2))
+    (root / "B.TXT").write_text("shouted")
+    os.symlink("..", root / "a" / "up")  # a loop: data/a/up -> data
+    ds = build_dataset("captions", RES, str(root))
+    assert sorted(ds.captions()) == ["a caption", "shouted"] and ds.dropped == {"empty_caption": 0}
+    assert all(ds[i][0].shape == (3, RES, RES) for i in range(len(ds)))
+
+
 def test_caption_paths_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="needs --data-path"):
         build_dataset("captions", RES, None)
@@ -199,7 +218,10 @@ def test_bad_samples_in_shards_are_skipped_and_counted(tmp_path):
     write_shard(tmp_path / "0.tar", [("a0", good(0)), ("a1", {"jpg": truncated_jpeg(1), "txt": b"cut"}),
                                      ("a2", good(2))])
     write_shard(tmp_path / "1.tar", [("b0", good(3)), ("b1", {"jpg": image_bytes(4), "txt": b" \n"}),
-                                     ("b2", {"jpg": image_bytes(5)}), ("b3", good(6))])
+                                     ("b2", {"jpg": image_bytes(5)}), ("b3", good(6)),
+                                     # img2dataset also writes the caption into the .json: read when there is no .txt
+                                     ("b4", {"jpg": image_bytes(10), "json": b'{"caption": " from json ", "url": "u"}'}),
+                                     ("b5", {"jpg": image_bytes(11), "json": b'{"url": "u"}'})])
     write_shard(tmp_path / "2.tar", [("c0", good(7)), ("c1", good(8)), ("c2", good(9))])
     with tarfile.open(tmp_path / "2.tar") as tar:
         cut = tar.getmember("c1.jpg").offset_data + 100
@@ -207,9 +229,9 @@ def test_bad_samples_in_shards_are_skipped_and_counted(tmp_path):
     ds = build_dataset("webdataset", RES, str(tmp_path / "*.tar"), seed=0)
     assert isinstance(ds, WebDatasetShards) and ds.num_classes == 1
     seen = [c for b in DataLoader(ds, batch_size=1, num_workers=2) for c in b[3]]
-    assert sorted(seen) == ["good 0", "good 2", "good 3", "good 6", "good 7"]
+    assert sorted(seen) == ["from json", "good 0", "good 2", "good 3", "good 6", "good 7"]
     c = counts(ds)
-    assert c["truncated"] == 1 and c["empty_caption"] == 2 and c["unreadable"] == 1 and c["ok"] == 5
+    assert c["truncated"] == 1 and c["empty_caption"] == 3 and c["unreadable"] == 1 and c["ok"] == 6
 
 
 def test_shard_paths_and_ranks_fail_clearly(tmp_path, shards, monkeypatch):
@@ -227,6 +249,18 @@ def test_shard_paths_and_ranks_fail_clearly(tmp_path, shards, monkeypatch):
     assert (ds.rank, ds.world) == (1, 2) and len(ds.shards) == 8
     with pytest.raises(RuntimeError, match="map-style dataset"):
         ds.captions()
+
+
+def test_shards_without_captions_stop_training_with_the_reason(tmp_path):
+    """Shards whose samples all lack a caption (the captions went into another column): the trainer says so, not that
+    the shards are too few."""
+    import train
+    write_shard(tmp_path / "0.tar", [(f"k{i}", {"jpg": image_bytes(i), "json": b'{"url": "u"}'}) for i in range(4)])
+    flags = ["--dataset", "webdataset", "--data-path", str(tmp_path / "0.tar"), "--cond-type", "text", "--model", "T/4",
+             "--res", "16", "--base-res", "16", "--vae", "none", "--batch", "2", "--workers", "0", "--steps", "1",
+             "--sample-every", "0", "--out", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit, match=r"0 samples used, skipped: \{'empty_caption': 4\}.*check the shards' captions"):
+        train.main(flags)
 
 
 @pytest.mark.slow

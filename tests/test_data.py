@@ -7,7 +7,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from conditioning import CONTROL_SIGNALS, SIGNAL
-from data import ImageFolderDataset, build_dataset, crop_flip
+from data import EVENTS, ImageFolderDataset, build_dataset, crop_flip, load_rgb
 from shapes import CANVAS_MARGIN, CHIRAL, SHAPE_NAMES, ShapesChecker, ShapesDataset, expected_position, size_group
 
 
@@ -110,6 +110,60 @@ def test_image_folder(tmp_path):
     assert img.shape == (3, 32, 32) and label == 0 and name == "cat"
     assert (ctrl[SIGNAL["orig_h"]].item(), ctrl[SIGNAL["orig_w"]].item()) == (70, 50)  # the file's own size is the original size
     assert 0 <= ctrl[SIGNAL["crop_top"]] <= round(70 * 32 / 50) - 32 and ctrl[SIGNAL["crop_left"]] == 0
+
+
+def test_image_folder_passes_over_hidden_names_like_a_dataset_copied_from_a_mac(tmp_path):
+    """`._x.JPEG` resource forks beside every image and a `.ipynb_checkpoints/` folder are no images and no class:
+    the labels stay those of the sorted class folders (DiT's), whatever else the copy carried."""
+    rng = np.random.default_rng(0)
+    for cls in ("n01", "n02"):
+        (tmp_path / cls / "sub").mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / cls / f"{j}.JPEG")
+            (tmp_path / cls / f"._{j}.JPEG").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / cls / "sub" / "deep.png")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / ".ipynb_checkpoints" / "a.png")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    ds = build_dataset("imagenet", 16, str(tmp_path))
+    assert ds.classes == ["n01", "n02"] and ds.num_classes == 2 and len(ds) == 6  # images at any depth, as torchvision
+    assert [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1] and int(ds.events[:, EVENTS.index("unreadable")].sum()) == 0
+    (tmp_path / "n03").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images in the class folder"):
+        build_dataset("imagenet", 16, str(tmp_path))
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A phone stores pixels as the sensor saw them and says in EXIF how to turn them: the image and the original size
+    the control records are the ones a viewer shows."""
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high: left half red, right half blue
+    stored[:, :20, 0], stored[:, 20:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    (tmp_path / "c").mkdir()
+    Image.fromarray(stored).save(tmp_path / "c" / "photo.jpg", exif=exif, quality=95)
+    img, _ = load_rgb(tmp_path / "c" / "photo.jpg")
+    assert img.size == (20, 40)  # shown 20 wide, 40 high; the stored left half is now on top
+    assert img.getpixel((10, 5))[0] > 200 and img.getpixel((10, 35))[2] > 200
+    ctrl = build_dataset("folder", 16, str(tmp_path))[0][2]
+    assert (ctrl[SIGNAL["orig_h"]].item(), ctrl[SIGNAL["orig_w"]].item()) == (40, 20)
+
+
+def test_a_run_of_bad_files_is_stood_in_for_from_the_whole_dataset(tmp_path):
+    """60 corrupt files in a row (a damaged class folder) among 120: every item still gives an image, and the same one
+    again (a resume sees the same data)."""
+    (tmp_path / "c").mkdir()
+    rng = np.random.default_rng(0)
+    for j in range(120):
+        path = tmp_path / "c" / f"{j:03d}.png"
+        if j < 60:
+            path.write_bytes(b"not a png")
+        else:
+            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(path)
+    ds = build_dataset("folder", 8, str(tmp_path))
+    first = [ds[i][0] for i in range(60)]
+    assert all(torch.equal(a, ds[i][0]) for i, a in enumerate(first))
+    assert int(ds.events[:, EVENTS.index("unreadable")].sum()) > 0  # the bad reads were counted
 
 
 def test_bad_paths_fail_clearly(tmp_path):
