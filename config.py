@@ -115,7 +115,8 @@ def get_args(argv=None, description=None):
       "captions (image-caption pairs) | webdataset (.tar shards) | latents (a cache made by `latents.py --encode`; "
       "takes its source dataset's preset, resolution and VAE)")
     a("--data-path", default=None, help="ImageFolder root for imagenet / folder (one split: DIR/<class>/<images>); "
-      "captions: a folder of images with .txt captions or a CSV file; webdataset: a folder of .tar shards or a glob; "
+      "captions: a folder of images with .txt captions or a CSV file; webdataset: a folder of .tar shards, a glob or "
+      "a brace range (shards/{00000..01242}.tar); "
       f"the cache folder for latents. imagenet: default $IMAGENET_DIR, else {IMAGENET_DEFAULT}")
     a("--res", type=int, help="training resolution in pixels" + preset("res"))
     a("--crop", default="random", choices=("random", "center"), help="crop policy; crop offsets are recorded")

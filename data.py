@@ -365,21 +365,41 @@ def data_rank(rank=None, world=None):
 # epoch at different times. Use at least ranks x workers shards, better many more (CC12M as img2dataset writes it:
 # about 1,100 shards of 10,000).
 
+def brace_ranges(pattern):
+    """webdataset's shard ranges, expanded: 'cc12m/{00000..00002}.tar' -> ['cc12m/00000.tar', 'cc12m/00001.tar',
+    'cc12m/00002.tar'] (zero-padded to the first number's width); a pattern without a range stays as it is."""
+    import re
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if m is None:
+        return [pattern]
+    lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [x for i in range(lo, hi + 1) for x in brace_ranges(f"{head}{i:0{width}d}{tail}")]  # and further ranges
+
+
 def list_shards(path_or_glob):
-    """Sorted .tar shards: those in a folder, those a glob pattern matches (webdataset's brace ranges such as
-    {00000..01242} are not expanded), or one .tar file."""
+    """Sorted .tar shards: those in a folder, those a glob pattern matches, those a webdataset brace range names
+    (`shards/{00000..01242}.tar`; every one must exist), or one .tar file."""
     import glob
     p = path_or_glob
     if not p:
         raise ValueError("--dataset webdataset needs --data-path: a folder of .tar shards or a glob like 'cc12m/*.tar'")
-    if os.path.isdir(p):
+    named = brace_ranges(p)
+    if len(named) > 1:
+        missing = [s for s in named if not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(f"--data-path {p!r}: {len(missing)} of the {len(named)} shards it names do not "
+                                    f"exist, e.g. {missing[0]!r}")
+        shards = named
+    elif os.path.isdir(p):
         shards = glob.glob(os.path.join(glob.escape(p), "*.tar"))
     elif any(c in p for c in "*?["):
         shards = glob.glob(p)
     elif os.path.isfile(p):
         shards = [p]
     else:
-        raise FileNotFoundError(f"--data-path {p!r}: no such folder or file (give a folder of .tar shards or a glob)")
+        raise FileNotFoundError(f"--data-path {p!r}: no such folder or file (give a folder of .tar shards, a glob or "
+                                "a brace range like 'cc12m/{00000..01242}.tar')")
     shards = sorted(s for s in shards if s.endswith(".tar") and os.path.isfile(s))
     if not shards:
         raise FileNotFoundError(f"--data-path {p!r}: no .tar files there")

@@ -241,6 +241,10 @@ def test_shard_paths_and_ranks_fail_clearly(tmp_path, shards, monkeypatch):
         build_dataset("webdataset", RES, str(tmp_path))
     with pytest.raises(ValueError, match="needs --data-path"):
         build_dataset("webdataset", RES, None)
+    ranged = WebDatasetShards(os.path.join(shards, "{00001..00003}.tar"), RES, rank=0, world=1)  # webdataset's ranges
+    assert [os.path.basename(s) for s in ranged.shards] == ["00001.tar", "00002.tar", "00003.tar"]
+    with pytest.raises(FileNotFoundError, match="1 of the 3 shards it names do not exist, e.g. .*00008.tar"):
+        WebDatasetShards(os.path.join(shards, "{00006..00008}.tar"), RES, rank=0, world=1)
     with pytest.raises(ValueError, match="8 shards cannot feed 9 ranks"):
         WebDatasetShards(shards, RES, rank=0, world=9)
     monkeypatch.setenv("RANK", "1")
