@@ -22,7 +22,7 @@ import tarfile
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from conditioning import make_control
@@ -78,6 +78,20 @@ class BadImage(Exception):
         self.kind = kind
 
 
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright
+EXIF_TURNS = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_BOTTOM, 5: Image.TRANSPOSE,
+              6: Image.ROTATE_270, 7: Image.TRANSVERSE, 8: Image.ROTATE_90}
+
+
+def exif_turn(img):
+    """How to turn a photo upright: a phone stores the pixels as the sensor saw them and says in EXIF how to turn
+    them. None when there is nothing to do, or the EXIF block is malformed (the pixels are kept as stored)."""
+    try:
+        return EXIF_TURNS.get(img.getexif().get(0x0112))
+    except Exception:  # Pillow's EXIF parser raises many kinds on a broken block; the pixels themselves are fine
+        return None
+
+
 def load_rgb(path, name=None):
     """Open an image (a path or a binary file object; `name` labels the latter in messages) as 8-bit RGB.
     Returns (image, conversion kind or None); raises BadImage(kind) for a skip."""
@@ -86,9 +100,9 @@ def load_rgb(path, name=None):
     try:
         with Image.open(path) as f:
             f.load()  # decode now: truncated files fail here, not later in a worker
-            # upright, as a viewer shows it: a phone photo's pixels are stored turned, its EXIF says by how much (so
-            # the original size recorded for the control is the one people see, not the sensor's)
-            mode, img = f.mode, ImageOps.exif_transpose(f)
+            mode, img, turn = f.mode, f.copy(), exif_turn(f)
+        if turn is not None:  # upright, as a viewer shows it (and the original size recorded is the one people see)
+            img = img.transpose(turn)
     except (UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage("unreadable", f"{name}: {e}") from e
     except OSError as e:
@@ -135,13 +149,15 @@ def count_event(events, kind, message=None):
 
 def hidden(name):
     """Names a listing passes over: dot-files and dot-folders (macOS `._x.jpg` resource forks, `.DS_Store`,
-    `.ipynb_checkpoints/`, `.git/`), which are never images or classes of a dataset."""
-    return name.startswith(".")
+    `.ipynb_checkpoints/`, `.git/`) and the `__MACOSX/` folder a Mac's zip file unpacks to, which are never images or
+    classes of a dataset."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def image_files(root):
-    """[(folder, image file names, every visible file name of that folder)] under `root` at any depth, sorted (every
-    rank lists the same), without hidden names; a folder reached twice through symbolic links is listed once."""
+    """[(folder, image file names, every visible file name of that folder)] under `root` at any depth, sorted by folder
+    path and name as torchvision's ImageFolder sorts them (every rank lists the same), without hidden names; a folder
+    reached twice through symbolic links is listed once."""
     found, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -152,7 +168,7 @@ def image_files(root):
         dirs[:] = sorted(d for d in dirs if not hidden(d))
         files = sorted(f for f in files if not hidden(f))
         found.append((folder, [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS], files))
-    return found
+    return sorted(found)
 
 
 class ImageFileDataset(Dataset):
@@ -385,7 +401,9 @@ def list_shards(path_or_glob):
     if not p:
         raise ValueError("--dataset webdataset needs --data-path: a folder of .tar shards or a glob like 'cc12m/*.tar'")
     named = brace_ranges(p)
-    if len(named) > 1:
+    if not named:
+        raise FileNotFoundError(f"--data-path {p!r}: the brace range names no shard (write it {{low..high}})")
+    if named != [p]:
         missing = [s for s in named if not os.path.isfile(s)]
         if missing:
             raise FileNotFoundError(f"--data-path {p!r}: {len(missing)} of the {len(named)} shards it names do not "
@@ -427,9 +445,9 @@ def tar_samples(path):
 
 
 def sample_caption(files):
-    """A webdataset sample's caption: its .txt, else the "caption" field of its .json (img2dataset writes both); ""
-    when neither has one."""
-    if "txt" in files:
+    """A webdataset sample's caption: its .txt, else (missing or empty) the "caption" field of its .json (img2dataset
+    writes both); "" when neither has one."""
+    if "txt" in files and read_caption(files["txt"]):
         return read_caption(files["txt"])
     if "json" in files:
         import json

@@ -95,7 +95,7 @@ def stream_batches(dataset, args, local_batch, epoch, position):
             counts = dict(zip(EVENTS, dataset.events.sum(0).tolist()))
             skipped = {k: counts[k] for k in SKIPPED if counts[k]}
             raise SystemExit(f"--dataset {args.dataset}: a whole epoch gave this rank no batch of {local_batch} "
-                             f"({counts['ok']} samples used, skipped: {skipped or 'none'}); "
+                             f"(so far this process used {counts['ok']} samples and skipped {skipped or 'none'}); "
                              + ("check the shards' captions and images" if skipped and not counts["ok"] else
                                 "use more (or fewer, larger) shards, fewer --workers or a smaller --batch"))
         epoch, drawn, first = epoch + 1, None, 0

@@ -217,11 +217,12 @@ def test_bad_samples_in_shards_are_skipped_and_counted(tmp_path):
     good = lambda i: {"jpg": image_bytes(i), "txt": f"good {i}".encode()}
     write_shard(tmp_path / "0.tar", [("a0", good(0)), ("a1", {"jpg": truncated_jpeg(1), "txt": b"cut"}),
                                      ("a2", good(2))])
+    # img2dataset also writes the caption into the .json: read when the .txt is missing or empty
+    json_only = {"jpg": image_bytes(10), "json": b'{"caption": " from json ", "url": "u"}'}
+    empty_txt = {"jpg": image_bytes(12), "txt": b"", "json": b'{"caption": "json, .txt empty"}'}
     write_shard(tmp_path / "1.tar", [("b0", good(3)), ("b1", {"jpg": image_bytes(4), "txt": b" \n"}),
-                                     ("b2", {"jpg": image_bytes(5)}), ("b3", good(6)),
-                                     # img2dataset also writes the caption into the .json: read when there is no .txt
-                                     ("b4", {"jpg": image_bytes(10), "json": b'{"caption": " from json ", "url": "u"}'}),
-                                     ("b5", {"jpg": image_bytes(11), "json": b'{"url": "u"}'})])
+                                     ("b2", {"jpg": image_bytes(5)}), ("b3", good(6)), ("b4", json_only),
+                                     ("b5", {"jpg": image_bytes(11), "json": b'{"url": "u"}'}), ("b6", empty_txt)])
     write_shard(tmp_path / "2.tar", [("c0", good(7)), ("c1", good(8)), ("c2", good(9))])
     with tarfile.open(tmp_path / "2.tar") as tar:
         cut = tar.getmember("c1.jpg").offset_data + 100
@@ -229,9 +230,9 @@ def test_bad_samples_in_shards_are_skipped_and_counted(tmp_path):
     ds = build_dataset("webdataset", RES, str(tmp_path / "*.tar"), seed=0)
     assert isinstance(ds, WebDatasetShards) and ds.num_classes == 1
     seen = [c for b in DataLoader(ds, batch_size=1, num_workers=2) for c in b[3]]
-    assert sorted(seen) == ["from json", "good 0", "good 2", "good 3", "good 6", "good 7"]
+    assert sorted(seen) == ["from json", "good 0", "good 2", "good 3", "good 6", "good 7", "json, .txt empty"]
     c = counts(ds)
-    assert c["truncated"] == 1 and c["empty_caption"] == 3 and c["unreadable"] == 1 and c["ok"] == 6
+    assert c["truncated"] == 1 and c["empty_caption"] == 3 and c["unreadable"] == 1 and c["ok"] == 7
 
 
 def test_shard_paths_and_ranks_fail_clearly(tmp_path, shards, monkeypatch):
@@ -245,6 +246,9 @@ def test_shard_paths_and_ranks_fail_clearly(tmp_path, shards, monkeypatch):
     assert [os.path.basename(s) for s in ranged.shards] == ["00001.tar", "00002.tar", "00003.tar"]
     with pytest.raises(FileNotFoundError, match="1 of the 3 shards it names do not exist, e.g. .*00008.tar"):
         WebDatasetShards(os.path.join(shards, "{00006..00008}.tar"), RES, rank=0, world=1)
+    assert len(WebDatasetShards(os.path.join(shards, "{00002..00002}.tar"), RES, rank=0, world=1).shards) == 1
+    with pytest.raises(FileNotFoundError, match="names no shard"):
+        WebDatasetShards(os.path.join(shards, "{00002..00001}.tar"), RES, rank=0, world=1)
     with pytest.raises(ValueError, match="8 shards cannot feed 9 ranks"):
         WebDatasetShards(shards, RES, rank=0, world=9)
     monkeypatch.setenv("RANK", "1")
@@ -263,7 +267,7 @@ def test_shards_without_captions_stop_training_with_the_reason(tmp_path):
     flags = ["--dataset", "webdataset", "--data-path", str(tmp_path / "0.tar"), "--cond-type", "text", "--model", "T/4",
              "--res", "16", "--base-res", "16", "--vae", "none", "--batch", "2", "--workers", "0", "--steps", "1",
              "--sample-every", "0", "--out", str(tmp_path / "runs")]
-    with pytest.raises(SystemExit, match=r"0 samples used, skipped: \{'empty_caption': 4\}.*check the shards' captions"):
+    with pytest.raises(SystemExit, match=r"used 0 samples and skipped \{'empty_caption': 4\}.*check the shards' capt"):
         train.main(flags)
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from conditioning import CONTROL_SIGNALS, SIGNAL
-from data import EVENTS, ImageFolderDataset, build_dataset, crop_flip, load_rgb
+from data import EVENTS, ImageFolderDataset, build_dataset, crop_flip, exif_turn, load_rgb
 from shapes import CANVAS_MARGIN, CHIRAL, SHAPE_NAMES, ShapesChecker, ShapesDataset, expected_position, size_group
 
 
@@ -125,9 +125,12 @@ def test_image_folder_passes_over_hidden_names_like_a_dataset_copied_from_a_mac(
     (tmp_path / ".ipynb_checkpoints").mkdir()
     Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / ".ipynb_checkpoints" / "a.png")
     (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "__MACOSX" / "n01").mkdir(parents=True)  # what unzipping a Mac's archive leaves
+    (tmp_path / "__MACOSX" / "n01" / "._0.JPEG").write_bytes(b"\x00\x05\x16\x07Mac OS X")
     ds = build_dataset("imagenet", 16, str(tmp_path))
     assert ds.classes == ["n01", "n02"] and ds.num_classes == 2 and len(ds) == 6  # images at any depth, as torchvision
-    assert [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1] and int(ds.events[:, EVENTS.index("unreadable")].sum()) == 0
+    assert [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert int(ds.events[:, EVENTS.index("unreadable")].sum()) == 0  # no resource fork was read
     (tmp_path / "n03").mkdir()
     with pytest.raises(FileNotFoundError, match="no images in the class folder"):
         build_dataset("imagenet", 16, str(tmp_path))
@@ -147,6 +150,21 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
     assert img.getpixel((10, 5))[0] > 200 and img.getpixel((10, 35))[2] > 200
     ctrl = build_dataset("folder", 16, str(tmp_path))[0][2]
     assert (ctrl[SIGNAL["orig_h"]].item(), ctrl[SIGNAL["orig_w"]].item()) == (40, 20)
+
+    class BrokenExif:  # Pillow's EXIF parser has raised TypeError, KeyError, IndexError on malformed blocks
+        def getexif(self):
+            raise TypeError("bad EXIF")
+    assert exif_turn(BrokenExif()) is None  # the pixels are kept as stored, the image is not lost
+
+
+def test_image_folder_lists_what_torchvision_lists_in_the_same_order(tmp_path):
+    """Labels and sample order as torchvision's ImageFolder (DiT's loader) gives them, nested folders included."""
+    import torchvision
+    for rel in ("c1/a/x.png", "c1/a-b/y.png", "c1/a/z/w.png", "c1/top.PNG", "c0/b.jpg", "c0/a.JPEG"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (9, 9)).save(tmp_path / rel, format="PNG")
+    ours, theirs = build_dataset("folder", 8, str(tmp_path)), torchvision.datasets.ImageFolder(str(tmp_path))
+    assert ours.classes == theirs.classes and ours.samples == theirs.samples
 
 
 def test_a_run_of_bad_files_is_stood_in_for_from_the_whole_dataset(tmp_path):
