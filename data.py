@@ -263,9 +263,9 @@ def caption_folder_pairs(root):
     for folder, images, files in image_files(root):
         texts = {os.path.splitext(f)[0]: f for f in files if os.path.splitext(f)[1].lower() == ".txt"}
         for f in images:
-            caption = ""
-            if os.path.splitext(f)[0] in texts:
-                with open(os.path.join(folder, texts[os.path.splitext(f)[0]]), "rb") as t:
+            caption, stem = "", os.path.splitext(f)[0]
+            if stem in texts:
+                with open(os.path.join(folder, texts[stem]), "rb") as t:
                     caption = read_caption(t.read())
             pairs.append((os.path.join(folder, f), caption))
     return pairs
@@ -447,17 +447,16 @@ def tar_samples(path):
 def sample_caption(files):
     """A webdataset sample's caption: its .txt, else (missing or empty) the "caption" field of its .json (img2dataset
     writes both); "" when neither has one."""
-    if "txt" in files and read_caption(files["txt"]):
-        return read_caption(files["txt"])
-    if "json" in files:
-        import json
-        try:
-            meta = json.loads(files["json"])
-        except ValueError:
-            return ""
-        caption = meta.get("caption") if isinstance(meta, dict) else None
-        return caption.strip() if isinstance(caption, str) else ""
-    return ""
+    caption = read_caption(files["txt"]) if "txt" in files else ""
+    if caption or "json" not in files:
+        return caption
+    import json
+    try:
+        meta = json.loads(files["json"])
+    except ValueError:
+        return ""
+    caption = meta.get("caption") if isinstance(meta, dict) else None
+    return caption.strip() if isinstance(caption, str) else ""
 
 
 def shuffled(items, size, rng):
