@@ -1,17 +1,19 @@
 """
-A run on disk: checkpoints written atomically, found again (a file, a run folder, or the newest under --out), checked
-against the run that resumes them, and read back as weights -- to resume, to start a fine-tune (--init-from), or to
-sample (our files, an official DiT one, or a .safetensors export).
+A run on disk: checkpoints written atomically, found again (a file, a run folder, or the newest under --out),
+checked against the run that resumes them, and read back as weights -- to resume, to start a fine-tune
+(--init-from), or to sample (our files, an official DiT one, or a .safetensors export).
 
-A checkpoint of ours is one torch.save dict: model, ema, opt (state dicts), step, epoch and position (where the data
-order stands), gen, torch_rng and cuda_rng (every rank's noise stream, the global CPU RNG, every rank's CUDA RNG or
-None), loss_window (the log line's running mean), args (the configuration, `vars(args)`) and config_version.
+A checkpoint of ours is one torch.save dict: model, ema, opt (state dicts), step, epoch and position (where
+the data order stands), gen, torch_rng and cuda_rng (every rank's noise stream, the global CPU RNG, every
+rank's CUDA RNG or None), loss_window (the log line's running mean), args (the flags, `vars(args)`), facts
+(what the run learned from its sources, config.Facts) and config_version.
 
 Reading a file never runs code from it. Unpickling can call any function the file names, so a .pt is read with
 weights_only=True: only tensors, numbers, strings, lists, tuples, dicts and None are built, plus the one class
-allow-listed in SAFE_GLOBALS; a file holding anything else is refused before any of it is built. A .safetensors file
-(`sample.py --ckpt RUN --export model.safetensors`) holds no pickle at all: the EMA weights, and in its metadata the
-configuration as JSON; it reads back as {ema, args, config_version, step}, so it goes wherever a checkpoint goes.
+allow-listed in SAFE_GLOBALS; a file holding anything else is refused before any of it is built. A
+.safetensors file (`sample.py --ckpt RUN --export model.safetensors`) holds no pickle at all: the EMA weights,
+and in its metadata the configuration as JSON; it reads back as {ema, args, facts, config_version, step}, so
+it goes wherever a checkpoint goes.
 """
 import argparse
 import json
@@ -22,28 +24,31 @@ import zipfile
 
 import torch
 
-from model import from_dit, is_dit_state_dict
+from model import SIZES, from_dit, is_dit_state_dict
 
-CONFIG_VERSION = 2  # the schema of the stored configuration; a checkpoint of another schema is refused
+CONFIG_VERSION = 3  # the schema of the stored configuration (3: flags and facts apart); another is refused
 
 #################################################################################
 #                              Reading and writing                              #
 #################################################################################
 
 
-# What weights_only may build besides plain data: DiT's training checkpoints ({model, ema, opt, args}) keep their
-# flags as an argparse.Namespace. Nothing broader: every class listed here is one whose unpickling we trust.
+# What weights_only may build besides plain data: DiT's training checkpoints ({model, ema, opt, args}) keep
+# their flags as an argparse.Namespace. Nothing broader: every class listed here is one whose unpickling we
+# trust.
 SAFE_GLOBALS = [argparse.Namespace]
 
 
 class UnreadableCheckpoint(Exception):
-    """A file torch.load cannot read back (truncated, bytes changed, another kind of file): --resume passes over it
-    to the checkpoint before; where a file was named, the caller says so and stops."""
+    """A file torch.load cannot read back (truncated, bytes changed, another kind of file): --resume passes
+    over it to the checkpoint before; where a file was named, the caller says so and stops."""
 
 
-# What torch's weights-only unpickler says of bytes that are no valid pickle; anything else it refuses (a global, a
-# class, a function to call) is treated as a file that would run code, so a doubt stops the run instead of skipping
-DAMAGED = r"Unsupported operand|String is too long|unsupported persistent id|Can only append to lists|pickle data"
+# What torch's weights-only unpickler says of bytes that are no valid pickle; anything else it refuses (a
+# global, a class, a function to call) is treated as a file that would run code, so a doubt stops the run
+# instead of skipping
+DAMAGED = (r"Unsupported operand|String is too long|unsupported persistent id|Can only append to "
+           r"lists|pickle data")
 
 
 def unpickling_reason(message):
@@ -56,14 +61,16 @@ def unpickling_reason(message):
 
 
 def read_checkpoint(path, mmap=False):
-    """A checkpoint file's contents, on the CPU; a .safetensors file as {ema, args, config_version, step}. Every
-    checkpoint read goes through here, and none runs code (see the module docstring)."""
+    """A checkpoint file's contents, on the CPU; a .safetensors file as {ema, args, facts, config_version,
+    step}. Every checkpoint read goes through here, and none runs code (see the module docstring)."""
     if path.endswith(".safetensors"):
         try:
             return read_safetensors(path)
         except Exception as e:  # safetensors' own error for a header or length that does not add up
-            raise UnreadableCheckpoint(f"{path}: damaged or not a safetensors file ({type(e).__name__}: {e})") from None
-    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only the zip format; an old (pre-1.6) file is read whole
+            why = f"{type(e).__name__}: {e}"
+            raise UnreadableCheckpoint(f"{path}: damaged or not a safetensors file ({why})") from None
+    # torch maps only the zip format; an old (pre-1.6) file is read whole
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -71,21 +78,24 @@ def read_checkpoint(path, mmap=False):
         reason = unpickling_reason(str(e))
         if re.match(DAMAGED, reason):  # a byte that is no pickle opcode: damaged, not dangerous
             raise UnreadableCheckpoint(f"{path}: damaged or not a checkpoint ({reason})") from None
-        raise SystemExit(f"{path}: contains objects other than weights ({reason.split(' was not an allowed')[0]}), "
-                         f"so it was not loaded: unpickling them could run code. If you trust the file, load it "
-                         f"with torch.load(weights_only=False) and torch.save its state dicts alone") from None
+        raise SystemExit(f"{path}: contains objects other than weights "
+                         f"({reason.split(' was not an allowed')[0]}), so it was not loaded: unpickling them "
+                         "could run code. If you trust the file, load it with "
+                         "torch.load(weights_only=False) and torch.save its state dicts alone") from None
     except Exception as e:  # a truncated zip, a changed byte, a text file: torch's error names what broke
         raise UnreadableCheckpoint(f"{path}: damaged or not a checkpoint ({type(e).__name__}: {e})") from None
 
 
 def atomic_write(path, write):
-    """write(f) to path.tmp, fsync, rename: a kill leaves no file or a complete one under `path`, never a partial."""
+    """write(f) to path.tmp, fsync, rename: a kill leaves no file or a complete one under `path`, never a
+    partial."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, or a power loss could leave an empty file under the name
+            # on disk before the rename, or a power loss could leave an empty file under the name
+            os.fsync(f.fileno())
     except BaseException:  # a full disk: no half-written file left to fill it further
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -97,10 +107,12 @@ def write_checkpoint(path, state):
     """torch.save, atomically: a kill mid-write leaves the previous checkpoint intact."""
     atomic_write(path, lambda f: torch.save(state, f))
 
+
 #################################################################################
 #                      .safetensors: weights to share                           #
 #################################################################################
 # safetensors is an optional dependency (pip install safetensors), imported only here.
+
 
 def safetensors_module(what):
     """The safetensors package (safe_open, and torch.save for tensors); without it, say how to get it."""
@@ -111,29 +123,34 @@ def safetensors_module(what):
     return safetensors
 
 
-def export_safetensors(model, args, path):
-    """Write the model's weights to `path`, the configuration as JSON in the file's metadata (which holds strings
-    only): the file alone rebuilds the model (sample.load_model) and starts a fine-tune (init_from)."""
+def export_safetensors(model, args, facts, step, path):
+    """Write the model's weights to `path`, the configuration (flags and facts, dicts) as JSON in the file's
+    metadata (which holds strings only): the file alone rebuilds the model (sample.load_model) and starts a
+    fine-tune (init_from)."""
     save = safetensors_module(f"--export {path}").torch.save
-    config = {k: v for k, v in vars(args).items() if k not in ("ckpt_file", "ckpt_step")}  # where it was read from
-    metadata = dict(format="pt",  # what other readers of PyTorch safetensors files expect
-                    config=json.dumps(config), config_version=json.dumps(CONFIG_VERSION),
-                    step=json.dumps(getattr(args, "ckpt_step", None)))
+    metadata = dict(
+        format="pt",  # what other readers of PyTorch safetensors files expect
+        config=json.dumps(args), facts=json.dumps(facts),
+        config_version=json.dumps(CONFIG_VERSION), step=json.dumps(step),
+    )
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda f: f.write(save(tensors, metadata)))
 
 
 def read_safetensors(path):
-    """An export as {ema, args, config_version, step}; a .safetensors without our configuration as the bare state
-    dict it is (like the published DiT .pt files)."""
+    """An export as {ema, args, facts, config_version, step}; a .safetensors without our configuration as the
+    bare state dict it is (like the published DiT .pt files)."""
     safe_open = safetensors_module(f"reading {path}").safe_open
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "config" not in meta:
         return tensors
-    read = lambda key: json.loads(meta.get(key, "null"))  # a foreign file may carry a `config` key and nothing else
-    return dict(ema=tensors, args=read("config"), config_version=read("config_version"), step=read("step"))
+    # a foreign file may carry a `config` key and nothing else
+    read = lambda key: json.loads(meta.get(key, "null"))
+    return dict(ema=tensors, args=read("config"), facts=read("facts"), config_version=read("config_version"),
+                step=read("step"))
+
 
 #################################################################################
 #                                Finding one                                    #
@@ -142,13 +159,14 @@ def read_safetensors(path):
 
 def checkpoints_in(folder):
     """Complete checkpoints of a run folder, newest first (a `.tmp` file is a write that never finished)."""
-    names = sorted((f for f in os.listdir(folder) if f.startswith("ckpt-") and f.endswith(".pt")), reverse=True)
+    names = sorted((f for f in os.listdir(folder) if f.startswith("ckpt-") and f.endswith(".pt")),
+                   reverse=True)
     return [os.path.join(folder, f) for f in names]
 
 
 def load_latest(paths, mmap=False):
-    """(path, state) of the first checkpoint in `paths` that loads; damaged files are reported and passed over (a
-    file that is refused as unsafe is not damaged: its SystemExit stops the search)."""
+    """(path, state) of the first checkpoint in `paths` that loads; damaged files are reported and passed over
+    (a file that is refused as unsafe is not damaged: its SystemExit stops the search)."""
     for path in paths:
         try:
             return path, read_checkpoint(path, mmap)
@@ -158,12 +176,15 @@ def load_latest(paths, mmap=False):
 
 
 def find_checkpoint(path, out="runs", flag="--resume", mmap=False):
-    """Resolve --resume (or sample.py's --ckpt: `flag` names it in messages): a checkpoint file, a run folder (its
-    newest complete checkpoint), or `auto` (the newest complete checkpoint of the newest run folder under --out that
-    has one; None if there is none)."""
+    """Resolve --resume (or sample.py's --ckpt: `flag` names it in messages): a checkpoint file, a run folder
+    (its newest complete checkpoint), or `auto` (the newest complete checkpoint of the newest run folder under
+    --out that has one; None if there is none)."""
     if path == "auto":
-        folders = sorted((os.path.join(out, d) for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))),
-                         reverse=True) if os.path.isdir(out) else []
+        folders = (sorted((os.path.join(out,
+                                        d) for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))),
+                          reverse=True)
+                   if os.path.isdir(out)
+                   else [])
         for folder in folders:
             found = load_latest(checkpoints_in(folder), mmap)
             if found[0]:
@@ -188,25 +209,27 @@ def find_checkpoint(path, out="runs", flag="--resume", mmap=False):
 
 
 def checkpoint_weights(ckpt):
-    """The weights to start or sample from: a checkpoint's EMA (ours, or a DiT training checkpoint), its model, or the
-    file itself when it is a bare state dict (the published DiT files); None if it is none of these."""
+    """The weights to start or sample from: a checkpoint's EMA (ours, or a DiT training checkpoint), its
+    model, or the file itself when it is a bare state dict (the published DiT files); None if it is none of
+    these."""
     state = ckpt.get("ema", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
     return state if isinstance(state, dict) else None
 
 
 def load_weights(model, state, file):
-    """model.load_state_dict(state), or a message when the weights do not fit the model the file's configuration
-    builds: a checkpoint written by a version of this code whose network had other tensors."""
+    """model.load_state_dict(state), or a message when the weights do not fit the model the file's
+    configuration builds: a checkpoint written by a version of this code whose network had other tensors."""
     own = model.state_dict()
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in own.items()
+    wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
+             for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
-        raise SystemExit(f"{file}: its weights do not fit the model its configuration builds with this code (written "
-                         f"by another version?). Missing: {', '.join(missing) or 'none'}; not in the model: "
-                         f"{', '.join(unexpected) or 'none'}; other shapes: {', '.join(wrong) or 'none'}. Sample it "
-                         f"with the code that trained it, or start a new run from it with --init-from, which loads "
-                         f"what matches")
+        raise SystemExit(f"{file}: its weights do not fit the model its configuration builds with this code "
+                         f"(written by another version?). Missing: {', '.join(missing) or 'none'}; not in "
+                         f"the model: {', '.join(unexpected) or 'none'}; other shapes: "
+                         f"{', '.join(wrong) or 'none'}. Sample it with the code that trained it, or start a "
+                         f"new run from it with --init-from, which loads what matches")
     model.load_state_dict(state)
 
 
@@ -215,20 +238,41 @@ def dit_resolution(state):
     return int(round(state["pos_embed"].shape[1] ** 0.5)) * state["x_embedder.proj.weight"].shape[-1] * 8
 
 
+def dit_config(state):
+    """What an official DiT state dict says of its model: (our size name such as 'XL/2', the image size it was
+    trained at, its number of classes); None for any other state dict."""
+    if not is_dit_state_dict(state):
+        return None
+    width, patch = state["x_embedder.proj.weight"].shape[0], state["x_embedder.proj.weight"].shape[-1]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    size = next((s for s, (d, w, _) in SIZES.items() if (d, w) == (depth, width)), None)
+    if size is None:
+        raise SystemExit(f"a DiT of depth {depth} and width {width} matches none of our sizes "
+                         f"({', '.join(SIZES)})")
+    return f"{size}/{patch}", dit_resolution(state), state["y_embedder.embedding_table.weight"].shape[0] - 1
+
+
+def with_dit_weights(model, state):
+    """The model's state dict with every tensor of a DiT state dict mapped in (model.from_dit): our control
+    MLPs' first layers keep the model's own values."""
+    return {**model.state_dict(), **from_dit(state, model.width)[0]}
+
+
 def base_res_of(ckpt):
-    """The base resolution of a checkpoint's model (get_args's default --base-res for --init-from and --resume): ours
-    stores it, a DiT's is the size it was trained at; None when the file does not say (another model's state dict)."""
+    """The base resolution of a checkpoint's model (get_args's default --base-res for --init-from and
+    --resume): ours stores it, a DiT's is the size it was trained at; None when the file does not say (another
+    model's state dict)."""
     state = checkpoint_weights(ckpt)
     if is_dit_state_dict(state):
         return dit_resolution(state)
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    saved = ckpt.get("facts") if isinstance(ckpt, dict) else None
     return saved.get("base_res") if isinstance(saved, dict) else None
 
 
 def init_from(model, path, rank=0):
-    """Load every tensor of a checkpoint (ours, .pt or .safetensors: its EMA weights; an official DiT file, or a DiT
-    training checkpoint's EMA) whose name and shape match the model; print what was loaded, what was skipped (and
-    why) and what is new. Returns the three name lists."""
+    """Load every tensor of a checkpoint (ours, .pt or .safetensors: its EMA weights; an official DiT file, or
+    a DiT training checkpoint's EMA) whose name and shape match the model; print what was loaded, what was
+    skipped (and why) and what is new. Returns the three name lists."""
     try:
         state = checkpoint_weights(read_checkpoint(path))
     except UnreadableCheckpoint as e:
@@ -236,15 +280,17 @@ def init_from(model, path, rank=0):
     if state is None:
         raise SystemExit(f"--init-from {path!r}: not a checkpoint of this project nor a DiT state dict")
     if is_dit_state_dict(state):
-        if getattr(model, "cond", None) != "adaln" or model.out_channels != 2 * model.in_channels or any(
-                not isinstance(b.img.q_norm, torch.nn.Identity) for b in model.blocks):
-            raise SystemExit("--init-from: a DiT checkpoint needs --cond adaln --qk-norm off --objective ddpm "
-                             "--learn-sigma (DiT predicts eps and a variance)")
+        if (getattr(model, "cond", None) != "adaln"
+            or model.out_channels != 2 * model.in_channels
+            or any(not isinstance(b.img.q_norm, torch.nn.Identity) for b in model.blocks)):
+            raise SystemExit("--init-from: a DiT checkpoint needs --cond adaln --qk-norm off --objective "
+                             "ddpm --learn-sigma (DiT predicts eps and a variance)")
         state, _ = from_dit(state, model.width)
     own = model.state_dict()
     loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
     skipped = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape) if k in own else 'no such tensor'})"
-               for k, v in state.items() if k not in loaded]
+               for k, v in state.items()
+               if k not in loaded]
     new = [k for k in own if k not in state]
     model.load_state_dict({**own, **{k: state[k] for k in loaded}})
     if rank == 0:
@@ -254,6 +300,6 @@ def init_from(model, path, rank=0):
                 print(f"  {title}: {name}")
         share = sum(own[k].numel() for k in loaded) / max(1, sum(v.numel() for v in own.values()))
         if share < 0.5:  # a transfer keeps the backbone; this is mostly a new network
-            print(f"--init-from: WARNING only {share:.0%} of the model's weights came from {path}; most of it starts "
-                  f"from scratch. Do --model, --arch and --cond match the checkpoint's?")
+            print(f"--init-from: WARNING only {share:.0%} of the model's weights came from {path}; most of "
+                  f"it starts from scratch. Do --model, --arch and --cond match the checkpoint's?")
     return loaded, skipped, new

@@ -2,18 +2,20 @@
 Conditioning: every embedder the denoiser reads, in the order the paper's mechanism uses them.
 
     control   crop / flip / size / aspect / resolution scalars, as the augmentation recorded them
-              -> Fourier features per scalar -> one MLP per signal group -> e_ctrl,k      (B, groups, D)
-    gates     g_k(t) per group along the trajectory -> sum_k g_k(t) * e_ctrl,k             (B, D), added to e_t
-    time      t in [0, 1] (1 = pure noise)  -> sinusoidal features -> MLP -> e_t            (B, D)
-    class     label (num_classes = null)    -> K learned tokens                           (B, K, D) + pooled (B, D)
+              -> Fourier features per scalar -> one MLP per signal group -> e_ctrl,k     (B, groups, D)
+    gates     g_k(t) per group along the trajectory -> sum_k g_k(t) * e_ctrl,k            (B, D), added to e_t
+    time      t in [0, 1] (1 = pure noise) -> sinusoidal features -> MLP -> e_t           (B, D)
+    class     label (num_classes = null) -> K learned tokens                 (B, K, D) + pooled (B, D)
     text      prompt -> frozen encoder (text.py), cached once per dataset -> features (B, L, d) + mask (B, L)
-              -> padding (noisy replicate by default) -> MLP -> L tokens                  (B, L, D) + pooled (B, D)
+              -> padding (noisy replicate by default) -> MLP -> L tokens     (B, L, D) + pooled (B, D)
     dropout   for classifier-free guidance: the semantic and the control condition, each dropped independently
 
-The paper's point: semantic conditions (class, text) are *what* to draw and go through attention as tokens; control
-metadata is *how* it was captured and goes through adaLN, each group switched on by its own schedule of t.
+The paper's point: semantic conditions (class, text) are *what* to draw and go through attention as tokens;
+control metadata is *how* it was captured and goes through adaLN, each group switched on by its own schedule
+of t (GATES: one entry per schedule; they read the t the network reads, after the noise shift).
 """
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -22,13 +24,15 @@ import torch.nn as nn
 #                 Control metadata: what the augmentation recorded              #
 #################################################################################
 # Order of the control vector. Units: pixels, except flip (0/1) and aspect (target width / height).
-#   orig_h, orig_w : size of the image before it was resized to the training canvas (small = upsampled = blurry)
+#   orig_h, orig_w : size of the image before it was resized to the training canvas (small = upsampled =
+#   blurry)
 #   crop_top/left  : offset of the training crop inside the resized canvas
 #   flip           : 1 if the crop was mirrored left-right
 #   aspect         : aspect ratio (w / h) of the training image
 #   res            : training resolution sqrt(h * w)
 CONTROL_SIGNALS = ("orig_h", "orig_w", "crop_top", "crop_left", "flip", "aspect", "res")
-SIGNAL = {name: i for i, name in enumerate(CONTROL_SIGNALS)}  # control[..., SIGNAL["flip"]] reads a field by name
+# control[..., SIGNAL["flip"]] reads a field by name
+SIGNAL = {name: i for i, name in enumerate(CONTROL_SIGNALS)}
 
 
 def make_control(orig_h, orig_w, crop_top, crop_left, flip, res, aspect=1.0):
@@ -39,29 +43,59 @@ def make_control(orig_h, orig_w, crop_top, crop_left, flip, res, aspect=1.0):
 #################################################################################
 #                      Control metadata: Fourier features + gates               #
 #################################################################################
-# Each raw control scalar is brought to a unit-ish scale first (sizes on a log2 scale, crop as a fraction of the
-# training resolution) so the same Fourier frequencies suit every signal and every resolution.
+# Each raw control scalar is brought to a unit-ish scale first (sizes on a log2 scale, crop as a fraction of
+# the training resolution) so the same Fourier frequencies suit every signal and every resolution.
 
-CONTROL_GROUPS = {"size": ("orig_h", "orig_w", "aspect", "res"), "crop": ("crop_top", "crop_left"), "flip": ("flip",)}
-GATES = ("none", "cosine", "cosine_pow", "linear", "off")
+CONTROL_GROUPS = {"size": ("orig_h", "orig_w", "aspect", "res"), "crop": ("crop_top", "crop_left"),
+                  "flip": ("flip",)}
+
+
+class Gate(NamedTuple):
+    """A schedule g(t) in [0, 1]: g(t, *params), its parameters' defaults in order, and what it means."""
+
+    fn: Callable
+    params: tuple
+    meaning: str
+
+
+# The gate schedules, one entry each; a new schedule is one more line. On the command line a schedule is NAME,
+# or NAME:P1,P2 for other parameter values (--gate-size cosine_pow:4); that string is the run's configuration,
+# so a checkpoint records the parameters with the name. Which t: the one the network reads (t = 1 pure noise,
+# 0 data), i.e. after the resolution shift for flow (so under --shift 3 a schedule that opens at t = 0.5 is
+# open only in the last quarter of the sampler's steps) and k / 1000 for ddpm.
+GATES = {
+    "none": Gate(lambda t: torch.ones_like(t), (), "1 everywhere: the group is ungated"),
+    "cosine": Gate(lambda t: torch.cos(0.5 * math.pi * t), (), "cos(pi t / 2): 0 at pure noise, 1 at data"),
+    "cosine_pow": Gate(lambda t, power: torch.cos(0.5 * math.pi * t).clamp(min=0) ** power, (2.0,),
+                       "cos(pi t / 2) ** power, power 2 unless given"),
+    "linear": Gate(lambda t: 1.0 - t, (), "1 - t"),
+    "off": Gate(lambda t: torch.zeros_like(t), (), "0 everywhere: the group is ignored"),
+}
 DEFAULT_GATES = {"size": "cosine", "crop": "none", "flip": "none"}
 
 
-def gate(name, t, power=2.0):
-    """Weight g(t) in [0, 1] of a control group at noise level t (t = 1 noise, t = 0 data).
-    none: 1 everywhere (ungated); cosine: cos(pi t / 2), 0 at pure noise and 1 at data; cosine_pow: cosine ** power;
-    linear: 1 - t; off: 0 everywhere (the group is ignored)."""
-    if name == "none":
-        return torch.ones_like(t)
-    if name == "cosine":
-        return torch.cos(0.5 * math.pi * t)
-    if name == "cosine_pow":
-        return torch.cos(0.5 * math.pi * t).clamp(min=0) ** power
-    if name == "linear":
-        return 1.0 - t
-    if name == "off":
-        return torch.zeros_like(t)
-    raise ValueError(f"unknown gate {name!r}; choose one of {GATES}")
+def parse_gate(spec):
+    """'NAME' or 'NAME:P1,P2' -> (name, parameter values): the defaults, or as many values as the schedule
+    has."""
+    name, _, given = spec.partition(":")
+    if name not in GATES:
+        raise ValueError(f"unknown gate {spec!r}; choose one of {', '.join(GATES)}")
+    params = GATES[name].params
+    if given:
+        try:
+            params = tuple(float(v) for v in given.split(","))
+        except ValueError:
+            params = ()
+        if len(params) != len(GATES[name].params):
+            raise ValueError(f"gate {spec!r}: {name} takes {len(GATES[name].params)} number(s) after the "
+                             "colon")
+    return name, params
+
+
+def gate(spec, t):
+    """Weight g(t) in [0, 1] of a control group at noise level t, by its schedule's spec (GATES)."""
+    name, params = parse_gate(spec)
+    return GATES[name].fn(t, *params)
 
 
 def normalise_control(ctrl):
@@ -77,16 +111,16 @@ def normalise_control(ctrl):
 class ControlEmbedder(nn.Module):
     """Control metadata -> one embedding per group (B, G, D), gated per group by g_k(t).
 
-    Fourier features of every normalised scalar (frequencies 2^-4 ... 2^(F-5) cycles per unit), concatenated per group,
-    then one MLP per group. A dropped control (for guidance) uses a learned null embedding instead.
+    Fourier features of every normalised scalar (frequencies 2^-4 ... 2^(F-5) cycles per unit), concatenated
+    per group, then one MLP per group. A dropped control (for guidance) uses a learned null embedding instead.
     """
 
     def __init__(self, dim, num_freqs=8, gates=None):
         super().__init__()
         self.gates = dict(DEFAULT_GATES, **(gates or {}))
-        for name in self.gates.values():
-            gate(name, torch.zeros(1))  # fail at construction on an unknown name
-        self.register_buffer("freqs", 2.0 ** torch.arange(-4, num_freqs - 4, dtype=torch.float32), persistent=False)
+        self.schedules = {g: parse_gate(spec) for g, spec in self.gates.items()}  # an unknown name fails here
+        self.register_buffer("freqs", 2.0 ** torch.arange(-4, num_freqs - 4, dtype=torch.float32),
+                             persistent=False)
         self.index = {g: [SIGNAL[s] for s in sig] for g, sig in CONTROL_GROUPS.items()}
         self.mlps = nn.ModuleDict({g: nn.Sequential(nn.Linear(2 * num_freqs * len(sig), dim), nn.SiLU(),
                                                     nn.Linear(dim, dim)) for g, sig in self.index.items()})
@@ -107,11 +141,12 @@ class ControlEmbedder(nn.Module):
 
     def gate_weights(self, t):
         """(B,) -> (B, G) weights g_k(t)."""
-        return torch.stack([gate(self.gates[g], t) for g in self.index], dim=1)
+        schedules = [self.schedules[g] for g in self.index]
+        return torch.stack([GATES[name].fn(t, *params) for name, params in schedules], 1)
 
     def gated(self, emb, t):
-        """The paper's control term sum_k g_k(t) * e_ctrl,k: emb (B, G, D) from forward, t (B,) -> (B, D). The one
-        place it is computed, for the transformer's adaLN vector and the UNet's embedding alike."""
+        """The paper's control term sum_k g_k(t) * e_ctrl,k: emb (B, G, D) from forward, t (B,) -> (B, D). The
+        one place it is computed, for the transformer's adaLN vector and the UNet's embedding alike."""
         return (self.gate_weights(t)[..., None].to(emb.dtype) * emb).sum(1)
 
 
@@ -128,7 +163,8 @@ def sinusoidal(x, dim, max_period=10000.0):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> (B, D). t is scaled by 1000 so the sinusoid spans the same range as DiT's integer steps."""
+    """t in [0, 1] -> (B, D). t is scaled by 1000 so the sinusoid spans the same range as DiT's integer
+    steps."""
 
     def __init__(self, dim, freq_dim=256):
         super().__init__()
@@ -144,8 +180,9 @@ class TimestepEmbedder(nn.Module):
 #################################################################################
 
 class ClassEmbedder(nn.Module):
-    """Label -> K context tokens (B, K, D) and a pooled vector (B, D). Row `num_classes` is the null class that
-    classifier-free guidance uses for the unconditional branch; `drop` (B,) bool selects it per sample."""
+    """Label -> K context tokens (B, K, D) and a pooled vector (B, D). Row `num_classes` is the null class
+    that classifier-free guidance uses for the unconditional branch; `drop` (B,) bool selects it per
+    sample."""
 
     def __init__(self, num_classes, dim, tokens=1):
         super().__init__()
@@ -175,13 +212,15 @@ def pad_text(features, mask, mode="noisy_replicate", noise_std=0.1, generator=No
     replicate        slot j of a prompt with n valid tokens holds its valid token j mod n (the valid tokens
                      repeated cyclically; valid tokens stay where they are when they come first, as with right
                      padding); every slot is now a real token, so the returned mask is all True
-    noisy_replicate  (default, the paper's) replicate, then Gaussian noise on the copies only, of std noise_std x the
-                     std of that prompt's valid features (over all its valid tokens and channels): the noise level is
-                     relative to the encoder's scale, so one flag value suits every encoder
-    A prompt with no valid token at all comes out as zeros, with an all-False mask in zero mode (the encoders here
-    always give at least one token, so this never reaches the attention).
-    The noise is drawn from `generator` (training: fresh every step), unless `noise` (B, L, d), standard Gaussian, is
-    given (sampling: each sample's own, from padding_noise, so every guidance branch and step sees the same prompt)."""
+    noisy_replicate  (default, the paper's) replicate, then Gaussian noise on the copies only, of std
+                     noise_std x the std of that prompt's valid features (over all its valid tokens and
+                     channels): the noise level is relative to the encoder's scale, so one flag value suits
+                     every encoder
+    A prompt with no valid token at all comes out as zeros, with an all-False mask in zero mode (the encoders
+    here always give at least one token, so this never reaches the attention).
+    The noise is drawn from `generator` (training: fresh every step), unless `noise` (B, L, d), standard
+    Gaussian, is given (sampling: each sample's own, from padding_noise, so every guidance branch and step
+    sees the same prompt)."""
     if mode not in TEXT_PADS:
         raise ValueError(f"unknown text padding {mode!r}; choose one of {TEXT_PADS}")
     mask = mask.bool()
@@ -197,7 +236,8 @@ def pad_text(features, mask, mode="noisy_replicate", noise_std=0.1, generator=No
         x, valid = features.detach().float(), mask[..., None].float()
         count = (n * d).float()  # (B, 1)
         mean = (x * valid).sum((1, 2)) / count.clamp(min=1)[:, 0]
-        std = (((x - mean[:, None, None]) ** 2 * valid).sum((1, 2)) / (count - 1).clamp(min=1)[:, 0]).sqrt()  # (B,)
+        # (B,)
+        std = (((x - mean[:, None, None]) ** 2 * valid).sum((1, 2)) / (count - 1).clamp(min=1)[:, 0]).sqrt()
         if noise is None:
             noise = torch.randn(out.shape, generator=generator, device=out.device)  # (B, L, d)
         copies = (slot >= n)[..., None].float()  # (B, L, 1): never the valid tokens themselves
@@ -205,32 +245,35 @@ def pad_text(features, mask, mode="noisy_replicate", noise_std=0.1, generator=No
     return out, torch.ones_like(mask)
 
 
-PAD_SEED = 1 << 40  # the padding noise of the sample with noise seed s comes from seed PAD_SEED + s: a stream of its
+# the padding noise of the sample with noise seed s comes from seed PAD_SEED + s: a stream of its
+PAD_SEED = 1 << 40
                     # own, not a copy of the first numbers of the sample's image noise (seed s)
 
 
 def padding_noise(seeds, length, dim, device=None):
-    """Sampling-time noise for noisy_replicate padding: one standard Gaussian (L, d) per sample, from its own seed
-    (the seed of its image noise), so a prompt and a seed give the same image whatever the batch, the rank or the
-    global RNG. -> (len(seeds), L, d)"""
+    """Sampling-time noise for noisy_replicate padding: one standard Gaussian (L, d) per sample, from its own
+    seed (the seed of its image noise), so a prompt and a seed give the same image whatever the batch, the
+    rank or the global RNG. -> (len(seeds), L, d)"""
     return torch.stack([torch.randn(length, dim, generator=torch.Generator().manual_seed(PAD_SEED + int(s)))
                         for s in seeds]).to(device)
 
 
 class TextEmbedder(nn.Module):
-    """Encoded prompt -> L context tokens (B, L, D) and a pooled vector (B, D), like ClassEmbedder, so a model holds
-    either as `y_embed` (class -> text transfer then loads every other tensor and reports y_embed.* as new).
+    """Encoded prompt -> L context tokens (B, L, D) and a pooled vector (B, D), like ClassEmbedder, so a model
+    holds either as `y_embed` (class -> text transfer then loads every other tensor and reports y_embed.* as
+    new).
 
     The encoder's features are padded (pad_text), then projected by PixArt-alpha's caption projection
-    (Linear -> GELU(tanh) -> Linear). pooled = the mean of the projected *valid* tokens, so padding never shifts it.
-    A dropped prompt (classifier-free guidance) becomes the null prompt:
-      learned (default)  a learned (L, D) token sequence, all of it attended to, pooled = its mean. The class route's
-                         null is a learned row too, it needs nothing from the caller or the encoder, and PixArt-alpha
-                         learns its null caption the same way.
-      empty              the encoded empty string (Stable Diffusion / SD3), padded and projected like any prompt; the
-                         caller supplies it once with set_empty(*encoder.encode([""])), and it is saved with the model.
-    forward returns the mask for the attention only with zero padding; the replicate modes leave no padding to hide
-    (None, so the attention can use its fastest kernel).
+    (Linear -> GELU(tanh) -> Linear). pooled = the mean of the projected *valid* tokens, so padding never
+    shifts it. A dropped prompt (classifier-free guidance) becomes the null prompt:
+      learned (default)  a learned (L, D) token sequence, all of it attended to, pooled = its mean. The class
+                         route's null is a learned row too, it needs nothing from the caller or the encoder,
+                         and PixArt-alpha learns its null caption the same way.
+      empty              the encoded empty string (Stable Diffusion / SD3), padded and projected like any
+                         prompt; the caller supplies it once with set_empty(*encoder.encode([""])), and it is
+                         saved with the model.
+    forward returns the mask for the attention only with zero padding; the replicate modes leave no padding to
+    hide (None, so the attention can use its fastest kernel).
     """
 
     def __init__(self, text_dim, dim, max_length, pad="noisy_replicate", pad_noise=0.1, null="learned"):
@@ -248,7 +291,8 @@ class TextEmbedder(nn.Module):
             self.register_buffer("empty_features", torch.zeros(max_length, text_dim))
             self.register_buffer("empty_mask", torch.zeros(max_length, dtype=torch.bool))
             self.empty_ready = False
-            self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "empty_ready", bool(m.empty_mask.any())))
+            ready = lambda m, _: setattr(m, "empty_ready", bool(m.empty_mask.any()))
+            self.register_load_state_dict_post_hook(ready)
 
     def set_empty(self, features, mask):
         """Store the encoded empty string, (1, L, d) or (L, d) and (1, L) or (L,), as the null prompt."""
@@ -256,8 +300,8 @@ class TextEmbedder(nn.Module):
             raise ValueError("set_empty is for null='empty'; this embedder learns its null prompt")
         features, mask = features.reshape(-1, features.shape[-1]), mask.reshape(-1)
         if features.shape != self.empty_features.shape or mask.shape != self.empty_mask.shape:
-            raise ValueError(f"the empty prompt's features {tuple(features.shape)} do not match this embedder's "
-                             f"(max_length, text_dim) = {tuple(self.empty_features.shape)}")
+            raise ValueError(f"the empty prompt's features {tuple(features.shape)} do not match this "
+                             f"embedder's (max_length, text_dim) = {tuple(self.empty_features.shape)}")
         if not mask.any():
             raise ValueError("the encoded empty prompt has no valid token")
         self.empty_features.copy_(features)
@@ -265,15 +309,16 @@ class TextEmbedder(nn.Module):
         self.empty_ready = True
 
     def forward(self, features, mask, drop=None, generator=None, noise=None):
-        """features (B, L, d), mask (B, L) bool, drop (B,) bool or None, noise (B, L, d) the padding noise to use or
-        None (drawn from `generator`, see pad_text) -> tokens (B, L, D), pooled (B, D), mask (B, L) bool for the
-        attention or None."""
+        """features (B, L, d), mask (B, L) bool, drop (B,) bool or None, noise (B, L, d) the padding noise to
+        use or None (drawn from `generator`, see pad_text) -> tokens (B, L, D), pooled (B, D), mask (B, L)
+        bool for the attention or None."""
         mask = mask.bool()
         if drop is not None and self.null_mode == "empty":
             if not self.empty_ready:
                 raise RuntimeError("TextEmbedder(null='empty') needs the encoded empty prompt: call "
                                    "set_empty(*encoder.encode(['']))  before training or sampling")
-            features = torch.where(drop[:, None, None], self.empty_features.to(features.dtype)[None], features)
+            features = torch.where(drop[:, None, None], self.empty_features.to(features.dtype)[None],
+                                   features)
             mask = torch.where(drop[:, None], self.empty_mask[None], mask)
         padded, keep = pad_text(features, mask, self.pad, self.pad_noise, generator, noise)
         tokens = self.proj(padded)  # (B, L, D)
@@ -292,8 +337,8 @@ class TextEmbedder(nn.Module):
 #################################################################################
 
 def drop_flags(batch, p_sem, p_ctrl, generator=None, device=None):
-    """Which samples drop their semantic and which their control condition: two independent (B,) bool masks (the
-    text route passes the first to TextEmbedder as `drop`)."""
+    """Which samples drop their semantic and which their control condition: two independent (B,) bool masks
+    (the text route passes the first to TextEmbedder as `drop`)."""
     u = torch.rand(2, batch, generator=generator, device=device)
     return u[0] < p_sem, u[1] < p_ctrl
 

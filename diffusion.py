@@ -1,22 +1,22 @@
 """
-Diffusion: the noising processes, their losses and samplers, classifier-free guidance, and `generate`, which draws
-a batch of guided samples from fixed per-seed noise.
+Diffusion: the noising processes, their losses and samplers, classifier-free guidance, and `generate`, which
+draws a batch of guided samples from fixed per-seed noise.
 
-Two objectives behind one interface (`Diffusion`), so every architecture and conditioning route trains and samples
-through the same code:
+Two objectives behind one interface (`Diffusion`), so every architecture and conditioning route trains and
+samples through the same code:
 
-    flow (default, SD3)   x_t = (1 - t) x_0 + t eps          t in [0, 1], t = 0 data, t = 1 pure noise
-                          target v = eps - x_0               t ~ sigmoid(N(mean, std)), then shifted
-                          samplers: Euler, Heun (integrate dx/dt = v from t = 1 to 0)
-    ddpm (DiT, LDM)       x_k = sqrt(ab_k) x_0 + sqrt(1 - ab_k) eps,  k = 0 .. 999, ab = prod(1 - beta)
-                          target eps (+ a learned variance trained by the variational bound, DiT's "learn sigma")
-                          samplers: DDIM (eta = 0), ancestral (DDPM)
+    flow (default, SD3)  x_t = (1 - t) x_0 + t eps         t in [0, 1], t = 0 data, t = 1 pure noise
+                         target v = eps - x_0              t ~ sigmoid(N(mean, std)), then shifted
+                         samplers: Euler, Heun (integrate dx/dt = v from t = 1 to 0)
+    ddpm (DiT, LDM)      x_k = sqrt(ab_k) x_0 + sqrt(1 - ab_k) eps,  k = 0 .. 999,  ab = prod(1 - beta)
+                         target eps (+ a learned variance trained by the variational bound, DiT's "learn
+                         sigma") samplers: DDIM (eta = 0), ancestral (DDPM)
 
-The network always receives a time in [0, 1] where 1 is noise: t for flow, k / 1000 for ddpm (the time embedder
-multiplies by 1000, so a DiT checkpoint sees its own integer steps).
+The network always receives a time in [0, 1] where 1 is noise: t for flow, k / 1000 for ddpm (the time
+embedder multiplies by 1000, so a DiT checkpoint sees its own integer steps).
 
-Resolution shift (noise-schedule scaling, flow only): more tokens carry more redundant signal, so the same t destroys
-less information at a higher resolution. We push t towards noise with t' = a t / (1 + (a - 1) t),
+Resolution shift (noise-schedule scaling, flow only): more tokens carry more redundant signal, so the same t
+destroys less information at a higher resolution. We push t towards noise with t' = a t / (1 + (a - 1) t),
 a = shift * sqrt(tokens / base_tokens), for training and for the sampler's time grid alike.
 """
 import math
@@ -36,7 +36,8 @@ SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}
 
 
 def shift_time(t, alpha):
-    """t' = alpha t / (1 + (alpha - 1) t); alpha = 1 is the identity, alpha > 1 moves every t towards noise."""
+    """t' = alpha t / (1 + (alpha - 1) t); alpha = 1 is the identity, alpha > 1 moves every t towards
+    noise."""
     return alpha * t / (1 + (alpha - 1) * t)
 
 
@@ -46,8 +47,8 @@ def resolution_shift(tokens, base_tokens):
 
 
 def noise_shift(shift, res, base_res):
-    """alpha for training and sampling at `res`: the base shift times the resolution shift (at a fixed patch size the
-    token ratio is the pixel ratio)."""
+    """alpha for training and sampling at `res`: the base shift times the resolution shift (at a fixed patch
+    size the token ratio is the pixel ratio)."""
     return shift * resolution_shift(res ** 2, base_res ** 2)
 
 
@@ -63,9 +64,9 @@ def time_grid(steps, alpha=1.0, device="cpu"):
 
 
 def to_velocity(out, x_t, t, pred):
-    """The velocity implied by the network output: itself (pred v) or, for pred x (the network outputs the clean
-    image), (x_t - x0_hat) / t, computed in fp32 so t is never rounded to bf16. t is clamped at 0.05: near data the
-    division would amplify the error of x0_hat without bound."""
+    """The velocity implied by the network output: itself (pred v) or, for pred x (the network outputs the
+    clean image), (x_t - x0_hat) / t, computed in fp32 so t is never rounded to bf16. t is clamped at 0.05:
+    near data the division would amplify the error of x0_hat without bound."""
     if pred == "v":
         return out
     return (x_t.float() - out.float()) / t.float().clamp(min=0.05).view(-1, *([1] * (x_t.ndim - 1)))
@@ -87,8 +88,8 @@ def ddpm_betas(schedule="linear", steps=1000):
 
 
 class Chain:
-    """The float64 quantities of a Gaussian chain with the given betas (ADM's GaussianDiffusion, reduced to what
-    training and sampling use). `steps` are the original step indices the chain's entries stand for."""
+    """The float64 quantities of a Gaussian chain with the given betas (ADM's GaussianDiffusion, reduced to
+    what training and sampling use). `steps` are the original step indices the chain's entries stand for."""
 
     def __init__(self, betas, steps=None):
         self.betas = betas
@@ -102,7 +103,8 @@ class Chain:
         self.coef_xt = (1 - self.ab_prev) * (1 - betas).sqrt() / (1 - self.ab)
 
     def respaced(self, keep):
-        """The chain that visits only the steps `keep` (sorted): its betas join the skipped steps (ADM respacing)."""
+        """The chain that visits only the steps `keep` (sorted): its betas join the skipped steps (ADM
+        respacing)."""
         ab_kept = self.ab[list(keep)]
         prev = torch.cat([torch.ones(1, dtype=ab_kept.dtype), ab_kept[:-1]])
         return Chain(1 - ab_kept / prev, steps=self.steps[list(keep)])
@@ -124,19 +126,23 @@ class Chain:
         return mean, self.at(self.post_logvar, j, x_t)
 
     def model_logvar(self, out_var, j):
-        """Learned variance: out_var in [-1, 1] interpolates the log-variance between the posterior's and beta's."""
+        """Learned variance: out_var in [-1, 1] interpolates the log-variance between the posterior's and
+        beta's."""
         frac = (out_var.float() + 1) / 2
-        return frac * self.at(self.betas.log(), j, out_var) + (1 - frac) * self.at(self.post_logvar, j, out_var)
+        high, low = self.at(self.betas.log(), j, out_var), self.at(self.post_logvar, j, out_var)
+        return frac * high + (1 - frac) * low
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_nll(x, mean, logvar):
-    """-log p(x) of data in [-1, 1] quantised to 256 bins under N(mean, e^logvar) (the chain's last step, ADM)."""
-    approx_cdf = lambda z: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
+    """-log p(x) of data in [-1, 1] quantised to 256 bins under N(mean, e^logvar) (the chain's last step,
+    ADM)."""
+    approx_cdf = lambda z: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
     inv_std = torch.exp(-0.5 * logvar)
     cdf_plus = approx_cdf(inv_std * (x - mean + 1 / 255))
     cdf_min = approx_cdf(inv_std * (x - mean - 1 / 255))
@@ -147,29 +153,33 @@ def discretized_gaussian_nll(x, mean, logvar):
 
 
 def spaced_steps(total, n, method):
-    """Which of the `total` steps an n-step sampler visits, ascending; ADM's respace.space_timesteps (DiT's is a copy).
+    """Which of the `total` steps an n-step sampler visits, ascending; ADM's respace.space_timesteps (DiT's is
+    a copy).
 
-    ddim       ADM's "ddimN": range(0, total, s) for the smallest integer stride s that gives exactly n steps, i.e.
-               s = ceil(total / n) when that fits (n = 30 of 1000: stride 34, steps 0 .. 986). Many n fit no stride
-               (37, 400, and 1, as ADM's strides stop below `total`): a ValueError names the nearest n that do.
-    ddpm       ADM's plain "N" (DiT's sample.py default, "250"): n evenly spaced steps from the first to the last,
-               round(c) as c grows by (total - 1) / (n - 1). One deviation: n = 1 takes the last step, not ADM's step
-               0, from which a one-step sampler would hand back its input noise almost unchanged."""
+    ddim       ADM's "ddimN": range(0, total, s) for the smallest integer stride s that gives exactly n steps,
+               i.e. s = ceil(total / n) when that fits (n = 30 of 1000: stride 34, steps 0 .. 986). Many n fit
+               no stride (37, 400, and 1, as ADM's strides stop below `total`): a ValueError names the nearest
+               n that do.
+    ddpm       ADM's plain "N" (DiT's sample.py default, "250"): n evenly spaced steps from the first to the
+               last, round(c) as c grows by (total - 1) / (n - 1). One deviation: n = 1 takes the last step,
+               not ADM's step 0, from which a one-step sampler would hand back its input noise almost
+               unchanged."""
     if not 1 <= n <= total:
         raise ValueError(f"sampling steps must be in 1..{total}, got {n}")
     if method == "ddim":
-        fitting = {len(range(0, total, s)): s for s in range(total - 1, 0, -1)}  # count -> smallest stride giving it
+        # count -> smallest stride giving it
+        fitting = {len(range(0, total, s)): s for s in range(total - 1, 0, -1)}
         if n in fitting:
             return list(range(0, total, fitting[n]))
         below, above = [c for c in fitting if c < n], [c for c in fitting if c > n]
         near = [str(c) for c in ([max(below)] if below else []) + ([min(above)] if above else [])]
-        raise ValueError(f"DDIM's integer stride (ADM's \"ddim{n}\") cannot make exactly {n} of {total} steps: "
-                         f"{' or '.join(near) or 'no count'} can; or use the ancestral sampler (--sampler ddpm), "
-                         f"which spaces any number of steps evenly")
+        raise ValueError(f"DDIM's integer stride (ADM's \"ddim{n}\") cannot make exactly {n} of {total} "
+                         f"steps: {' or '.join(near) or 'no count'} can; or use the ancestral sampler "
+                         f"(--sampler ddpm), which spaces any number of steps evenly")
     if n == 1:
         return [total - 1]
-    # the running float sum, as ADM builds it: where i * stride is an exact .5 the sum falls just below, and rounding
-    # it (not i * stride) gives ADM's steps (21 of 1000: step 499, not 500)
+    # the running float sum, as ADM builds it: where i * stride is an exact .5 the sum falls just below, and
+    # rounding it (not i * stride) gives ADM's steps (21 of 1000: step 499, not 500)
     stride, c, steps = (total - 1) / (n - 1), 0.0, []
     for _ in range(n):
         steps.append(round(c))
@@ -181,8 +191,10 @@ def spaced_steps(total, n, method):
 #                        The process: loss and sampling                         #
 #################################################################################
 
+
 class Diffusion:
-    """One objective's training loss and sampler. `predict(x, t)` in `sample` returns the raw network output."""
+    """One objective's training loss and sampler. `predict(x, t)` in `sample` returns the raw network
+    output."""
 
     def __init__(self, objective="flow", pred=None, alpha=1.0, t_mean=0.0, t_std=1.0, beta_schedule="linear",
                  learn_sigma=False, num_steps=1000, min_snr=0.0):
@@ -192,16 +204,18 @@ class Diffusion:
             raise ValueError("--learn-sigma applies to --objective ddpm only")
         pred = pred or PREDS[objective][0]
         if pred not in PREDS[objective]:
-            raise ValueError(f"--pred {pred!r} does not fit --objective {objective}; choose one of {PREDS[objective]}")
+            raise ValueError(f"--pred {pred!r} does not fit --objective {objective}; choose one of "
+                             f"{PREDS[objective]}")
         self.objective, self.pred, self.alpha, self.t_mean, self.t_std = objective, pred, alpha, t_mean, t_std
         self.learn_sigma, self.num_steps, self.min_snr = learn_sigma, num_steps, min_snr
         self.chain = Chain(ddpm_betas(beta_schedule, num_steps)) if objective == "ddpm" else None
 
-    # ---- training -----------------------------------------------------------------------------------------------
+    # ---- training
+    # -----------------------------------------------------------------------------------------------
     def loss(self, model, x0, generator=None, **cond):
-        """Per-sample loss (B,); the noise level, then the noise, are drawn from `generator`. A model may return n
-        stacked predictions (n B, ...) of the same inputs (the unmasked and masked passes of mDT); their losses are
-        summed."""
+        """Per-sample loss (B,); the noise level, then the noise, are drawn from `generator`. A model may
+        return n stacked predictions (n B, ...) of the same inputs (the unmasked and masked passes of mDT);
+        their losses are summed."""
         B = x0.shape[0]
         if self.objective == "flow":
             t = sample_t(B, self.t_mean, self.t_std, self.alpha, generator, x0.device)
@@ -220,16 +234,18 @@ class Diffusion:
         x0n, x_tn, kn = x0.repeat(n, 1, 1, 1), x_t.repeat(n, 1, 1, 1), k.repeat(n)
         eps = out[:, :C].float()
         per = ((eps - noise.float().repeat(n, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
-        if self.min_snr > 0:  # min-SNR-gamma (Hang et al. 2023; mDT-v2): the eps loss weighted by min(SNR, gamma) / SNR
+        # min-SNR-gamma (Hang et al. 2023; mDT-v2): the eps loss weighted by min(SNR, gamma) / SNR
+        if self.min_snr > 0:
             snr = (self.chain.ab / (1 - self.chain.ab)).to(x0.device)[kn]
             per = per * (snr.clamp(max=self.min_snr) / snr).float()
-        if self.learn_sigma:  # the variational bound trains the variance only: the mean is frozen (ADM's L_hybrid)
+        # the variational bound trains the variance only: the mean is frozen (ADM's L_hybrid)
+        if self.learn_sigma:
             per = per + self.vb_term(eps.detach(), out[:, C:], x0n.float(), x_tn.float(), kn)
         return per.view(n, B).sum(0)
 
     def vb_term(self, eps, out_var, x0, x_t, k):
-        """Bits per dimension of the chain's step k under the model: KL to the true posterior, or the decoder's
-        negative log-likelihood at k = 0."""
+        """Bits per dimension of the chain's step k under the model: KL to the true posterior, or the
+        decoder's negative log-likelihood at k = 0."""
         mean, logvar = self.chain.posterior(self.chain.predict_x0(x_t, k, eps), x_t, k)
         model_logvar = self.chain.model_logvar(out_var, k)
         true_mean, true_logvar = self.chain.posterior(x0, x_t, k)
@@ -237,11 +253,12 @@ class Diffusion:
         nll = discretized_gaussian_nll(x0, mean, model_logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
         return torch.where(k == 0, nll, kl)
 
-    # ---- sampling -----------------------------------------------------------------------------------------------
+    # ---- sampling
+    # -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None):
-        """From noise to data. method None: euler (flow) or ddim (ddpm). `generator` feeds the ancestral sampler's
-        fresh noise; every other sampler is deterministic given `noise`."""
+        """From noise to data. method None: euler (flow) or ddim (ddpm). `generator` feeds the ancestral
+        sampler's fresh noise; every other sampler is deterministic given `noise`."""
         method = method or SAMPLERS[self.objective][0]
         if method not in SAMPLERS[self.objective]:
             raise ValueError(f"sampler {method!r} does not fit --objective {self.objective}; choose one of "
@@ -249,6 +266,7 @@ class Diffusion:
         it = range(steps)
         if progress:
             from tqdm import tqdm
+
             it = tqdm(it, desc="sampling", leave=False)
         if self.objective == "flow":
             return self._flow(predict, noise, steps, method, it)
@@ -284,7 +302,9 @@ class Diffusion:
             mean, logvar = chain.posterior(x0, x, j)
             if self.learn_sigma:
                 logvar = chain.model_logvar(out[:, C:], j)
-            z = torch.randn(x.shape, generator=generator, device=x.device) if j[0] > 0 else torch.zeros_like(x)
+            z = (torch.randn(x.shape, generator=generator, device=x.device)
+                 if j[0] > 0
+                 else torch.zeros_like(x))
             x = mean + (0.5 * logvar).exp() * z
         return x
 
@@ -293,19 +313,21 @@ class Diffusion:
 #                        Classifier-free guidance                               #
 #################################################################################
 
+
 def guided_prediction(model, x, t, y, ctrl, s_sem=1.0, s_ctrl=0.0, interval=(0.0, 1.0)):
-    """Guided network output; guidance acts on ALL data channels (DiT-derived code famously guides only 3 of 4).
+    """Guided network output; guidance acts on ALL data channels (DiT-derived code famously guides only 3 of
+    4).
 
         out = out(0s, c) + s_sem (out(s, c) - out(0s, c)) + s_ctrl (out(s, c) - out(s, 0c))
 
-    0s / 0c: the null semantic condition (null class or null prompt) / the null control, selected by the model's
-    sem_drop / ctrl_drop flags. The control c is kept in both semantic branches. Only the branches whose weight is not
-    zero run, batched into one forward pass: (0s, c) only when s_sem != 1, (s, 0c) only when s_ctrl != 0. Outside
-    `interval` (a range of t) guidance is off and out = out(s, c). s_sem = 1, s_ctrl = 0 is exactly the conditional
-    prediction (and costs one pass). Guiding the raw output is the same as guiding the velocity or eps it implies:
-    they are affine in it with the same x_t and t in every branch. Channels beyond the data's (a learned variance)
-    are taken from the conditional branch. y: labels (B,) or a prompt's (features, mask[, padding noise]), every part
-    repeated alike for every branch.
+    0s / 0c: the null semantic condition (null class or null prompt) / the null control, selected by the
+    model's sem_drop / ctrl_drop flags. The control c is kept in both semantic branches. Only the branches
+    whose weight is not zero run, batched into one forward pass: (0s, c) only when s_sem != 1, (s, 0c) only
+    when s_ctrl != 0. Outside `interval` (a range of t) guidance is off and out = out(s, c). s_sem = 1, s_ctrl
+    = 0 is exactly the conditional prediction (and costs one pass). Guiding the raw output is the same as
+    guiding the velocity or eps it implies: they are affine in it with the same x_t and t in every branch.
+    Channels beyond the data's (a learned variance) are taken from the conditional branch. y: labels (B,) or a
+    prompt's (features, mask[, padding noise]), every part repeated alike for every branch.
     """
     B, C = x.shape[0], x.shape[1]
     t_now = float(t.reshape(-1)[0])
@@ -332,20 +354,23 @@ def guided_prediction(model, x, t, y, ctrl, s_sem=1.0, s_ctrl=0.0, interval=(0.0
 #                        Sampling a batch, in chunks                            #
 #################################################################################
 
+
 def make_noise(seeds, shape, device):
     """One noise tensor per seed, independent of batch composition: (len(seeds), *shape)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device)
 
 
 @torch.no_grad()
 def generate(model, diffusion, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, method=None,
              interval=(0.0, 1.0), batch=256, progress=False, seed=0, seeds=None):
-    """Latents for labels y (B,) (or a prompt's (features, mask)) and controls ctrl (B, S) from the given noise
-    (B, C, H, W), in chunks of `batch`, guided by guided_prediction.
-    `seed` feeds the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic given `noise`.
-    `seeds` (B,), the seeds of the samples' noise (default seed, seed + 1, ...), seed their text padding noise
-    (noisy_replicate): drawn once per sample here, it is the same in every guidance branch and step, and a prompt
-    with a seed gives the same image in any batch, on any rank, whatever the global RNG did before."""
+    """Latents for labels y (B,) (or a prompt's (features, mask)) and controls ctrl (B, S) from the given
+    noise (B, C, H, W), in chunks of `batch`, guided by guided_prediction.
+    `seed` feeds the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic given
+    `noise`. `seeds` (B,), the seeds of the samples' noise (default seed, seed + 1, ...), seed their text
+    padding noise (noisy_replicate): drawn once per sample here, it is the same in every guidance branch and
+    step, and a prompt with a seed gives the same image in any batch, on any rank, whatever the global RNG did
+    before."""
     if isinstance(y, tuple) and len(y) == 2:  # a prompt: (features, mask) -> (features, mask, padding noise)
         B, L, d = y[0].shape
         seeds = range(seed, seed + B) if seeds is None else seeds
@@ -353,8 +378,9 @@ def generate(model, diffusion, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, st
     out = []
     gen = torch.Generator(noise.device).manual_seed(seed)
     for i in range(0, noise.shape[0], batch):
-        yi = tuple(v[i:i + batch] for v in y) if isinstance(y, tuple) else y[i:i + batch]  # labels or a prompt
-        ci = ctrl[i:i + batch]
+        # labels or a prompt
+        yi = tuple(v[i : i + batch] for v in y) if isinstance(y, tuple) else y[i : i + batch]
+        ci = ctrl[i : i + batch]
         fn = lambda x, t: guided_prediction(model, x, t, yi, ci, cfg_scale, ctrl_scale, interval)
-        out.append(diffusion.sample(fn, noise[i:i + batch], steps, method, progress, gen))
+        out.append(diffusion.sample(fn, noise[i : i + batch], steps, method, progress, gen))
     return torch.cat(out)

@@ -1,20 +1,25 @@
 """
-Sample-quality metrics: FID as the ADM evaluation suite computes it, plus Inception Score, improved precision /
-recall and (for text-to-image) CLIP score.
+Sample-quality metrics: FID as the ADM evaluation suite computes it, plus Inception Score, improved precision
+/ recall and (for text-to-image) CLIP score.
 
     python fid.py VIRTUAL_imagenet256_labeled.npz runs/000-imagenet-XL-2-ours/samples-50000-cfg1.5-euler50.npz
     python fid.py REF SAMPLE --is --pr                            # + Inception Score, precision and recall
     python fid.py /data/imagenet/val --save-stats val_stats.npz   # cache a reference set's statistics
     torchrun --nproc_per_node=8 fid.py REF SAMPLE                 # features on 8 GPUs, same numbers
 
-REF and SAMPLE are each a folder of images (searched recursively), an .npz of uint8 images (N, H, W, 3) under `arr_0`
-(the ADM format, what `sample.py --num-samples` writes) or an .npz of statistics (`mu`, `sigma`). When SAMPLE has a
-sidecar JSON of its sampler settings (samples.npz -> samples.json), the settings are printed next to the numbers
-and everything is written to samples.metrics.json, so every FID stays traceable to what made it.
+REF and SAMPLE are each a folder of images (searched recursively), an .npz of uint8 images (N, H, W, 3) under
+`arr_0` (the ADM format, what `sample.py --num-samples` writes) or an .npz of statistics (`mu`, `sigma`). When
+SAMPLE has a sidecar JSON of its sampler settings (samples.npz -> samples.json), the settings are printed next
+to the numbers and everything is written to samples.metrics.json, so every FID stays traceable to what made
+it.
 
 Numbers are comparable with the ADM suite (guided-diffusion/evaluations) and torch-fidelity because every step
-follows the TensorFlow graph they use: Inception-v3 with the 2015-12-05 weights (pytorch-fid's port), TF1's bilinear
-resize to 299 x 299, the graph's (x - 128) / 128 input scaling, fp32 features (TF32 off) and float64 statistics.
+follows the TensorFlow graph they use: Inception-v3 with the 2015-12-05 weights (pytorch-fid's port), TF1's
+bilinear resize to 299 x 299, the graph's (x - 128) / 128 input scaling, fp32 features (TF32 off) and float64
+statistics.
+
+This file stands alone: it imports nothing of the project, so it can be copied next to any model's samples (as
+the ADM suite's evaluator.py is used).
 """
 import argparse
 import json
@@ -30,9 +35,6 @@ import torchvision
 from PIL import Image
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
-from checkpoint import atomic_write
-from data import setup_distributed
-
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -40,14 +42,15 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 #################################################################################
 #                   Inception-v3 as the FID graph computes it                   #
 #################################################################################
-# The FID network is TensorFlow's 2015 Inception graph, not torchvision's Inception-v3: its pool branches average over
-# real pixels only (TF's avg_pool ignores the zero padding), and the last block max-pools where the paper
-# average-pools. We take torchvision's network and swap in those four block variants, as pytorch-fid does, so the
-# state dict keeps torchvision's names and the published weights load as they are.
+# The FID network is TensorFlow's 2015 Inception graph, not torchvision's Inception-v3: its pool branches
+# average over real pixels only (TF's avg_pool ignores the zero padding), and the last block max-pools where
+# the paper average-pools. We take torchvision's network and swap in those four block variants, as pytorch-fid
+# does, so the state dict keeps torchvision's names and the published weights load as they are.
 
 
 def tf_pool(x, kind):
-    """The 3 x 3, stride 1, 'SAME' pool of a pool branch: `avg` counts real pixels only, `max` pads with -inf."""
+    """The 3 x 3, stride 1, 'SAME' pool of a pool branch: `avg` counts real pixels only, `max` pads with
+    -inf."""
     if kind == "max":
         return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
@@ -96,8 +99,10 @@ class FIDInceptionE(InceptionE):
 
 
 def build_inception():
-    """torchvision's Inception-v3 (no aux head, 1008-way fc) with the FID blocks; weights left uninitialised."""
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    """torchvision's Inception-v3 (no aux head, 1008-way fc) with the FID blocks; weights left
+    uninitialised."""
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False,
+                                          num_classes=1008)
     net.Mixed_5b = FIDInceptionA(192, pool_features=32)
     net.Mixed_5c = FIDInceptionA(256, pool_features=64)
     net.Mixed_5d = FIDInceptionA(288, pool_features=64)
@@ -111,16 +116,17 @@ def build_inception():
 
 
 # Up to the global average pool, in the graph's order.
-TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
-         "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a",
-         "Mixed_7b", "Mixed_7c")
+TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+         "maxpool2",
+         "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+         "Mixed_7a", "Mixed_7b", "Mixed_7c")
 
 
 class InceptionFeatures(torch.nn.Module):
     """uint8 images (N, 3, H, W) of any size -> pool3 features (N, 2048) and logits (N, 1008).
 
-    The logits are pool3 @ fc.weight.T *without* the bias: the quantity the original Inception Score code, the ADM
-    suite and torch-fidelity all feed to the softmax.
+    The logits are pool3 @ fc.weight.T *without* the bias: the quantity the original Inception Score code, the
+    ADM suite and torch-fidelity all feed to the softmax.
     """
 
     def __init__(self):
@@ -137,11 +143,12 @@ class InceptionFeatures(torch.nn.Module):
 
 
 def weights_file(path=None):
-    """The FID weights: `path`, or the published file, downloaded once (sha256-checked) into torch hub's cache."""
+    """The FID weights: `path`, or the published file, downloaded once (sha256-checked) into torch hub's
+    cache."""
     if path is not None:
         if not os.path.isfile(path):
-            raise SystemExit(f"--inception {path!r}: no such file; download {FID_WEIGHTS_URL} or omit --inception "
-                             "to fetch it into torch hub's cache")
+            raise SystemExit(f"--inception {path!r}: no such file; download {FID_WEIGHTS_URL} or omit "
+                             "--inception to fetch it into torch hub's cache")
         return path
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
     if not os.path.isfile(path):
@@ -153,26 +160,29 @@ def weights_file(path=None):
 def load_inception(path):
     """InceptionFeatures with the state dict in `path`; any other layout fails with the keys that differ.
 
-    The published file has no BatchNorm `num_batches_tracked` counters (it was converted from the TF graph); they
-    are ignored on both sides.
+    The published file has no BatchNorm `num_batches_tracked` counters (it was converted from the TF graph);
+    they are ignored on both sides.
     """
     model = InceptionFeatures()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"{path}: not a readable PyTorch state dict ({type(e).__name__}); download the FID weights "
-                         f"from {FID_WEIGHTS_URL}") from e
-    want = {k: tuple(v.shape) for k, v in model.net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    got = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")} if isinstance(state, dict) else {}
+        raise SystemExit(f"{path}: not a readable PyTorch state dict ({type(e).__name__}); download the FID "
+                         f"weights from {FID_WEIGHTS_URL}") from e
+    kept = lambda k: not k.endswith("num_batches_tracked")
+    want = {k: tuple(v.shape) for k, v in model.net.state_dict().items() if kept(k)}
+    got = {k: v for k, v in state.items() if kept(k)} if isinstance(state, dict) else {}
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
-    shapes = [f"{k} {tuple(got[k].shape)} (expected {want[k]})" for k in want if k in got
-              and tuple(got[k].shape) != want[k]]
+    shapes = [f"{k} {tuple(got[k].shape)} (expected {want[k]})"
+              for k in want
+              if k in got and tuple(got[k].shape) != want[k]]
     if missing or unexpected or shapes:
-        raise SystemExit(f"{path} is not the FID Inception-v3 state dict (pt_inception-2015-12-05-6726825d.pth): "
-                         f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:3]}, {len(shapes)} wrong shapes {shapes[:3]}. Download the right file from "
-                         f"{FID_WEIGHTS_URL}, or omit --inception to fetch it automatically")
+        raise SystemExit(f"{path} is not the FID Inception-v3 state dict "
+                         f"(pt_inception-2015-12-05-6726825d.pth): {len(missing)} missing keys "
+                         f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} "
+                         f"wrong shapes {shapes[:3]}. Download the right file from {FID_WEIGHTS_URL}, or "
+                         "omit --inception to fetch it automatically")
     model.net.load_state_dict(got, strict=False)
     return model
 
@@ -180,22 +190,26 @@ def load_inception(path):
 #################################################################################
 #                      TensorFlow-compatible resize                             #
 #################################################################################
-# The ADM suite resizes inside the TF graph with TF1's tf.image.resize_bilinear(align_corners=False): output pixel i
-# reads source coordinate i * in / out, with no half-pixel offset. torch's F.interpolate uses half-pixel centres,
-# (i + 0.5) in / out - 0.5, so the two images are shifted by (in / out - 1) / 2 source pixels against each other and
-# differ by tens of grey levels at edges; FID is known to be sensitive to such resizing differences (Parmar et al.,
-# clean-fid, 2022). We reproduce TF's arithmetic: float32 coordinates, the same floor / ceil, the same two-step lerp.
+# The ADM suite resizes inside the TF graph with TF1's tf.image.resize_bilinear(align_corners=False): output
+# pixel i reads source coordinate i * in / out, with no half-pixel offset. torch's F.interpolate uses
+# half-pixel centres, (i + 0.5) in / out - 0.5, so the two images are shifted by (in / out - 1) / 2 source
+# pixels against each other and differ by tens of grey levels at edges; FID is known to be sensitive to such
+# resizing differences (Parmar et al., clean-fid, 2022). We reproduce TF's arithmetic: float32 coordinates,
+# the same floor / ceil, the same two-step lerp.
+
 
 def tf1_source_pixels(n_in, n_out):
     """For each output index: the two source indices and the weight of the second, as TF1 computes them."""
     src = np.arange(n_out, dtype=np.float32) * (np.float32(n_in) / np.float32(n_out))
     lo = np.floor(src)
     hi = np.minimum(np.ceil(src), n_in - 1)
-    return torch.from_numpy(lo.astype(np.int64)), torch.from_numpy(hi.astype(np.int64)), torch.from_numpy(src - lo)
+    return (torch.from_numpy(lo.astype(np.int64)), torch.from_numpy(hi.astype(np.int64)),
+            torch.from_numpy(src - lo))
 
 
 def resize_bilinear_tf1(x, size):
-    """float (N, C, H, W) -> (N, C, size, size), TF1 resize_bilinear(align_corners=False), as an index/weight gather."""
+    """float (N, C, H, W) -> (N, C, size, size), TF1 resize_bilinear(align_corners=False), as an index/weight
+    gather."""
     y0, y1, wy = (t.to(x.device) for t in tf1_source_pixels(x.shape[2], size))
     x0, x1, wx = (t.to(x.device) for t in tf1_source_pixels(x.shape[3], size))
     rows0, rows1 = x[:, :, y0], x[:, :, y1]  # (N, C, size, W)
@@ -208,15 +222,18 @@ def resize_bilinear_tf1(x, size):
 #                 Inputs: image folders, image .npz, statistics .npz            #
 #################################################################################
 
+
 class FolderImages(torch.utils.data.Dataset):
     """Every .png / .jpg / .jpeg / .webp under `root`, recursively, in sorted path order: uint8 (3, H, W)."""
 
     def __init__(self, root):
-        self.paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+        self.paths = sorted(os.path.join(d, f)
+                            for d, _, files in os.walk(root)
+                            for f in files
                             if f.lower().endswith(IMAGE_EXTENSIONS))
         if not self.paths:
-            raise SystemExit(f"{root!r}: no {'/'.join(IMAGE_EXTENSIONS)} files in this folder or below it; point at "
-                             "the folder that holds the images, or pass an .npz")
+            raise SystemExit(f"{root!r}: no {'/'.join(IMAGE_EXTENSIONS)} files in this folder or below it; "
+                             "point at the folder that holds the images, or pass an .npz")
 
     def __len__(self):
         return len(self.paths)
@@ -226,8 +243,8 @@ class FolderImages(torch.utils.data.Dataset):
             with Image.open(self.paths[i]) as im:
                 return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
         except (OSError, ValueError) as e:  # skipping it would quietly make the statistics of another set
-            raise ValueError(f"{self.paths[i]}: not a readable image ({e}); every image of the folder counts in "
-                             f"the statistics, so replace or remove it and run again") from None
+            raise ValueError(f"{self.paths[i]}: not a readable image ({e}); every image of the folder counts "
+                             f"in the statistics, so replace or remove it and run again") from None
 
 
 class NpzImages(torch.utils.data.Dataset):
@@ -247,7 +264,8 @@ class NpzImages(torch.utils.data.Dataset):
                     name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
                     f.seek(info.header_offset + 30 + name_len + extra_len)
                     version = np.lib.format.read_magic(f)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    read_header = (np.lib.format.read_array_header_1_0
+                                   if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0)
                     self.shape, fortran, self.dtype = read_header(f)
                     self.offset = f.tell()
@@ -270,7 +288,8 @@ class NpzImages(torch.utils.data.Dataset):
 
 
 def open_input(path):
-    """(stats, images) of REF or SAMPLE: stats = (mu, sigma) when the file has them, images = a Dataset or None.
+    """(stats, images) of REF or SAMPLE: stats = (mu, sigma) when the file has them, images = a Dataset or
+    None.
 
     ADM reference batches (VIRTUAL_imagenet256_labeled.npz) hold both; FID then uses their mu / sigma, and the
     images only serve the metrics that need features (precision / recall).
@@ -278,18 +297,21 @@ def open_input(path):
     if os.path.isdir(path):
         return None, FolderImages(path)
     if not os.path.isfile(path):
-        raise SystemExit(f"{path!r}: no such file or folder; give a folder of images, an .npz of images (arr_0) "
-                         "or an .npz of statistics (mu, sigma)")
+        raise SystemExit(f"{path!r}: no such file or folder; give a folder of images, an .npz of images "
+                         "(arr_0) or an .npz of statistics (mu, sigma)")
     if not path.endswith(".npz"):
         raise SystemExit(f"{path!r}: not a folder or an .npz; put single images in a folder")
     try:
         with np.load(path) as z:
             keys = set(z.files)
-            stats = (z["mu"].astype(np.float64), z["sigma"].astype(np.float64)) if {"mu", "sigma"} <= keys else None
+            stats = ((z["mu"].astype(np.float64), z["sigma"].astype(np.float64))
+                     if {"mu", "sigma"} <= keys
+                     else None)
         images = NpzImages(path) if "arr_0" in keys else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise SystemExit(f"{path}: not a readable .npz ({type(e).__name__}: {e}); a copy cut short? (a stopped "
-                         f"sample.py leaves its .rankN.npz parts, never a partial file under the final name)") from None
+        raise SystemExit(f"{path}: not a readable .npz ({type(e).__name__}: {e}); a copy cut short? (a "
+                         "stopped sample.py leaves its .rankN.npz parts, never a partial file under the "
+                         "final name)") from None
     if stats is None and images is None:
         raise SystemExit(f"{path}: an .npz needs `arr_0` (uint8 images N x H x W x 3) or `mu` and `sigma` "
                          f"(statistics from --save-stats); this one holds {sorted(keys)}")
@@ -299,32 +321,61 @@ def open_input(path):
 
 
 def save_stats(path, mu, sigma):
-    """mu and sigma as an .npz at `path` (written whole or not at all), which fid.py reads back as REF or SAMPLE."""
-    atomic_write(str(path), lambda f: np.savez(f, mu=mu, sigma=sigma))
+    """mu and sigma as an .npz at `path`, written whole or not at all (a temporary file, then a rename), which
+    fid.py reads back as REF or SAMPLE."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename
+    except BaseException:  # a full disk: no half-written file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def setup_distributed():
+    """(rank, world, device) under torchrun or in one process; the LOCAL rank picks the GPU (the global rank
+    is wrong on every node but the first)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 #################################################################################
 #                     Feature extraction across ranks                           #
 #################################################################################
 
+
 def gather_strided(x, n, world):
-    """Rank r holds rows r, r + world, ... of n: pad to equal length, all-gather, interleave, trim. (n, ...) on CPU."""
+    """Rank r holds rows r, r + world, ... of n: pad to equal length, all-gather, interleave, trim. (n, ...)
+    on CPU."""
     per = -(-n // world)
     padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
-    padded[:len(x)] = x
+    padded[: len(x)] = x
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.stack(parts, 1).reshape(per * world, *x.shape[1:])[:n].cpu()  # row j * world + r = parts[r][j]
+    # row j * world + r = parts[r][j]
+    return torch.stack(parts, 1).reshape(per * world, *x.shape[1:])[:n].cpu()
 
 
 @torch.no_grad()
 def extract(model, images, batch=50, workers=0, rank=0, world=1, device="cpu", desc="features"):
     """Pool features (N, 2048) and logits (N, 1008), float32 numpy in dataset order, on every rank.
 
-    Rank r embeds images r, r + world, ...; the shards are gathered back, so the result is a single-process run's.
-    TF32 (a 10-bit mantissa in convolutions and matmuls) is switched off meanwhile: the reference numbers are fp32.
+    Rank r embeds images r, r + world, ...; the shards are gathered back, so the result is a single-process
+    run's. TF32 (a 10-bit mantissa in convolutions and matmuls) is switched off meanwhile: the reference
+    numbers are fp32.
     """
     from tqdm import tqdm
+
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -350,15 +401,16 @@ def extract(model, images, batch=50, workers=0, rank=0, world=1, device="cpu", d
 #                      Statistics and the Frechet distance                      #
 #################################################################################
 
+
 def statistics(features, chunk=4096):
-    """Mean (D,) and unbiased covariance (D, D) of (N, D) features, summed in float64 chunk by chunk (a float64 copy
-    of 50k x 2048 features would be 800 MB)."""
+    """Mean (D,) and unbiased covariance (D, D) of (N, D) features, summed in float64 chunk by chunk (a
+    float64 copy of 50k x 2048 features would be 800 MB)."""
     n, d = features.shape
     if n < 2:
         raise SystemExit(f"statistics need at least 2 images, got {n}")
     total, outer = np.zeros(d), np.zeros((d, d))
     for i in range(0, n, chunk):
-        x = np.asarray(features[i:i + chunk], dtype=np.float64)
+        x = np.asarray(features[i : i + chunk], dtype=np.float64)
         total += x.sum(0)
         outer += x.T @ x
     mu = total / n
@@ -366,8 +418,8 @@ def statistics(features, chunk=4096):
 
 
 def psd_eigenvalues(w):
-    """Eigenvalues of a symmetric PSD matrix with those below its rounding noise (d * eps * largest) set to 0: the
-    square root would turn a 1e-16 rounding residue into 1e-8, summed over every empty direction."""
+    """Eigenvalues of a symmetric PSD matrix with those below its rounding noise (d * eps * largest) set to 0:
+    the square root would turn a 1e-16 rounding residue into 1e-8, summed over every empty direction."""
     return np.where(w > len(w) * np.finfo(np.float64).eps * max(w.max(), 0), w, 0.0)
 
 
@@ -380,10 +432,11 @@ def sqrtm_psd(a):
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), in float64.
 
-    S1 S2 is similar to A S2 A with A = S1^1/2, which is symmetric PSD, so tr((S1 S2)^1/2) = sum sqrt(eig(A S2 A))
-    with real, non-negative eigenvalues. The usual scipy.linalg.sqrtm of the non-symmetric product (TTUR, ADM,
-    pytorch-fid) returns NaN or complex values when the product is singular (fewer images than 2048) and then needs
-    an eps * I offset and a discarded imaginary part; this form needs neither and agrees with sqrtm where sqrtm works.
+    S1 S2 is similar to A S2 A with A = S1^1/2, which is symmetric PSD, so tr((S1 S2)^1/2) = sum sqrt(eig(A S2
+    A)) with real, non-negative eigenvalues. The usual scipy.linalg.sqrtm of the non-symmetric product (TTUR,
+    ADM, pytorch-fid) returns NaN or complex values when the product is singular (fewer images than 2048) and
+    then needs an eps * I offset and a discarded imaginary part; this form needs neither and agrees with sqrtm
+    where sqrtm works.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -400,19 +453,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 #                    Inception Score, precision and recall                      #
 #################################################################################
 
+
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))) on `splits` consecutive equal splits; (mean, std) over the splits.
 
-    As the ADM suite and torch-fidelity: the softmax runs over all 1008 outputs of the unbiased logits, and 50k
-    samples make ten splits of 5000 (ADM's split size). No shuffling first, as ADM (torch-fidelity shuffles).
+    As the ADM suite and torch-fidelity: the softmax runs over all 1008 outputs of the unbiased logits, and
+    50k samples make ten splits of 5000 (ADM's split size). No shuffling first, as ADM (torch-fidelity
+    shuffles).
     """
     logits = torch.as_tensor(logits, dtype=torch.float64)
     if len(logits) < splits:
-        raise SystemExit(f"Inception Score with {splits} splits needs at least {splits} images, got {len(logits)}")
+        raise SystemExit(f"Inception Score with {splits} splits needs at least {splits} images, got "
+                         f"{len(logits)}")
     log_p = torch.log_softmax(logits, dim=1)
     scores = []
     for i in range(splits):
-        part = log_p[i * len(log_p) // splits:(i + 1) * len(log_p) // splits]
+        part = log_p[i * len(log_p) // splits : (i + 1) * len(log_p) // splits]
         log_py = torch.logsumexp(part, 0) - np.log(len(part))  # log of the split's marginal p(y)
         scores.append(torch.exp((part.exp() * (part - log_py)).sum(1).mean()).item())
     return float(np.mean(scores)), float(np.std(scores))
@@ -425,7 +481,7 @@ def squared_distances(a, b):
 
 def knn_radii(feats, k, chunk):
     """Squared distance of each point to its k-th nearest neighbour, itself excluded."""
-    return torch.cat([squared_distances(feats[i:i + chunk], feats).kthvalue(k + 1, dim=1).values
+    return torch.cat([squared_distances(feats[i : i + chunk], feats).kthvalue(k + 1, dim=1).values
                       for i in range(0, len(feats), chunk)])
 
 
@@ -433,10 +489,11 @@ def knn_radii(feats, k, chunk):
 def precision_recall(ref, sample, k=3, chunk=1024, device="cpu"):
     """Improved precision and recall (Kynkaanniemi et al. 2019), k = 3 as in the ADM suite.
 
-    The manifold of a set is the union of balls around its points reaching each point's k-th neighbour. Precision =
-    fraction of samples inside the reference manifold; recall = fraction of references inside the sample manifold.
-    Distances go `chunk` rows at a time, so 50k x 50k never sits in memory (ADM computes them in float16 with a float32
-    fallback; we use float32, which can flip a point lying exactly on a ball's surface).
+    The manifold of a set is the union of balls around its points reaching each point's k-th neighbour.
+    Precision = fraction of samples inside the reference manifold; recall = fraction of references inside the
+    sample manifold. Distances go `chunk` rows at a time, so 50k x 50k never sits in memory (ADM computes them
+    in float16 with a float32 fallback; we use float32, which can flip a point lying exactly on a ball's
+    surface).
     """
     ref = torch.as_tensor(ref, dtype=torch.float32, device=device)
     sample = torch.as_tensor(sample, dtype=torch.float32, device=device)
@@ -446,9 +503,9 @@ def precision_recall(ref, sample, k=3, chunk=1024, device="cpu"):
     in_ref = torch.zeros(len(sample), dtype=torch.bool, device=device)
     in_sample = torch.zeros(len(ref), dtype=torch.bool, device=device)
     for i in range(0, len(sample), chunk):
-        d = squared_distances(sample[i:i + chunk], ref)  # (chunk, N_ref)
-        in_ref[i:i + chunk] = (d <= r_ref[None]).any(1)
-        in_sample |= (d <= r_sample[i:i + chunk, None]).any(0)
+        d = squared_distances(sample[i : i + chunk], ref)  # (chunk, N_ref)
+        in_ref[i : i + chunk] = (d <= r_ref[None]).any(1)
+        in_sample |= (d <= r_sample[i : i + chunk, None]).any(0)
     return in_ref.double().mean().item(), in_sample.double().mean().item()
 
 
@@ -456,26 +513,30 @@ def precision_recall(ref, sample, k=3, chunk=1024, device="cpu"):
 #                         CLIP score (text-to-image)                            #
 #################################################################################
 
+
 @torch.no_grad()
 def clip_score(images, prompts, model_path, batch=50, device="cpu"):
-    """100 x mean over images of max(cos(CLIP image embedding, CLIP text embedding), 0) (Hessel et al. 2021 with
-    w = 100, the torchmetrics convention). Needs `transformers` and a CLIP checkpoint (a local path or a hub name)."""
+    """100 x mean over images of max(cos(CLIP image embedding, CLIP text embedding), 0) (Hessel et al. 2021
+    with w = 100, the torchmetrics convention). Needs `transformers` and a CLIP checkpoint (a local path or a
+    hub name)."""
     try:
         from transformers import CLIPModel, CLIPProcessor
     except ImportError as e:
         raise SystemExit("--clip needs the optional package transformers: pip install transformers") from e
     if len(prompts) != len(images):
-        raise SystemExit(f"--prompts has {len(prompts)} lines for {len(images)} images; give one prompt per image")
+        raise SystemExit(f"--prompts has {len(prompts)} lines for {len(images)} images; give one prompt per "
+                         "image")
     model = CLIPModel.from_pretrained(model_path).to(device).eval()
     processor = CLIPProcessor.from_pretrained(model_path)
     scores = []
     for i in range(0, len(images), batch):
         imgs = [images[j].permute(1, 2, 0).numpy() for j in range(i, min(i + batch, len(images)))]
-        inputs = processor(text=prompts[i:i + batch], images=imgs, return_tensors="pt", padding=True,
+        inputs = processor(text=prompts[i : i + batch], images=imgs, return_tensors="pt", padding=True,
                            truncation=True).to(device)
         img = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
         txt = F.normalize(model.get_text_features(input_ids=inputs["input_ids"],
-                                                  attention_mask=inputs["attention_mask"]), dim=-1)
+                                                  attention_mask=inputs["attention_mask"]),
+                          dim=-1)
         scores.append((img * txt).sum(-1).clamp(min=0))
     return 100 * torch.cat(scores).mean().item()
 
@@ -484,22 +545,28 @@ def clip_score(images, prompts, model_path, batch=50, device="cpu"):
 #                                   CLI                                         #
 #################################################################################
 
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ref", help="reference: image folder, .npz of images (arr_0) or of statistics (mu, sigma)")
-    p.add_argument("sample", nargs="?", help="samples, the same kinds (omit with --save-stats to only cache REF)")
-    p.add_argument("--inception", default=None, help="FID weights file (default: download into torch hub's cache)")
+    p.add_argument("sample", nargs="?",
+                   help="samples, the same kinds (omit with --save-stats to only cache REF)")
+    p.add_argument("--inception", default=None,
+                   help="FID weights file (default: download into torch hub's cache)")
     p.add_argument("--batch", type=int, default=50, help="images per forward pass and rank")
     p.add_argument("--workers", type=int, default=4, help="image-decoding workers per rank")
-    p.add_argument("--save-stats", default=None, metavar="OUT.npz", help="write REF's mu / sigma to this file")
-    p.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception Score of SAMPLE")
+    p.add_argument("--save-stats", default=None, metavar="OUT.npz",
+                   help="write REF's mu / sigma to this file")
+    p.add_argument("--is", dest="inception_score", action="store_true",
+                   help="also the Inception Score of SAMPLE")
     p.add_argument("--splits", type=int, default=10, help="Inception Score splits")
     p.add_argument("--pr", action="store_true", help="also improved precision / recall (needs REF images)")
     p.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall")
     p.add_argument("--clip", default=None, metavar="MODEL", help="also CLIP score with this CLIP checkpoint")
     p.add_argument("--prompts", default=None, help="text file, one prompt per SAMPLE image (for --clip)")
-    p.add_argument("--out", default=None, help="result JSON (default: SAMPLE.metrics.json when SAMPLE has a "
-                                              "sidecar JSON of its settings)")
+    p.add_argument("--out", default=None,
+                   help="result JSON (default: SAMPLE.metrics.json when SAMPLE has a sidecar JSON of its "
+                   "settings)")
     a = p.parse_args(argv)
     if a.save_stats and not a.save_stats.endswith(".npz"):
         p.error(f"--save-stats {a.save_stats}: writes an .npz; end the path in .npz")
@@ -512,7 +579,8 @@ def main(argv=None):
     # read both inputs before any network work, so that a bad path fails at once
     ref_stats, ref_images = open_input(a.ref)
     sample_stats, sample_images = open_input(a.sample) if a.sample else (None, None)
-    need = {"ref": ref_stats is None or a.pr,  # FID prefers stored statistics; features only when they are missing
+    # FID prefers stored statistics; features only when they are missing
+    need = {"ref": ref_stats is None or a.pr,
             "sample": a.sample is not None and (sample_stats is None or a.inception_score or a.pr)}
     if a.pr and ref_images is None:
         raise SystemExit(f"--pr compares features: REF {a.ref!r} holds statistics only; give its images")
@@ -553,23 +621,25 @@ def main(argv=None):
                        num_samples=len(sample_images) if sample_images is not None else None,
                        inception_weights=os.path.abspath(path) if any(need.values()) else None)
             if a.inception_score:
-                res["inception_score"], res["inception_score_std"] = inception_score(feats["sample"][1], a.splits)
+                score = inception_score(feats["sample"][1], a.splits)
+                res["inception_score"], res["inception_score_std"] = score
             if a.pr:
-                res["precision"], res["recall"] = precision_recall(feats["ref"][0], feats["sample"][0], a.k,
-                                                                   device=device)
+                pr = precision_recall(feats["ref"][0], feats["sample"][0], a.k, device=device)
+                res["precision"], res["recall"] = pr
             if a.clip:
                 with open(a.prompts) as f:
                     prompts = [line.rstrip("\n") for line in f]
                 res["clip_score"] = clip_score(sample_images, prompts, a.clip, a.batch, device)
-            sidecar = a.sample[:-len(".npz")] + ".json"
+            sidecar = a.sample[: -len(".npz")] + ".json"
             if a.sample.endswith(".npz") and os.path.isfile(sidecar):
                 with open(sidecar) as f:
                     res["settings"] = json.load(f)
-            print("  ".join(f"{k} {res[k]:.4f}" for k in ("fid", "inception_score", "precision", "recall",
-                                                            "clip_score") if k in res))
+            print("  ".join(f"{k} {res[k]:.4f}"
+                            for k in ("fid", "inception_score", "precision", "recall", "clip_score")
+                            if k in res))
             if "settings" in res:
                 print("settings: " + json.dumps(res["settings"]))
-            out = a.out or (a.sample[:-len(".npz")] + ".metrics.json" if "settings" in res else None)
+            out = a.out or (a.sample[: -len(".npz")] + ".metrics.json" if "settings" in res else None)
             if out:
                 with open(out, "w") as f:
                     json.dump(res, f, indent=1)

@@ -1,36 +1,55 @@
 """
-Sample from a checkpoint's EMA weights.
+Sample from a checkpoint's EMA weights, in one of four modes:
 
-    python sample.py --ckpt runs/000-shapes-XS-4-ours --classes 0,6,7 --flip 0,1 --cfg-scale 1,3
-    python sample.py --ckpt runs/000-shapes-XS-4-ours --eval-per-class 50      # the checker's accuracies (shapes)
-    python sample.py --ckpt runs/000-shapes-XS-4-ours --export model.safetensors  # EMA weights + config, to share
-    torchrun --nproc_per_node=8 sample.py --ckpt runs/001-imagenet-XL-2-ours --num-samples 50000 --cfg-scale 1.5
-                                                                        # an .npz (+ .json of settings) for fid.py
+    python sample.py --ckpt runs/000-shapes-XS-4-ours --classes 0,6,7 --flip 0,1 --cfg-scale 1,3  # a grid
+    python sample.py --ckpt runs/000-shapes-XS-4-ours --eval-per-class 50     # the checker's accuracies
+    python sample.py --ckpt runs/000-shapes-XS-4-ours --export model.safetensors  # EMA weights + config
+    torchrun --nproc_per_node=8 sample.py --ckpt runs/001-latents-XL-2-ours --num-samples 50000 \
+        --cfg-scale 1.5                                # an .npz (+ .json of its settings) for fid.py
 
-A grid has one row per class and one column per (guidance scale, control variant, seed); the same noise is reused
-across rows and control variants, so a column-to-column change is caused by the condition alone. The sampler is
-diffusion.generate, the checker's evaluation shapes.evaluate_shapes, the files themselves are read by checkpoint.py.
+A grid has one row per class (or prompt) and one column per (guidance scale, control variant, seed); the same
+noise is reused across rows and control variants, so a column-to-column change is caused by the condition
+alone. The sampler is diffusion.generate, the checker's evaluation shapes.evaluate_shapes, the files
+themselves are read by checkpoint.py.
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import math
 import os
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from checkpoint import (CONFIG_VERSION, atomic_write, checkpoint_weights, dit_resolution, export_safetensors,
-                        find_checkpoint, load_weights)
+from checkpoint import (
+    CONFIG_VERSION,
+    atomic_write,
+    checkpoint_weights,
+    dit_config,
+    export_safetensors,
+    find_checkpoint,
+    load_weights,
+    with_dit_weights,
+)
 from conditioning import CONTROL_SIGNALS, SIGNAL
-from config import get_args, latent_shape, make_diffusion, make_model, use_bf16
-from data import default_control, setup_distributed
+from config import (
+    Facts,
+    get_args,
+    latent_shape,
+    make_autoencoder,
+    make_diffusion,
+    make_model,
+    sampling_control,
+    use_bf16,
+)
+from data import setup_distributed
 from diffusion import SAMPLERS, generate, make_noise, spaced_steps
-from latents import Autoencoder, latent_geometry, to_uint8
-from model import SIZES, from_dit, is_dit_state_dict
-from shapes import evaluate_shapes, semantic_input
-
+from latents import latent_geometry, to_uint8
+from shapes import class_prompts, evaluate_shapes
+from text import semantic_input
 
 #################################################################################
 #                                 Sample grids                                  #
@@ -42,37 +61,44 @@ def take(y, idx):
     return tuple(v[idx] for v in y) if isinstance(y, tuple) else y[idx]
 
 
-def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None, cfg_scales=None,
-               cfg_scale=1.0, steps=50, method=None, progress=False, prompts=None, ctrl_scale=0.0, interval=(0.0, 1.0)):
-    """Save a PNG grid: rows = classes (or prompts, for a text model), columns = guidance scale x control variant x
-    seed; ctrl_scale and interval go to the sampler (generate)."""
+def default_prompts(args, facts, classes):
+    """A text model's grid rows when no prompt is given: the shapes captions of the classes for a shapes
+    model; any other model was trained on captions only its user knows, so it needs --prompt or --prompts."""
+    if facts.source_dataset == "shapes":
+        return class_prompts(classes)
+    raise SystemExit(f"a text model trained on {facts.source_dataset} samples from prompts: give --prompt "
+                     f"TEXT (repeatable) or --prompts FILE (one prompt per line)")
+
+
+def class_grid(model, vae, args, facts, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None,
+               cfg_scales=None, cfg_scale=1.0, steps=50, method=None, progress=False, prompts=None,
+               ctrl_scale=0.0, interval=(0.0, 1.0)):
+    """Save a PNG grid: rows = classes (or prompts, for a text model), columns = guidance scale x control
+    variant x seed; ctrl_scale and interval go to the sampler (generate)."""
     from torchvision.utils import save_image
     was_training = model.training
     model.eval()
-    classes = list(range(min(args.num_classes, 10))) if classes is None else classes
+    classes = list(range(min(facts.num_classes, 10))) if classes is None else classes
+    if args.cond_type == "text" and not prompts:
+        prompts = default_prompts(args, facts, classes)
     rows = prompts if prompts else classes
-    base = default_control(args.source_dataset, args.res)
     if controls is None:  # show the flip: it is the control whose effect is easiest to see
-        controls = [base.clone(), base.clone()]
+        controls = [sampling_control(facts), sampling_control(facts)]
         controls[1][SIGNAL["flip"]] = 1.0
     cfg_scales = cfg_scales or [cfg_scale]
     cols = list(itertools.product(cfg_scales, range(len(controls)), seeds))
-    noise = make_noise([s for _, _, s in cols], latent_shape(args), device).repeat(len(rows), 1, 1, 1)
-    seeds = [s for _, _, s in cols] * len(rows)  # each cell's noise seed: it seeds a prompt's padding noise too
-    if prompts:
-        y = semantic_input(args, [0] * len(rows) * len(cols), device, [p for p in prompts for _ in cols])
-    else:
-        y = semantic_input(args, [c for c in classes for _ in cols], device)
+    noise = make_noise([s for _, _, s in cols], latent_shape(facts), device).repeat(len(rows), 1, 1, 1)
+    # each cell's noise seed: it seeds a prompt's padding noise too
+    seeds = [s for _, _, s in cols] * len(rows)
+    labels = [0] * len(rows) * len(cols) if prompts else [c for c in classes for _ in cols]
+    y = semantic_input(args, facts, labels, device, [p for p in prompts for _ in cols] if prompts else None)
     ctrl = torch.stack([controls[k] for _ in rows for _, k, _ in cols]).to(device)
-    imgs = []
+    lat = torch.empty_like(noise)
     for g in cfg_scales:  # guidance scale is a scalar per call: group the columns by it
         sel = torch.tensor([i for i, (gi, _, _) in enumerate(cols * len(rows)) if gi == g], device=device)
-        imgs.append((sel, generate(model, make_diffusion(args), noise[sel], take(y, sel), ctrl[sel], g, ctrl_scale,
-                                   steps=steps, method=method, interval=interval, progress=progress,
-                                   seeds=[seeds[i] for i in sel.tolist()])))
-    lat = torch.empty_like(noise)
-    for sel, x in imgs:
-        lat[sel] = x
+        lat[sel] = generate(model, make_diffusion(args, facts), noise[sel], take(y, sel), ctrl[sel], g,
+                            ctrl_scale, steps=steps, method=method, interval=interval, progress=progress,
+                            seeds=[seeds[i] for i in sel.tolist()])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_image(vae.decode(lat), path, nrow=len(cols), padding=1, pad_value=1.0)
     model.train(was_training)
@@ -82,8 +108,9 @@ def class_grid(model, vae, args, path, device, classes=None, seeds=(0, 1, 2, 3),
 #################################################################################
 #                        Large-scale sampling for FID                           #
 #################################################################################
-# One .npz in the ADM evaluation suite's format (uint8 N x H x W x 3 under arr_0, class labels under `labels`) and a
-# JSON of every setting that made it, so that `fid.py REF samples.npz` can print them next to the number.
+# One .npz in the ADM evaluation suite's format (uint8 N x H x W x 3 under arr_0, class labels under `labels`)
+# and a JSON of every setting that made it, so that `fid.py REF samples.npz` can print them next to the
+# number.
 
 def fid_labels(n, num_classes, mode, seed):
     """Labels of samples 0..n-1: `equal` gives class k the consecutive block of about n / num_classes samples
@@ -96,34 +123,39 @@ def fid_labels(n, num_classes, mode, seed):
 
 
 @torch.no_grad()
-def sample_npz(model, vae, args, path, num_samples, control, labels="equal", seed=0, batch=64, cfg_scale=1.0,
+def sample_npz(model, vae, args, facts, path, num_samples, control, labels="equal", seed=0, batch=64,
+               cfg_scale=1.0,
                ctrl_scale=0.0, interval=(0.0, 1.0), steps=50, method=None, bf16=False, rank=0, world=1,
                record=None):
-    """Write `num_samples` images to `path` (.npz) and their settings, with `record` added, to the same path .json.
+    """Write `num_samples` images to `path` (.npz) and their settings, with `record` added, to the same path
+    .json.
 
-    Sample i starts from the noise of seed `seed + i`, and global batch b (samples b * batch ...) is drawn by rank
-    b % world: every image comes out of the same computation whatever the number of ranks (the ancestral sampler's
-    fresh noise is seeded per batch, so it too; a text model's padding noise is seeded per sample, from seed + i).
-    Each rank saves its batches to a part file next to `path` (so `path` must be on a file system every rank sees);
-    rank 0 assembles them in order, holding N x H x W x 3 bytes (10 GB for 50k at 256 px), writes `path` and its
-    .json atomically (a full disk or a kill leaves the parts, never a partial file under the name), then removes the
-    parts.
+    Sample i starts from the noise of seed `seed + i`, and global batch b (samples b * batch ...) is drawn by
+    rank b % world: every image comes out of the same computation whatever the number of ranks (the ancestral
+    sampler's fresh noise is seeded per batch, so it too; a text model's padding noise is seeded per sample,
+    from seed + i). Each rank saves its batches to a part file next to `path` (so `path` must be on a file
+    system every rank sees); rank 0 assembles them in order, holding N x H x W x 3 bytes (10 GB for 50k at 256
+    px), writes `path` and its .json atomically (a full disk or a kill leaves the parts, never a partial file
+    under the name), then removes the parts.
     """
     from tqdm import tqdm
     device = next(model.parameters()).device
-    diffusion = make_diffusion(args)
+    diffusion = make_diffusion(args, facts)
     method = method or SAMPLERS[args.objective][0]
-    y_all = fid_labels(num_samples, args.num_classes, labels, seed)
+    y_all = fid_labels(num_samples, facts.num_classes, labels, seed)
     mine = range(rank * batch, num_samples, world * batch)
-    images, index = [np.zeros((0, args.res, args.res, 3), np.uint8)], [np.zeros(0, np.int64)]  # a rank may get none
+    # a rank may get none
+    images, index = [np.zeros((0, facts.res, facts.res, 3), np.uint8)], [np.zeros(0, np.int64)]
     for start in tqdm(mine, desc="sampling", disable=rank != 0, dynamic_ncols=True):
         idx = np.arange(start, min(start + batch, num_samples))
-        noise = make_noise(seed + idx, latent_shape(args), device)
+        noise = make_noise(seed + idx, latent_shape(facts), device)
         ctrl = control.to(device).expand(len(idx), -1)
+        prompts = class_prompts(y_all[idx]) if args.cond_type == "text" else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = generate(model, diffusion, noise, semantic_input(args, y_all[idx], device), ctrl, cfg_scale,
-                         ctrl_scale, steps=steps, method=method, interval=interval, batch=batch, seed=seed + start,
-                         seeds=seed + idx)
+            x = generate(model, diffusion, noise, semantic_input(args, facts, y_all[idx], device, prompts),
+                         ctrl,
+                         cfg_scale, ctrl_scale, steps=steps, method=method, interval=interval, batch=batch,
+                         seed=seed + start, seeds=seed + idx)
         images.append(to_uint8(vae.decode(x)).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
         index.append(idx)
     part = lambda r: f"{path[:-len('.npz')]}.rank{r}.npz"
@@ -132,19 +164,19 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        arr = np.zeros((num_samples, args.res, args.res, 3), np.uint8)
+        arr = np.zeros((num_samples, facts.res, facts.res, 3), np.uint8)
         for r in range(world):
             with np.load(part(r)) as z:
                 arr[z["index"]] = z["arr_0"]
         settings = dict(record or {}, num_samples=num_samples, labels=labels, seed=seed, batch=batch,
                         sampler=method, steps=steps, cfg_scale=cfg_scale, ctrl_scale=ctrl_scale,
                         interval=list(interval), control=dict(zip(CONTROL_SIGNALS, control.tolist())),
-                        precision="bf16" if bf16 else "fp32", vae=args.vae, model=args.model, cond=args.cond,
-                        res=args.res, dataset=args.dataset, num_classes=args.num_classes, shift_alpha=diffusion.alpha,
-                        arch=args.arch, objective=args.objective,
+                        precision="bf16" if bf16 else "fp32", vae=facts.vae, model=args.model, cond=args.cond,
+                        res=facts.res, dataset=args.dataset, num_classes=facts.num_classes,
+                        shift_alpha=diffusion.alpha, arch=args.arch, objective=args.objective,
                         world_size=world)
-        # the samples whole under a temporary name first (a failure leaves an earlier pair as it was), then the pair
-        # is swapped: an earlier .json never stays beside these samples
+        # the samples whole under a temporary name first (a failure leaves an earlier pair as it was), then
+        # the pair is swapped: an earlier .json never stays beside these samples
         settings_path = path[:-len(".npz")] + ".json"
         atomic_write(path + ".new", lambda f: np.savez(f, arr_0=arr, labels=y_all))
         if os.path.exists(settings_path):
@@ -160,35 +192,48 @@ def sample_npz(model, vae, args, path, num_samples, control, labels="equal", see
 #                         A model from a file                                   #
 #################################################################################
 
+
+class Loaded(NamedTuple):
+    """A model read from a file: its EMA weights in eval mode, the run's flags and facts, where it came
+    from."""
+
+    model: torch.nn.Module
+    args: SimpleNamespace
+    facts: Facts
+    file: str
+    step: int
+
+
+def load_dit(file, state, dit, device):
+    """An official DiT file (`dit`: its checkpoint.dit_config) as DiT's own recipe: eps + learned variance,
+    adaLN, no QK-norm, SD VAE latents at the VAE's own scale (0.18215), and its sampler (250 DDPM steps at
+    guidance 1.5)."""
+    name, res, num_classes = dit
+    args = get_args(["--dataset", "imagenet", "--recipe", "dit", "--model", name, "--qk-norm", "off", "--res",
+                     str(res)])
+    facts = Facts(res=res, vae=args.vae, base_res=res, source_dataset="imagenet", num_classes=num_classes)
+    model = make_model(args, facts)
+    model.load_state_dict(with_dit_weights(model, state))
+    return Loaded(model.to(device).eval(), args, facts, os.path.abspath(file), None)
+
+
 def load_model(path, device, flag="--ckpt"):
-    """(EMA model in eval mode, the run's config) from a checkpoint file or run folder of ours, an export of ours
-    (.safetensors), or an official DiT file (the released state dicts, or a training checkpoint: its EMA)."""
+    """Loaded from a checkpoint file or run folder of ours, an export of ours (.safetensors), or an official
+    DiT file (the released state dicts, or a training checkpoint: its EMA)."""
     file, ckpt = find_checkpoint(path, flag=flag)
     state = checkpoint_weights(ckpt)
-    if is_dit_state_dict(state):  # DiT's own recipe: eps + learned variance, adaLN, no QK-norm, SD VAE latents
-        width, patch = state["x_embedder.proj.weight"].shape[0], state["x_embedder.proj.weight"].shape[-1]
-        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        size = next((s for s, (d, w, _) in SIZES.items() if (d, w) == (depth, width)), None)
-        if size is None:
-            raise SystemExit(f"{file}: a DiT of depth {depth} and width {width} matches none of our sizes")
-        res = dit_resolution(state)
-        args = get_args(["--dataset", "imagenet", "--recipe", "dit", "--model", f"{size}/{patch}", "--qk-norm", "off",
-                         "--res", str(res), "--base-res", str(res)])  # + DiT's sampler: 250 DDPM steps at 1.5
-        args.num_classes, args.ckpt_file, args.ckpt_step = state["y_embedder.embedding_table.weight"].shape[0] - 1, \
-            os.path.abspath(file), None
-        args.latent_scale = args.latent_shift = None  # the VAE's own (0.18215, as DiT trained)
-        model = make_model(args)
-        model.load_state_dict({**model.state_dict(), **from_dit(state, model.width)[0]})  # + our control MLPs' inputs
-        return model.to(device).eval(), args
+    dit = dit_config(state) if state is not None else None
+    if dit is not None:
+        return load_dit(file, state, dit, device)
     if not isinstance(ckpt, dict) or "args" not in ckpt or "ema" not in ckpt:
         raise SystemExit(f"{flag} {file}: not a checkpoint of this project nor a DiT state dict")
     if ckpt.get("config_version") != CONFIG_VERSION:
         raise SystemExit(f"{file}: written by another version of this code (config schema "
                          f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION})")
-    args = SimpleNamespace(**ckpt["args"], ckpt_file=os.path.abspath(file), ckpt_step=ckpt.get("step"))
-    model = make_model(args)
+    args, facts = SimpleNamespace(**ckpt["args"]), Facts(**ckpt["facts"])
+    model = make_model(args, facts)
     load_weights(model, ckpt["ema"], file)
-    return model.to(device).eval(), args
+    return Loaded(model.to(device).eval(), args, facts, os.path.abspath(file), ckpt.get("step"))
 
 
 #################################################################################
@@ -211,71 +256,91 @@ def floats(s, flag):
     return [finite(flag, v) for v in s.split(",")] if s else None
 
 
-def npz_name(a, cfg_scale, control, base, default_sampler):
-    """--num-samples' default file name: every sampling flag that changes the samples and is not at its default, so
-    two runs of one checkpoint that differ in any of them never write over each other (the .json beside the file
-    holds them all, and which checkpoint step made it)."""
-    name = f"samples-{a.num_samples}-cfg{cfg_scale:g}-{a.sampler or default_sampler}{a.steps}"
+def ints(s, flag, low=0):
+    """A flag's comma-separated whole numbers (each >= low unless low is None), or None if it is unset."""
+    if not s:
+        return None
+    try:
+        values = [int(v) for v in s.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag}: {s!r} is not a comma-separated list of whole numbers") from None
+    if low is not None and min(values) < low:
+        raise SystemExit(f"{flag}: every value must be >= {low}, got {s!r}")
+    return values
+
+
+def npz_name(a, s, control, base):
+    """--num-samples' default file name: every sampling flag that changes the samples and is not at its
+    default, so two runs of one checkpoint that differ in any of them never write over each other (the .json
+    beside the file holds them all, and which checkpoint step made it). `s`: the resolved settings
+    (Settings)."""
+    name = f"samples-{a.num_samples}-cfg{s.scales[0]:g}-{s.sampler}{s.steps}"
     for signal in CONTROL_SIGNALS:
         if control[SIGNAL[signal]] != base[SIGNAL[signal]]:
             name += f"-{signal.replace('_', '')}{control[SIGNAL[signal]].item():g}"
-    lo, hi = floats(a.interval, "--interval")
+    lo, hi = s.interval
     extras = dict(ctrl=f"{a.ctrl_scale:g}" if a.ctrl_scale else None,
                   interval=f"{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else None,
                   labels=a.labels if a.labels != "equal" else None, seed=a.seed or None,
-                  batch=a.batch if a.batch != 64 else None,  # it seeds the ancestral sampler's noise per batch
+                  # it seeds the ancestral sampler's noise per batch
+                  batch=a.batch if a.batch != 64 else None,
                   precision=a.precision if a.precision != "auto" else None, vae=a.vae)
     return name + "".join(f"-{k}{v}" for k, v in extras.items() if v is not None) + ".npz"
 
 
-def main(argv=None):
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint file (.pt, or a .safetensors export) or run folder")
-    p.add_argument("--export", default=None, help="write the EMA weights to this .safetensors file, the run's "
-                                                 "configuration as JSON in its metadata, and exit: --ckpt and "
-                                                 "train.py --init-from read it")
-    p.add_argument("--out", default=None, help="PNG path (default: <run folder>/grid.png), or the .npz path of "
-                                              "--num-samples (default: <run folder>/samples-N-cfgS-SAMPLERSTEPS"
-                                              ".npz, plus every setting not at its default: -flip1-ctrl2-seed5)")
-    p.add_argument("--classes", default=None, help="comma-separated class indices (default: the first 10)")
-    p.add_argument("--prompt", action="append", default=None, help="text model: a prompt (one grid row); repeat the "
-                                                                     "flag for more rows")
-    p.add_argument("--prompts", default=None, help="text model: a file of prompts, one per line")
-    p.add_argument("--seeds", type=int, default=4, help="noise seeds per cell")
-    p.add_argument("--cfg-scale", default=None, help="semantic guidance scale(s), comma-separated (default: the "
-                   "run's train.py --cfg-scale, which its recipe sets)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps)")
-    p.add_argument("--sampler", default=None, choices=[s for v in SAMPLERS.values() for s in v],
-                   help="flow: euler (default) | heun; ddpm: ddim (default) | ddpm (ancestral)")
-    p.add_argument("--vae", default=None, help="decode with this autoencoder instead of the checkpoint's (e.g. "
-                                              "sd-mse for a DiT file)")
-    p.add_argument("--flip", default=None, help="flip values to sweep, e.g. 0,1")
-    p.add_argument("--orig-size", default=None, help="original-size values (pixels) to sweep, e.g. 16,64")
-    p.add_argument("--crop-offset", default=None, help="crop offsets (pixels, top = left) to sweep, e.g. 0,8")
-    p.add_argument("--eval-per-class", type=int, default=0, help="shapes: run the checker on N samples per class")
-    p.add_argument("--num-samples", type=int, default=0, help="write N samples as one .npz for fid.py (ranks share "
-                                                                "the work under torchrun); --out is then the .npz path")
-    p.add_argument("--labels", default="equal", choices=("equal", "random"),
-                   help="--num-samples: N / classes per class in order, or uniform from --seed")
-    p.add_argument("--seed", type=int, default=0, help="--num-samples: sample i starts from noise seed SEED + i")
-    p.add_argument("--batch", type=int, default=64, help="--num-samples: images per forward pass")
-    p.add_argument("--ctrl-scale", type=float, default=0.0, help="control guidance scale (0 = none)")
-    p.add_argument("--interval", default="0,1", help="guide only while t is in LO,HI")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="--num-samples: auto = bf16 autocast on GPU, fp32 on CPU")
-    a = p.parse_args(argv)
-    # the numbers first: a bad one fails here, not after the model is loaded or deep inside the sampler
-    scales = floats(a.cfg_scale, "--cfg-scale") if a.cfg_scale is not None else None
-    flips, sizes = floats(a.flip, "--flip"), floats(a.orig_size, "--orig-size")
-    offsets = floats(a.crop_offset, "--crop-offset")
+    a = p.add_argument
+    a("--ckpt", required=True, help="checkpoint file (.pt, or a .safetensors export) or run folder")
+    a("--export", default=None, help="write the EMA weights to this .safetensors file, the run's "
+      "configuration as JSON in its metadata, and exit: --ckpt and train.py --init-from read it")
+    a("--out", default=None, help="PNG path (default: <run folder>/grid.png), or the .npz path of "
+      "--num-samples (default: <run folder>/samples-N-cfgS-SAMPLERSTEPS.npz, plus every setting not at its "
+      "default: -flip1-ctrl2)")
+    a("--classes", default=None, help="comma-separated class indices (default: the first 10)")
+    a("--prompt", action="append", default=None, help="text model: a prompt (one grid row); repeat for more "
+      "rows")
+    a("--prompts", default=None, help="text model: a file of prompts, one per line")
+    a("--seeds", default="0,1,2,3", help="comma-separated noise seeds, one grid column each")
+    a("--cfg-scale", default=None, help="semantic guidance scale(s), comma-separated (default: the run's "
+      "train.py --cfg-scale, which its recipe sets)")
+    a("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps)")
+    a("--sampler", default=None, choices=[s for v in SAMPLERS.values() for s in v],
+      help="flow: euler (default) | heun; ddpm: ddim (default) | ddpm (ancestral); default: the run's "
+      "--sampler")
+    a("--vae", default=None, help="decode with this autoencoder instead of the checkpoint's (e.g. sd-mse for "
+      "DiT)")
+    a("--flip", default=None, help="flip values to sweep, e.g. 0,1")
+    a("--orig-size", default=None, help="original-size values (pixels) to sweep, e.g. 16,64")
+    a("--crop-offset", default=None, help="crop offsets (pixels, top = left) to sweep, e.g. 0,8")
+    a("--eval-per-class", type=int, default=0, help="shapes: run the checker on N samples per class")
+    a("--num-samples", type=int, default=0, help="write N samples as one .npz for fid.py (ranks share the "
+      "work under torchrun); --out is then the .npz path")
+    a("--labels", default="equal", choices=("equal", "random"), help="--num-samples: N / classes per class "
+      "in order, or uniform from --seed")
+    a("--seed", type=int, default=0, help="--num-samples: sample i starts from noise seed SEED + i")
+    a("--batch", type=int, default=64, help="--num-samples: images per forward pass")
+    a("--ctrl-scale", type=float, default=0.0, help="control guidance scale (0 = none)")
+    a("--interval", default="0,1", help="guide only while t is in LO,HI")
+    a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="--num-samples: auto = bf16 "
+      "autocast on GPU, fp32 on CPU")
+    return p.parse_args(argv)
+
+
+def check_numbers(a):
+    """The numbers first: a bad one fails here, not after the model is loaded or deep inside the sampler."""
     finite("--ctrl-scale", a.ctrl_scale)
     interval = floats(a.interval, "--interval")
     if interval is None or len(interval) != 2:
         raise SystemExit(f"--interval: give two numbers LO,HI (guidance applies while LO <= t <= HI), got "
                          f"{a.interval!r}")
     if not 0 <= interval[0] <= interval[1] <= 1:
-        raise SystemExit(f"--interval {a.interval}: need 0 <= LO <= HI <= 1 (t runs from 1, noise, to 0, data)")
-    for flag in ("steps", "seeds", "batch"):
+        raise SystemExit(f"--interval {a.interval}: need 0 <= LO <= HI <= 1 (t runs from 1, noise, to 0, "
+                         "data)")
+    scales = floats(a.cfg_scale, "--cfg-scale")
+    if scales and min(scales) < 0:
+        raise SystemExit(f"--cfg-scale {a.cfg_scale}: a guidance scale is >= 0 (1 = no guidance)")
+    for flag in ("steps", "batch"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             raise SystemExit(f"--{flag} must be >= 1, got {getattr(a, flag)}")
     for flag in ("num_samples", "eval_per_class"):  # 0 = not asked for
@@ -283,48 +348,46 @@ def main(argv=None):
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     if a.export and not a.export.endswith(".safetensors"):
         raise SystemExit(f"--export {a.export}: writes a .safetensors file; end the path in .safetensors")
-    rank, world = 0, 1
-    if a.num_samples:  # torchrun: one process per GPU, the local rank picks it
-        rank, world, device = setup_distributed()
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, args = load_model(a.ckpt, device, flag="--ckpt")
-    if a.export:
-        export_safetensors(model, args, a.export)
-        print(f"wrote {a.export}")
-        return a.export
-    # the run's evaluation settings (its recipe's) where these flags are not given; a run from before they were
-    # recorded: 50 steps of the objective's sampler at guidance 1.0, as sample.py's defaults then were
-    recorded = hasattr(args, "sample_steps")
-    a.steps = a.steps or (args.sample_steps if recorded else 50)
-    a.sampler = a.sampler or (args.sampler if recorded else None)
-    scales = scales or [args.cfg_scale if recorded else 1.0]
-    if a.sampler and a.sampler not in SAMPLERS[args.objective]:
-        raise SystemExit(f"--sampler {a.sampler}: this model was trained with --objective {args.objective}; choose "
-                         f"one of {SAMPLERS[args.objective]}")
-    if args.objective == "ddpm":  # DDIM's integer stride fits only some step counts: say so before any sampling
+    ints(a.seeds, "--seeds")
+    ints(a.classes, "--classes", low=None)  # their range is the model's: checked once it is loaded
+    return scales, tuple(interval)
+
+
+class Settings(NamedTuple):
+    """How to sample: the flags where given, else the run's recorded evaluation settings (its recipe's)."""
+
+    steps: int
+    sampler: str
+    scales: list
+    interval: tuple
+
+
+def settings_of(a, run, scales, interval):
+    """The sampling settings of this call (checked against the model's objective before any sampling)."""
+    args = run.args
+    s = Settings(a.steps or args.sample_steps, a.sampler or args.sampler or SAMPLERS[args.objective][0],
+                 scales or [args.cfg_scale], interval)
+    if s.sampler not in SAMPLERS[args.objective]:
+        raise SystemExit(f"--sampler {s.sampler}: this model was trained with --objective {args.objective}; "
+                         f"choose one of {SAMPLERS[args.objective]}")
+    # DDIM's integer stride fits only some step counts: say so before any sampling
+    if args.objective == "ddpm":
+        total = make_diffusion(args, run.facts).num_steps
         try:
-            spaced_steps(make_diffusion(args).num_steps, a.steps, a.sampler or SAMPLERS["ddpm"][0])
+            spaced_steps(total, s.steps, s.sampler)
         except ValueError as e:
-            raise SystemExit(f"--steps {a.steps}: {e}")
-    if a.vae:
-        if latent_geometry(a.vae) != latent_geometry(args.vae):
-            raise SystemExit(f"--vae {a.vae}: its latent layout differs from the checkpoint's --vae {args.vae}")
-        args.vae = a.vae
-    vae = Autoencoder(args.vae, scale=args.latent_scale, shift=args.latent_shift).to(device)
-    if a.eval_per_class:
-        if args.source_dataset != "shapes":
-            raise SystemExit("--eval-per-class uses the shapes checker: it needs a checkpoint trained on shapes")
-        res = evaluate_shapes(model, make_diffusion(args), args, a.eval_per_class, device, cfg_scale=scales[0],
-                              steps=a.steps, method=a.sampler, progress=True, vae=vae, ctrl_scale=a.ctrl_scale,
-                              interval=tuple(interval))
-        print(json.dumps(dict(res, cfg_scale=scales[0], ctrl_scale=a.ctrl_scale, interval=interval,
-                              per_class=a.eval_per_class, steps=a.steps)))
-        return res
-    base = default_control(args.source_dataset, args.res)
+            raise SystemExit(f"--steps {s.steps}: {e}") from None
+    return s
+
+
+def control_sweep(a, facts):
+    """One control vector per combination of --flip, --orig-size and --crop-offset, from the sampling
+    default."""
+    flips, sizes = floats(a.flip, "--flip"), floats(a.orig_size, "--orig-size")
+    offsets = floats(a.crop_offset, "--crop-offset")
     controls = []
     for flip, size, off in itertools.product(flips or [None], sizes or [None], offsets or [None]):
-        c = base.clone()
+        c = sampling_control(facts)
         if flip is not None:
             c[SIGNAL["flip"]] = flip
         if size is not None:
@@ -332,47 +395,125 @@ def main(argv=None):
         if off is not None:
             c[SIGNAL["crop_top"]] = c[SIGNAL["crop_left"]] = off
         controls.append(c)
-    if a.num_samples:
-        if len(controls) > 1 or len(scales) > 1:
-            raise SystemExit("--num-samples draws one setting: give --cfg-scale, --flip, --orig-size and "
-                             "--crop-offset one value each")
-        if a.prompt or a.prompts:
-            raise SystemExit("--num-samples draws its prompts from --labels (the shapes captions of each class); "
-                             "--prompt / --prompts are for grids")
-        if getattr(args, "cond_type", "class") == "text" and args.source_dataset != "shapes":
-            raise SystemExit(f"--num-samples on a text model trained on {args.source_dataset}: this sampler only "
-                             f"knows the shapes captions; write a grid with --prompts FILE instead")
-        out = a.out or os.path.join(os.path.dirname(args.ckpt_file), npz_name(a, scales[0], controls[0], base,
-                                                                              SAMPLERS[args.objective][0]))
-        if not out.endswith(".npz"):
-            raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # fails now, not after the sampling
-        sample_npz(model, vae, args, out, a.num_samples, controls[0], a.labels, a.seed, a.batch, scales[0],
-                   a.ctrl_scale, tuple(interval), a.steps, a.sampler, use_bf16(a.precision, device), rank,
-                   world,
-                   record=dict(ckpt=args.ckpt_file, ckpt_step=args.ckpt_step))
-        if rank == 0:
-            print(f"wrote {out} and its settings {out[:-len('.npz')]}.json")
-        if world > 1:
-            torch.distributed.destroy_process_group()
-        return out
+    return controls
+
+
+def read_prompts(a, run):
+    """--prompt and --prompts, for a text model only."""
     prompts = list(a.prompt or [])
     if a.prompts:
         if not os.path.isfile(a.prompts):
             raise SystemExit(f"--prompts {a.prompts!r}: no such file")
         with open(a.prompts) as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    if prompts and getattr(args, "cond_type", "class") != "text":
-        raise SystemExit("--prompt / --prompts need a text-conditional checkpoint (train.py --cond-type text)")
-    classes = [int(c) for c in a.classes.split(",")] if a.classes else None
-    if classes and not 0 <= min(classes) <= max(classes) < args.num_classes:
-        raise SystemExit(f"--classes: the model knows classes 0..{args.num_classes - 1}")
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt,
-                                "grid.png")
-    class_grid(model, vae, args, out, device, classes=classes, seeds=range(a.seeds), controls=controls,
-               cfg_scales=scales, steps=a.steps, method=a.sampler, progress=True, prompts=prompts or None,
-               ctrl_scale=a.ctrl_scale, interval=tuple(interval))
+            found = [line.strip() for line in f if line.strip()]
+        if not found:
+            raise SystemExit(f"--prompts {a.prompts!r}: the file holds no prompt (one per line)")
+        prompts += found
+    if prompts and run.args.cond_type != "text":
+        raise SystemExit("--prompt / --prompts need a text-conditional checkpoint (train.py --cond-type "
+                         "text)")
+    return prompts
+
+
+#################################################################################
+#                      The four modes: one function each                        #
+#################################################################################
+
+
+def export_mode(a, run):
+    """--export: the EMA weights and the configuration as one .safetensors file."""
+    export_safetensors(run.model, vars(run.args), dataclasses.asdict(run.facts), run.step, a.export)
+    print(f"wrote {a.export}")
+    return a.export
+
+
+def checker_verdict(model, vae, args, facts, per_class, device, cfg_scale=1.0, steps=50, method=None,
+                    ctrl_scale=0.0, interval=(0.0, 1.0)):
+    """The shapes checker's accuracies (shapes.evaluate_shapes) of a shapes model's samples, decoded by its
+    own autoencoder: train.py's end-of-run eval.json and --eval-per-class."""
+    return evaluate_shapes(model, make_diffusion(args, facts), args, facts, per_class, device,
+                           cfg_scale=cfg_scale, steps=steps, method=method, progress=True, vae=vae,
+                           ctrl_scale=ctrl_scale, interval=interval)
+
+
+def eval_mode(a, run, vae, s, device):
+    """--eval-per-class: the shapes checker's accuracies, printed as one JSON line."""
+    if run.facts.source_dataset != "shapes":
+        raise SystemExit("--eval-per-class uses the shapes checker: it needs a checkpoint trained on shapes")
+    res = checker_verdict(run.model, vae, run.args, run.facts, a.eval_per_class, device,
+                          cfg_scale=s.scales[0], steps=s.steps, method=s.sampler, ctrl_scale=a.ctrl_scale,
+                          interval=s.interval)
+    print(json.dumps(dict(res, cfg_scale=s.scales[0], ctrl_scale=a.ctrl_scale, interval=list(s.interval),
+                          per_class=a.eval_per_class, steps=s.steps)))
+    return res
+
+
+def npz_mode(a, run, vae, s, controls, rank, world, device):
+    """--num-samples: one .npz (and its settings .json) for fid.py, the ranks sharing the work."""
+    if len(controls) > 1 or len(s.scales) > 1:
+        raise SystemExit("--num-samples draws one setting: give --cfg-scale, --flip, --orig-size and "
+                         "--crop-offset one value each")
+    if a.prompt or a.prompts:
+        raise SystemExit("--num-samples draws its prompts from --labels (the shapes captions of each class); "
+                         "--prompt / --prompts are for grids")
+    if run.args.cond_type == "text" and run.facts.source_dataset != "shapes":
+        raise SystemExit(f"--num-samples on a text model trained on {run.facts.source_dataset}: this sampler "
+                         f"only knows the shapes captions; write a grid with --prompts FILE instead")
+    out = a.out or os.path.join(os.path.dirname(run.file),
+                                npz_name(a, s, controls[0], sampling_control(run.facts)))
+    if not out.endswith(".npz"):
+        raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # fails now, not after the sampling
+    sample_npz(run.model, vae, run.args, run.facts, out, a.num_samples, controls[0], a.labels, a.seed,
+               a.batch, s.scales[0], a.ctrl_scale, s.interval, s.steps, s.sampler,
+               use_bf16(a.precision, device), rank, world, record=dict(ckpt=run.file, ckpt_step=run.step))
+    if rank == 0:
+        print(f"wrote {out} and its settings {out[: -len('.npz')]}.json")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return out
+
+
+def grid_mode(a, run, vae, s, controls, device):
+    """The default: a PNG grid of classes (or prompts) x guidance scales x control variants x seeds."""
+    prompts = read_prompts(a, run)
+    classes = ints(a.classes, "--classes", low=None)
+    if classes and not 0 <= min(classes) <= max(classes) < run.facts.num_classes:
+        raise SystemExit(f"--classes: the model knows classes 0..{run.facts.num_classes - 1}")
+    folder = os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt
+    out = a.out or os.path.join(folder, "grid.png")
+    class_grid(run.model, vae, run.args, run.facts, out, device, classes=classes,
+               seeds=ints(a.seeds, "--seeds"), controls=controls, cfg_scales=s.scales, steps=s.steps,
+               method=s.sampler, progress=True, prompts=prompts or None, ctrl_scale=a.ctrl_scale,
+               interval=s.interval)
     print(f"wrote {out}")
+    return out
+
+
+def main(argv=None):
+    a = parse(argv)
+    scales, interval = check_numbers(a)
+    rank, world = 0, 1
+    if a.num_samples:  # torchrun: one process per GPU, the local rank picks it
+        rank, world, device = setup_distributed()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = load_model(a.ckpt, device, flag="--ckpt")
+    if a.export:
+        return export_mode(a, run)
+    s = settings_of(a, run, scales, interval)
+    if a.vae:  # decode with another autoencoder of the same latent layout
+        if latent_geometry(a.vae) != latent_geometry(run.facts.vae):
+            raise SystemExit(f"--vae {a.vae}: its latent layout differs from the checkpoint's --vae "
+                             f"{run.facts.vae}")
+        run = run._replace(facts=dataclasses.replace(run.facts, vae=a.vae))
+    vae = make_autoencoder(run.facts).to(device)
+    if a.eval_per_class:
+        return eval_mode(a, run, vae, s, device)
+    controls = control_sweep(a, run.facts)
+    if a.num_samples:
+        return npz_mode(a, run, vae, s, controls, rank, world, device)
+    return grid_mode(a, run, vae, s, controls, device)
 
 
 if __name__ == "__main__":

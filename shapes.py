@@ -1,11 +1,13 @@
 """
-The embedded `shapes` dataset: coloured shapes whose every conditioning signal can be read back from a generated image.
+The embedded `shapes` dataset: coloured shapes whose every conditioning signal can be read back from a
+generated image.
 
-    scene    class (ten shapes, four chiral), colour, original resolution, caption wording
-    render   the scene at its original resolution, resized to a canvas of 1.25 x res (small originals come out
-             blurry), then crop_flip (data.py) crops res x res and maybe mirrors, recording what it did
-    checker  segments the shape and matches templates: class, orientation, position, sharpness, colour
-    evaluate samples from a model and grades them with the checker (class, flip, mirrored-pair and crop accuracy)
+    scene     class (ten shapes, four chiral), colour, original resolution, caption wording
+    render    the scene at its original resolution, resized to a canvas of 1.25 x res (small originals come
+              out blurry), then crop_flip (data.py) crops res x res and maybe mirrors, recording what it did
+    checker   segments the shape and matches templates: class, orientation, position, sharpness, colour
+    evaluate  samples from a model and grades them with the checker (class, flip, mirrored-pair and crop
+              accuracy)
 
 Items are `(image uint8 (3, res, res), label, control, caption)` like every dataset in data.py.
 """
@@ -18,15 +20,16 @@ from conditioning import SIGNAL, make_control
 from data import crop_flip
 from diffusion import generate, make_noise
 from latents import Autoencoder, latent_geometry, to_uint8
-from text import encode_prompts
+from text import semantic_input
 
 #################################################################################
 #                     The embedded `shapes` dataset                             #
 #################################################################################
 # Each image: one coloured shape on a dark gradient background. The scene is rendered at a random "original"
-# resolution, resized to a canvas of 1.25 x res (so small originals come out blurry), then randomly cropped to res and
-# maybe mirrored. The shape sits at the canvas centre, so its position in the crop is set by the crop offset; four of
-# the ten shapes are chiral, so a mirror is visible. Thus every control signal has a measurable effect:
+# resolution, resized to a canvas of 1.25 x res (so small originals come out blurry), then randomly cropped to
+# res and maybe mirrored. The shape sits at the canvas centre, so its position in the crop is set by the crop
+# offset; four of the ten shapes are chiral, so a mirror is visible. Thus every control signal has a
+# measurable effect:
 #   original size -> sharpness, crop -> position, flip -> orientation.
 
 def _circle(u, v):
@@ -67,15 +70,18 @@ def _zed(u, v):  # chiral: Z tetromino, its mirror is an S
 
 
 def _flag(u, v):  # chiral: pole on the left, flag to the right at the top
-    return ((u >= -0.9) & (u <= -0.45) & (abs(v) <= 0.95)) | ((u >= -0.45) & (u <= 0.9) & (v >= -0.95) & (v <= -0.05))
+    return (((u >= -0.9) & (u <= -0.45) & (abs(v) <= 0.95)) |
+            ((u >= -0.45) & (u <= 0.9) & (v >= -0.95) & (v <= -0.05)))
 
 
 SHAPES = [("circle", _circle), ("square", _square), ("triangle", _triangle), ("plus", _plus),
-          ("diamond", _diamond), ("tee", _tee), ("ell", _ell), ("wedge", _wedge), ("zed", _zed), ("flag", _flag)]
+          ("diamond", _diamond), ("tee", _tee), ("ell", _ell), ("wedge", _wedge), ("zed", _zed),
+          ("flag", _flag)]
 SHAPE_NAMES = [name for name, _ in SHAPES]
 CHIRAL = {"ell", "wedge", "zed", "flag"}
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 255), "yellow": (240, 220, 40),
-           "magenta": (230, 50, 220), "cyan": (40, 220, 230), "orange": (250, 140, 30), "white": (240, 240, 240)}
+           "magenta": (230, 50, 220), "cyan": (40, 220, 230), "orange": (250, 140, 30),
+           "white": (240, 240, 240)}
 COLOUR_NAMES = list(COLOURS)
 CANVAS_MARGIN = 1.25  # canvas = 1.25 x res, so the crop can move by a quarter of the image
 
@@ -89,28 +95,33 @@ def render_shape(shape_fn, size, half_extent, supersample=4):
     return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
-# Correlated metadata (--size-corr rho, default 0). On real data the original size correlates with the content, which
-# is what lets a model that adds size and class in one embedding confuse them. With probability rho a scene's
-# original side is drawn from its class group's half of the range: even classes mostly small originals
-# (res / 2 .. res), odd classes mostly large ones (res .. 2 res); otherwise from the whole range as at rho = 0.
+# Correlated metadata (--size-corr rho, default 0). On real data the original size correlates with the
+# content, which is what lets a model that adds size and class in one embedding confuse them. With probability
+# rho a scene's original side is drawn from its class group's half of the range: even classes mostly small
+# originals (res / 2 .. res), odd classes mostly large ones (res .. 2 res); otherwise from the whole range as
+# at rho = 0.
 SIZE_GROUPS = ("small", "large")
 
 
 def size_group(label):
-    """The original-size group a class is correlated with under --size-corr: 0 small (even classes), 1 large (odd)."""
+    """The original-size group a class is correlated with under --size-corr: 0 small (even classes), 1 large
+    (odd)."""
     return label % 2
 
 
 def shapes_scene(index, res, seed, size_corr=0.0):
     """Deterministic scene parameters of item `index`."""
     rng = np.random.default_rng([seed, index])
-    scene = dict(label=int(rng.integers(len(SHAPES))), colour=COLOUR_NAMES[rng.integers(len(COLOURS))],
-                bg=rng.uniform(0.0, 0.3, size=3), bg_grad=rng.uniform(-0.08, 0.08, size=(2, 3)),
-                extent=rng.uniform(0.20, 0.27),  # shape half-extent as a fraction of the canvas
-                orig=int(rng.integers(res // 2, 2 * res + 1)),
-                template=int(rng.integers(len(CAPTION_TEMPLATES))),  # drawn last: earlier draws stay as they were
-                filler=[(int(rng.integers(8)), FILLER_WORDS[rng.integers(len(FILLER_WORDS))])
-                        for _ in range(rng.integers(3))])
+    scene = dict(
+        label=int(rng.integers(len(SHAPES))), colour=COLOUR_NAMES[rng.integers(len(COLOURS))],
+        bg=rng.uniform(0.0, 0.3, size=3), bg_grad=rng.uniform(-0.08, 0.08, size=(2, 3)),
+        extent=rng.uniform(0.20, 0.27),  # shape half-extent as a fraction of the canvas
+        orig=int(rng.integers(res // 2, 2 * res + 1)),
+        # drawn last: earlier draws stay as they were
+        template=int(rng.integers(len(CAPTION_TEMPLATES))),
+        filler=[(int(rng.integers(8)), FILLER_WORDS[rng.integers(len(FILLER_WORDS))])
+                for _ in range(rng.integers(3))],
+    )
     if size_corr > 0:  # its own stream: at rho = 0 every scene is exactly as without the flag
         corr = np.random.default_rng([seed, index, 2])
         if corr.random() < size_corr:
@@ -123,8 +134,8 @@ def render_canvas(scene, res):
     """The canvas (PIL, 1.25 res square) of a scene: rendered at the scene's original size, then resized."""
     size = scene["orig"]
     alpha = render_shape(SHAPES[scene["label"]][1], size, scene["extent"] * size)[..., None]
-    ramp = (np.arange(size) / max(size - 1, 1) - 0.5)
-    bg = (scene["bg"] + ramp[:, None, None] * scene["bg_grad"][0] + ramp[None, :, None] * scene["bg_grad"][1])
+    ramp = np.arange(size) / max(size - 1, 1) - 0.5
+    bg = scene["bg"] + ramp[:, None, None] * scene["bg_grad"][0] + ramp[None, :, None] * scene["bg_grad"][1]
     fg = np.array(COLOURS[scene["colour"]], dtype=np.float32) / 255.0
     img = (1 - alpha) * bg + alpha * fg
     img = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
@@ -132,23 +143,24 @@ def render_canvas(scene, res):
     return img.resize((canvas, canvas), Image.BILINEAR)
 
 
-# Caption wordings: a text model trains on the first list and is evaluated on the second, which it never saw, so the
-# checker measures whether it reads the colour and shape words rather than memorising whole captions.
+# Caption wordings: a text model trains on the first list and is evaluated on the second, which it never saw,
+# so the checker measures whether it reads the colour and shape words rather than memorising whole captions.
 CAPTION_TEMPLATES = ("a {colour} {shape}", "a {shape} in {colour}", "{colour} {shape}",
-                     "a picture of a {colour} {shape}",
-                     "the {shape} is {colour}", "one {colour} {shape} on a dark background")
+                     "a picture of a {colour} {shape}", "the {shape} is {colour}",
+                     "one {colour} {shape} on a dark background")
 HELDOUT_TEMPLATES = ("an image showing a {colour} {shape}", "{shape}, coloured {colour}")
-# 0-2 of these words are inserted at random places in a training caption, so the model learns that words other than
-# the colour and the shape carry nothing (none of them appears in the held-out wordings).
-FILLER_WORDS = ("small", "big", "simple", "drawing", "photo", "render", "centred", "flat", "scene", "graphic", "icon",
-                "plain", "clean", "little", "bright", "vivid", "sharp", "tiny", "large", "single", "cute", "neat",
-                "bold", "basic", "digital", "figure", "art", "sketch", "sticker", "logo", "symbol", "with", "and",
-                "here", "just", "nice", "old", "new", "toy", "card")
+# 0-2 of these words are inserted at random places in a training caption, so the model learns that words other
+# than the colour and the shape carry nothing (none of them appears in the held-out wordings).
+FILLER_WORDS = ("small", "big", "simple", "drawing", "photo", "render", "centred", "flat", "scene", "graphic",
+                "icon", "plain", "clean", "little", "bright", "vivid", "sharp", "tiny", "large", "single",
+                "cute", "neat", "bold", "basic", "digital", "figure", "art", "sketch", "sticker", "logo",
+                "symbol", "with", "and", "here", "just", "nice", "old", "new", "toy", "card")
 
 
 def shapes_caption(scene):
-    words = CAPTION_TEMPLATES[scene["template"]].format(colour=scene["colour"],
-                                                        shape=SHAPE_NAMES[scene["label"]]).split()
+    words = (CAPTION_TEMPLATES[scene["template"]]
+             .format(colour=scene["colour"], shape=SHAPE_NAMES[scene["label"]])
+             .split())
     for pos, word in scene.get("filler", []):
         words.insert(pos % (len(words) + 1), word)
     return " ".join(words)
@@ -168,6 +180,7 @@ class ShapesDataset(Dataset):
         it = self.scenes
         if progress:
             from tqdm import tqdm
+
             it = tqdm(it, desc="rendering shapes", leave=False)
         self.canvases = [render_canvas(s, res) for s in it]
 
@@ -199,8 +212,8 @@ def shapes_default_control(res):
 #                      The shapes checker                                       #
 #################################################################################
 # Reads an image back into (class, orientation, position, sharpness, colour) with no learned parts:
-# segment the shape against the background colour, normalise its bounding box, and match templates of every class
-# in both orientations. Tested on the dataset's own images before it judges generated ones.
+# segment the shape against the background colour, normalise its bounding box, and match templates of every
+# class in both orientations. Tested on the dataset's own images before it judges generated ones.
 
 _TEMPLATE = 24
 
@@ -210,7 +223,7 @@ def _normalise_mask(mask):
     ys, xs = np.nonzero(mask > 0.5)
     if len(ys) == 0:
         return np.zeros((_TEMPLATE, _TEMPLATE), np.float32)
-    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     img = Image.fromarray((box * 255).astype(np.uint8)).resize((_TEMPLATE, _TEMPLATE), Image.BILINEAR)
     return np.asarray(img, dtype=np.float32) / 255.0
 
@@ -225,9 +238,10 @@ def _templates():
 
 
 class ShapesChecker:
-    """Measure what a shapes image shows. `__call__` takes uint8 (N, 3, H, W) or (3, H, W) and returns a list of dicts:
-    label, orientation (0 canonical, 1 mirrored, None for symmetric shapes), match (template agreement in [0, 1]),
-    position (row, col of the bounding-box centre in pixels), sharpness (steepest normalised edge step per pixel) and colour.
+    """Measure what a shapes image shows. `__call__` takes uint8 (N, 3, H, W) or (3, H, W) and returns a list
+    of dicts: label, orientation (0 canonical, 1 mirrored, None for symmetric shapes), match (template
+    agreement in [0, 1]), position (row, col of the bounding-box centre in pixels), sharpness (steepest
+    normalised edge step per pixel) and colour.
     """
 
     def __init__(self):
@@ -236,6 +250,7 @@ class ShapesChecker:
 
     def measure(self, img):
         from scipy import ndimage
+
         x = img.permute(1, 2, 0).numpy().astype(np.float32) / 255.0 if torch.is_tensor(img) else img
         border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
         bg = np.median(border, axis=0)
@@ -254,7 +269,7 @@ class ShapesChecker:
         ys, xs = np.nonzero(fg)  # the bounding-box centre: every shape is centred on its box
         position = ((ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2) if len(ys) else (float("nan"),) * 2
         gy, gx = np.gradient(soft)
-        grad = np.sort(np.hypot(gx, gy).ravel())[-max(4, fg.sum() // 8):]  # the steepest edge pixels
+        grad = np.sort(np.hypot(gx, gy).ravel())[-max(4, fg.sum() // 8) :]  # the steepest edge pixels
         core = ndimage.binary_erosion(fg, iterations=1)
         colour = x[core if core.any() else fg].mean(axis=0) if fg.any() else bg
         return dict(label=label, orientation=orientation, match=float(score.max()), position=position,
@@ -281,53 +296,54 @@ def expected_position(control, res):
 #                     Evaluating a model with the checker                       #
 #################################################################################
 
-def semantic_input(args, labels, device, prompts=None):
-    """The model's semantic input for these samples: the labels (B,), or for a text model the prompts'
-    (features (B, L, d), mask (B, L)) -- by default each label's shapes caption, colours cycling ("a red ell")."""
-    if getattr(args, "cond_type", "class") != "text":
-        return torch.as_tensor(labels, device=device)
-    if prompts is None:
-        prompts = [f"a {COLOUR_NAMES[i % len(COLOUR_NAMES)]} {SHAPE_NAMES[k]}" for i, k in enumerate(labels)]
-    return encode_prompts(args, prompts, device)
+
+def class_prompts(labels):
+    """A text model's default prompt for each class label of a shapes grid: its shape in the colours in turn
+    ("a red circle", "a green ell", ...)."""
+    return [f"a {COLOUR_NAMES[i % len(COLOUR_NAMES)]} {SHAPE_NAMES[k]}" for i, k in enumerate(labels)]
 
 
 @torch.no_grad()
-def evaluate_shapes(model, diffusion, args, per_class, device, cfg_scale=1.0, steps=50, seed=10_000, method=None,
-                    progress=False, per_sample=False, vae=None, ctrl_scale=0.0, interval=(0.0, 1.0)):
+def evaluate_shapes(model, diffusion, args, facts, per_class, device, cfg_scale=1.0, steps=50, seed=10_000,
+                    method=None, progress=False, per_sample=False, vae=None, ctrl_scale=0.0,
+                    interval=(0.0, 1.0)):
     """Checker accuracies of samples drawn per class, each seed drawn with flip 0 and flip 1.
 
     class_acc  measured class == requested class
     flip_acc   on chiral classes: measured orientation == requested flip (a wrong class counts as wrong)
     mirrored   on chiral classes: fraction of (flip 0, flip 1) pairs of the same seed that both come out right
     crop_err   mean distance (pixels) between the shape centre and where the crop condition puts it
-    A text model is asked with prompt wordings it never saw in training (HELDOUT_TEMPLATES, in turn) for a colour
-    (in turn) and a shape, and also gets
+    A text model is asked with prompt wordings it never saw in training (HELDOUT_TEMPLATES, in turn) for a
+    colour (in turn) and a shape, and also gets
     colour_acc           measured colour == requested colour
     class_colour_acc     both right
-    per_sample=True adds each sample's outcome (class_ok, and colour_ok for text) under "per_sample". `vae` decodes
-    the samples (the run's autoencoder; pixels when None), ctrl_scale and interval go to the sampler (generate).
+    per_sample=True adds each sample's outcome (class_ok, and colour_ok for text) under "per_sample". `vae`
+    decodes the samples (the run's autoencoder; pixels when None), ctrl_scale and interval go to the sampler
+    (generate).
     """
     was_training = model.training
     model.eval()
     vae = vae or Autoencoder("none")
     checker = ShapesChecker()
-    base = shapes_default_control(args.res)
+    res = facts.res
+    base = shapes_default_control(res)
     rng = np.random.default_rng(seed)
     rows = []  # (class, flip, seed, control, colour, prompt)
-    for k in range(args.num_classes):
+    for k in range(facts.num_classes):
         for j in range(per_class):
             c = base.clone()
             c[SIGNAL["crop_top"]], c[SIGNAL["crop_left"]] = rng.integers(  # a random crop
-                0, round(args.res * CANVAS_MARGIN) - args.res + 1, size=2)
+                0, round(res * CANVAS_MARGIN) - res + 1, size=2
+            )
             colour = COLOUR_NAMES[(k + j) % len(COLOUR_NAMES)]
             prompt = HELDOUT_TEMPLATES[j % len(HELDOUT_TEMPLATES)].format(colour=colour, shape=SHAPE_NAMES[k])
             for flip in (0, 1):
                 c2 = c.clone()
                 c2[SIGNAL["flip"]] = flip
                 rows.append((k, flip, seed + k * per_class + j, c2, colour, prompt))
-    factor, channels = latent_geometry(args.vae)
-    noise = make_noise([r[2] for r in rows], (channels, args.res // factor, args.res // factor), device)
-    y = semantic_input(args, [r[0] for r in rows], device, [r[5] for r in rows])
+    factor, channels = latent_geometry(facts.vae)
+    noise = make_noise([r[2] for r in rows], (channels, res // factor, res // factor), device)
+    y = semantic_input(args, facts, [r[0] for r in rows], device, [r[5] for r in rows])
     ctrl = torch.stack([r[3] for r in rows]).to(device)
     x = generate(model, diffusion, noise, y, ctrl, cfg_scale, ctrl_scale, steps=steps, method=method,
                  interval=interval, progress=progress, seed=seed, seeds=[r[2] for r in rows])
@@ -337,10 +353,10 @@ def evaluate_shapes(model, diffusion, args, per_class, device, cfg_scale=1.0, st
     chiral = np.array([SHAPE_NAMES[r[0]] in CHIRAL for r in rows])
     flip_ok = np.array([m["label"] == r[0] and m["orientation"] == r[1] for m, r in zip(meas, rows)])
     pairs = flip_ok.reshape(-1, 2).all(axis=1)[chiral.reshape(-1, 2)[:, 0]]
-    err = [np.hypot(*(np.subtract(m["position"], expected_position(r[3], args.res)))) for m, r in zip(meas, rows)]
+    err = [np.hypot(*(np.subtract(m["position"], expected_position(r[3], res)))) for m, r in zip(meas, rows)]
     out = dict(class_acc=float(class_ok.mean()), flip_acc=float(flip_ok[chiral].mean()),
                mirrored=float(pairs.mean()), crop_err=float(np.nanmean(err)))
-    if getattr(args, "cond_type", "class") == "text":
+    if args.cond_type == "text":
         colour_ok = np.array([m["colour"] == r[4] for m, r in zip(meas, rows)])
         out.update(colour_acc=float(colour_ok.mean()), class_colour_acc=float((colour_ok & class_ok).mean()))
         if per_sample:  # for intervals over samples

@@ -1,9 +1,10 @@
 """
-Frozen text encoders and the caption-feature cache: prompts -> per-token features (B, L, d) and a mask (B, L), True on
-real tokens. The encoder is frozen: the denoiser learns only the projection of its features (conditioning.TextEmbedder),
-so the features are computed once per dataset (TextCache) and never during training.
+Frozen text encoders and the caption-feature cache: prompts -> per-token features (B, L, d) and a mask (B, L),
+True on real tokens. The encoder is frozen: the denoiser learns only the projection of its features
+(conditioning.TextEmbedder), so the features are computed once per dataset (TextCache) and never during
+training.
 
-    builtin   hashed word vectors + positions, no download, bit-identical in every process (the shapes captions)
+    builtin   hashed word vectors + positions, no download, bit-identical in every process (shapes captions)
     HF        a Hugging Face T5 / CLIP / BERT-style encoder (optional `transformers`), 77 tokens by default
 """
 import hashlib
@@ -26,14 +27,14 @@ HF_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5En
 class BuiltinTextEncoder:
     """A tiny frozen encoder that needs no download, enough for the shapes dataset's "a red circle" prompts.
 
-    Lower-cased words (runs of letters or digits) -> one fixed vector per word + a small sinusoidal position feature.
-    A word's vector is read off the SHAKE-256 hash of the word, uniform with unit variance per channel: no random
-    number generator is involved (nor Python's salted hash()), so the features are bit-identical in every process,
-    on every machine and under every torch version. Any word, known or not, gets its own vector; random vectors in
-    64 dimensions are nearly orthogonal, so words stay distinguishable.
+    Lower-cased words (runs of letters or digits) -> one fixed vector per word + a small sinusoidal position
+    feature. A word's vector is read off the SHAKE-256 hash of the word, uniform with unit variance per
+    channel: no random number generator is involved (nor Python's salted hash()), so the features are
+    bit-identical in every process, on every machine and under every torch version. Any word, known or not,
+    gets its own vector; random vectors in 64 dimensions are nearly orthogonal, so words stay distinguishable.
 
-    Prompts longer than max_length words are cut. A prompt with no word at all (the empty string, the null prompt
-    of guidance) encodes to one token "<empty>",
+    Prompts longer than max_length words are cut. A prompt with no word at all (the empty string, the null
+    prompt of guidance) encodes to one token "<empty>",
     which no real prompt can produce (words never contain "<"): every prompt then has at least one valid
     token, which replicate padding needs, and the empty prompt still has a learnable projection.
     """
@@ -55,7 +56,8 @@ class BuiltinTextEncoder:
             raw = hashlib.shake_256(word.encode("utf-8")).digest(4 * self.dim)
             u = torch.tensor([int.from_bytes(raw[4 * i:4 * i + 4], "little") for i in range(self.dim)],
                              dtype=torch.float64)
-            self._vectors[word] = ((u + 0.5) / 2.0 ** 32 - 0.5).mul(math.sqrt(12.0)).float()  # U(-sqrt3, sqrt3)
+            # U(-sqrt3, sqrt3)
+            self._vectors[word] = ((u + 0.5) / 2.0 ** 32 - 0.5).mul(math.sqrt(12.0)).float()
         return self._vectors[word]
 
     @torch.no_grad()
@@ -77,16 +79,16 @@ def _looks_like_path(name):
 
 
 class HFTextEncoder:
-    """A frozen Hugging Face text encoder: the tokenizer pads every prompt to `max_length` and truncates longer ones;
-    the features are the encoder's `last_hidden_state`, the mask the tokenizer's attention mask.
-    T5 / CLIP checkpoints load only their text encoder (HF_ENCODERS); any other model type loads with AutoModel.
-    bf16 on CUDA, fp32 on the CPU; features are returned as float32 either way."""
+    """A frozen Hugging Face text encoder: the tokenizer pads every prompt to `max_length` and truncates
+    longer ones; the features are the encoder's `last_hidden_state`, the mask the tokenizer's attention mask.
+    T5 / CLIP checkpoints load only their text encoder (HF_ENCODERS); any other model type loads with
+    AutoModel. bf16 on CUDA, fp32 on the CPU; features are returned as float32 either way."""
 
     def __init__(self, name_or_path, device="cpu", max_length=None):
         path = os.path.expanduser(name_or_path)
         if not os.path.exists(path) and _looks_like_path(name_or_path):
-            raise SystemExit(f"text encoder {name_or_path!r}: the path does not exist (give a directory with the "
-                             f"model's config, weights and tokenizer, or a Hugging Face model id)")
+            raise SystemExit(f"text encoder {name_or_path!r}: the path does not exist (give a directory with "
+                             f"the model's config, weights and tokenizer, or a Hugging Face model id)")
         try:
             import transformers  # optional: only a Hugging Face encoder needs it
         except ImportError:
@@ -104,7 +106,8 @@ class HFTextEncoder:
         except (OSError, ValueError) as e:
             raise SystemExit(f"could not load text encoder {name_or_path!r}: {e}") from None
         self.model.to(self.device).eval().requires_grad_(False)
-        self.max_length = max_length or min(77, self.tokenizer.model_max_length)  # 77: CLIP's context, SD's choice
+        # 77: CLIP's context, SD's choice
+        self.max_length = max_length or min(77, self.tokenizer.model_max_length)
         self.dim = self.model.config.hidden_size
 
     @torch.no_grad()
@@ -118,20 +121,22 @@ class HFTextEncoder:
 
 
 def load_text_encoder(name_or_path="builtin", device="cpu", max_length=None):
-    """`builtin` (no download; 64 channels, 16 tokens) or a Hugging Face model id / local directory (77 tokens unless
-    `max_length` says otherwise). Either has encode(list of str) -> (features (B, L, d), mask (B, L)) and the
-    attributes dim, max_length, name."""
+    """`builtin` (no download; 64 channels, 16 tokens) or a Hugging Face model id / local directory (77 tokens
+    unless `max_length` says otherwise). Either has encode(list of str) -> (features (B, L, d), mask (B, L))
+    and the attributes dim, max_length, name."""
     if name_or_path == "builtin":
         return BuiltinTextEncoder(max_length=max_length or 16, device=device)
     return HFTextEncoder(name_or_path, device, max_length)
 
 
-_LOADED = {}  # (name, device, max_length) -> a loaded encoder, so a grid or an evaluation does not reload it per call
+# (name, device, max_length) -> a loaded encoder, so a grid or an evaluation does not reload it per call
+_LOADED = {}
 
 
 def shared_text_encoder(name_or_path, device, max_length=None):
-    """load_text_encoder, once per process: training, its sample grids and its evaluation share one copy (a Hugging
-    Face encoder can take gigabytes). Also filed under the max_length it resolved to, which is what a run records."""
+    """load_text_encoder, once per process: training, its sample grids and its evaluation share one copy (a
+    Hugging Face encoder can take gigabytes). Also filed under the max_length it resolved to, which is what a
+    run records."""
     key = (name_or_path, str(device), max_length)
     if key not in _LOADED:
         encoder = load_text_encoder(name_or_path, device, max_length)
@@ -139,12 +144,22 @@ def shared_text_encoder(name_or_path, device, max_length=None):
     return _LOADED[key]
 
 
-def encode_prompts(args, prompts, device):
-    """A text model's input for these prompts: (features (B, L, d), mask (B, L)) from the run's encoder
-    (args.text_encoder, loaded once per process). Features are rounded to fp16 like the training cache, so a prompt
-    seen in training gives the same input."""
-    features, mask = shared_text_encoder(args.text_encoder, device, args.text_max_length).encode(list(prompts))
+def encode_prompts(encoder, max_length, prompts, device):
+    """A text model's input for these prompts: (features (B, L, d), mask (B, L)) from the run's encoder (its
+    name and tokens per prompt, loaded once per process). Features are rounded to fp16 like the training
+    cache, so a prompt seen in training gives the same input."""
+    features, mask = shared_text_encoder(encoder, device, max_length).encode(list(prompts))
     return features.half().float().to(device), mask.to(device)
+
+
+def semantic_input(args, facts, labels, device, prompts=None):
+    """The model's semantic input for a batch of samples: the labels (B,) of a class model, or a text model's
+    (features (B, L, d), mask (B, L)) of `prompts`, which a text model cannot do without."""
+    if args.cond_type != "text":
+        return torch.as_tensor(labels, device=device)
+    if not prompts:
+        raise ValueError("a text model samples from prompts: none were given")
+    return encode_prompts(args.text_encoder, facts.text_len, prompts, device)
 
 
 #################################################################################
@@ -154,15 +169,16 @@ def encode_prompts(args, prompts, device):
 class TextCache:
     """The encoder's features of every distinct caption of a dataset, computed once and kept in one file.
 
-    One torch.save file: features fp16 (U, L, d), mask (U, L), the captions in row order, the encoder's name and
-    max_length. build() reuses an existing file made by the same encoder for the same caption set and re-encodes
-    otherwise; the file is written to a temporary name and renamed, so a crash never leaves half a cache. Under DDP,
-    build on rank 0, barrier, then load on every rank.
+    One torch.save file: features fp16 (U, L, d), mask (U, L), the captions in row order, the encoder's name
+    and max_length. build() reuses an existing file made by the same encoder for the same caption set and
+    re-encodes otherwise; the file is written to a temporary name and renamed, so a crash never leaves half a
+    cache. Under DDP, build on rank 0, barrier, then load on every rank.
 
-    Memory: the whole table lives in RAM, U x L x d x 2 bytes: 0.2 MB for the 80 shapes prompts with the builtin
-    encoder; for ImageNet's 1000 class prompts at 77 tokens, 60 MB with MiniLM (d = 384), 0.6 GB with T5-XXL
-    (d = 4096). It does not scale to CC12M-sized caption sets (~10^7 captions: 0.7 TB with MiniLM, 7.6 TB with
-    T5-XXL): there the features belong next to each image in the latent-cache shards, which is not done here.
+    Memory: the whole table lives in RAM, U x L x d x 2 bytes: 0.2 MB for the 80 shapes prompts with the
+    builtin encoder; for ImageNet's 1000 class prompts at 77 tokens, 60 MB with MiniLM (d = 384), 0.6 GB with
+    T5-XXL (d = 4096). It does not scale to CC12M-sized caption sets (~10^7 captions: 0.7 TB with MiniLM, 7.6
+    TB with T5-XXL): there the features belong next to each image in the latent-cache shards, which is not
+    done here.
     """
 
     def __init__(self, features, mask, captions, encoder, max_length, path=None):
@@ -178,8 +194,8 @@ class TextCache:
         return caption in self.index
 
     def matches(self, encoder):
-        return (self.encoder, self.max_length, self.features.shape[-1]) == (encoder.name, encoder.max_length,
-                                                                             encoder.dim)
+        mine = (self.encoder, self.max_length, self.features.shape[-1])
+        return mine == (encoder.name, encoder.max_length, encoder.dim)
 
     @staticmethod
     def _encode(texts, encoder, batch=256):
@@ -191,8 +207,8 @@ class TextCache:
 
     @classmethod
     def build(cls, captions, encoder, path, batch=256):
-        """The cache of the distinct `captions` at `path`: the file's, if `encoder` made it for this very caption set,
-        else encoded anew (`batch` prompts at a time) and written."""
+        """The cache of the distinct `captions` at `path`: the file's, if `encoder` made it for this very
+        caption set, else encoded anew (`batch` prompts at a time) and written."""
         distinct = sorted(set(captions))
         if os.path.exists(path):
             cache = cls.load(path)
@@ -221,15 +237,16 @@ class TextCache:
         """list of B captions -> features (B, L, d) float32, mask (B, L) bool."""
         for c in captions:
             if c not in self.index:
-                raise KeyError(f"caption {c!r} is not in the text cache {self.path or '(in memory)'} of encoder "
-                               f"{self.encoder!r}: rebuild the cache (TextCache.build) for this dataset, or encode "
-                               f"new prompts on the fly with encode_or_lookup")
+                raise KeyError(f"caption {c!r} is not in the text cache {self.path or '(in memory)'} of "
+                               f"encoder {self.encoder!r}: rebuild the cache (TextCache.build) for this "
+                               f"dataset, or encode new prompts on the fly with encode_or_lookup")
         rows = torch.tensor([self.index[c] for c in captions], dtype=torch.long)
         return self.features[rows].float().to(device), self.mask[rows].to(device)
 
     def encode_or_lookup(self, captions, encoder, device=None):
-        """lookup, encoding the captions the cache lacks on the fly (sampling with new prompts). They are rounded to
-        fp16 like the cached rows, so a prompt gives the same features either way, and kept in memory (not saved)."""
+        """lookup, encoding the captions the cache lacks on the fly (sampling with new prompts). They are
+        rounded to fp16 like the cached rows, so a prompt gives the same features either way, and kept in
+        memory (not saved)."""
         if not self.matches(encoder):
             raise ValueError(f"the text cache was made by {self.encoder!r} (max_length {self.max_length}), "
                              f"not by {encoder.name!r} (max_length {encoder.max_length})")

@@ -1,17 +1,19 @@
 """
 Train a diffusion transformer. One loop for every setting.
 
-    python train.py                                          # small model on the embedded shapes dataset (CPU)
-    torchrun --nproc_per_node=8 train.py --dataset imagenet --res 256     # ImageNet at $IMAGENET_DIR or
-                                                                          # data/imagenet/train (else --data-path)
+    python train.py                                  # small model on the embedded shapes dataset (CPU)
+    torchrun --nproc_per_node=8 train.py --dataset imagenet --res 256   # ImageNet from $IMAGENET_DIR,
+                                                     # else data/imagenet/train, else --data-path
 
-DDP under torchrun (NCCL on GPU, gloo on CPU; the *local* rank picks the GPU), bf16 autocast + TF32 on GPU, fused
-attention through scaled_dot_product_attention, AdamW with warmup, gradient clipping, EMA, gradient accumulation
-(--grad-accum: the global --batch whatever the GPUs) and activation checkpointing (--grad-ckpt), atomic checkpoints that
-resume exactly (model, EMA, optimizer, step, data position, RNG states), a JSON-lines log and sample grids.
-Flags left unset take the dataset's preset, shown as (shapes X, imagenet Y) in --help; the folder datasets take
-imagenet's, a latent cache its source dataset's (config.PRESETS). Every flag is printed and stored in the checkpoint.
+DDP under torchrun (NCCL on GPU, gloo on CPU; the *local* rank picks the GPU), bf16 autocast + TF32 on GPU,
+fused attention through scaled_dot_product_attention, AdamW with warmup, gradient clipping, EMA, gradient
+accumulation (--grad-accum: the global --batch whatever the GPUs) and activation checkpointing (--grad-ckpt),
+atomic checkpoints that resume exactly (model, EMA, optimizer, step, data position, RNG states), a JSON-lines
+log and sample grids. A flag comes from the command line, else the recipes (--dataset shapes starts with its
+own), else its default, the paper's ImageNet setting (config.py; --print-config shows each value's source).
+The flags and what the run learns from its sources (config.Facts) are printed and stored in every checkpoint.
 """
+import dataclasses
 import json
 import math
 import os
@@ -25,17 +27,32 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import CONFIG_VERSION, checkpoints_in, find_checkpoint, init_from, load_weights, write_checkpoint
+from checkpoint import (
+    CONFIG_VERSION,
+    checkpoints_in,
+    find_checkpoint,
+    init_from,
+    load_weights,
+    write_checkpoint,
+)
 from conditioning import drop_flags
-from config import config_mismatch, get_args, make_diffusion, make_model, use_bf16, validate
-from data import EVENTS, SKIPPED, build_dataset, setup_distributed
-from latents import Autoencoder
-from model import count_params
-from sample import class_grid
-from shapes import evaluate_shapes
+from config import (
+    config_mismatch,
+    get_args,
+    learn_facts,
+    make_autoencoder,
+    make_diffusion,
+    make_model,
+    open_dataset,
+    use_bf16,
+    validate,
+)
+from data import EVENTS, SKIPPED, setup_distributed
+from sample import checker_verdict, class_grid
 from text import TextCache, shared_text_encoder
 
-PREEMPTED = 75  # exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
+# exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
+PREEMPTED = 75
 
 #################################################################################
 #                           Data order that can resume                          #
@@ -46,14 +63,15 @@ def epoch_indices(n, epoch, seed, rank, world, batch):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     per_rank = (n // world) // batch * batch
     if per_rank == 0:
-        raise SystemExit(f"dataset of {n} images is smaller than one batch of {batch} on each of {world} ranks")
+        raise SystemExit(f"dataset of {n} images is smaller than one batch of {batch} on each of {world} "
+                         "ranks")
     return perm[rank::world][:per_rank]
 
 
 def loader_generator(args, epoch):
-    """A DataLoader draws its workers' base seed from a generator when it starts an epoch; given none it takes the
-    global RNG, which the model also uses (mDT masks, text padding noise), so a resume -- which starts a loader at
-    another step -- would shift that stream. Its own generator keeps resumes exact."""
+    """A DataLoader draws its workers' base seed from a generator when it starts an epoch; given none it takes
+    the global RNG, which the model also uses (mDT masks, text padding noise), so a resume -- which starts a
+    loader at another step -- would shift that stream. Its own generator keeps resumes exact."""
     return torch.Generator().manual_seed(args.seed * 100_003 + epoch)
 
 
@@ -65,7 +83,8 @@ def batches(dataset, args, rank, world, local_batch, epoch, position):
     while True:
         dataset.set_epoch(epoch)
         idx = epoch_indices(len(dataset), epoch, args.seed, rank, world, local_batch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=idx[position * local_batch:],
+        loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch,
+                                             sampler=idx[position * local_batch:],
                                              num_workers=args.workers, pin_memory=torch.cuda.is_available(),
                                              drop_last=True, generator=loader_generator(args, epoch))
         for b in loader:
@@ -75,9 +94,9 @@ def batches(dataset, args, rank, world, local_batch, epoch, position):
 
 
 def stream_batches(dataset, args, local_batch, epoch, position):
-    """The same for a streamed dataset (webdataset shards): it splits itself across ranks and workers, and its position
-    is (samples drawn per worker, the worker of the next batch) -- different on every rank, so checkpoints keep one
-    per rank. `position` None starts the epoch from the beginning."""
+    """The same for a streamed dataset (webdataset shards): it splits itself across ranks and workers, and its
+    position is (samples drawn per worker, the worker of the next batch) -- different on every rank, so
+    checkpoints keep one per rank. `position` None starts the epoch from the beginning."""
     workers = max(args.workers, 1)
     drawn, first = position if position is not None else (None, 0)
     while True:
@@ -94,8 +113,9 @@ def stream_batches(dataset, args, local_batch, epoch, position):
         if got == 0:
             counts = dict(zip(EVENTS, dataset.events.sum(0).tolist()))
             skipped = {k: counts[k] for k in SKIPPED if counts[k]}
-            raise SystemExit(f"--dataset {args.dataset}: a whole epoch gave this rank no batch of {local_batch} "
-                             f"(so far this process used {counts['ok']} samples and skipped {skipped or 'none'}); "
+            raise SystemExit(f"--dataset {args.dataset}: a whole epoch gave this rank no batch of "
+                             f"{local_batch} (so far this process used {counts['ok']} samples and skipped "
+                             f"{skipped or 'none'}); "
                              + ("check the shards' captions and images" if skipped and not counts["ok"] else
                                 "use more (or fewer, larger) shards, fewer --workers or a smaller --batch"))
         epoch, drawn, first = epoch + 1, None, 0
@@ -106,8 +126,9 @@ def stream_batches(dataset, args, local_batch, epoch, position):
 #################################################################################
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (what SLURM and most schedulers send before a kill) set a flag; the loop finishes its step,
-    every rank agrees through an all-reduce, one checkpoint is written and the run exits with status PREEMPTED."""
+    """SIGTERM / SIGUSR1 (what SLURM and most schedulers send before a kill) set a flag; the loop finishes its
+    step, every rank agrees through an all-reduce, one checkpoint is written and the run exits with status
+    PREEMPTED."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -130,7 +151,8 @@ class Preemption:
 
 
 def data_events(dataset, world, args):
-    """Counts of skipped / converted images summed over ranks (and their workers); stop when too many are bad."""
+    """Counts of skipped / converted images summed over ranks (and their workers); stop when too many are
+    bad."""
     if not hasattr(dataset, "events"):
         return {}
     counts = dataset.events.sum(0)
@@ -140,8 +162,9 @@ def data_events(dataset, world, args):
     skipped = sum(counts[k] for k in SKIPPED)
     seen = skipped + counts["ok"]
     if seen >= 100 and skipped > args.max_skip_rate * seen:
-        raise SystemExit(f"{skipped} of {seen} images could not be used ({ {k: counts[k] for k in SKIPPED} }), more "
-                         f"than --max-skip-rate {args.max_skip_rate}: check --data-path")
+        raise SystemExit(f"{skipped} of {seen} images could not be used "
+                         f"({ {k: counts[k] for k in SKIPPED} }), more than --max-skip-rate "
+                         f"{args.max_skip_rate}: check --data-path")
     return {"data": {k: v for k, v in counts.items() if v}}
 
 
@@ -150,25 +173,26 @@ def data_events(dataset, world, args):
 #################################################################################
 
 def text_features(dataset, args, device, rank, world):
-    """--cond-type text: (the frozen encoder, the dataset's caption features) -- every caption is encoded once and
-    training only looks features up; (None, None) for a class model."""
+    """--cond-type text: (the frozen encoder, the dataset's caption features) -- every caption is encoded once
+    and training only looks features up; (None, None) for a class model."""
     if args.cond_type != "text":
         return None, None
     encoder = shared_text_encoder(args.text_encoder, device, args.text_max_length)
-    args.text_dim, args.text_max_length = encoder.dim, encoder.max_length
     return encoder, text_cache_for(dataset, encoder, args, rank, world)
 
 
 def text_cache_for(dataset, encoder, args, rank, world):
-    """The dataset's caption features, encoded once by rank 0 into --out and read by every rank; None for a streamed
-    dataset, which cannot list its captions up front (its captions are then encoded batch by batch)."""
+    """The dataset's caption features, encoded once by rank 0 into --out and read by every rank; None for a
+    streamed dataset, which cannot list its captions up front (its captions are then encoded batch by
+    batch)."""
     try:
         captions = dataset.captions()
     except (AttributeError, NotImplementedError, RuntimeError):
         if rank == 0:
             print(f"--cond-type text: {args.dataset} cannot list its captions; encoding them batch by batch")
         return None
-    name = "".join(ch if ch.isalnum() else "-" for ch in f"{args.dataset}-{args.res}-{args.seed}-{encoder.name}")
+    tag = f"{args.dataset}-{args.res}-{args.seed}-{encoder.name}"
+    name = "".join(ch if ch.isalnum() else "-" for ch in tag)
     path = os.path.join(args.out, f"text-cache-{name}-{encoder.max_length}.pt")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -179,9 +203,9 @@ def text_cache_for(dataset, encoder, args, rank, world):
 
 
 def model_inputs(batch, vae, latent, text_cache, encoder, gen, device):
-    """A loader batch -> (x0, semantic input, control) on the device. Images go through the autoencoder as a posterior
-    sample, as the SD VAE recipes train (a latent cache has drawn its own); captions are looked up in the text cache,
-    or encoded batch by batch for a stream."""
+    """A loader batch -> (x0, semantic input, control) on the device. Images go through the autoencoder as a
+    posterior sample, as the SD VAE recipes train (a latent cache has drawn its own); captions are looked up
+    in the text cache, or encoded batch by batch for a stream."""
     img, y, ctrl, captions = batch
     img, y, ctrl = img.to(device, non_blocking=True), y.to(device), ctrl.to(device)
     if text_cache is not None:
@@ -197,6 +221,7 @@ def model_inputs(batch, vae, latent, text_cache, encoder, gen, device):
 #                          One optimisation step                                #
 #################################################################################
 
+
 def lr_at(step, args):
     """Linear warm-up, then constant or cosine decay to 10 % of the peak."""
     if step < args.warmup:
@@ -208,22 +233,24 @@ def lr_at(step, args):
 
 
 def ema_decay(step, args):
-    """--ema-warmup on: min(ema, (1 + step) / (10 + step)) (0.1 at the first step, 0.5 at step 8, 0.99 at step 890), so
-    early averages are not dominated by the random initialisation (LDM's LitEma); off: --ema from the first step (DiT,
-    PixArt-alpha, mDT-v2, which copy the weights into the EMA at the start, as train.main does)."""
+    """--ema-warmup on: min(ema, (1 + step) / (10 + step)) (0.1 at the first step, 0.5 at step 8, 0.99 at step
+    890), so early averages are not dominated by the random initialisation (LDM's LitEma); off: --ema from the
+    first step (DiT, PixArt-alpha, mDT-v2, which copy the weights into the EMA at the start, as train.main
+    does)."""
     return min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup == "on" else args.ema
 
 
 def make_optimizer(params, args, fused=False):
-    """--optimizer adamw (torch's; `fused`: one kernel on GPU) or adan (mDT-v2's, from the adan-pytorch package,
-    imported only here). --beta1/2/3 are the moment decays in the Adan paper's convention (mDT-v2: 0.98, 0.92, 0.99);
-    adan-pytorch takes one minus each."""
+    """--optimizer adamw (torch's; `fused`: one kernel on GPU) or adan (mDT-v2's, from the adan-pytorch
+    package, imported only here). --beta1/2/3 are the moment decays in the Adan paper's convention (mDT-v2:
+    0.98, 0.92, 0.99); adan-pytorch takes one minus each."""
     if args.optimizer == "adan":
         from adan_pytorch import Adan
+
         return Adan(params, lr=args.lr, betas=(1 - args.beta1, 1 - args.beta2, 1 - args.beta3), eps=args.eps,
                     weight_decay=args.wd)
-    return torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.wd,
-                             fused=fused)
+    return torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                             weight_decay=args.wd, fused=fused)
 
 
 @torch.no_grad()
@@ -234,9 +261,10 @@ def update_ema(ema, model, decay):
 
 
 def checkpoint_blocks(model):
-    """--grad-ckpt: activation checkpointing of every transformer block. Each block's forward is wrapped so that only
-    its inputs are kept and its activations are recomputed in the backward pass: less memory for about one more
-    forward. The weights and their names are untouched, so checkpoints and the EMA are the same either way."""
+    """--grad-ckpt: activation checkpointing of every transformer block. Each block's forward is wrapped so
+    that only its inputs are kept and its activations are recomputed in the backward pass: less memory for
+    about one more forward. The weights and their names are untouched, so checkpoints and the EMA are the same
+    either way."""
     if not hasattr(model, "blocks"):
         raise SystemExit("--grad-ckpt wraps model.blocks: this architecture has none (use --arch dit or mdt)")
     for block in model.blocks:
@@ -244,15 +272,16 @@ def checkpoint_blocks(model):
 
 
 def train_step(net, model, ema, opt, diffusion, micro_batches, gen, step, args, bf16, skip_non_finite=True):
-    """One optimisation step on the micro-batches [(x0, y, ctrl), ...] of this rank (one, or --grad-accum of them):
-    for each, condition dropout (for guidance) and the mean loss under bf16 autocast (or fp32), scaled by 1 / their
-    number and backpropagated, so the gradients add up to those of the mean loss of the whole batch; then this
-    step's learning rate, gradient clipping, the optimizer, the EMA. `net` is what runs the forward (the model, or its DDP /
-    compiled wrapper); under DDP only the last micro-batch's backward all-reduces, the others accumulate locally.
-    Noise, noise levels and dropout come from `gen`, drawn micro-batch by micro-batch.
-    A non-finite gradient norm skips the update (skip_non_finite=False omits that check, a host read of a device
-    value). Under DDP the gradients are averaged first, so a NaN on any rank is a NaN in every rank's norm and all
-    ranks skip alike. -> (loss averaged over the micro-batches, grad norm, whether the weights were updated)"""
+    """One optimisation step on the micro-batches [(x0, y, ctrl), ...] of this rank (one, or --grad-accum of
+    them): for each, condition dropout (for guidance) and the mean loss under bf16 autocast (or fp32), scaled
+    by 1 / their number and backpropagated, so the gradients add up to those of the mean loss of the whole
+    batch; then this step's learning rate, gradient clipping, the optimizer, the EMA. `net` is what runs the
+    forward (the model, or its DDP / compiled wrapper); under DDP only the last micro-batch's backward
+    all-reduces, the others accumulate locally. Noise, noise levels and dropout come from `gen`, drawn
+    micro-batch by micro-batch. A non-finite gradient norm skips the update (skip_non_finite=False omits that
+    check, a host read of a device value). Under DDP the gradients are averaged first, so a NaN on any rank is
+    a NaN in every rank's norm and all ranks skip alike. -> (loss averaged over the micro-batches, grad norm,
+    whether the weights were updated)"""
     n = len(micro_batches)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
@@ -263,7 +292,8 @@ def train_step(net, model, ema, opt, diffusion, micro_batches, gen, step, args, 
         sync = i == n - 1 or not hasattr(net, "no_sync")  # DDP: all-reduce once, with the last backward
         with nullcontext() if sync else net.no_sync():
             with torch.autocast(x0.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-                loss = diffusion.loss(net, x0, gen, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop, sem_drop=sem_drop).mean()
+                loss = diffusion.loss(net, x0, gen, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop,
+                                      sem_drop=sem_drop).mean()
             (loss / n).backward()
         total = total + loss.detach() / n
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
@@ -279,23 +309,27 @@ def train_step(net, model, ema, opt, diffusion, micro_batches, gen, step, args, 
 #                     Loop state, run folder and checkpoints                    #
 #################################################################################
 
+
 @dataclass
 class Progress:
     """What the loop carries from step to step; a checkpoint saves it with the weights."""
-    loss_sum: torch.Tensor   # losses of the finite steps since the last log line, summed on the device (no sync)
+
+    # losses of the finite steps since the last log line, summed on the device (no sync)
+    loss_sum: torch.Tensor
     step: int = 0
     epoch: int = 0
-    position: object = 0     # batches into the epoch; a stream's: (samples drawn per worker, the next worker)
-    n_acc: int = 0           # finite steps in loss_sum
-    n_steps: int = 0         # steps since the last log line, for images/s
-    t0: float = 0.0          # when the log window began
-    bad_in_a_row: int = 0    # non-finite steps in a row ...
-    bad_total: int = 0       # ... and in all
+    position: object = 0  # batches into the epoch; a stream's: (samples drawn per worker, the next worker)
+    n_acc: int = 0  # finite steps in loss_sum
+    n_steps: int = 0  # steps since the last log line, for images/s
+    t0: float = 0.0  # when the log window began
+    bad_in_a_row: int = 0  # non-finite steps in a row ...
+    bad_total: int = 0  # ... and in all
     last_ckpt: str = None
 
 
 def count_step(loop, loss, updated, args, rank):
-    """Add a step's loss to the log window, or count it as skipped; stop after --max-bad-steps skipped in a row."""
+    """Add a step's loss to the log window, or count it as skipped; stop after --max-bad-steps skipped in a
+    row."""
     if updated:
         loop.loss_sum += loss  # on the device: no host sync until the log line
         loop.n_acc, loop.bad_in_a_row = loop.n_acc + 1, 0
@@ -305,21 +339,24 @@ def count_step(loop, loss, updated, args, rank):
         print(f"step {loop.step + 1}: non-finite loss or gradient, optimizer step skipped "
               f"({loop.bad_in_a_row} in a row, {loop.bad_total} in all)", flush=True)
     if loop.bad_in_a_row >= args.max_bad_steps:
-        raise SystemExit(f"stopping: {loop.bad_in_a_row} non-finite steps in a row ending at step {loop.step + 1}; "
-                         f"last good checkpoint: {loop.last_ckpt or 'none'}. Lower --lr or check the data, then "
-                         f"--resume from that checkpoint")
+        raise SystemExit(f"stopping: {loop.bad_in_a_row} non-finite steps in a row ending at step "
+                         f"{loop.step + 1}; last good checkpoint: {loop.last_ckpt or 'none'}. Lower --lr or "
+                         f"check the data, then --resume from that checkpoint")
 
 
 def resume_point(args, rank):
-    """(path, checkpoint) that --resume names, or (None, None) for a new run. Read before any work, so that a missing
-    file or another config schema fails at once."""
+    """(path, checkpoint) that --resume names, or (None, None) for a new run. Read before any work, so that a
+    missing file or another config schema fails at once."""
     if not args.resume:
         return None, None
     path, ckpt = find_checkpoint(args.resume, args.out)
     if ckpt is None and rank == 0:
         print(f"--resume auto: no checkpoint under {args.out!r}, starting a new run")
     if ckpt is not None and ckpt.get("config_version") != CONFIG_VERSION:
-        raise SystemExit(f"{path}: config schema {ckpt.get('config_version')} != {CONFIG_VERSION}")
+        raise SystemExit(f"{path}: written by another version of this code (config schema "
+                         f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION}): resume it with "
+                         "the code that wrote it, or start a new run from its weights with --init-from "
+                         f"{path}")
     missing = {"model", "opt", "gen", "torch_rng", "loss_window"} - set(ckpt or {})
     if ckpt is not None and missing:  # an export or a bare state dict holds weights, not a run to continue
         raise SystemExit(f"--resume {path}: weights only (no {', '.join(sorted(missing))}), not a training "
@@ -327,13 +364,15 @@ def resume_point(args, rank):
     return path, ckpt
 
 
-def refuse_other_config(args, ckpt_path, ckpt):
-    """A resumed checkpoint must have been made with this configuration: checked once the data and the text encoder
-    have set their keys (number of classes, text length), before a model, an autoencoder or a folder is made."""
-    bad = config_mismatch(ckpt["args"], args) if ckpt is not None else None
+def refuse_other_config(args, facts, ckpt_path, ckpt):
+    """A resumed checkpoint must have been made with this configuration: checked once the data and the text
+    encoder have told their facts (number of classes, text length), before a model, an autoencoder or a folder
+    is made."""
+    bad = config_mismatch(ckpt, args, facts) if ckpt is not None else None
     if bad:
         raise SystemExit(f"--resume {ckpt_path}: checkpoint was made with another configuration:\n  "
-                         + "\n  ".join(bad) + "\nresume with the same flags, or start a new run")
+                         + "\n  ".join(bad)
+                         + "\nresume with the same flags, or start a new run")
 
 
 def run_folder(args, ckpt_path, ckpt, rank, world):
@@ -352,7 +391,8 @@ def new_run_dir(args, rank, world):
         os.makedirs(args.out, exist_ok=True)
         n = len(os.listdir(args.out))
         while True:  # mkdir is atomic: two runs started together never share a folder
-            run_dir = os.path.join(args.out, f"{n:03d}-{args.dataset}-{args.model.replace('/', '-')}-{args.cond}")
+            run_dir = os.path.join(args.out,
+                                   f"{n:03d}-{args.dataset}-{args.model.replace('/', '-')}-{args.cond}")
             try:
                 os.makedirs(run_dir)
                 break
@@ -366,8 +406,8 @@ def new_run_dir(args, rank, world):
 
 
 def set_aside_later(ckpt_path):
-    """Resuming an older checkpoint abandons the later ones: move them to abandoned/, out of the way of --resume auto
-    and of pruning."""
+    """Resuming an older checkpoint abandons the later ones: move them to abandoned/, out of the way of
+    --resume auto and of pruning."""
     run_dir = os.path.dirname(os.path.abspath(ckpt_path))
     later = [f for f in checkpoints_in(run_dir) if os.path.basename(f) > os.path.basename(ckpt_path)]
     if later:
@@ -378,14 +418,14 @@ def set_aside_later(ckpt_path):
 
 
 def cuda_rng_state(device):
-    """This rank's CUDA RNG state, or None off the GPU. The model draws from the global RNG of its device (a text
-    model's padding noise), so an exact resume needs the GPU's state as well as the CPU's."""
+    """This rank's CUDA RNG state, or None off the GPU. The model draws from the global RNG of its device (a
+    text model's padding noise), so an exact resume needs the GPU's state as well as the CPU's."""
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def restore(ckpt, model, ema, opt, gen, loop, rank, stream, device):
-    """Continue exactly where the checkpoint stopped: weights, optimizer, step, this rank's data position and noise
-    stream, the global RNGs (CPU, and this rank's GPU), and the log window a preemption may have cut."""
+    """Continue exactly where the checkpoint stopped: weights, optimizer, step, this rank's data position and
+    noise stream, the global RNGs (CPU, and this rank's GPU), and the log window a preemption may have cut."""
     load_weights(model, ckpt["model"], "--resume")
     load_weights(ema, ckpt["ema"], "--resume")
     opt.load_state_dict(ckpt["opt"])
@@ -401,9 +441,9 @@ def restore(ckpt, model, ema, opt, gen, loop, rank, stream, device):
     loop.n_acc, loop.n_steps = ckpt["loss_window"][1:]
 
 
-def save_checkpoint(run_dir, model, ema, opt, gen, loop, args, rank, world, stream, device):
-    """Gather every rank's noise stream, CUDA RNG state and data position, write ckpt-STEP.pt from rank 0 and keep the
-    newest --keep. -> its path"""
+def save_checkpoint(run_dir, model, ema, opt, gen, loop, args, facts, rank, world, stream, device):
+    """Gather every rank's noise stream, CUDA RNG state and data position, write ckpt-STEP.pt from rank 0 and
+    keep the newest --keep. -> its path"""
     path = os.path.join(run_dir, f"ckpt-{loop.step:07d}.pt")
     gens, cuda_rngs, places = [gen.get_state()], [cuda_rng_state(device)], [(loop.epoch, loop.position)]
     if world > 1:
@@ -414,12 +454,12 @@ def save_checkpoint(run_dir, model, ema, opt, gen, loop, args, rank, world, stre
     if rank == 0:
         state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=loop.step,
                      epoch=[p[0] for p in places] if stream else loop.epoch,
-                     position=[p[1] for p in places] if stream else loop.position,
-                     gen=gens, torch_rng=torch.get_rng_state(), cuda_rng=cuda_rngs,
-                     loss_window=(loop.loss_sum.item(), loop.n_acc, loop.n_steps),
-                     args=vars(args), config_version=CONFIG_VERSION)
+                     position=[p[1] for p in places] if stream else loop.position, gen=gens,
+                     torch_rng=torch.get_rng_state(), cuda_rng=cuda_rngs,
+                     loss_window=(loop.loss_sum.item(), loop.n_acc, loop.n_steps), args=vars(args),
+                     facts=dataclasses.asdict(facts), config_version=CONFIG_VERSION)
         write_checkpoint(path, state)
-        for f in [f for f in checkpoints_in(run_dir) if f != path][args.keep - 1:]:
+        for f in [f for f in checkpoints_in(run_dir) if f != path][args.keep - 1 :]:
             os.remove(f)
     return path
 
@@ -427,6 +467,7 @@ def save_checkpoint(run_dir, model, ema, opt, gen, loop, args, rank, world, stre
 #################################################################################
 #                      Across ranks: the log line and checks                    #
 #################################################################################
+
 
 def all_mean(x, world):
     """x averaged over ranks, in place."""
@@ -437,18 +478,20 @@ def all_mean(x, world):
 
 
 def log_record(loop, gnorm, dataset, args, world):
-    """The log line of the steps since the last one (the loss averaged over them and over ranks), then a new window."""
+    """The log line of the steps since the last one (the loss averaged over them and over ranks), then a new
+    window."""
     mean_loss = all_mean(loop.loss_sum / max(loop.n_acc, 1), world).item() if loop.n_acc else float("nan")
     rec = dict(step=loop.step, loss=mean_loss, lr=lr_at(loop.step - 1, args), grad_norm=gnorm.item(),
-               img_per_s=loop.n_steps * args.batch / (time.time() - loop.t0),
-               epoch=loop.epoch, skipped_steps=loop.bad_total, **data_events(dataset, world, args))
+               img_per_s=loop.n_steps * args.batch / (time.time() - loop.t0), epoch=loop.epoch,
+               skipped_steps=loop.bad_total, **data_events(dataset, world, args))
     loop.loss_sum.zero_()
     loop.n_acc, loop.n_steps, loop.t0 = 0, 0, time.time()
     return rec
 
 
 def check_replicas(model, world, device, log, step):
-    """DDP must keep the replicas identical; check it rather than trust it, and log the answer (rank 0: `log`)."""
+    """DDP must keep the replicas identical; check it rather than trust it, and log the answer (rank 0:
+    `log`)."""
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
     gathered = [torch.zeros_like(sums) for _ in range(world)]
     dist.all_gather(gathered, sums)
@@ -471,86 +514,95 @@ def finish_distributed(world):
 #                                 Training loop                                 #
 #################################################################################
 
-def main(argv=None):
-    # ---- setup: config, processes, seeds, precision; a --resume checkpoint is read first, to fail before any work ---
-    args = get_args(argv, description=__doc__)
-    validate(args)
+
+def setup(args):
+    """Processes, seeds, precision: (rank, world, device, bf16). The seed gives every rank the same initial
+    weights."""
     rank, world, device = setup_distributed()
     if args.batch % (world * args.grad_accum):  # the global batch is the recipe's, whatever the processes
-        raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes {world} x --grad-accum "
-                         f"{args.grad_accum} = {world * args.grad_accum} (the micro-batch of each rank is "
-                         f"batch / (processes x grad-accum)); change --grad-accum or the number of processes")
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
+        raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes {world} x "
+                         f"--grad-accum {args.grad_accum} = {world * args.grad_accum} (the micro-batch of "
+                         "each rank is batch / (processes x grad-accum)); change --grad-accum or the number "
+                         "of processes")
+    torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bf16 = use_bf16(args.precision, device)
-    ckpt_path, ckpt = resume_point(args, rank)
+    return rank, world, device, use_bf16(args.precision, device)
 
-    # ---- data: the dataset, its caption features, the run folder ------------------------------------------------
-    try:
-        dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, size=args.shapes_size,
-                                size_corr=args.size_corr,
-                                crop=args.crop, hflip=args.hflip, progress=rank == 0)
-    except (ValueError, FileNotFoundError) as e:  # a wrong path or an unfinished cache: say what to do
-        raise SystemExit(f"--dataset {args.dataset}: {e}")
-    latent = getattr(dataset, "is_latent", False)
-    stream = isinstance(dataset, torch.utils.data.IterableDataset)
-    args.num_classes, args.world = dataset.num_classes, world
-    if not stream:  # say it now, not after a run folder was made for a run that cannot take a step
-        epoch_indices(len(dataset), 0, args.seed, rank, world, args.batch // (world * args.grad_accum))
-    encoder, text_cache = text_features(dataset, args, device, rank, world)
-    refuse_other_config(args, ckpt_path, ckpt)  # the data and the text encoder have set every compared key
 
-    # ---- model, EMA, autoencoder, optimizer, and then the run folder (a failure above leaves none behind) ----------
-    model = make_model(args).to(device)
+def build(args, facts, encoder, ckpt, rank, device):
+    """The model (fresh, or --init-from's weights for a new run), its EMA, the autoencoder and the
+    optimizer."""
+    model = make_model(args, facts).to(device)
     if args.grad_ckpt:
         checkpoint_blocks(model)
     if encoder is not None and args.text_null == "empty":
         model.y_embed.set_empty(*encoder.encode([""]))
     if args.init_from and ckpt is None:
         init_from(model, args.init_from, rank)
-        if rank == 0 and args.res != args.base_res:  # a resolution transfer: say what adapts to the new grid
-            print(f"--init-from at {args.res} px: positional embedding `{args.pos_mode}` from the {args.base_res} px "
-                  f"base grid, noise shift alpha {make_diffusion(args).alpha:.3g} (--res-shift {args.res_shift})")
-    ema = make_model(args).to(device).requires_grad_(False)
+        # a resolution transfer: say what adapts to the new grid
+        if rank == 0 and facts.res != facts.base_res:
+            print(f"--init-from at {facts.res} px: positional embedding `{args.pos_mode}` from the "
+                  f"{facts.base_res} px base grid, noise shift alpha {make_diffusion(args, facts).alpha:.3g} "
+                  f"(--res-shift {args.res_shift})")
+    ema = make_model(args, facts).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    # the latent scale (and shift) the data was made with; sampling decodes with the same ones
-    try:
-        vae = Autoencoder(args.vae, **(dict(scale=dataset.scale, shift=dataset.shift) if latent else {})).to(device)
+    try:  # the latent scale (and shift) the data was made with: sampling decodes with the same ones
+        vae = make_autoencoder(facts).to(device)
     except (OSError, ValueError) as e:  # no such folder or hub name, no network, another latent layout
-        raise SystemExit(f"--vae {args.vae}: could not load it ({e})") from None
-    args.latent_scale, args.latent_shift = vae.scale, vae.shift
+        raise SystemExit(f"--vae {facts.vae}: could not load it ({e})") from None
     opt = make_optimizer(model.parameters(), args, fused=device.type == "cuda")
+    return model, ema, vae, opt
+
+
+def main(argv=None):
+    # ---- setup: config, processes, seeds, precision; a --resume checkpoint is read first, to fail before any
+    # work ---
+    args = get_args(argv, description=__doc__)
+    validate(args)
+    rank, world, device, bf16 = setup(args)
+    ckpt_path, ckpt = resume_point(args, rank)
+
+    # ---- data, its caption features, and what the sources tell (the run's facts)
+    # -----------------------------------
+    dataset = open_dataset(args, progress=rank == 0)
+    stream = isinstance(dataset, torch.utils.data.IterableDataset)
+    local_batch = args.batch // (world * args.grad_accum)  # one step = --grad-accum micro-batches per rank
+    if not stream:  # say it now, not after a run folder was made for a run that cannot take a step
+        epoch_indices(len(dataset), 0, args.seed, rank, world, local_batch)
+    encoder, text_cache = text_features(dataset, args, device, rank, world)
+    facts = learn_facts(args, dataset, encoder, ckpt, world)
+    refuse_other_config(args, facts, ckpt_path, ckpt)
+
+    # ---- model, EMA, autoencoder, optimizer, and then the run folder (a failure above leaves none behind)
+    # ----------
+    model, ema, vae, opt = build(args, facts, encoder, ckpt, rank, device)
     gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)  # noise, t and condition dropout
     run_dir = run_folder(args, ckpt_path, ckpt, rank, world)
-
-    # ---- resume: weights, optimizer, data position, RNG streams -------------------------------------------------
     loop = Progress(loss_sum=torch.zeros((), device=device), position=None if stream else 0)
-    if ckpt is not None:
-        saved = ckpt["args"].get("latent_scale"), ckpt["args"].get("latent_shift")
-        if saved != (vae.scale, vae.shift):
-            raise SystemExit(f"--resume: the checkpoint's latents were scaled by {saved[0]} (shift {saved[1]}), this "
-                             f"data by {vae.scale} (shift {vae.shift})")
+    if ckpt is not None:  # weights, optimizer, data position, RNG streams
         restore(ckpt, model, ema, opt, gen, loop, rank, stream, device)
         loop.last_ckpt = ckpt_path
     if rank == 0:
-        print(f"model {args.arch} {args.model} cond={args.cond}: {count_params(model) / 1e6:.2f} M parameters")
-        print(json.dumps(vars(args)))
-    diffusion = make_diffusion(args)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"model {args.arch} {args.model} cond={args.cond}: {params / 1e6:.2f} M parameters")
+        print(json.dumps(dict(vars(args), facts=dataclasses.asdict(facts))))
+    diffusion = make_diffusion(args, facts)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:  # compile the DDP-wrapped module so DDP's bucketing sees the compiled graph
         net = torch.compile(net)
 
-    # ---- training loop --------------------------------------------------------------------------------------------
+    # ---- training loop
+    # --------------------------------------------------------------------------------------------
     log, bar = None, None
     if rank == 0:
         from tqdm import tqdm
+
         log = open(os.path.join(run_dir, "log.jsonl"), "a")
         bar = tqdm(total=args.steps, initial=loop.step, desc="train", dynamic_ncols=True)
-    # one step = --grad-accum micro-batches per rank; the data position counts micro-batches
-    data = batches(dataset, args, rank, world, args.batch // (world * args.grad_accum), loop.epoch, loop.position)
-    preempt = Preemption()
+    data = batches(dataset, args, rank, world, local_batch, loop.epoch, loop.position)
+    latent, preempt = getattr(dataset, "is_latent", False), Preemption()
     model.train()
     loop.t0 = time.time()
     while loop.step < args.steps:
@@ -558,60 +610,86 @@ def main(argv=None):
         for _ in range(args.grad_accum):
             loop.epoch, loop.position, batch = next(data)
             micro.append(model_inputs(batch, vae, latent, text_cache, encoder, gen, device))
-        # forward, backward, update
         loss, gnorm, updated = train_step(net, model, ema, opt, diffusion, micro, gen, loop.step, args, bf16)
         count_step(loop, loss, updated, args, rank)
         loop.step, loop.n_steps = loop.step + 1, loop.n_steps + 1
         if bar is not None:
             bar.update(1)
-        # log line, checkpoint, preemption, sample grid
+        # the log line, a checkpoint, a preemption, a sample grid
         if loop.step % args.log_every == 0 or loop.step == args.steps:
-            rec = log_record(loop, gnorm, dataset, args, world)
-            if rank == 0:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            write_log(log_record(loop, gnorm, dataset, args, world), log, bar)
         stopping = preempt.requested(world, device)
         if loop.step % args.ckpt_every == 0 or loop.step == args.steps or stopping:
-            loop.last_ckpt = save_checkpoint(run_dir, model, ema, opt, gen, loop, args, rank, world, stream, device)
+            loop.last_ckpt = save_checkpoint(run_dir, model, ema, opt, gen, loop, args, facts, rank, world,
+                                             stream, device)
         if stopping:
-            if rank == 0:
-                bar.close()
-                print(f"preempted by signal {preempt.signal}: wrote {loop.last_ckpt}; continue with --resume {run_dir}")
-                log.close()
-            preempt.restore()
-            finish_distributed(world)
-            raise SystemExit(PREEMPTED)
-        if args.sample_every > 0 and loop.step % args.sample_every == 0 and rank == 0 and loop.step < args.steps:
-            write_grid(ema, vae, args, os.path.join(run_dir, f"samples-{loop.step:07d}.png"), device)
+            stop_preempted(preempt, loop, run_dir, bar, log, world)
+        if (args.sample_every > 0
+            and loop.step % args.sample_every == 0
+            and rank == 0
+            and loop.step < args.steps):
+            write_grid(ema, vae, args, facts, os.path.join(run_dir, f"samples-{loop.step:07d}.png"), device,
+                       grid_prompts(args, facts, dataset, batch))
     preempt.restore()
 
-    # ---- finish: replica check, a sample grid, and on shapes the checker's verdict --------------------------------
+    # ---- finish: replica check, a sample grid, and on shapes the checker's verdict
+    # --------------------------------
     if bar is not None:
         bar.close()
     if world > 1:
         check_replicas(model, world, device, log, loop.step)
     if rank == 0:
         if args.sample_every >= 0:
-            write_grid(ema, vae, args, os.path.join(run_dir, "samples.png"), device)
+            write_grid(ema, vae, args, facts, os.path.join(run_dir, "samples.png"), device,
+                       grid_prompts(args, facts, dataset, batch))
         print(f"run folder: {run_dir}")
-        if args.source_dataset == "shapes" and args.eval_per_class > 0:
-            write_eval(ema, diffusion, vae, args, os.path.join(run_dir, "eval.json"), device, loop.step)
+        if facts.source_dataset == "shapes" and args.eval_per_class > 0:
+            write_eval(ema, vae, args, facts, os.path.join(run_dir, "eval.json"), device, loop.step)
         log.close()
     finish_distributed(world)
     return run_dir
 
 
-def write_grid(ema, vae, args, path, device):
-    """A sample grid of the EMA model (sample.class_grid): a row per class, the flip off and on."""
-    class_grid(ema, vae, args, path, device, cfg_scale=args.cfg_scale, steps=args.sample_steps, method=args.sampler)
+def write_log(rec, log, bar):
+    """A log line to log.jsonl and the progress bar (rank 0; `log` None elsewhere)."""
+    if log is not None:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
 
 
-def write_eval(ema, diffusion, vae, args, path, device, step):
-    """The shapes checker's verdict on EMA samples (decoded by the run's autoencoder), printed and written to `path`
-    (eval.json)."""
-    res = evaluate_shapes(ema, diffusion, args, args.eval_per_class, device, cfg_scale=args.cfg_scale,
-                          steps=args.sample_steps, method=args.sampler, progress=True, vae=vae)
+def stop_preempted(preempt, loop, run_dir, bar, log, world):
+    """After a preemption's checkpoint: say how to continue, leave the process group, exit with PREEMPTED."""
+    if bar is not None:
+        bar.close()
+        print(f"preempted by signal {preempt.signal}: wrote {loop.last_ckpt}; continue with --resume "
+              f"{run_dir}")
+        log.close()
+    preempt.restore()
+    finish_distributed(world)
+    raise SystemExit(PREEMPTED)
+
+
+def grid_prompts(args, facts, dataset, batch, rows=4):
+    """A text model's rows of a training grid: None for a shapes model (sample.class_grid asks with the shapes
+    captions of its classes), else the first distinct captions of the data (a stream: of its last batch)."""
+    if args.cond_type != "text" or facts.source_dataset == "shapes":
+        return None
+    captions = batch[3] if isinstance(dataset, torch.utils.data.IterableDataset) else dataset.captions()
+    return list(dict.fromkeys(captions))[:rows]
+
+
+def write_grid(ema, vae, args, facts, path, device, prompts=None):
+    """A sample grid of the EMA model (sample.class_grid): a row per class or prompt, the flip off and on."""
+    class_grid(ema, vae, args, facts, path, device, cfg_scale=args.cfg_scale, steps=args.sample_steps,
+               method=args.sampler, prompts=prompts)
+
+
+def write_eval(ema, vae, args, facts, path, device, step):
+    """The shapes checker's verdict on EMA samples (sample.checker_verdict, at the run's evaluation settings),
+    printed and written to `path` (eval.json)."""
+    res = checker_verdict(ema, vae, args, facts, args.eval_per_class, device, cfg_scale=args.cfg_scale,
+                          steps=args.sample_steps, method=args.sampler)
     print("checker on EMA samples: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     with open(path, "w") as f:
         json.dump(dict(res, cfg_scale=args.cfg_scale, per_class=args.eval_per_class, step=step), f)

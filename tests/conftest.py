@@ -1,5 +1,6 @@
-"""What the tests share: the project on the import path, torch kept to the two cores CI has, the `slow` marker, the
-tiny training flags and log readers, tiny models with live conditioning paths, and a NaN-injecting loss.
+"""What the tests share: the project on the import path, torch kept to the two cores CI has, the `slow`
+marker, the tiny training flags and log readers, tiny models with live conditioning paths, and a NaN-injecting
+loss.
 
 `python -m pytest -q -m "not slow" tests` is the fast inner loop (no training runs, subprocesses or torchrun);
 CI runs everything."""
@@ -20,17 +21,18 @@ from model import MDTv2, build_model  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: trains, samples through a CLI, or starts processes (deselect with "
-                                       "-m 'not slow')")
+    config.addinivalue_line("markers", "slow: trains, samples through a CLI, or starts processes (deselect "
+                                       "with -m 'not slow')")
 
 
 #################################################################################
 #                           Tiny training runs                                  #
 #################################################################################
 
-# train.py flags for a run of a few seconds: a 2-block model at 16 px on 256 shapes images, a log line every step
-TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "256", "--batch", "16", "--eval-per-class",
-        "0", "--log-every", "1", "--warmup", "5"]
+# train.py flags for a run of a few seconds: a 2-block model at 16 px on 256 shapes images, a log line every
+# step
+TINY = ["--model", "T/4", "--res", "16", "--base-res", "16", "--shapes-size", "256", "--batch", "16",
+        "--eval-per-class", "0", "--log-every", "1", "--warmup", "5"]
 
 
 def records(run_dir):
@@ -45,8 +47,8 @@ def losses(run_dir):
 
 
 def nan_loss(steps, real=Diffusion.loss):
-    """Diffusion.loss, but NaN at these steps (1-based: one loss per training step), as a diverging run's would be;
-    patched in by a test (or by a wrapper script for a subprocess) in place of Diffusion.loss."""
+    """Diffusion.loss, but NaN at these steps (1-based: one loss per training step), as a diverging run's
+    would be; patched in by a test (or by a wrapper script for a subprocess) in place of Diffusion.loss."""
     calls = []
 
     def loss(self, *args, **kwargs):
@@ -61,8 +63,8 @@ def nan_loss(steps, real=Diffusion.loss):
 #################################################################################
 
 def tiny_model(cond="ours", arch="dit", **kw):
-    """A 16 px, 10-class transformer: T/4, or the smallest mDT (one encoder block per half, two decoder blocks, the
-    side block)."""
+    """A 16 px, 10-class transformer: T/4, or the smallest mDT (one encoder block per half, two decoder
+    blocks, the side block)."""
     kw = dict(dict(input_size=16, in_channels=3, num_classes=10), **kw)
     if arch == "mdt":
         return MDTv2(patch=4, depth=4, width=64, heads=2, cond=cond, **kw)
@@ -90,7 +92,8 @@ def model_inputs(b=3, res=16):
 #################################################################################
 
 def dit_pos_embed(dim, grid):
-    """MAE / DiT 2-D sin-cos: the first half of the channels encodes the column (w) index, the second the row."""
+    """MAE / DiT 2-D sin-cos: the first half of the channels encodes the column (w) index, the second the
+    row."""
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.outer(pos.reshape(-1), omega)
@@ -104,12 +107,13 @@ def random_dit_state_dict(depth=2, width=64, patch=2, channels=4, classes=10, gr
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.1
     D = width
     sd = {"x_embedder.proj.weight": r(D, channels, patch, patch), "x_embedder.proj.bias": r(D),
-          "pos_embed": dit_pos_embed(D, grid), "t_embedder.mlp.0.weight": r(D, 256), "t_embedder.mlp.0.bias": r(D),
-          "t_embedder.mlp.2.weight": r(D, D), "t_embedder.mlp.2.bias": r(D),
+          "pos_embed": dit_pos_embed(D, grid), "t_embedder.mlp.0.weight": r(D, 256),
+          "t_embedder.mlp.0.bias": r(D), "t_embedder.mlp.2.weight": r(D, D), "t_embedder.mlp.2.bias": r(D),
           "y_embedder.embedding_table.weight": r(classes + 1, D),
           "final_layer.linear.weight": r(patch * patch * 2 * channels, D),
           "final_layer.linear.bias": r(patch * patch * 2 * channels),
-          "final_layer.adaLN_modulation.1.weight": r(2 * D, D), "final_layer.adaLN_modulation.1.bias": r(2 * D)}
+          "final_layer.adaLN_modulation.1.weight": r(2 * D, D),
+          "final_layer.adaLN_modulation.1.bias": r(2 * D)}
     for i in range(depth):
         for name, shape in [("attn.qkv", (3 * D, D)), ("attn.proj", (D, D)), ("mlp.fc1", (4 * D, D)),
                             ("mlp.fc2", (D, 4 * D)), ("adaLN_modulation.1", (6 * D, D))]:
@@ -117,24 +121,36 @@ def random_dit_state_dict(depth=2, width=64, patch=2, channels=4, classes=10, gr
     return sd
 
 
+def facts_of(args, num_classes=10, text_dim=None, text_len=None, **kw):
+    """The Facts train.py would learn for `args` from a dataset of `num_classes` classes (and a text encoder
+    of this width and length), without opening any file: the flags' res, vae and base res."""
+    from config import Facts
+    return Facts(res=args.res, vae=args.vae, base_res=args.base_res or args.res, source_dataset=args.dataset,
+                 num_classes=num_classes, text_dim=text_dim, text_len=text_len, **kw)
+
+
 def init_loads_every_tensor(flags, source, reference):
-    """Build the model of train.py `flags + --init-from source`, load it as --init-from does, and check that every
-    tensor loaded and equals the EMA weights of the checkpoint `reference`. Returns (args, model)."""
+    """Build the model of train.py `flags + --init-from source`, load it as --init-from does, and check that
+    every tensor loaded and equals the EMA weights of the checkpoint `reference`. Returns (args, facts,
+    model)."""
     from checkpoint import init_from, read_checkpoint
-    from config import get_args, make_model
+    from config import get_args, learn_facts, make_model
     args = get_args(flags + ["--init-from", source])
-    args.num_classes = 10
-    model = make_model(args)
+
+    class TenClasses:  # what learn_facts reads off a dataset
+        num_classes = 10
+    facts = learn_facts(args, TenClasses())
+    model = make_model(args, facts)
     loaded, skipped, new = init_from(model, source)
     assert not skipped and not new and len(loaded) == len(model.state_dict())
     src = read_checkpoint(reference)["ema"]
     assert all(torch.equal(model.state_dict()[k], src[k]) for k in src)
-    return args, model
+    return args, facts, model
 
 
 def assert_resumed_exactly(full, resumed, start, stop):
-    """A run resumed at step `start` logged the same losses as the uninterrupted run `full` for steps start+1..stop,
-    and ended with the same EMA weights."""
+    """A run resumed at step `start` logged the same losses as the uninterrupted run `full` for steps
+    start+1..stop, and ended with the same EMA weights."""
     from checkpoint import read_checkpoint
     a, b = losses(full), losses(resumed)
     assert sorted(b) == list(range(start + 1, stop + 1))

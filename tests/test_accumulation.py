@@ -1,18 +1,18 @@
-"""Gradient accumulation and activation checkpointing change how a step is computed, not what it computes: one step
-over N micro-batches (on one rank or several) equals one step over the whole batch, checkpointed blocks give the
-same loss and gradients, and a run with --grad-accum resumes exactly."""
+"""Gradient accumulation and activation checkpointing change how a step is computed, not what it computes: one
+step over N micro-batches (on one rank or several) equals one step over the whole batch, checkpointed blocks
+give the same loss and gradients, and a run with --grad-accum resumes exactly."""
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, assert_resumed_exactly
 
 import train
 from config import get_args, make_diffusion, make_model
-from data import default_control
+from conftest import ROOT, TINY, assert_resumed_exactly, facts_of
 from diffusion import to_velocity
+from shapes import shapes_default_control
 
 #################################################################################
 #              One step on fixed data, however it is split                      #
@@ -22,10 +22,11 @@ B = 16  # TINY's global batch
 
 
 class FixedDraws:
-    """Each sample's dropout flags, noise level t and noise, drawn once for the whole batch and handed out in row
-    order, whatever the micro-batches: train.py draws them micro-batch by micro-batch from its generator, which gives
-    other values for another split, so a comparison across splits must hold them fixed. `drop_flags` stands in for
-    train.drop_flags, `loss` for Diffusion.loss (the flow loss, the same formula, with these draws)."""
+    """Each sample's dropout flags, noise level t and noise, drawn once for the whole batch and handed out in
+    row order, whatever the micro-batches: train.py draws them micro-batch by micro-batch from its generator,
+    which gives other values for another split, so a comparison across splits must hold them fixed.
+    `drop_flags` stands in for train.drop_flags, `loss` for Diffusion.loss (the flow loss, the same formula,
+    with these draws)."""
 
     def __init__(self, diffusion, seed=1, rows=slice(None)):
         g = torch.Generator().manual_seed(seed)
@@ -52,23 +53,24 @@ def fixed_batch():
     """A global batch of B images, labels and controls (the same for every caller)."""
     g = torch.Generator().manual_seed(0)
     return (torch.randn(B, 3, 16, 16, generator=g), torch.randint(0, 10, (B,), generator=g),
-            default_control("shapes", 16).expand(B, -1).clone())
+            shapes_default_control(16).expand(B, -1).clone())
 
 
 def step_on_fixed_batch(accum, rank=0, world=1, wrap=None):
-    """The weights after one train.train_step from TINY's initial weights on this rank's share of fixed_batch(), cut
-    into `accum` micro-batches, with FixedDraws. `wrap` turns the model into the net that runs the forward (DDP).
-    The step is plain SGD at lr 1 without clipping: the weights move by exactly the gradient, so a wrongly scaled or
-    half-synchronised one shows (AdamW's first step, about lr * sign(gradient), and clipping would hide a scale)."""
+    """The weights after one train.train_step from TINY's initial weights on this rank's share of
+    fixed_batch(), cut into `accum` micro-batches, with FixedDraws. `wrap` turns the model into the net that
+    runs the forward (DDP). The step is plain SGD at lr 1 without clipping: the weights move by exactly the
+    gradient, so a wrongly scaled or half-synchronised one shows (AdamW's first step, about lr *
+    sign(gradient), and clipping would hide a scale)."""
     args = get_args(TINY + ["--grad-accum", str(accum), "--lr", "1", "--warmup", "0", "--decay", "constant",
                             "--clip", "0"])
-    args.num_classes, args.world = 10, world
+    facts = facts_of(args, world=world)
     torch.manual_seed(args.seed)
-    model = make_model(args)
-    ema = make_model(args).requires_grad_(False)
+    model = make_model(args, facts)
+    ema = make_model(args, facts).requires_grad_(False)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     share = slice(rank * B // world, (rank + 1) * B // world)
-    draws = FixedDraws(make_diffusion(args), rows=share)
+    draws = FixedDraws(make_diffusion(args, facts), rows=share)
     micro = list(zip(*(part.chunk(accum) for part in (x[share] for x in fixed_batch()))))
     real_drop_flags, train.drop_flags = train.drop_flags, draws.drop_flags
     try:
@@ -82,9 +84,8 @@ def step_on_fixed_batch(accum, rank=0, world=1, wrap=None):
 
 def initial_weights():
     args = get_args(TINY)
-    args.num_classes = 10
     torch.manual_seed(args.seed)
-    return make_model(args).state_dict()
+    return make_model(args, facts_of(args)).state_dict()
 
 
 def max_diff(a, b):
@@ -92,8 +93,9 @@ def max_diff(a, b):
 
 
 def test_accumulated_step_equals_one_step_on_the_whole_batch():
-    """One process: --grad-accum 4 (four micro-batches of 4) and --grad-accum 1 (one batch of 16) on the same data,
-    with each sample's dropout, t and noise held fixed (FixedDraws), take the same step up to float rounding."""
+    """One process: --grad-accum 4 (four micro-batches of 4) and --grad-accum 1 (one batch of 16) on the same
+    data, with each sample's dropout, t and noise held fixed (FixedDraws), take the same step up to float
+    rounding."""
     loss1, w1 = step_on_fixed_batch(1)
     loss4, w4 = step_on_fixed_batch(4)
     diff = max_diff(w1, w4)
@@ -103,7 +105,8 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch():
     assert torch.isclose(loss1, loss4, rtol=1e-6) and diff < 1e-5, (loss1, loss4, diff)
 
 
-# run under torchrun by the test below: 2 ranks x --grad-accum 2 on the same fixed batch, rank 0 saves the weights
+# run under torchrun by the test below: 2 ranks x --grad-accum 2 on the same fixed batch, rank 0 saves the
+# weights
 TWO_RANKS = """
 import sys
 sys.path[:0] = {paths!r}
@@ -122,13 +125,14 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_two_ranks_accumulating_equal_one_rank(tmp_path):
-    """2 gloo ranks x --grad-accum 2 (micro-batches of 4, gradients all-reduced once, with the last) take the same
-    step as 1 rank x --grad-accum 4 on the same global batch of 16, draws held fixed as above."""
+    """2 gloo ranks x --grad-accum 2 (micro-batches of 4, gradients all-reduced once, with the last) take the
+    same step as 1 rank x --grad-accum 4 on the same global batch of 16, draws held fixed as above."""
     script, out = tmp_path / "two_ranks.py", tmp_path / "weights.pt"
     script.write_text(TWO_RANKS.format(paths=[ROOT, os.path.join(ROOT, "tests")], out=str(out)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561", str(script)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
+           str(script)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss2, w2 = torch.load(out)
     loss1, w1 = step_on_fixed_batch(4)
@@ -142,20 +146,20 @@ def test_two_ranks_accumulating_equal_one_rank(tmp_path):
 #################################################################################
 
 def test_grad_ckpt_changes_neither_loss_nor_gradients():
-    """train.checkpoint_blocks (--grad-ckpt, and bench.py's) recomputes each block in the backward pass: the same
-    loss and gradients of a training step, from the same generator."""
+    """train.checkpoint_blocks (--grad-ckpt, and bench.py's) recomputes each block in the backward pass: the
+    same loss and gradients of a training step, from the same generator."""
     args = get_args(TINY + ["--grad-ckpt"])
-    args.num_classes, args.world = 10, 1
+    facts = facts_of(args)
     assert args.grad_ckpt
 
     def loss_and_grads(checkpointed):
         torch.manual_seed(0)
-        model = make_model(args)
+        model = make_model(args, facts)
         if checkpointed:
             train.checkpoint_blocks(model)
-        ema = make_model(args).requires_grad_(False)
+        ema = make_model(args, facts).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        loss, _, _ = train.train_step(model, model, ema, opt, make_diffusion(args), [fixed_batch()],
+        loss, _, _ = train.train_step(model, model, ema, opt, make_diffusion(args, facts), [fixed_batch()],
                                       torch.Generator().manual_seed(0), 0, args, bf16=False)
         return loss, [p.grad.clone() for p in model.parameters()]
 
@@ -181,8 +185,8 @@ def test_bad_grad_accum_fails_fast():
 
 @pytest.mark.slow
 def test_resume_with_grad_accum_is_exact(tmp_path):
-    """Micro-batches of 4, two per step: the checkpoint's data position counts micro-batches, and a resume takes
-    the same ones with the same draws; another --grad-accum is refused (it would read other data)."""
+    """Micro-batches of 4, two per step: the checkpoint's data position counts micro-batches, and a resume
+    takes the same ones with the same draws; another --grad-accum is refused (it would read other data)."""
     flags = TINY + ["--grad-accum", "2", "--batch", "8", "--steps", "8", "--sample-every", "-1"]
     full = train.main(flags + ["--ckpt-every", "4", "--keep", "5", "--out", str(tmp_path / "a")])
     half = tmp_path / "b" / "run"

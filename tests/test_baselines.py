@@ -1,16 +1,18 @@
-"""The baseline recipes: the published DiT checkpoint layout maps onto --cond adaln with identical outputs, the XL/2
-presets have the published parameter counts, and --init-from reports what it loaded, skipped and initialised."""
+"""The baseline recipes: the published DiT checkpoint layout maps onto --cond adaln with identical outputs,
+the XL/2 presets have the published parameter counts, and --init-from reports what it loaded, skipped and
+initialised."""
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, losses, random_dit_state_dict
 
 import sample
 import train
+from conftest import TINY, losses, random_dit_state_dict
 from model import DiffusionTransformer, build_model, count_params, from_dit
+from unet import build_unet
 
 #################################################################################
 #          An independent DiT forward, written from its published layout         #
@@ -18,7 +20,8 @@ from model import DiffusionTransformer, build_model, count_params, from_dit
 
 
 def dit_forward(sd, x, k, y, heads, patch=2):
-    """DiT(x, t = integer step k, y): patchify + pos, t + y embedding, adaLN-Zero blocks, final layer, unpatchify."""
+    """DiT(x, t = integer step k, y): patchify + pos, t + y embedding, adaLN-Zero blocks, final layer,
+    unpatchify."""
     B, C, H, W = x.shape
     D = sd["pos_embed"].shape[-1]
     ln = lambda h: F.layer_norm(h, (D,), eps=1e-6)
@@ -61,11 +64,13 @@ def dit_inputs():
 
 def test_dit_state_dict_maps_onto_adaln_with_identical_outputs():
     sd = random_dit_state_dict()
-    model = DiffusionTransformer(input_size=8, patch=2, in_channels=4, out_channels=8, depth=2, width=64, heads=2,
-                                 num_classes=10, cond="adaln", qk_norm=False).eval()
+    model = DiffusionTransformer(input_size=8, patch=2, in_channels=4, out_channels=8, depth=2, width=64,
+                                 heads=2, num_classes=10, cond="adaln", qk_norm=False).eval()
     mapped = from_dit(sd, 64)[0]
-    assert set(model.state_dict()) - set(mapped) == {f"c_embed.mlps.{g}.0.{w}" for g in ("size", "crop", "flip")
-                                                     for w in ("weight", "bias")}  # kept from our initialisation
+    assert set(model.state_dict()) - set(mapped) == {f"c_embed.mlps.{g}.0.{w}" for g in ("size", "crop",
+                                                                                         "flip")
+                                                     # kept from our initialisation
+                                                     for w in ("weight", "bias")}
     model.load_state_dict({**model.state_dict(), **mapped})
     x, k, y, ctrl = dit_inputs()
     ref = dit_forward(sd, x, k, y, heads=2)
@@ -79,17 +84,18 @@ def test_dit_state_dict_maps_onto_adaln_with_identical_outputs():
 
 @pytest.mark.slow
 def test_dit_file_loads_through_init_from_and_sample(tmp_path, capsys):
-    """An official-format .pt: --init-from maps it (and refuses a model it cannot match); sample.py builds the DiT
-    recipe (adaln, no QK-norm, ddpm + learned sigma) from the file alone."""
+    """An official-format .pt: --init-from maps it (and refuses a model it cannot match); sample.py builds the
+    DiT recipe (adaln, no QK-norm, ddpm + learned sigma) from the file alone."""
     sd = random_dit_state_dict(depth=2, width=64, classes=1000)
     path = str(tmp_path / "DiT-T-2.pt")
     torch.save(sd, path)
-    model, args = sample.load_model(path, "cpu")
-    assert (args.model, args.cond, args.objective, args.learn_sigma, args.res) == ("T/2", "adaln", "ddpm", True, 64)
+    model, args, facts, _, _ = sample.load_model(path, "cpu")
+    assert (args.model, args.cond, args.objective, args.learn_sigma) == ("T/2", "adaln", "ddpm", True)
+    assert facts.res == 64
     x, k, y, ctrl = dit_inputs()
     assert torch.allclose(model(x, k.float() / 1000, y, ctrl), dit_forward(sd, x, k, y, heads=2), atol=1e-4)
-    target = DiffusionTransformer(input_size=8, patch=2, in_channels=4, out_channels=8, depth=2, width=64, heads=2,
-                                  num_classes=1000, cond="adaln", qk_norm=False)
+    target = DiffusionTransformer(input_size=8, patch=2, in_channels=4, out_channels=8, depth=2, width=64,
+                                  heads=2, num_classes=1000, cond="adaln", qk_norm=False)
     loaded, skipped, new = train.init_from(target, path)
     assert not skipped and len(loaded) + len(new) == len(target.state_dict())
     assert all(n.startswith("c_embed.mlps.") for n in new)  # only the control MLPs' input layers are DiT-less
@@ -104,12 +110,14 @@ def test_init_from_reports_loaded_skipped_and_new(tmp_path, capsys):
     src = build_model("T/4", input_size=16, in_channels=3, num_classes=10, cond="adaln")
     path = str(tmp_path / "ckpt.pt")
     torch.save({"ema": src.state_dict(), "model": src.state_dict()}, path)
-    dst = build_model("T/4", input_size=16, in_channels=3, num_classes=10, cond="ours", class_tokens=2, qk_norm=False)
+    dst = build_model("T/4", input_size=16, in_channels=3, num_classes=10, cond="ours", class_tokens=2,
+                      qk_norm=False)
     loaded, skipped, new = train.init_from(dst, path)
     assert "x_embed.weight" in loaded and "blocks.0.img.qkv.weight" in loaded
     assert any(s.startswith("y_embed.table.weight") for s in skipped)  # 1 token -> 2 tokens: shape differs
     assert any(n.startswith("blocks.0.ctx.") for n in new)
-    assert torch.equal(dst.state_dict()["blocks.1.img.mlp.0.weight"], src.state_dict()["blocks.1.img.mlp.0.weight"])
+    assert torch.equal(dst.state_dict()["blocks.1.img.mlp.0.weight"],
+                       src.state_dict()["blocks.1.img.mlp.0.weight"])
     out = capsys.readouterr().out
     assert "skipped: y_embed.table.weight" in out and "new (initialised): blocks.0.ctx" in out
 
@@ -129,12 +137,24 @@ def xl2(**kw):
 
 def test_xl2_parameter_counts_match_the_published_ones():
     dit = xl2(cond="adaln", out_channels=8, qk_norm=False)
-    assert dit + 256 * 1152 == 675_129_632  # exactly DiT's count once its stored positional embedding is added
+    # exactly DiT's count once its stored positional embedding is added
+    assert dit + 256 * 1152 == 675_129_632
     pixart = xl2(cond="xattn", out_channels=8)
     # PixArt's caption projection (4096 -> 1152 -> 1152) takes the place of our class table (1001 x 1152)
     caption = 4096 * 1152 + 1152 + 1152 * 1152 + 1152
     assert abs(pixart - 1001 * 1152 + caption - 611e6) / 611e6 < 0.02
     assert abs(pixart - 611e6) / 611e6 < 0.02
+
+
+def test_xl2_parameter_counts_are_the_ones_docs_baselines_quotes():
+    """docs/baselines.md's table of parameter counts (without the control embedder) is this code's."""
+    assert xl2(cond="adaln", out_channels=8, qk_norm=False) == 674_834_720
+    assert xl2(cond="xattn", out_channels=8) == 605_961_248
+    assert xl2(cond="adaln", out_channels=8, arch="mdt") == 741_226_784
+    assert xl2(cond="mmdit") == 1_329_561_232 and xl2(cond="ours") == 1_326_904_720
+    with torch.device("meta"):
+        unet = build_unet("G4", input_size=32, in_channels=4, num_classes=1000, cond="xattn")
+    assert count_params(unet) == 403_298_948  # with the control embedder and the class table
 
 
 #################################################################################
@@ -154,9 +174,11 @@ def test_each_baseline_trains_and_samples_with_guidance(recipe, tmp_path):
                                                "--sample-steps", "4"])
     log = losses(run)
     assert len(log) == 6 and all(math.isfinite(v) for v in log.values())
-    # a grid with guidance (two branches per step) and a control-guided npz (three branches) from the checkpoint
+    # a grid with guidance (two branches per step) and a control-guided npz (three branches) from the
+    # checkpoint
     out = str(tmp_path / "grid.png")
-    sample.main(["--ckpt", run, "--out", out, "--classes", "0,1", "--seeds", "1", "--steps", "3", "--cfg-scale", "1,3"])
+    sample.main(["--ckpt", run, "--out", out, "--classes", "0,1", "--seeds", "1", "--steps", "3",
+                 "--cfg-scale", "1,3"])
     npz = str(tmp_path / "s.npz")
     sample.main(["--ckpt", run, "--out", npz, "--num-samples", "3", "--steps", "2", "--cfg-scale", "2",
                  "--ctrl-scale", "1", "--batch", "2"])

@@ -1,33 +1,35 @@
 """bench.py: the fast path computes what the reference path computes (same loss, same gradients within bf16
-tolerance), activation checkpointing changes no gradient, compile stays off on CPU unless asked, and the benchmark
-runs end to end on a CPU and writes every field of its JSON line."""
+tolerance), activation checkpointing changes no gradient, compile stays off on CPU unless asked, and the
+benchmark runs end to end on a CPU and writes every field of its JSON line."""
 import json
 
 import pytest
 import torch
 
-import bench
+from experiments import bench
 
 CPU = torch.device("cpu")
 BENCH_TINY = ["--model", "T/4", "--res", "16", "--base-res", "16"]
 
 
 def tiny(extra=(), batch=4):
-    """A tiny model, its diffusion and a synthetic batch. adaLN-Zero makes a fresh model output exactly 0 with almost
-    every gradient 0; the zero-initialised tensors get random values so that every weight takes part and the network's
-    output moves the loss (about 5 against 3.2 for a zero output). No gradient clipping: the raw gradients compare."""
-    _, args = bench.get_args(BENCH_TINY + ["--batch", str(batch), "--clip", "0", *extra])
-    state = bench.build(args, CPU)
+    """A tiny model, its diffusion and a synthetic batch. adaLN-Zero makes a fresh model output exactly 0 with
+    almost every gradient 0; the zero-initialised tensors get random values so that every weight takes part
+    and the network's output moves the loss (about 5 against 3.2 for a zero output). No gradient clipping: the
+    raw gradients compare."""
+    _, args, facts = bench.get_args(BENCH_TINY + ["--batch", str(batch), "--clip", "0", *extra])
+    state = bench.build(args, facts, CPU)
     with torch.no_grad():
         for p in state.model.parameters():
             if not p.any():
                 p.normal_(0, 0.1)
-    return args, state, bench.synthetic_batch(args, batch, CPU)
+    return args, state, bench.synthetic_batch(args, facts, batch, CPU)
 
 
 def loss_and_grad(state, args, data, path):
-    """Loss and the flattened gradient of one training step (bench.train_step, i.e. train.train_step) under `path`,
-    from the same noise every time; the update it makes is undone, so every call starts from the same weights."""
+    """Loss and the flattened gradient of one training step (bench.train_step, i.e. train.train_step) under
+    `path`, from the same noise every time; the update it makes is undone, so every call starts from the same
+    weights."""
     weights = {k: v.clone() for k, v in state.model.state_dict().items()}
     bench.prepare(state, path, args)  # a fresh optimizer
     state.gen = torch.Generator().manual_seed(0)
@@ -50,7 +52,8 @@ def test_fast_bf16_matches_fp32_math_reference(flags):
 
 
 def test_sdpa_backends_agree_in_fp32():
-    """bf16 off: PyTorch's default SDPA kernel and the math backend are the same computation to float rounding."""
+    """bf16 off: PyTorch's default SDPA kernel and the math backend are the same computation to float
+    rounding."""
     args, state, data = tiny()
     ref_loss, ref_grad = loss_and_grad(state, args, data, bench.Path("reference", attn="math"))
     loss, grad = loss_and_grad(state, args, data, bench.Path("fast", attn="default"))
@@ -69,12 +72,12 @@ def test_grad_checkpointing_changes_no_gradient():
 
 
 def test_compile_is_optional_and_off_by_default_on_cpu():
-    b, args = bench.get_args(["--cond", "adaln"])
+    b, args, facts = bench.get_args(["--cond", "adaln"])
     assert b.compile == "auto" and bench.fast_path(b, args, CPU).compile == "off"
     assert bench.resolve_compile("auto", torch.device("cuda")) == "model"
     assert bench.fast_path(bench.get_args(["--compile", "blocks"])[0], args, CPU).compile == "blocks"
     # bench's own flags are taken out; the rest reaches train.py, presets filled
-    assert (args.cond, args.model, args.res, args.batch, args.num_classes) == ("adaln", "XS/4", 24, 64, 10)
+    assert (args.cond, args.model, args.res, args.batch, facts.num_classes) == ("adaln", "XS/4", 24, 64, 10)
     ref = bench.reference_path(b, CPU)
     assert (ref.attn, ref.compile, ref.bf16, ref.fused_adam) == ("math", "off", False, False)
 
@@ -82,15 +85,20 @@ def test_compile_is_optional_and_off_by_default_on_cpu():
 @pytest.mark.slow
 def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
-    bench.main(BENCH_TINY + ["--batch", "4", "--steps", "2", "--warmup", "1", "--grad-ckpt", "--find-max-batch",
-                       "--sample-batch", "2", "--sample-steps", "2", "--peak-size", "128", "--json", str(out)])
+    bench.main(BENCH_TINY + ["--batch", "4", "--steps", "2", "--warmup", "1", "--grad-ckpt",
+                             "--find-max-batch",
+                       "--sample-batch", "2", "--sample-steps", "2", "--peak-size", "128", "--json",
+                             str(out)])
     text = capsys.readouterr().out
     assert "VAE is NOT run" in text and "process RSS" in text and "speed-up" in text
     rec = json.loads(out.read_text().splitlines()[-1])
     for key in ("device", "torch", "dataset", "model", "res", "batch", "flops_per_img", "flop_convention",
-                "peak_tflops_measured_bf16", "peak_tflops_datasheet", "mem_kind", "speedup", "max_batch", "sample"):
+                "peak_tflops_measured_bf16", "peak_tflops_datasheet", "mem_kind", "speedup", "max_batch",
+                "sample"):
         assert key in rec, key
-    assert rec["vae_run"] is False and rec["mem_kind"] == "process_peak_rss" and rec["peak_tflops_datasheet"] is None
+    assert (rec["vae_run"] is False
+            and rec["mem_kind"] == "process_peak_rss"
+            and rec["peak_tflops_datasheet"] is None)
     assert rec["flops_per_img"] > 0 and rec["speedup"] > 0 and rec["max_batch"] is None  # no max batch on CPU
     for name in ("fast", "reference"):
         r = rec[name]
@@ -127,19 +135,21 @@ def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch):
 
 
 def test_peak_probe_on_cpu_measures_the_runs_dtype():
-    """On a CPU the probe times only the dtype the run computes in: fp32 unless --precision bf16 (a CPU without
-    native bf16 takes seconds per bf16 matmul, and an fp32 run's MFU has nothing to do with it). A GPU probes both."""
+    """On a CPU the probe times only the dtype the run computes in: fp32 unless --precision bf16 (a CPU
+    without native bf16 takes seconds per bf16 matmul, and an fp32 run's MFU has nothing to do with it). A GPU
+    probes both."""
     for flags, want in (([], (torch.float32,)), (["--precision", "bf16"], (torch.bfloat16,))):
-        b, args = bench.get_args(["--cond", "adaln", *flags])
+        b, args, _ = bench.get_args(["--cond", "adaln", *flags])
         assert bench.peak_dtypes(bench.fast_path(b, args, CPU), CPU) == want
-    b, args = bench.get_args(["--cond", "adaln"])
+    b, args, _ = bench.get_args(["--cond", "adaln"])
     gpu = torch.device("cuda")
     assert bench.peak_dtypes(bench.fast_path(b, args, gpu), gpu) == (torch.bfloat16, torch.float32)
 
 
 class SlowMatmul:
-    """A matmul on a fake clock: it computes nothing and moves the clock on by n^3 multiply-adds at `gflops`, from
-    call number `stall_from` on 1000x slower (a neighbour took the core the second OpenMP thread waits on)."""
+    """A matmul on a fake clock: it computes nothing and moves the clock on by n^3 multiply-adds at `gflops`,
+    from call number `stall_from` on 1000x slower (a neighbour took the core the second OpenMP thread waits
+    on)."""
 
     def __init__(self, gflops, stall_from=None):
         self.now, self.rate, self.sizes, self.stall_from = 0.0, gflops * 1e9, [], stall_from
@@ -156,23 +166,29 @@ class SlowMatmul:
 
 def test_peak_probe_is_bounded_in_time():
     # an AVX2 CPU without native bf16: one 1024^3 bf16 matmul in 2.5 s, where the old probe ran 2048^3 ones
-    slow = SlowMatmul(2 * 1024 ** 3 / 2.5 / 1e9)
-    res = bench.matmul_tflops(CPU, torch.bfloat16, 2048, trial_s=0.5, budget_s=10.0, mm=slow.mm, clock=slow.clock)
-    assert res["n"] == 512 and max(slow.sizes) == 512  # 1024^3 (2.5 s) would not fit in one 0.5 s trial: never run
+    slow = SlowMatmul(2 * 1024**3 / 2.5 / 1e9)
+    res = bench.matmul_tflops(CPU, torch.bfloat16, 2048, trial_s=0.5, budget_s=10.0, mm=slow.mm,
+                              clock=slow.clock)
+    # 1024^3 (2.5 s) would not fit in one 0.5 s trial: never run
+    assert res["n"] == 512 and max(slow.sizes) == 512
     assert res["iters"] == 1 and res["trials"] == 3 and slow.now < 3  # 512^3 takes 0.31 s
     assert res["tflops"] == pytest.approx(slow.rate / 1e12)  # the fake's own rate, measured back
     # a fast device: the sizes double up to the largest asked for, each trial as many matmuls as fill 0.5 s
     fast = SlowMatmul(200.0)
-    res = bench.matmul_tflops(CPU, torch.float32, 2048, trial_s=0.5, budget_s=10.0, mm=fast.mm, clock=fast.clock)
+    res = bench.matmul_tflops(CPU, torch.float32, 2048, trial_s=0.5, budget_s=10.0, mm=fast.mm,
+                              clock=fast.clock)
     assert (res["n"], res["iters"], res["trials"]) == (2048, 5, 3) and fast.now < 2.5
-    # a device slower than anything sized for: the smallest size, one matmul per trial, and the budget ends the trials
-    crawl = SlowMatmul(2 * 128 ** 3 / 4.0 / 1e9)  # 4 s for 128^3
-    res = bench.matmul_tflops(CPU, torch.bfloat16, 2048, trial_s=0.5, budget_s=10.0, mm=crawl.mm, clock=crawl.clock)
+    # a device slower than anything sized for: the smallest size, one matmul per trial, and the budget ends
+    # the trials
+    crawl = SlowMatmul(2 * 128**3 / 4.0 / 1e9)  # 4 s for 128^3
+    res = bench.matmul_tflops(CPU, torch.bfloat16, 2048, trial_s=0.5, budget_s=10.0, mm=crawl.mm,
+                              clock=crawl.clock)
     assert res["n"] == 128 and res["iters"] == 1 and res["trials"] == 1 and crawl.sizes == [128] * 3
-    # sized on a quiet CPU (128^3 in 21 us, 1000 per trial at n = 128), then every matmul stalls: a trial ends once it
-    # has taken 0.5 s, and the budget ends the probe (without the early end: 1000 x 21 ms per trial)
+    # sized on a quiet CPU (128^3 in 21 us, 1000 per trial at n = 128), then every matmul stalls: a trial ends
+    # once it has taken 0.5 s, and the budget ends the probe (without the early end: 1000 x 21 ms per trial)
     stall = SlowMatmul(200.0, stall_from=2)
-    res = bench.matmul_tflops(CPU, torch.float32, 128, trial_s=0.5, budget_s=1.0, mm=stall.mm, clock=stall.clock)
+    res = bench.matmul_tflops(CPU, torch.float32, 128, trial_s=0.5, budget_s=1.0, mm=stall.mm,
+                              clock=stall.clock)
     assert res["iters"] == 1000 and res["trials"] == 2 and len(stall.sizes) == 2 + 2 * 24 and stall.now < 1.1
 
 

@@ -1,6 +1,7 @@
-"""data.py, image-caption pairs: a folder of images with .txt captions, a CSV file, and webdataset tar shards read as a
-stream. Bad items (unreadable image, empty caption) are skipped and counted without breaking a batch; the shards are
-split over ranks and loader workers so that every sample is read exactly once per epoch."""
+"""data.py, image-caption pairs: a folder of images with .txt captions, a CSV file, and webdataset tar shards
+read as a stream. Bad items (unreadable image, empty caption) are skipped and counted without breaking a
+batch; the shards are split over ranks and loader workers so that every sample is read exactly once per
+epoch."""
 import io
 import os
 import tarfile
@@ -12,7 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conditioning import CONTROL_SIGNALS, SIGNAL
-from data import EVENTS, CaptionFolderDataset, WebDatasetShards, build_dataset, default_control, folder_default_control
+from config import Facts, build_dataset, sampling_control
+from data import EVENTS, CaptionFolderDataset, WebDatasetShards, folder_default_control
 
 RES = 8
 
@@ -40,7 +42,8 @@ GOOD = ["a red circle", "a blue square", "two words, with a comma", "the fourth"
 
 def caption_folder(root):
     """5 good pairs at two depths, 1 truncated image, 3 images whose caption is empty, blank or missing."""
-    write = lambda rel, data: (root / rel).parent.mkdir(parents=True, exist_ok=True) or (root / rel).write_bytes(data)
+    write = lambda rel, data: (root / rel).parent.mkdir(parents=True,
+                                                        exist_ok=True) or (root / rel).write_bytes(data)
     for i, caption in enumerate(GOOD):
         stem = f"a/img{i}" if i < 3 else f"b/c/img{i}"
         write(stem + (".jpg" if i % 2 else ".png"), image_bytes(i, "JPEG" if i % 2 else "PNG"))
@@ -66,7 +69,8 @@ def caption_csv(root):
         rows.append(f'images/{i}.png,"{caption}"')
     (images / "broken.jpg").write_bytes(truncated_jpeg(9))
     (images / "other.png").write_bytes(image_bytes(10, "PNG"))
-    rows += ["images/broken.jpg,the broken one", "images/other.png,", 'images/other.png,"   "', "images/other.png"]
+    rows += ["images/broken.jpg,the broken one", "images/other.png,", 'images/other.png,"   "',
+             "images/other.png"]
     (root / "pairs.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return root / "pairs.csv"
 
@@ -81,10 +85,12 @@ def test_caption_pairs_skip_and_count_bad_items_and_keep_batches_full(tmp_path, 
     assert sorted(ds.captions()) == sorted(GOOD + ["the broken one"])
 
     img, label, ctrl, caption = ds[ds.captions().index("a blue square")]
-    assert img.dtype == torch.uint8 and img.shape == (3, RES, RES) and label == 0 and caption == "a blue square"
+    assert img.dtype == torch.uint8 and img.shape == (3, RES,
+                                                      RES) and label == 0 and caption == "a blue square"
     assert ctrl.shape == (len(CONTROL_SIGNALS),) and ctrl[SIGNAL["res"]] == RES
     same = ds[1]
-    assert torch.equal(same[0], ds[1][0]) and torch.equal(same[2], ds[1][2])  # (seed, epoch, index) decide the crop
+    # (seed, epoch, index) decide the crop
+    assert torch.equal(same[0], ds[1][0]) and torch.equal(same[2], ds[1][2])
     assert len({tuple(ds.set_epoch(e) or ds[1][2].tolist()) for e in range(8)}) > 1
 
     ds.events.zero_()
@@ -100,8 +106,9 @@ def test_caption_pairs_skip_and_count_bad_items_and_keep_batches_full(tmp_path, 
 
 
 def test_caption_folder_passes_over_hidden_names_reads_any_case_and_lists_a_linked_folder_once(tmp_path):
-    """What a folder copied from a Mac or a notebook holds: `._x` resource forks beside each file (binary, no image,
-    no caption), `.ipynb_checkpoints/` copies, an upper-case .JPG / .TXT pair, and a link back up the tree."""
+    """What a folder copied from a Mac or a notebook holds: `._x` resource forks beside each file (binary, no
+    image, no caption), `.ipynb_checkpoints/` copies, an upper-case .JPG / .TXT pair, and a link back up the
+    tree."""
     root = tmp_path / "data"
     (root / "a" / ".ipynb_checkpoints").mkdir(parents=True)
     (root / "a" / "x.png").write_bytes(image_bytes(0, "PNG"))
@@ -133,8 +140,9 @@ def test_caption_paths_fail_clearly(tmp_path):
     (tmp_path / "blank.csv").write_text("image,caption\na.png,\n")
     with pytest.raises(FileNotFoundError, match="no image with a non-empty caption"):
         build_dataset("captions", RES, str(tmp_path / "blank.csv"))
-    assert torch.equal(default_control("captions", 16), folder_default_control(16))
-    assert torch.equal(default_control("webdataset", 16), folder_default_control(16))
+    for name in ("captions", "webdataset"):  # natural images: SDXL's sampling convention
+        facts = Facts(res=16, vae="none", base_res=16, source_dataset=name, num_classes=1)
+        assert torch.equal(sampling_control(facts), folder_default_control(16))
 
 
 # --------------------------------------------------------------- tar shards ---
@@ -168,7 +176,8 @@ def read_rank(path, rank, world, epoch, workers=2):
     ds.set_epoch(epoch)
     batches = list(DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=ds.collate))
     for img, label, ctrl, caption, position in batches:
-        assert img.dtype == torch.uint8 and img.shape[1:] == (3, RES, RES) and ctrl.shape[1] == len(CONTROL_SIGNALS)
+        assert img.dtype == torch.uint8 and img.shape[1:] == (3, RES,
+                                                              RES) and ctrl.shape[1] == len(CONTROL_SIGNALS)
         assert torch.all(label == 0)
     return [c for b in batches for c in b[3]]
 
@@ -179,7 +188,8 @@ def test_shards_split_over_ranks_and_workers_read_every_sample_once(shards):
         per_rank = [read_rank(shards, rank, 2, epoch) for rank in (0, 1)]
         assert [len(r) for r in per_rank] == [12, 12]  # 4 shards of 3 per rank
         everything = per_rank[0] + per_rank[1]
-        assert len(everything) == len(ALL) and set(everything) == ALL  # each sample once, on one (rank, worker)
+        # each sample once, on one (rank, worker)
+        assert len(everything) == len(ALL) and set(everything) == ALL
         order[epoch] = everything
     assert order[0] != order[1]  # shard order and shuffle buffer are drawn per epoch
     assert read_rank(shards, 0, 2, 0) == order[0][:12]  # ... and from (seed, epoch) only
@@ -187,7 +197,8 @@ def test_shards_split_over_ranks_and_workers_read_every_sample_once(shards):
 
 def test_stream_resumes_where_collate_says(tmp_path):
     for k, n in enumerate([3, 9, 2, 7, 5, 1, 8]):  # uneven shards: one worker runs dry long before the other
-        write_shard(tmp_path / f"{k}.tar", [(f"{p:04d}", {"png": image_bytes(p, "PNG", 8), "txt": f"{k}-{p}".encode()})
+        write_shard(tmp_path / f"{k}.tar", [(f"{p:04d}", {"png": image_bytes(p, "PNG", 8),
+                                                          "txt": f"{k}-{p}".encode()})
                                             for p in range(n)])
 
     def run(drawn=None, first_worker=0):
@@ -197,7 +208,8 @@ def test_stream_resumes_where_collate_says(tmp_path):
 
     full = run()
     workers = [b[4][0].item() for b in full]
-    assert len(full) == 17 and len(set(workers[-4:])) == 1  # the last batches come from one worker, the other is dry
+    # the last batches come from one worker, the other is dry
+    assert len(full) == 17 and len(set(workers[-4:])) == 1
     for stop in range(1, len(full)):
         drawn = [0, 0]
         for batch in full[:stop]:
@@ -222,11 +234,13 @@ def test_bad_samples_in_shards_are_skipped_and_counted(tmp_path):
     empty_txt = {"jpg": image_bytes(12), "txt": b"", "json": b'{"caption": "json, .txt empty"}'}
     write_shard(tmp_path / "1.tar", [("b0", good(3)), ("b1", {"jpg": image_bytes(4), "txt": b" \n"}),
                                      ("b2", {"jpg": image_bytes(5)}), ("b3", good(6)), ("b4", json_only),
-                                     ("b5", {"jpg": image_bytes(11), "json": b'{"url": "u"}'}), ("b6", empty_txt)])
+                                     ("b5", {"jpg": image_bytes(11), "json": b'{"url": "u"}'}),
+                                     ("b6", empty_txt)])
     write_shard(tmp_path / "2.tar", [("c0", good(7)), ("c1", good(8)), ("c2", good(9))])
     with tarfile.open(tmp_path / "2.tar") as tar:
         cut = tar.getmember("c1.jpg").offset_data + 100
-    (tmp_path / "2.tar").write_bytes((tmp_path / "2.tar").read_bytes()[:cut])  # the shard breaks off inside c1.jpg
+    # the shard breaks off inside c1.jpg
+    (tmp_path / "2.tar").write_bytes((tmp_path / "2.tar").read_bytes()[:cut])
     ds = build_dataset("webdataset", RES, str(tmp_path / "*.tar"), seed=0)
     assert isinstance(ds, WebDatasetShards) and ds.num_classes == 1
     seen = [c for b in DataLoader(ds, batch_size=1, num_workers=2) for c in b[3]]
@@ -242,7 +256,8 @@ def test_shard_paths_and_ranks_fail_clearly(tmp_path, shards, monkeypatch):
         build_dataset("webdataset", RES, str(tmp_path))
     with pytest.raises(ValueError, match="needs --data-path"):
         build_dataset("webdataset", RES, None)
-    ranged = WebDatasetShards(os.path.join(shards, "{00001..00003}.tar"), RES, rank=0, world=1)  # webdataset's ranges
+    # webdataset's ranges
+    ranged = WebDatasetShards(os.path.join(shards, "{00001..00003}.tar"), RES, rank=0, world=1)
     assert [os.path.basename(s) for s in ranged.shards] == ["00001.tar", "00002.tar", "00003.tar"]
     with pytest.raises(FileNotFoundError, match="1 of the 3 shards it names do not exist, e.g. .*00008.tar"):
         WebDatasetShards(os.path.join(shards, "{00006..00008}.tar"), RES, rank=0, world=1)
@@ -260,31 +275,34 @@ def test_shard_paths_and_ranks_fail_clearly(tmp_path, shards, monkeypatch):
 
 
 def test_shards_without_captions_stop_training_with_the_reason(tmp_path):
-    """Shards whose samples all lack a caption (the captions went into another column): the trainer says so, not that
-    the shards are too few."""
+    """Shards whose samples all lack a caption (the captions went into another column): the trainer says so,
+    not that the shards are too few."""
     import train
-    write_shard(tmp_path / "0.tar", [(f"k{i}", {"jpg": image_bytes(i), "json": b'{"url": "u"}'}) for i in range(4)])
-    flags = ["--dataset", "webdataset", "--data-path", str(tmp_path / "0.tar"), "--cond-type", "text", "--model", "T/4",
-             "--res", "16", "--base-res", "16", "--vae", "none", "--batch", "2", "--workers", "0", "--steps", "1",
-             "--sample-every", "0", "--out", str(tmp_path / "runs")]
-    with pytest.raises(SystemExit, match=r"used 0 samples and skipped \{'empty_caption': 4\}.*check the shards' capt"):
+    write_shard(tmp_path / "0.tar", [(f"k{i}", {"jpg": image_bytes(i),
+                                                "json": b'{"url": "u"}'}) for i in range(4)])
+    flags = ["--dataset", "webdataset", "--data-path", str(tmp_path / "0.tar"), "--cond-type", "text",
+             "--model", "T/4",
+             "--res", "16", "--base-res", "16", "--vae", "none", "--batch", "2", "--workers", "0", "--steps",
+             "1", "--sample-every", "0", "--out", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit, match=r"used 0 samples and skipped \{'empty_caption': 4\}.*check the "
+                       r"shards' capt"):
         train.main(flags)
 
 
 @pytest.mark.slow
 def test_text_model_trains_on_streamed_shards_and_resumes_exactly(shards, tmp_path):
-    """train.py on --dataset webdataset (captions encoded batch by batch): the per-worker stream position is saved,
-    and a resumed run's losses equal the uninterrupted run's."""
+    """train.py on --dataset webdataset (captions encoded batch by batch): the per-worker stream position is
+    saved, and a resumed run's losses equal the uninterrupted run's."""
     import shutil
 
-    from conftest import losses
-
     import train
-    flags = ["--dataset", "webdataset", "--data-path", shards, "--cond-type", "text", "--model", "T/4", "--res", "16",
-             "--vae", "none",
+    from conftest import losses
+    flags = ["--dataset", "webdataset", "--data-path", shards, "--cond-type", "text", "--model", "T/4",
+             "--res", "16", "--vae", "none",
              "--base-res", "16", "--batch", "4", "--workers", "2", "--log-every", "1", "--warmup", "2",
              "--lr", "1e-3", "--sample-every", "0", "--ckpt-every", "4", "--keep", "5", "--cfg-scale", "1"]
-    full = train.main(flags + ["--steps", "8", "--out", str(tmp_path / "a")])  # 6 batches an epoch: crosses one
+    # 6 batches an epoch: crosses one
+    full = train.main(flags + ["--steps", "8", "--out", str(tmp_path / "a")])
     half = tmp_path / "b" / "run"
     half.mkdir(parents=True)
     shutil.copy(os.path.join(full, "ckpt-0000004.pt"), half)

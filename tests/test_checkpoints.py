@@ -1,20 +1,21 @@
-"""Weights in and out: every checkpoint is read with weights_only (a file whose unpickling would run code is refused
-by every entry point, before it runs), a DiT training checkpoint loads its EMA, --base-res follows one rule whatever
-the data source, sample.py checks its numbers and names its own flag, and `sample.py --export` writes a .safetensors
-that every entry point reads back."""
+"""Weights in and out: every checkpoint is read with weights_only (a file whose unpickling would run code is
+refused by every entry point, before it runs), a DiT training checkpoint loads its EMA, --base-res follows one
+rule whatever the data source, sample.py checks its numbers and names its own flag, and `sample.py --export`
+writes a .safetensors that every entry point reads back."""
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
 
 import pytest
 import torch
-from conftest import TINY, init_loads_every_tensor, model_inputs, perturb, random_dit_state_dict
 
 import sample
 import train
 from checkpoint import CONFIG_VERSION, find_checkpoint, init_from, write_checkpoint
-from config import get_args, make_diffusion, make_model
+from config import get_args, learn_facts, make_diffusion, make_model, open_dataset
+from conftest import TINY, facts_of, init_loads_every_tensor, model_inputs, perturb, random_dit_state_dict
 from latents import CACHE_FORMAT
 from model import from_dit
 
@@ -23,17 +24,18 @@ TINY_NO_BASE = TINY[:_at] + TINY[_at + 2:]  # --base-res left to its default
 
 
 def our_checkpoint(path, flags=()):
-    """A checkpoint of ours as train.py writes it (TINY config + `flags`, 10 classes), with random weights everywhere,
-    so a model's output depends on every tensor."""
+    """A checkpoint of ours as train.py writes it (TINY config + `flags`, 10 classes), with random weights
+    everywhere, so a model's output depends on every tensor."""
     args = get_args(TINY + list(flags))
-    args.num_classes, args.world, args.latent_scale, args.latent_shift = 10, 1, 1.0, 0.0
+    facts = facts_of(args)
     torch.manual_seed(0)
-    model = perturb(make_model(args))
+    model = perturb(make_model(args, facts))
     opt = torch.optim.AdamW(model.parameters())
-    write_checkpoint(str(path), dict(model=model.state_dict(), ema=model.state_dict(), opt=opt.state_dict(), step=3,
-                                     epoch=0, position=3, gen=[torch.Generator().get_state()],
-                                     torch_rng=torch.get_rng_state(), loss_window=(0.5, 1, 1), args=vars(args),
-                                     config_version=CONFIG_VERSION))
+    write_checkpoint(str(path), dict(model=model.state_dict(), ema=model.state_dict(), opt=opt.state_dict(),
+                                     step=3, epoch=0, position=3, gen=[torch.Generator().get_state()],
+                                     torch_rng=torch.get_rng_state(), loss_window=(0.5, 1, 1),
+                                     args=vars(args),
+                                     facts=dataclasses.asdict(facts), config_version=CONFIG_VERSION))
     return str(path)
 
 
@@ -62,8 +64,8 @@ class RunsShell:
 
 
 def test_resume_auto_stops_at_a_checkpoint_that_would_run_a_shell_command(tmp_path):
-    """A refusal of a blocked module is worded unlike a refused global; it must still stop --resume auto rather than
-    be passed over as a damaged file (which would resume an older checkpoint without a word)."""
+    """A refusal of a blocked module is worded unlike a refused global; it must still stop --resume auto
+    rather than be passed over as a damaged file (which would resume an older checkpoint without a word)."""
     run = tmp_path / "runs" / "000-run"
     run.mkdir(parents=True)
     our_checkpoint(run / "ckpt-0000003.pt")
@@ -96,16 +98,18 @@ def test_a_checkpoint_that_would_run_code_is_refused(entry, tmp_path):
     with pytest.raises(SystemExit) as refused:
         ENTRY_POINTS[entry](path, str(tmp_path / "runs"))
     message = str(refused.value)
-    assert path in message and "contains objects other than weights" in message and "not loaded" in message, message
+    assert path in message and "contains objects other than weights" in message, message
+    assert "not loaded" in message, message
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: an unchecked read would have run it
     assert marker.exists()
 
 
 def with_changed_pickle(path, out):
-    """A copy of a torch.save zip whose pickle has one byte changed to an opcode that does not exist: what a bit
-    flip or a bad copy leaves, damaged rather than dangerous."""
+    """A copy of a torch.save zip whose pickle has one byte changed to an opcode that does not exist: what a
+    bit flip or a bad copy leaves, damaged rather than dangerous."""
     import zipfile
+
     with zipfile.ZipFile(path) as z:
         files = {n: z.read(n) for n in z.namelist()}
     name = next(n for n in files if n.endswith("data.pkl"))
@@ -119,12 +123,10 @@ def with_changed_pickle(path, out):
 def test_init_from_warns_when_most_of_the_model_starts_from_scratch(tmp_path, capsys):
     path = our_checkpoint(tmp_path / "ckpt.pt")  # T/4
     same = get_args(TINY)
-    same.num_classes = 10
-    init_from(make_model(same), path)
+    init_from(make_model(same, facts_of(same)), path)
     assert "WARNING" not in capsys.readouterr().out
     wider = get_args(TINY + ["--model", "S/4"])  # another width: only shape-free tensors fit
-    wider.num_classes = 10
-    init_from(make_model(wider), path)
+    init_from(make_model(wider, facts_of(wider)), path)
     assert "WARNING only" in capsys.readouterr().out
 
 
@@ -133,7 +135,8 @@ def test_a_damaged_checkpoint_is_told_apart_from_an_unsafe_one(tmp_path, capsys)
     run.mkdir(parents=True)
     good = our_checkpoint(run / "ckpt-0000003.pt")
     damaged = with_changed_pickle(good, run / "ckpt-0000006.pt")  # newer, under a complete name
-    path, state = find_checkpoint("auto", str(tmp_path / "runs"))  # --resume auto falls back to the one before
+    # --resume auto falls back to the one before
+    path, state = find_checkpoint("auto", str(tmp_path / "runs"))
     assert path == good and state["step"] == 3
     assert damaged in capsys.readouterr().out
     text = tmp_path / "log.jsonl"
@@ -151,20 +154,22 @@ def test_a_damaged_checkpoint_is_told_apart_from_an_unsafe_one(tmp_path, capsys)
 #                     A DiT training checkpoint: its EMA                        #
 #################################################################################
 
-DIT_FLAGS = ["--dataset", "imagenet", "--model", "T/2", "--cond", "adaln", "--qk-norm", "off", "--objective", "ddpm",
-             "--learn-sigma", "--vae", "sd-ema", "--res", "64"]  # DiT's recipe, as load_model builds it
+DIT_FLAGS = ["--dataset", "imagenet", "--model", "T/2", "--cond", "adaln", "--qk-norm", "off", "--objective",
+             "ddpm", "--learn-sigma", "--vae", "sd-ema", "--res",
+             "64"]  # DiT's recipe, as load_model builds it
 
 
 def dit_training_checkpoint(path):
-    """DiT's train.py layout: {"model", "ema", "opt", "args"}, args an argparse.Namespace; model and EMA differ."""
+    """DiT's train.py layout: {"model", "ema", "opt", "args"}, args an argparse.Namespace; model and EMA
+    differ."""
     ema, raw = random_dit_state_dict(seed=0), random_dit_state_dict(seed=1)
     params = [torch.nn.Parameter(v.clone()) for v in raw.values()]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0)
     sum(p.sum() for p in params).backward()
     opt.step()
     dit_args = argparse.Namespace(data_path="/data/imagenet/train", results_dir="results", model="DiT-T/2",
-                                  image_size=64, num_classes=10, epochs=1400, global_batch_size=256, global_seed=0,
-                                  vae="ema", num_workers=4, log_every=100, ckpt_every=50_000)
+                                  image_size=64, num_classes=10, epochs=1400, global_batch_size=256,
+                                  global_seed=0, vae="ema", num_workers=4, log_every=100, ckpt_every=50_000)
     torch.save({"model": raw, "ema": ema, "opt": opt.state_dict(), "args": dit_args}, path)
     return ema
 
@@ -175,15 +180,16 @@ def test_a_dit_training_checkpoint_loads_its_ema(tmp_path):
     mapped = from_dit(ema, 64)[0]
     # --init-from: its base resolution is the DiT's (8 x 8 latents of a 64 px image), its EMA tensors load
     args = get_args(DIT_FLAGS + ["--init-from", path])
-    assert args.base_res == 64
-    args.num_classes = 10
-    model = make_model(args)
+    facts = learn_facts(args, TenClasses())
+    assert facts.base_res == 64
+    model = make_model(args, facts)
     loaded, skipped, new = init_from(model, path)
     assert not skipped and all(n.startswith("c_embed.mlps.") for n in new)
     assert all(torch.equal(model.state_dict()[k], mapped[k]) for k in loaded)
     # sample.py --ckpt: the DiT recipe from the file alone, with the EMA weights
-    model, args = sample.load_model(path, "cpu")
-    assert (args.model, args.cond, args.objective, args.res, args.base_res) == ("T/2", "adaln", "ddpm", 64, 64)
+    model, args, facts, _, _ = sample.load_model(path, "cpu")
+    assert (args.model, args.cond, args.objective) == ("T/2", "adaln", "ddpm")
+    assert (facts.res, facts.base_res) == (64, 64)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in mapped.items())
 
 
@@ -191,54 +197,78 @@ def test_a_dit_training_checkpoint_loads_its_ema(tmp_path):
 #                      --base-res: one rule for every source                    #
 #################################################################################
 
+
 def fake_latent_cache(root, res, dataset="folder"):
-    """What get_args reads of a finished cache: meta.json and stats.json (no shards needed for the flags)."""
+    """What the cache reader opens of a finished cache: meta.json and stats.json (no shards needed for its
+    facts)."""
     root.mkdir()
     (root / "meta.json").write_text(json.dumps(dict(format=CACHE_FORMAT, dataset=dataset, vae="none", res=res,
-                                                    num_shards=0, world=1)))
+                                                    num_shards=0, world=1,
+                                                    num_classes=10, crop="center", latent_shape=[3, res, res],
+                                                    scale=1.0, shift=0.0, num_items=0, shard_size=1)))
     (root / "stats.json").write_text("{}")
     return str(root)
 
 
+class TenClasses:
+    """What learn_facts reads off an image dataset of ten classes."""
+
+    num_classes = 10
+
+
 def test_base_res_is_the_training_resolution_from_scratch_and_the_source_s_otherwise(tmp_path):
     (tmp_path / "images").mkdir()
-    folder = get_args(["--dataset", "folder", "--data-path", str(tmp_path / "images"), "--vae", "none", "--res", "64"])
+    folder = get_args(["--dataset", "folder", "--data-path", str(tmp_path / "images"), "--vae", "none",
+                       "--res", "64"])
     cache = get_args(["--dataset", "latents", "--data-path", fake_latent_cache(tmp_path / "cache", 64)])
-    assert (folder.res, folder.base_res, folder.shift) == (cache.res, cache.base_res, cache.shift) == (64, 64, 1.0)
-    assert make_diffusion(folder).alpha == make_diffusion(cache).alpha == 1.0  # the preset's shift, unscaled
-    assert get_args(["--res", "48"]).base_res == 48
-    # a transfer keeps its source's base; so does the resume of a transfer (its flags no longer name the source)
+    on_folder, on_cache = learn_facts(folder, TenClasses()), learn_facts(cache, open_dataset(cache))
+    assert (on_folder.res, on_folder.base_res, on_cache.res, on_cache.base_res) == (64, 64, 64, 64)
+    # the flags' defaults; the cache's own
+    assert (cache.res, cache.vae, on_cache.vae) == (256, "sd-ema", "none")
+    assert make_diffusion(folder, on_folder).alpha == make_diffusion(cache, on_cache).alpha == 1.0  # unscaled
+    assert learn_facts(get_args(["--res", "48"]), TenClasses()).base_res == 48
+    # a transfer keeps its source's base; so does the resume of a transfer (its flags no longer name the
+    # source)
     source = our_checkpoint(tmp_path / "ckpt-0000003.pt")  # TINY: 16 px
-    assert get_args(TINY_NO_BASE + ["--res", "32", "--init-from", source]).base_res == 16
-    assert get_args(TINY_NO_BASE + ["--res", "32", "--resume", source]).base_res == 16
-    assert get_args(TINY_NO_BASE + ["--res", "32", "--resume", str(tmp_path)]).base_res == 16  # the run folder
-    assert get_args(TINY_NO_BASE + ["--res", "32", "--base-res", "32", "--init-from", source]).base_res == 32
+
+    def base_of(flags):  # as train.main resolves it: the checkpoint --resume names, then the facts
+        args = get_args(TINY_NO_BASE + flags)
+        return learn_facts(args, TenClasses(), None, train.resume_point(args, 0)[1]).base_res
+
+    assert base_of(["--res", "32", "--init-from", source]) == 16
+    assert base_of(["--res", "32", "--resume", source]) == 16
+    assert base_of(["--res", "32", "--resume", str(tmp_path)]) == 16  # the run folder
+    assert base_of(["--res", "32", "--base-res", "32", "--init-from", source]) == 32
 
 
 #################################################################################
 #                        sample.py: flags checked, named                        #
 #################################################################################
 
-@pytest.mark.parametrize("flags, message", [
-    (["--cfg-scale", "nan"], "--cfg-scale: 'nan' is not a finite number"),
-    (["--cfg-scale", "1,inf"], "--cfg-scale: 'inf' is not a finite number"),
-    (["--cfg-scale", "two"], "--cfg-scale: 'two' is not a finite number"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
-    (["--ctrl-scale", "nan"], "--ctrl-scale: nan is not a finite number"),
-    (["--interval", "0.5"], "--interval: give two numbers LO,HI"),
-    (["--interval", "0.8,0.2"], "--interval 0.8,0.2: need 0 <= LO <= HI <= 1"),
-    (["--interval", "0,1.5"], "--interval 0,1.5: need 0 <= LO <= HI <= 1"),
-    (["--flip", "0,x"], "--flip: 'x' is not a finite number"),
-    (["--num-samples", "-8"], "--num-samples must be >= 0, got -8"),
-    (["--eval-per-class", "-1"], "--eval-per-class must be >= 0, got -1"),
-    (["--classes", "-1"], "--classes: the model knows classes 0..9"),
-])
+
+@pytest.mark.parametrize("flags, message",
+                         [(["--cfg-scale", "nan"], "--cfg-scale: 'nan' is not a finite number"),
+                          (["--cfg-scale", "1,inf"], "--cfg-scale: 'inf' is not a finite number"),
+                          (["--cfg-scale", "two"], "--cfg-scale: 'two' is not a finite number"),
+                          (["--steps", "0"], "--steps must be >= 1, got 0"),
+                          (["--seeds", "0,x"],
+                           "--seeds: '0,x' is not a comma-separated list of whole numbers"),
+                          (["--seeds", "-1"], "--seeds: every value must be >= 0, got '-1'"),
+                          (["--cfg-scale", "-1"], "--cfg-scale -1: a guidance scale is >= 0"),
+                          (["--ctrl-scale", "nan"], "--ctrl-scale: nan is not a finite number"),
+                          (["--interval", "0.5"], "--interval: give two numbers LO,HI"),
+                          (["--interval", "0.8,0.2"], "--interval 0.8,0.2: need 0 <= LO <= HI <= 1"),
+                          (["--interval", "0,1.5"], "--interval 0,1.5: need 0 <= LO <= HI <= 1"),
+                          (["--flip", "0,x"], "--flip: 'x' is not a finite number"),
+                          (["--num-samples", "-8"], "--num-samples must be >= 0, got -8"),
+                          (["--eval-per-class", "-1"], "--eval-per-class must be >= 0, got -1"),
+                          (["--classes", "-1"], "--classes: the model knows classes 0..9")])
 def test_sample_flags_are_checked(flags, message, tmp_path):
     ckpt = our_checkpoint(tmp_path / "ckpt-0000003.pt")
     with pytest.raises(SystemExit, match=message.replace(".", r"\.")):
         sample.main(["--ckpt", ckpt, "--steps", "1", "--seeds", "1", "--classes", "0", "--out",
-                     str(tmp_path / "g.png")] + flags)
+                     str(tmp_path / "g.png")]
+                    + flags)
 
 
 def test_a_missing_ckpt_names_the_flag_given(tmp_path):
@@ -252,6 +282,7 @@ def test_a_missing_ckpt_names_the_flag_given(tmp_path):
 #                          .safetensors: out and back in                        #
 #################################################################################
 
+
 def export(tmp_path):
     """(a checkpoint of ours, its `sample.py --export`)."""
     (tmp_path / "run").mkdir()
@@ -263,15 +294,16 @@ def export(tmp_path):
 
 def test_export_loads_back_as_the_same_model_and_config(tmp_path):
     from safetensors import safe_open
+
     ckpt, exported = export(tmp_path)
     with safe_open(exported, "pt") as f:
         meta = f.metadata()
-    assert set(meta) == {"format", "config", "config_version", "step"}
+    assert set(meta) == {"format", "config", "facts", "config_version", "step"}
     assert all(isinstance(json.loads(v), (dict, int, type(None))) for k, v in meta.items() if k != "format")
-    a, args_a = sample.load_model(ckpt, "cpu")
-    b, args_b = sample.load_model(exported, "cpu")
-    assert {**vars(args_a), "ckpt_file": None} == {**vars(args_b), "ckpt_file": None}
-    assert args_b.ckpt_file == os.path.abspath(exported) and args_b.ckpt_step == 3
+    a, args_a, facts_a, _, _ = sample.load_model(ckpt, "cpu")
+    b, args_b, facts_b, file_b, step_b = sample.load_model(exported, "cpu")
+    assert vars(args_a) == vars(args_b) and facts_a == facts_b
+    assert file_b == os.path.abspath(exported) and step_b == 3
     x, t, y, ctrl = model_inputs()
     with torch.no_grad():
         assert torch.equal(a(x, t, y, ctrl), b(x, t, y, ctrl))
@@ -281,29 +313,31 @@ def test_export_loads_back_as_the_same_model_and_config(tmp_path):
 
 def test_init_from_a_safetensors_loads_every_tensor(tmp_path, capsys):
     ckpt, exported = export(tmp_path)
-    big, _ = init_loads_every_tensor(TINY_NO_BASE + ["--res", "32"], exported, ckpt)
-    assert big.base_res == 16  # from the metadata, as from a .pt
+    _, facts, model = init_loads_every_tensor(TINY_NO_BASE + ["--res", "32"], exported, ckpt)
+    assert facts.base_res == 16 and model.base_grid == 16 // 4  # from the metadata, as from a .pt (patch 4)
 
 
 @pytest.mark.slow
 def test_sample_py_runs_from_an_export(tmp_path):
     _, exported = export(tmp_path)
     grid = sample.main(["--ckpt", exported, "--classes", "0,6", "--seeds", "1", "--steps", "2"])
-    assert os.path.isfile(tmp_path / "grid.png") and grid is None
+    assert grid == os.path.join(str(tmp_path), "grid.png") and os.path.isfile(grid)
     res = sample.main(["--ckpt", exported, "--eval-per-class", "1", "--steps", "2"])
     assert set(res) == {"class_acc", "flip_acc", "mirrored", "crop_err"}
     npz = sample.main(["--ckpt", exported, "--num-samples", "2", "--steps", "2", "--batch", "2"])
-    # the guidance the run recorded (train.py --cfg-scale, 2.0) is sample.py's default, from the export as well
+    # the guidance the run recorded (train.py --cfg-scale, 2.0) is sample.py's default, from the export as
+    # well
     assert npz == str(tmp_path / "samples-2-cfg2-euler2-batch2.npz") and os.path.isfile(npz)
-    with open(npz[:-len(".npz")] + ".json") as f:
+    with open(npz[: -len(".npz")] + ".json") as f:
         assert json.load(f)["ckpt"] == os.path.abspath(exported)
 
 
 def test_resume_from_an_export_is_refused_and_moves_nothing(tmp_path):
-    """An export holds weights, not a run to continue: --resume must say so (and point to --init-from) before it
-    touches the run folder it sits in."""
+    """An export holds weights, not a run to continue: --resume must say so (and point to --init-from) before
+    it touches the run folder it sits in."""
     ckpt, out = export(tmp_path)
-    inside = tmp_path / "run" / "best.safetensors"  # sorts before ckpt-*: a resume would set those aside as later
+    # sorts before ckpt-*: a resume would set those aside as later
+    inside = tmp_path / "run" / "best.safetensors"
     os.replace(out, inside)
     with pytest.raises(SystemExit, match=r"weights only .*--init-from"):
         train.main(TINY + ["--steps", "4", "--resume", str(inside), "--out", str(tmp_path / "runs")])
@@ -311,18 +345,20 @@ def test_resume_from_an_export_is_refused_and_moves_nothing(tmp_path):
 
 
 def test_a_ddim_step_count_no_stride_gives_is_refused_before_sampling(tmp_path):
-    """A ddpm model samples with DDIM by default, whose integer stride fits only some step counts (ADM's ddimN)."""
+    """A ddpm model samples with DDIM by default, whose integer stride fits only some step counts (ADM's
+    ddimN)."""
     run = tmp_path / "run"
     run.mkdir()
-    ckpt = our_checkpoint(run / "ckpt-0000003.pt", ["--objective", "ddpm", "--cond", "adaln"])
+    ckpt = our_checkpoint(run / "ckpt-0000003.pt",
+                          ["--objective", "ddpm", "--pred", "eps", "--cond", "adaln"])
     with pytest.raises(SystemExit, match=r"--steps 37: .*36 or 38"):
         sample.main(["--ckpt", ckpt, "--steps", "37"])
 
 
 @pytest.mark.parametrize("entry", ["sample --ckpt", "train --resume"])
 def test_weights_that_do_not_fit_the_model_get_a_message(entry, tmp_path):
-    """A checkpoint from a version of the code whose network had other tensors (here: SD3's pooled-vector MLP, which
-    an older --cond mmdit lacked) says what differs instead of load_state_dict's traceback."""
+    """A checkpoint from a version of the code whose network had other tensors (here: SD3's pooled-vector MLP,
+    which an older --cond mmdit lacked) says what differs instead of load_state_dict's traceback."""
     (tmp_path / "run").mkdir()
     path = our_checkpoint(tmp_path / "run" / "ckpt-0000003.pt", ["--cond", "mmdit"])
     ckpt = torch.load(path, weights_only=True)
@@ -333,13 +369,16 @@ def test_weights_that_do_not_fit_the_model_get_a_message(entry, tmp_path):
         if entry == "sample --ckpt":
             sample.main(["--ckpt", path])
         else:
-            train.main(TINY + ONE_STEP + ["--cond", "mmdit", "--resume", path, "--out", str(tmp_path / "out")])
+            train.main(TINY + ONE_STEP + ["--cond", "mmdit", "--resume", path, "--out",
+                                          str(tmp_path / "out")])
 
 
 def test_a_file_in_torchs_old_non_zip_format_is_read_too(tmp_path):
-    """torch.save before 1.6 (or with _use_new_zipfile_serialization=False) writes a format torch cannot memory-map:
-    the --init-from / --resume look-ups that map a file read such a file whole instead of failing."""
+    """torch.save before 1.6 (or with _use_new_zipfile_serialization=False) writes a format torch cannot
+    memory-map: the --init-from / --resume look-ups that map a file read such a file whole instead of
+    failing."""
     from checkpoint import base_res_of, dit_resolution, read_checkpoint
+
     state = random_dit_state_dict()
     path = str(tmp_path / "old.pt")
     torch.save(state, path, _use_new_zipfile_serialization=False)

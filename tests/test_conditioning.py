@@ -29,7 +29,7 @@ def test_gate_values_at_the_ends():
     assert torch.allclose(gate("cosine_pow", t), torch.tensor([1.0, 0.5, 0.0]), atol=1e-6)
     assert torch.equal(gate("off", t), torch.zeros(3))
     with pytest.raises(ValueError, match="unknown gate"):
-        gate("sigmoid", t)
+        gate("no-such-gate", t)
 
 
 def test_embedder_shapes():
@@ -72,7 +72,8 @@ def test_gated_sum_weights_each_group_by_its_gate():
     assert emb.gated(e, t).shape == (3, 16)
     assert torch.allclose(emb.gated(e, t), ref, atol=1e-6)
     group = list(CONTROL_GROUPS).index
-    assert torch.allclose(emb.gated(e, torch.zeros(3)), e[:, group("size")] + e[:, group("flip")])  # t = 0: data
+    # t = 0: data
+    assert torch.allclose(emb.gated(e, torch.zeros(3)), e[:, group("size")] + e[:, group("flip")])
 
 
 def test_condition_dropout_rates_are_independent():

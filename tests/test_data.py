@@ -1,5 +1,5 @@
-"""data.py: the shapes dataset is deterministic and records its metadata; the checker reads real samples right;
-image folders record the crop / flip they apply; bad paths fail with a clear message."""
+"""data.py: the shapes dataset is deterministic and records its metadata; the checker reads real samples
+right; image folders record the crop / flip they apply; bad paths fail with a clear message."""
 import numpy as np
 import pytest
 import torch
@@ -7,8 +7,17 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from conditioning import CONTROL_SIGNALS, SIGNAL
-from data import EVENTS, ImageFolderDataset, build_dataset, crop_flip, exif_turn, load_rgb
-from shapes import CANVAS_MARGIN, CHIRAL, SHAPE_NAMES, ShapesChecker, ShapesDataset, expected_position, size_group
+from config import build_dataset
+from data import EVENTS, ImageFolderDataset, crop_flip, exif_turn, load_rgb
+from shapes import (
+    CANVAS_MARGIN,
+    CHIRAL,
+    SHAPE_NAMES,
+    ShapesChecker,
+    ShapesDataset,
+    expected_position,
+    size_group,
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,27 +117,32 @@ def test_image_folder(tmp_path):
     assert len(ds) == 6 and ds.num_classes == 2
     img, label, ctrl, name = ds[1]
     assert img.shape == (3, 32, 32) and label == 0 and name == "cat"
-    assert (ctrl[SIGNAL["orig_h"]].item(), ctrl[SIGNAL["orig_w"]].item()) == (70, 50)  # the file's own size is the original size
+    # the file's own size is the original size
+    assert (ctrl[SIGNAL["orig_h"]].item(), ctrl[SIGNAL["orig_w"]].item()) == (70, 50)
     assert 0 <= ctrl[SIGNAL["crop_top"]] <= round(70 * 32 / 50) - 32 and ctrl[SIGNAL["crop_left"]] == 0
 
 
 def test_image_folder_passes_over_hidden_names_like_a_dataset_copied_from_a_mac(tmp_path):
-    """`._x.JPEG` resource forks beside every image and a `.ipynb_checkpoints/` folder are no images and no class:
-    the labels stay those of the sorted class folders (DiT's), whatever else the copy carried."""
+    """`._x.JPEG` resource forks beside every image and a `.ipynb_checkpoints/` folder are no images and no
+    class: the labels stay those of the sorted class folders (DiT's), whatever else the copy carried."""
     rng = np.random.default_rng(0)
     for cls in ("n01", "n02"):
         (tmp_path / cls / "sub").mkdir(parents=True)
         for j in range(2):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / cls / f"{j}.JPEG")
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3),
+                                         dtype=np.uint8)).save(tmp_path / cls / f"{j}.JPEG")
             (tmp_path / cls / f"._{j}.JPEG").write_bytes(b"\x00\x05\x16\x07Mac OS X")
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / cls / "sub" / "deep.png")
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3),
+                                     dtype=np.uint8)).save(tmp_path / cls / "sub" / "deep.png")
     (tmp_path / ".ipynb_checkpoints").mkdir()
-    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / ".ipynb_checkpoints" / "a.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3),
+                                 dtype=np.uint8)).save(tmp_path / ".ipynb_checkpoints" / "a.png")
     (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (tmp_path / "__MACOSX" / "n01").mkdir(parents=True)  # what unzipping a Mac's archive leaves
     (tmp_path / "__MACOSX" / "n01" / "._0.JPEG").write_bytes(b"\x00\x05\x16\x07Mac OS X")
     ds = build_dataset("imagenet", 16, str(tmp_path))
-    assert ds.classes == ["n01", "n02"] and ds.num_classes == 2 and len(ds) == 6  # images at any depth, as torchvision
+    # images at any depth, as torchvision
+    assert ds.classes == ["n01", "n02"] and ds.num_classes == 2 and len(ds) == 6
     assert [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
     assert int(ds.events[:, EVENTS.index("unreadable")].sum()) == 0  # no resource fork was read
     (tmp_path / "n03").mkdir()
@@ -137,8 +151,8 @@ def test_image_folder_passes_over_hidden_names_like_a_dataset_copied_from_a_mac(
 
 
 def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
-    """A phone stores pixels as the sensor saw them and says in EXIF how to turn them: the image and the original size
-    the control records are the ones a viewer shows."""
+    """A phone stores pixels as the sensor saw them and says in EXIF how to turn them: the image and the
+    original size the control records are the ones a viewer shows."""
     stored = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high: left half red, right half blue
     stored[:, :20, 0], stored[:, 20:, 2] = 255, 255
     exif = Image.Exif()
@@ -158,7 +172,8 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
 
 
 def test_image_folder_lists_what_torchvision_lists_in_the_same_order(tmp_path):
-    """Labels and sample order as torchvision's ImageFolder (DiT's loader) gives them, nested folders included."""
+    """Labels and sample order as torchvision's ImageFolder (DiT's loader) gives them, nested folders
+    included."""
     import torchvision
     for rel in ("c1/a/x.png", "c1/a-b/y.png", "c1/a/z/w.png", "c1/top.PNG", "c0/b.jpg", "c0/a.JPEG"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -168,8 +183,8 @@ def test_image_folder_lists_what_torchvision_lists_in_the_same_order(tmp_path):
 
 
 def test_a_run_of_bad_files_is_stood_in_for_from_the_whole_dataset(tmp_path):
-    """60 corrupt files in a row (a damaged class folder) among 120: every item still gives an image, and the same one
-    again (a resume sees the same data)."""
+    """60 corrupt files in a row (a damaged class folder) among 120: every item still gives an image, and the
+    same one again (a resume sees the same data)."""
     (tmp_path / "c").mkdir()
     rng = np.random.default_rng(0)
     for j in range(120):
@@ -184,9 +199,13 @@ def test_a_run_of_bad_files_is_stood_in_for_from_the_whole_dataset(tmp_path):
     assert int(ds.events[:, EVENTS.index("unreadable")].sum()) > 0  # the bad reads were counted
 
 
-def test_bad_paths_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="--data-path"):
+def test_bad_paths_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.delenv("IMAGENET_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # imagenet without a path: the documented default folder, which is not there
+    with pytest.raises(FileNotFoundError, match=r"--data-path 'data/imagenet/train' is not a directory"):
         build_dataset("imagenet", 32, None)
+    with pytest.raises(ValueError, match="--dataset folder needs --data-path"):
+        build_dataset("folder", 32, None)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         ImageFolderDataset(str(tmp_path / "missing"), 32)
     with pytest.raises(ValueError, match="unknown dataset"):
@@ -195,7 +214,8 @@ def test_bad_paths_fail_clearly(tmp_path):
 
 def test_size_corr_ties_the_original_size_to_the_class_group_and_leaves_the_rest_alone():
     res = 24
-    plain, same = ShapesDataset(size=300, res=res, seed=5), ShapesDataset(size=300, res=res, seed=5, size_corr=0.0)
+    plain = ShapesDataset(size=300, res=res, seed=5)
+    same = ShapesDataset(size=300, res=res, seed=5, size_corr=0.0)
     assert all(torch.equal(plain[i][0], same[i][0]) for i in range(300))  # rho = 0 is exactly today's data
     full = ShapesDataset(size=300, res=res, seed=5, size_corr=1.0)
     for a, b in zip(plain.scenes, full.scenes):  # only the original size changes

@@ -55,15 +55,20 @@ def test_flow_loss_target_is_eps_minus_x0():
     eps = noise_of(x0, 0, "flow")
     perfect = lambda x, t, **_: eps - x0
     diff = Diffusion("flow")
-    assert torch.allclose(diff.loss(perfect, x0, torch.Generator().manual_seed(0)), torch.zeros(4), atol=1e-10)
+    assert torch.allclose(diff.loss(perfect, x0, torch.Generator().manual_seed(0)), torch.zeros(4),
+                          atol=1e-10)
     zero = lambda x, t, **_: torch.zeros_like(x)
-    assert torch.allclose(diff.loss(zero, x0, torch.Generator().manual_seed(0)), ((eps - x0) ** 2).mean((1, 2, 3)))
-    twice = lambda x, t, **_: torch.cat([eps - x0, torch.zeros_like(x)])  # n = 2 stacked predictions are summed
-    assert torch.allclose(diff.loss(twice, x0, torch.Generator().manual_seed(0)), ((eps - x0) ** 2).mean((1, 2, 3)))
+    assert torch.allclose(diff.loss(zero, x0, torch.Generator().manual_seed(0)),
+                          ((eps - x0) ** 2).mean((1, 2, 3)))
+    # n = 2 stacked predictions are summed
+    twice = lambda x, t, **_: torch.cat([eps - x0, torch.zeros_like(x)])
+    assert torch.allclose(diff.loss(twice, x0, torch.Generator().manual_seed(0)),
+                          ((eps - x0) ** 2).mean((1, 2, 3)))
 
 
 def test_x_prediction_reports_a_velocity():
-    """pred x: the network's output is the clean image x0; the velocity is (x_t - x0) / t (t clamped at 0.05)."""
+    """pred x: the network's output is the clean image x0; the velocity is (x_t - x0) / t (t clamped at
+    0.05)."""
     x0, x_t = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     t = torch.tensor([0.01, 0.5, 1.0])
     v = to_velocity(x0, x_t, t, "x")
@@ -74,7 +79,8 @@ def test_x_prediction_reports_a_velocity():
 @pytest.mark.parametrize("method", ["euler", "heun"])
 @pytest.mark.parametrize("alpha", [1.0, 2.5])
 def test_flow_samplers_are_exact_on_straight_paths(method, alpha):
-    """With one data point x0 the true velocity is (x - x0) / t and every path is straight: any step lands on x0."""
+    """With one data point x0 the true velocity is (x - x0) / t and every path is straight: any step lands on
+    x0."""
     x0 = torch.randn(2, 3, 4, 4)
     vel = lambda x, t: (x - x0) / t.view(-1, 1, 1, 1)
     out = Diffusion("flow", alpha=alpha).sample(vel, torch.randn(2, 3, 4, 4), steps=7, method=method)
@@ -113,8 +119,8 @@ def test_ddpm_loss_target_is_the_noise():
 
 
 def test_learned_variance_bound_is_zero_for_the_true_posterior():
-    """Exact eps and the variance output -1 (log-variance = the posterior's) make the KL term vanish for k >= 1;
-    the output +1 (variance beta) does not."""
+    """Exact eps and the variance output -1 (log-variance = the posterior's) make the KL term vanish for k >=
+    1; the output +1 (variance beta) does not."""
     x0 = torch.rand(6, 3, 4, 4) * 2 - 1
     g = torch.Generator().manual_seed(2)
     k = torch.randint(0, 1000, (6,), generator=g)
@@ -127,7 +133,8 @@ def test_learned_variance_bound_is_zero_for_the_true_posterior():
     x_t = diff.chain.q_sample(x0, k, eps)
     assert torch.allclose(diff.vb_term(eps, -torch.ones_like(x0), x0, x_t, k), torch.zeros(6), atol=1e-4)
     assert (diff.vb_term(eps, torch.ones_like(x0), x0, x_t, k) > 1e-3).all()
-    # the pieces: KL of identical Gaussians is 0; the decoder's likelihood of a sharp Gaussian on the data is ~1 bin
+    # the pieces: KL of identical Gaussians is 0; the decoder's likelihood of a sharp Gaussian on the data is
+    # ~1 bin
     m, lv = torch.randn(5), torch.randn(5)
     assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(5), atol=1e-6)
     assert torch.allclose(normal_kl(m, lv, m + 1, lv), 0.5 * torch.exp(-lv))  # the mean term alone
@@ -138,7 +145,8 @@ def test_learned_variance_bound_is_zero_for_the_true_posterior():
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_ddpm_samplers_land_on_the_single_data_point(method, learn_sigma):
-    """With one data point the exact eps is known in closed form; DDIM and ancestral sampling both end on x0."""
+    """With one data point the exact eps is known in closed form; DDIM and ancestral sampling both end on
+    x0."""
     x0 = torch.randn(2, 3, 4, 4)
     diff = Diffusion("ddpm", learn_sigma=learn_sigma)
     ab = diff.chain.ab.float()
@@ -163,8 +171,8 @@ def test_objective_and_prediction_must_agree():
 
 
 class Probe(torch.nn.Module):
-    """v = x * (1 + y') + 10 * ctrl_drop, y' = 9 (the null class) where sem_drop: each branch gives a different, known
-    answer on every channel."""
+    """v = x * (1 + y') + 10 * ctrl_drop, y' = 9 (the null class) where sem_drop: each branch gives a
+    different, known answer on every channel."""
 
     def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
         drop = torch.zeros(x.shape[0]) if ctrl_drop is None else ctrl_drop.float()
@@ -202,34 +210,38 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     t = torch.full((3,), 0.4)
     ref = model(x, t, y, c)
     assert torch.allclose(guided_prediction(model, x, t, y, c, s_sem=1.0), ref, atol=1e-6)
-    # the batched two-branch path with s_sem = 1 must agree too (it differs from the shortcut only in batching)
+    # the batched two-branch path with s_sem = 1 must agree too (it differs from the shortcut only in
+    # batching)
     both = guided_prediction(model, x, t, y, c, s_sem=1.0 + 1e-12)
     assert torch.allclose(both, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [30, 50, 250, 7, 1000, 3])
 def test_ddim_spacing_is_adms_ddimN_stride(n):
-    """ADM's "ddimN" (guided-diffusion respace.space_timesteps, copied unchanged by DiT): the smallest integer stride s
-    with len(range(0, 1000, s)) == N. That length is ceil(1000 / s), so the stride is ceil(1000 / N) whenever it
-    fits -- also when N does not divide 1000 (N = 30: stride 34, 0 .. 986, not the even spacing)."""
+    """ADM's "ddimN" (guided-diffusion respace.space_timesteps, copied unchanged by DiT): the smallest integer
+    stride s with len(range(0, 1000, s)) == N. That length is ceil(1000 / s), so the stride is ceil(1000 / N)
+    whenever it fits -- also when N does not divide 1000 (N = 30: stride 34, 0 .. 986, not the even
+    spacing)."""
     s = -(-1000 // n)
-    assert len(range(0, 1000, s)) == n and (s == 1 or len(range(0, 1000, s - 1)) != n)  # the smallest that fits
+    # the smallest that fits
+    assert len(range(0, 1000, s)) == n and (s == 1 or len(range(0, 1000, s - 1)) != n)
     assert spaced_steps(1000, n, "ddim") == list(range(0, 1000, s))
 
 
 @pytest.mark.parametrize("n, neighbours", [(37, "36 or 38"), (400, "334 or 500"), (1, "2")])
 def test_ddim_spacing_without_an_integer_stride_raises(n, neighbours):
-    """No stride gives exactly N steps (37: stride 27 gives 38, stride 28 gives 36; 1: ADM's strides stop below 1000):
-    ADM raises, and so do we, naming the counts that work and the ancestral sampler, which spaces any count evenly."""
+    """No stride gives exactly N steps (37: stride 27 gives 38, stride 28 gives 36; 1: ADM's strides stop
+    below 1000): ADM raises, and so do we, naming the counts that work and the ancestral sampler, which spaces
+    any count evenly."""
     assert not any(len(range(0, 1000, s)) == n for s in range(1, 1000))
     with pytest.raises(ValueError, match=f"{neighbours}.*--sampler ddpm"):
         spaced_steps(1000, n, "ddim")
 
 
 def test_ancestral_spacing_rounds_as_adm_accumulates():
-    """ADM's plain "N": steps round(c) for c = 0, f, f + f, ... with f = (total - 1) / (N - 1), the float sum built up
-    step by step. The sum lands just below the ties that i * f hits exactly (21 steps of 1000: 10 * 49.95 sums to
-    499.49999..., so ADM keeps step 499 where round(499.5) would give 500)."""
+    """ADM's plain "N": steps round(c) for c = 0, f, f + f, ... with f = (total - 1) / (N - 1), the float sum
+    built up step by step. The sum lands just below the ties that i * f hits exactly (21 steps of 1000: 10 *
+    49.95 sums to 499.49999..., so ADM keeps step 499 where round(499.5) would give 500)."""
     for total in (1000, 100):
         for n in range(2, total + 1):
             f, c, want = (total - 1) / (n - 1), 0.0, []
@@ -238,11 +250,13 @@ def test_ancestral_spacing_rounds_as_adm_accumulates():
                 c += f
             assert spaced_steps(total, n, "ddpm") == want, (total, n)
     assert spaced_steps(1000, 21, "ddpm")[10] == 499
-    assert spaced_steps(1000, 1, "ddpm") == [999]  # our one deviation: ADM's [0] would return the noise almost as is
+    # our one deviation: ADM's [0] would return the noise almost as is
+    assert spaced_steps(1000, 1, "ddpm") == [999]
 
 
 class Counting(torch.nn.Module):
-    """A model wrapper that records, per call, the batch size and which (drop semantic, drop control) branches ran."""
+    """A model wrapper that records, per call, the batch size and which (drop semantic, drop control) branches
+    ran."""
 
     def __init__(self, model):
         super().__init__()
@@ -257,7 +271,8 @@ class Counting(torch.nn.Module):
 
 
 def old_guided_prediction(model, x, t, y, ctrl, s_sem, s_ctrl):
-    """The guidance before branches of zero weight were skipped: (s, c) and (0s, c) always, (s, 0c) when s_ctrl."""
+    """The guidance before branches of zero weight were skipped: (s, c) and (0s, c) always, (s, 0c) when
+    s_ctrl."""
     if s_sem == 1.0 and s_ctrl == 0.0:
         return model(x, t, y=y, ctrl=ctrl)
     B = x.shape[0]
@@ -271,8 +286,8 @@ def old_guided_prediction(model, x, t, y, ctrl, s_sem, s_ctrl):
 
 
 @pytest.mark.parametrize("s_sem,s_ctrl,branches", [
-    (1.0, 0.5, [(False, False), (False, True)]),                 # no semantic guidance: the null semantic is not run
-    (3.0, 0.0, [(False, False), (True, False)]),                 # no control guidance: the null control is not run
+    (1.0, 0.5, [(False, False), (False, True)]),          # no semantic guidance: the null semantic is not run
+    (3.0, 0.0, [(False, False), (True, False)]),            # no control guidance: the null control is not run
     (3.0, 0.5, [(False, False), (False, True), (True, False)]),  # both
     (1.0, 0.0, [(False, False)]),                                # neither: the conditional prediction alone
 ])

@@ -1,5 +1,5 @@
-"""experiments.py: the drift measure on models whose behaviour is known, and a whole comparison at toy size from
-training to the results page."""
+"""python -m experiments: the drift measure on models whose behaviour is known, and a whole comparison at toy
+size from training to the results page, assembled again from its committed records alone."""
 import argparse
 import json
 import os
@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import experiments
+import experiments.__main__ as experiments
 from checkpoint import checkpoints_in
 from conditioning import SIGNAL
-from config import get_args, make_diffusion
+from config import Facts, get_args, make_diffusion
+from conftest import facts_of
+from experiments import common, compare, drift, measures, padding, results, transfer
 from latents import Autoencoder, to_uint8
 from shapes import COLOURS, SHAPES, render_shape
 
@@ -25,14 +27,15 @@ def test_content_drift_counts_sweeps_whose_content_changes():
     sweeps = [[{"label": 1}, {"label": 1}, {"label": 1}],  # stable
               [{"label": 1}, {"label": 2}, {"label": 1}],  # changed once
               [{"label": 3}, {"label": 3}, {"label": 4}]]  # changed at the end
-    assert experiments.content_drift(sweeps, "label") == pytest.approx(2 / 3)
-    assert experiments.content_drift(sweeps[:1], "label") == 0.0
+    assert measures.content_drift(sweeps, "label") == pytest.approx(2 / 3)
+    assert measures.content_drift(sweeps[:1], "label") == 0.0
 
 
 class PaintModel(torch.nn.Module):
-    """An x-predicting stand-in that paints a fixed red shape. When the size condition says "upscaled from less than
-    2 x res" it paints a square instead of a circle (`size_changes_class`) or a blurred circle (`size_blurs`). The
-    sampler's last Euler step lands exactly on the x-prediction, so the samples are these paintings."""
+    """An x-predicting stand-in that paints a fixed red shape. When the size condition says "upscaled from
+    less than 2 x res" it paints a square instead of a circle (`size_changes_class`) or a blurred circle
+    (`size_blurs`). The sampler's last Euler step lands exactly on the x-prediction, so the samples are these
+    paintings."""
 
     def __init__(self, res, size_changes_class=False, size_blurs=False):
         super().__init__()
@@ -55,29 +58,32 @@ class PaintModel(torch.nn.Module):
 @pytest.mark.parametrize("behaviour", ["ignores size", "size changes class", "size blurs"])
 def test_drift_measures_content_change_and_sharpness_under_the_size_condition(behaviour):
     args = get_args(["--dataset", "shapes"])
-    args.num_classes = 10
     model = PaintModel(args.res, behaviour == "size changes class", behaviour == "size blurs")
-    out = experiments.drift(model, args, n=4, cfg_scale=2.0, steps=3)
+    out = measures.drift(model, args, facts_of(args), n=4, cfg_scale=2.0, steps=3)
     assert out["size_drift_class"] == (1.0 if behaviour == "size changes class" else 0.0)
-    assert out["crop_drift_class"] == 0.0 and out["crop_drift_colour"] == 0.0  # the crop never changes the painting
+    # the crop never changes the painting
+    assert out["crop_drift_class"] == 0.0 and out["crop_drift_colour"] == 0.0
     assert out["size_drift_colour"] == 0.0
     assert out["size_drift_class"] == 0.0 or behaviour == "size changes class"
-    if behaviour != "size changes class":  # the same circle: sharper at 2 x res only when small ones are blurred
+    # the same circle: sharper at 2 x res only when small ones are blurred
+    if behaviour != "size changes class":
         assert out["size_acc"] == (1.0 if behaviour == "size blurs" else 0.0)
 
 
 def test_size_sweep_pairs_reads_drift_and_the_pull_toward_a_size_group():
     args = get_args(["--dataset", "shapes"])
-    args.num_classes = 10
-    # small originals (0.5 and 1 x res) paint a square (class 1, the large-size group), 2 x res a circle (class 0)
-    pairs = experiments.size_sweep_pairs(PaintModel(args.res, size_changes_class=True), args, n=4, cfg_scale=2.0,
-                                         steps=3)
+    facts = facts_of(args)
+    # small originals (0.5 and 1 x res) paint a square (class 1, the large-size group), 2 x res a circle
+    # (class 0)
+    pairs = drift.size_sweep_pairs(PaintModel(args.res, size_changes_class=True), args, facts, n=4,
+                                   cfg_scale=2.0, steps=3)
     assert [p["class drift"] for p in pairs] == [1.0] * 4 and [p["colour drift"] for p in pairs] == [0.0] * 4
     assert [p["class acc"] for p in pairs] == [1 / 3, 2 / 3, 0.0, 0.0]  # classes 0, 1, 2, 3 in turn
     # the push goes against the groups: never toward the typical group, always out of one's own
     assert [p["pulled"] for p in pairs] == [0.0] * 4
     assert [p["pulled (same-size base)"] for p in pairs] == [1.0] * 4
-    steady = experiments.size_sweep_pairs(PaintModel(args.res, size_blurs=True), args, n=2, cfg_scale=2.0, steps=3)
+    steady = drift.size_sweep_pairs(PaintModel(args.res, size_blurs=True), args, facts, n=2, cfg_scale=2.0,
+                                    steps=3)
     assert all(p["class drift"] == 0.0 and p["size acc"] == 1.0 for p in steady)
 
 
@@ -85,42 +91,44 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_pairs():
     rng = np.random.default_rng(0)
     few = [list(rng.random(10) < 0.3) for _ in range(3)]
     many = [list(rng.random(1000) < 0.3) for _ in range(3)]
-    a, b = experiments.bootstrap(few), experiments.bootstrap(many)
+    a, b = common.bootstrap(few), common.bootstrap(many)
     for m, data in ((a, few), (b, many)):
         assert m["lo"] <= m["mean"] <= m["hi"]
         assert m["mean"] == pytest.approx(np.mean(np.concatenate(data)))
         assert m["per_seed"] == pytest.approx([np.mean(v) for v in data])
     assert b["hi"] - b["lo"] < a["hi"] - a["lo"]
-    assert experiments.bootstrap([[1.0, 1.0], [1.0]]) == dict(mean=1.0, lo=1.0, hi=1.0, per_seed=[1.0, 1.0])
+    assert common.bootstrap([[1.0, 1.0], [1.0]]) == dict(mean=1.0, lo=1.0, hi=1.0, per_seed=[1.0, 1.0])
 
 
 def test_bootstrap_difference_resolves_a_real_gap_and_not_noise():
     rng = np.random.default_rng(0)
     draw = lambda p: [list((rng.random(100) < p).astype(float)) for _ in range(3)]
     low, same, high = draw(0.1), draw(0.1), draw(0.3)
-    gap = experiments.bootstrap_difference(high, low)
+    gap = common.bootstrap_difference(high, low)
     assert gap["mean"] == pytest.approx(np.mean(np.concatenate(high)) - np.mean(np.concatenate(low)))
     assert 0 < gap["lo"] <= gap["mean"] <= gap["hi"]  # 0.3 against 0.1 over 300 pairs: resolved
-    noise = experiments.bootstrap_difference(same, low)
+    noise = common.bootstrap_difference(same, low)
     assert noise["lo"] < 0 < noise["hi"]  # the same rate twice: the interval holds 0
-    flipped = experiments.bootstrap_difference(low, high)
+    flipped = common.bootstrap_difference(low, high)
     assert flipped["mean"] == pytest.approx(-gap["mean"]) and flipped["hi"] < 0
 
 
 @pytest.mark.slow
 def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "DRIFT_VARIANTS", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
-    monkeypatch.setattr(experiments, "DRIFT_GATES", {"size cosine (default)": [], "ungated": ["--gate-size", "none"]})
-    argv = ["drift", "--seeds", "0,1", "--steps", "2", "--corrs", "0,1", "--per-class", "1", "--drift-pairs", "3",
-            "--ctrl-scales", "0,2", "--sample-steps", "2", "--shapes-size", "64", "--out", str(tmp_path / "runs"),
-            "--docs", str(tmp_path / "docs"), "--results", str(tmp_path / "none.md")]
-    (tmp_path / "none.md").write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    monkeypatch.setattr(drift, "DRIFT_VARIANTS", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
+    monkeypatch.setattr(drift, "DRIFT_GATES",
+                        {"size cosine (default)": [], "ungated": ["--gate-size", "none"]})
+    argv = ["drift", "--seeds", "0,1", "--steps", "2", "--corrs", "0,1", "--per-class", "1", "--drift-pairs",
+            "3", "--ctrl-scales", "0,2", "--sample-steps", "2", "--shapes-size", "64", "--out",
+            str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--results", str(tmp_path / "none.md")]
+    (tmp_path / "none.md").write_text(f"{results.BEGIN}\n{results.END}\n")
     experiments.main(argv)
     rows = json.loads((tmp_path / "docs" / "drift.json").read_text())
-    assert [(r["variant"], r["corr"]) for r in rows] == [("ours", 0), ("adaln (DiT)", 0), ("ours", 1), ("adaln (DiT)", 1)]
+    assert [(r["variant"], r["corr"]) for r in rows] == [("ours", 0), ("adaln (DiT)", 0), ("ours", 1),
+                                                         ("adaln (DiT)", 1)]
     for r in rows:
         assert r["seeds"] == [0, 1] and r["steps"] == 2
-        for m in experiments.DRIFT_METRICS:
+        for m in drift.DRIFT_METRICS:
             assert r["metrics"][m]["lo"] <= r["metrics"][m]["mean"] <= r["metrics"][m]["hi"]
             assert len(r["metrics"][m]["per_seed"]) == 2
     runs = sorted(p.name for p in (tmp_path / "docs" / "drift_runs").iterdir())
@@ -128,27 +136,31 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
     record = json.loads((tmp_path / "docs" / "drift_runs" / "cond-adaln-rho1-2st-s1.json").read_text())
     assert set(record["ctrl_scales"]) == {"0.0"} and len(record["ctrl_scales"]["0.0"]) == 3
     ours = json.loads((tmp_path / "docs" / "drift_runs" / "default-rho1-2st-s1.json").read_text())
-    assert set(ours["ctrl_scales"]) == {"0.0", "2.0"}  # the control-guidance sweep: ours at the highest rho only
+    # the control-guidance sweep: ours at the highest rho only
+    assert set(ours["ctrl_scales"]) == {"0.0", "2.0"}
     scales = json.loads((tmp_path / "docs" / "drift_ctrl_scale.json").read_text())
     assert [r["ctrl_scale"] for r in scales] == [0.0, 2.0]
     contrasts = json.loads((tmp_path / "docs" / "drift_contrasts.json").read_text())
     assert [(c["comparison"], c["corr"]) for c in contrasts] == [
         ("adaln (DiT) − ours", 0), ("adaln (DiT) − ours", 1), ("ungated − size cosine (default)", 1)]
-    colour = lambda variant, corr: np.mean(next(r for r in rows if (r["variant"], r["corr"]) == (variant, corr))
-                                           ["metrics"]["colour drift"]["per_seed"])
+    row = lambda variant, corr: next(r for r in rows if (r["variant"], r["corr"]) == (variant, corr))
+    colour = lambda variant, corr: np.mean(row(variant, corr)["metrics"]["colour drift"]["per_seed"])
     gap = contrasts[1]["metrics"]["colour drift"]["mean"]
     assert gap == pytest.approx(colour("adaln (DiT)", 1) - colour("ours", 1))
-    for png in ("drift.png", "drift_gates.png", "drift_ctrl_scale.png", "drift_size_sweep.png"):  # bars, curves, grid
+    # bars, curves, grid
+    for png in ("drift.png", "drift_gates.png", "drift_ctrl_scale.png", "drift_size_sweep.png"):
         assert Image.open(tmp_path / "docs" / png).size[0] > 300
     # the run folders are gone (another machine): the committed records are enough, nothing trains again
     import shutil
     shutil.rmtree(tmp_path / "runs")
-    monkeypatch.setattr(experiments, "shapes_run", lambda *a: pytest.fail("trained again"))
+    monkeypatch.setattr(drift, "shapes_run", lambda *a: pytest.fail("trained again"))
     experiments.main(argv)
-    # the same rows; only ours at rho 1 took longer to measure in all (its control scales came after the first table)
+    # the same rows; only ours at rho 1 took longer to measure in all (its control scales came after the first
+    # table)
     same = lambda rows: [{k: v for k, v in r.items() if k != "measure_s"} for r in rows]
     assert same(json.loads((tmp_path / "docs" / "drift.json").read_text())) == same(rows)
-    with pytest.raises(SystemExit, match="measured with"):  # a record of other settings is not silently mixed in
+    # a record of other settings is not silently mixed in
+    with pytest.raises(SystemExit, match="measured with"):
         experiments.main([v if v != "3" else "4" for v in argv])
     # --assemble: a seed nobody has run yet is left out of its rows instead of being trained
     seven = list(argv)
@@ -166,11 +178,11 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_routes_trains_measures_and_writes_tables_figures_and_results_page(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "ROUTES", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
+    monkeypatch.setattr(compare, "ROUTES", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
     page = tmp_path / "RESULTS.md"
-    page.write_text(f"# x\n\n{experiments.BEGIN}\nold text\n{experiments.END}\n\nkept\n")
-    argv = ["routes", "--seeds", "0,1", "--steps", "2", "--log-every", "1", "--per-class", "1", "--drift-n", "2",
-            "--sample-steps", "2", "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs",
+    page.write_text(f"# x\n\n{results.BEGIN}\nold text\n{results.END}\n\nkept\n")
+    argv = ["routes", "--seeds", "0,1", "--steps", "2", "--log-every", "1", "--per-class", "1", "--drift-n",
+            "2", "--sample-steps", "2", "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs",
             str(tmp_path / "docs"), "--results", str(page)]
     experiments.main(argv)
     rows = json.loads((tmp_path / "docs" / "routes.json").read_text())
@@ -181,7 +193,8 @@ def test_routes_trains_measures_and_writes_tables_figures_and_results_page(tmp_p
         assert r["class acc"] == f"{np.mean(accs):.3f} ± {np.std(accs):.3f}"  # the table is the measurement
         assert all(0 <= m["size_drift_class"] <= 1 for m in r["per_seed"])
     md = (tmp_path / "docs" / "routes.md").read_text()
-    assert "python experiments.py routes --seeds 0,1 --steps 2" in md and f"4 runs on {experiments.device_name()}" in md
+    assert "python -m experiments routes --seeds 0,1 --steps 2" in md
+    assert f"4 runs on {common.device_name()}" in md
     text = page.read_text()
     assert "old text" not in text and "| ours |" in text and text.endswith("kept\n")
 
@@ -190,26 +203,38 @@ def test_routes_trains_measures_and_writes_tables_figures_and_results_page(tmp_p
     experiments.main(argv)
     assert json.loads((tmp_path / "docs" / "routes.json").read_text()) == rows
     assert stamp == {p: os.path.getmtime(p) for p in (tmp_path / "runs").rglob("*.pt")}
+    assert len(list((tmp_path / "docs" / "routes_runs").iterdir())) == 4  # one committed record per run
 
-    # figures from the tables: the size sweep (two panels of 6 classes x 5 sizes, 3x upscaled) and the loss curves
+    # a new variant trains only itself: the others come from their records
+    trained = []
+    real_run = compare.shapes_run
+    monkeypatch.setattr(compare, "shapes_run", lambda a, flags,
+                        seed: trained.append(flags) or real_run(a, flags, seed))
+    monkeypatch.setattr(compare, "ROUTES", {**compare.ROUTES, "xattn (PixArt-α)": ["--cond", "xattn"]})
+    experiments.main(argv)
+    assert trained == [["--cond", "xattn"]] * 2
+    assert json.loads((tmp_path / "docs" / "routes.json").read_text())[:2] == rows
+
+    # figures from the tables: the size sweep (two panels of 6 classes x 5 sizes, 3x upscaled) and the loss
+    # curves
     experiments.main(["figures"] + argv[1:])
     w, h = Image.open(tmp_path / "docs" / "size_sweep.png").size
     assert (w, h) == (2 * 5 * (72 + 2) + 12, 18 + 6 * (72 + 2) + 16)
     assert Image.open(tmp_path / "docs" / "loss_routes.png").size == (640, 400)
     assert "size_sweep.png" in page.read_text()
-    curve = experiments.mean_curve(rows[0]["per_seed"])
+    curve = common.mean_curve(rows[0]["per_seed"])
     assert sorted(curve) == [1, 2]
     assert curve[2] == pytest.approx(np.mean([m["curve"]["2"] for m in rows[0]["per_seed"]]))
 
 
 @pytest.mark.slow
 def test_padding_measures_text_models_on_held_out_wordings(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "PADDINGS", {"zero": ["--cond-type", "text", "--text-pad", "zero"]})
+    monkeypatch.setattr(compare, "PADDINGS", {"zero": ["--cond-type", "text", "--text-pad", "zero"]})
     page = tmp_path / "RESULTS.md"
-    page.write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    page.write_text(f"{results.BEGIN}\n{results.END}\n")
     experiments.main(["padding", "--seeds", "0", "--steps", "2", "--per-class", "1", "--sample-steps", "2",
-                      "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
-                      "--results", str(page)])
+                      "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs",
+                      str(tmp_path / "docs"), "--results", str(page)])
     (row,) = json.loads((tmp_path / "docs" / "padding.json").read_text())
     m = row["per_seed"][0]
     assert 0 <= m["colour_acc"] <= 1 and np.isfinite(m["caption_loss"])
@@ -220,31 +245,39 @@ def test_padding_measures_text_models_on_held_out_wordings(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_transfer_fine_tunes_each_variant_from_one_base_and_splits_the_held_out_loss(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "TRANSFER", {k: v for k, v in experiments.TRANSFER.items() if "resample" in k})
+    monkeypatch.setattr(transfer, "TRANSFER", {k: v for k, v in transfer.TRANSFER.items() if "resample" in k})
     page = tmp_path / "RESULTS.md"
-    page.write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+    page.write_text(f"{results.BEGIN}\n{results.END}\n")
     experiments.main(["transfer", "--seeds", "0", "--base-steps", "2", "--ft-steps", "2", "--ft-batch", "4",
-                      "--ft-warmup", "1", "--log-every", "1", "--shapes-size", "128", "--out", str(tmp_path / "runs"),
+                      "--ft-warmup",
+                      "1", "--log-every", "1", "--shapes-size", "128", "--out", str(tmp_path / "runs"),
                       "--docs", str(tmp_path / "docs"), "--results", str(page)])
-    rows = {r["variant"]: r["per_seed"][0] for r in json.loads((tmp_path / "docs" / "transfer.json").read_text())}
+    table = json.loads((tmp_path / "docs" / "transfer.json").read_text())
+    rows = {r["variant"]: r["per_seed"][0] for r in table}
     assert list(rows) == ["resample + shift (paper)", "resample, no shift"]
     for m in rows.values():
         assert m["heldout"] == pytest.approx((m["heldout_low"] + m["heldout_high"]) / 2)
     alphas = {}
     for run in (tmp_path / "runs" / "transfer").glob("ft-*/0*"):
-        args = argparse.Namespace(**torch.load(checkpoints_in(str(run))[0], weights_only=False)["args"])
-        assert (args.res, args.base_res) == (64, 32)  # the base grid comes from the 32 px checkpoint
-        alphas[args.res_shift] = make_diffusion(args).alpha
-    assert alphas == {"on": pytest.approx(6.0), "off": pytest.approx(3.0)}  # shift 3 x sqrt(4 x the tokens) vs 3
+        ckpt = torch.load(checkpoints_in(str(run))[0], weights_only=False)
+        args, facts = argparse.Namespace(**ckpt["args"]), Facts(**ckpt["facts"])
+        assert (facts.res, facts.base_res) == (64, 32)  # the base grid comes from the 32 px checkpoint
+        alphas[args.res_shift] = make_diffusion(args, facts).alpha
+    # shift 3 x sqrt(4 x the tokens) vs 3
+    assert alphas == {"on": pytest.approx(6.0), "off": pytest.approx(3.0)}
 
 
 @pytest.mark.slow
 def test_recipes_trains_each_recipe_and_evaluates_with_its_own_sampler(tmp_path, monkeypatch):
     import config
-    monkeypatch.setattr(config, "RECIPES", {k: dict(config.RECIPES[k], sample_steps=4) for k in ("dit", "ldm")})
-    (tmp_path / "R.md").write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
-    experiments.main(["recipes", "--seeds", "0", "--steps", "2", "--per-class", "1", "--shapes-size", "64", "--out",
-                      str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--results", str(tmp_path / "R.md")])
+
+    monkeypatch.setattr(config, "RECIPES",
+                        {**config.RECIPES,
+                         **{k: dict(config.RECIPES[k], sample_steps=4) for k in ("dit", "ldm")}})
+    (tmp_path / "R.md").write_text(f"{results.BEGIN}\n{results.END}\n")
+    experiments.main(["recipes", "--variants", "dit,ldm", "--seeds", "0", "--steps", "2", "--per-class", "1",
+                      "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs",
+                      str(tmp_path / "docs"), "--results", str(tmp_path / "R.md")])
     rows = json.loads((tmp_path / "docs" / "recipes.json").read_text())
     assert [r["recipe"] for r in rows] == ["dit", "ldm"]
     assert rows[0]["evaluated with"] == "ddpm 4 steps, guidance 1.5"  # each recipe's sampler and guidance
@@ -256,32 +289,35 @@ def test_recipes_trains_each_recipe_and_evaluates_with_its_own_sampler(tmp_path,
 
 @pytest.mark.slow
 def test_padding_converged_commits_per_sample_outcomes_with_intervals(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "PADDINGS", {"zero": ["--cond-type", "text", "--text-pad", "zero"]})
+    monkeypatch.setattr(padding, "PADDINGS", {"zero": ["--cond-type", "text", "--text-pad", "zero"]})
     argv = ["padding-converged", "--seeds", "0,1", "--steps", "2", "--per-class", "1", "--sample-steps", "2",
-            "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--results",
-            str(tmp_path / "R.md")]
-    (tmp_path / "R.md").write_text(f"{experiments.BEGIN}\n{experiments.END}\n")
+            "--shapes-size", "64", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
+            "--results", str(tmp_path / "R.md")]
+    (tmp_path / "R.md").write_text(f"{results.BEGIN}\n{results.END}\n")
     experiments.main(argv)
     (row,) = json.loads((tmp_path / "docs" / "padding_converged.json").read_text())
-    record = json.loads((tmp_path / "docs" / "padding_runs" / "cond-type-text-text-pad-zero-2st-s1.json").read_text())
+    record = json.loads((tmp_path / "docs" / "padding_runs" / "cond-type-text-text-pad-zero-2st-s1.json")
+                        .read_text())
     outcomes = record["eval"]["per_sample"]
     assert len(outcomes["class_ok"]) == len(outcomes["colour_ok"]) == 10 * 1 * 2  # classes x seeds x flips
     assert np.mean(outcomes["colour_ok"]) == pytest.approx(record["eval"]["colour_acc"])
     m = row["metrics"]["class + colour acc"]
     assert m["lo"] <= m["mean"] <= m["hi"] and len(m["per_seed"]) == 2
-    monkeypatch.setattr(experiments, "shapes_run", lambda *a: pytest.fail("trained again"))
+    monkeypatch.setattr(padding, "shapes_run", lambda *a: pytest.fail("trained again"))
     experiments.main(argv)  # the committed records are enough
     assert json.loads((tmp_path / "docs" / "padding_converged.json").read_text()) == [row]
     experiments.main(argv + ["--assemble", "--seeds", "0,1,2"])  # seed 2 has no record: the row keeps 0 and 1
     (assembled,) = json.loads((tmp_path / "docs" / "padding_converged.json").read_text())
     assert assembled["seeds"] == [0, 1] and assembled["metrics"] == row["metrics"]
     assert "--assemble --seeds 0,1,2" in (tmp_path / "docs" / "padding_converged.md").read_text()
-    # against the default: here the same runs under two names, so the difference is 0 and its interval holds it
-    monkeypatch.setattr(experiments, "PADDINGS", {"noisy_replicate (default)": experiments.PADDINGS["zero"],
-                                                  "zero": experiments.PADDINGS["zero"]})
+    # against the default: here the same runs under two names, so the difference is 0 and its interval holds
+    # it
+    monkeypatch.setattr(padding, "PADDINGS",
+                        {"noisy_replicate (default)": padding.PADDINGS["zero"],
+                         "zero": padding.PADDINGS["zero"]})
     experiments.main(argv + ["--assemble"])
     default, zero = json.loads((tmp_path / "docs" / "padding_converged.json").read_text())
     assert "vs_default" not in default and zero["vs_default"]["mean"] == 0
     assert zero["vs_default"]["lo"] <= 0 <= zero["vs_default"]["hi"]
-    assert "zero − noisy_replicate (default), class + colour acc: 0.000 [" in (
-        tmp_path / "docs" / "padding_converged.md").read_text()
+    assert ("zero − noisy_replicate (default), class + colour acc: 0.000 ["
+            in (tmp_path / "docs" / "padding_converged.md").read_text())

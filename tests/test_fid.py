@@ -1,6 +1,7 @@
-"""fid.py: the Frechet distance against known answers, the FID network's layout against the published weights file,
-the TF1 resize against a plain loop, inputs that round-trip, two ranks equal to one, IS / precision / recall on
-cases with a known answer, and bad input that says what to fix. Random Inception weights only: no downloads."""
+"""fid.py: the Frechet distance against known answers, the FID network's layout against the published weights
+file, the TF1 resize against a plain loop, inputs that round-trip, two ranks equal to one, IS / precision /
+recall on cases with a known answer, and bad input that says what to fix. Random Inception weights only: no
+downloads."""
 import json
 import os
 import subprocess
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
 from PIL import Image
 from scipy import linalg
 
 import fid
+from conftest import ROOT
 
 #################################################################################
 #                              Frechet distance                                 #
@@ -22,7 +23,8 @@ import fid
 
 
 def random_cov(rng, d, n=None):
-    """A covariance estimated from n Gaussian samples (rank n - 1 when n <= d); well conditioned by default."""
+    """A covariance estimated from n Gaussian samples (rank n - 1 when n <= d); well conditioned by
+    default."""
     x = rng.standard_normal((n or 4 * d, d)) @ rng.standard_normal((d, d)) / np.sqrt(d)
     return np.cov(x, rowvar=False), x
 
@@ -45,8 +47,8 @@ def test_frechet_distance_known_answers():
 
 
 def test_frechet_distance_rank_deficient_is_finite_and_exact():
-    """Fewer samples than dimensions: S = X^T X / (n - 1), so tr((S1 S2)^1/2) is the nuclear norm of X1 X2^T over
-    sqrt((n1 - 1)(n2 - 1)) -- an independent float64 reference from two small centred data matrices."""
+    """Fewer samples than dimensions: S = X^T X / (n - 1), so tr((S1 S2)^1/2) is the nuclear norm of X1 X2^T
+    over sqrt((n1 - 1)(n2 - 1)) -- an independent float64 reference from two small centred data matrices."""
     rng = np.random.default_rng(1)
     d = 96
     s1, x1 = random_cov(rng, d, n=20)
@@ -81,7 +83,8 @@ def published_layout(state):
 def test_network_has_the_published_weights_layout():
     net = fid.build_inception()
     layout = published_layout(net.state_dict())
-    # 94 conv + BatchNorm units (conv weight; BN weight, bias, running mean, running var) and the fc weight and bias
+    # 94 conv + BatchNorm units (conv weight; BN weight, bias, running mean, running var) and the fc weight
+    # and bias
     assert len(layout) == 94 * 5 + 2
     assert not any(k.startswith("AuxLogits") for k in layout)
     assert layout["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3)
@@ -93,7 +96,8 @@ def test_network_has_the_published_weights_layout():
     assert layout["fc.weight"] == (1008, 2048) and layout["fc.bias"] == (1008,)
     assert sum(p.numel() for p in net.parameters()) == 23_850_960
     # the TF pool branches: average over real pixels only, and a max pool in the last block
-    assert [type(net.Mixed_5b).__name__, type(net.Mixed_6b).__name__, net.Mixed_7b.pool, net.Mixed_7c.pool] == \
+    assert [type(net.Mixed_5b).__name__, type(net.Mixed_6b).__name__, net.Mixed_7b.pool,
+            net.Mixed_7c.pool] == \
         ["FIDInceptionA", "FIDInceptionC", "avg", "max"]
     ones = torch.ones(1, 1, 4, 4)
     assert torch.equal(fid.tf_pool(ones, "avg"), ones)  # zero padding would darken the border to 4/9 and 6/9
@@ -123,8 +127,9 @@ def test_weights_round_trip_and_wrong_keys_fail(weights, tmp_path):
     state["Mixed_7c.branch_pool.conv.weights"] = state.pop("Mixed_7c.branch_pool.conv.weight")
     bad = str(tmp_path / "bad.pth")
     torch.save(state, bad)
-    with pytest.raises(SystemExit, match=r"not the FID Inception.*1 missing keys \['Mixed_7c.branch_pool.conv.weight'\]"
-                                         r".*1 unexpected keys \['Mixed_7c.branch_pool.conv.weights'\]"):
+    with pytest.raises(SystemExit, match=r"not the FID Inception.*1 missing keys "
+                                         r"\['Mixed_7c.branch_pool.conv.weight'\].*1 unexpected keys "
+                       r"\['Mixed_7c.branch_pool.conv.weights'\]"):
         fid.load_inception(bad)
     with pytest.raises(SystemExit, match="no such file"):
         fid.weights_file(str(tmp_path / "nope.pth"))
@@ -159,7 +164,8 @@ def test_tf1_resize_matches_a_plain_loop_and_not_torch(size_in):
     img = torch.randint(0, 256, (1, 3, size_in, size_in)).float()
     ours = fid.resize_bilinear_tf1(img, 299)
     assert ours.shape == (1, 3, 299, 299)
-    np.testing.assert_allclose(ours[0].double().numpy(), tf1_resize_loop(img[0].double().numpy(), 299), atol=2e-3)
+    np.testing.assert_allclose(ours[0].double().numpy(), tf1_resize_loop(img[0].double().numpy(), 299),
+                               atol=2e-3)
     half_pixel = F.interpolate(img, size=(299, 299), mode="bilinear", align_corners=False, antialias=False)
     assert (ours - half_pixel).abs().max() > 10  # grey levels: the convention matters
 
@@ -170,7 +176,8 @@ def test_tf1_resize_matches_a_plain_loop_and_not_torch(size_in):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """Three 24 px images as an ADM-style .npz (with a sidecar JSON of settings) and as PNGs in nested folders."""
+    """Three 24 px images as an ADM-style .npz (with a sidecar JSON of settings) and as PNGs in nested
+    folders."""
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(3)
     arr = rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
@@ -221,17 +228,20 @@ def test_cli_records_settings_and_two_ranks_equal_one(images, weights, npz_featu
     # an ADM-style reference batch: images and their statistics; FID uses the statistics, --pr the images
     ref = str(tmp_path / "ref.npz")
     np.savez(ref, arr_0=arr, mu=mu, sigma=sigma)
-    res = fid.main([ref, npz, "--inception", weights, "--workers", "0", "--is", "--splits", "3", "--pr", "--k", "2"])
-    assert abs(res["fid"]) < 1e-6 and res["precision"] == res["recall"] == 1.0 and res["inception_score"] >= 1.0
+    res = fid.main([ref, npz, "--inception", weights, "--workers", "0", "--is", "--splits", "3", "--pr",
+                    "--k", "2"])
+    assert abs(res["fid"]) < 1e-6 and res["precision"] == res["recall"] == 1.0
+    assert res["inception_score"] >= 1.0
     with open(root / "samples.metrics.json") as f:
         written = json.load(f)
-    assert written["settings"] == dict(sampler="euler", steps=2, cfg_scale=1.5) and written["fid"] == res["fid"]
+    assert (written["settings"] == dict(sampler="euler", steps=2,
+                                        cfg_scale=1.5) and written["fid"] == res["fid"])
     # two ranks under torchrun (gloo): each embeds a strided shard (2 and 1 images), gathered back in order
     two = str(tmp_path / "two.npz")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611", "fid.py",
-           npz, "--save-stats", two, "--inception", weights, "--workers", "0", "--batch", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611",
+           "fid.py", npz, "--save-stats", two, "--inception", weights, "--workers", "0", "--batch", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(two) as b:
         np.testing.assert_allclose(b["mu"], mu, rtol=1e-5, atol=1e-6)
@@ -242,6 +252,7 @@ def test_cli_records_settings_and_two_ranks_equal_one(images, weights, npz_featu
 #                   Inception Score, precision and recall                       #
 #################################################################################
 
+
 def test_inception_score_known_answers():
     same = np.tile(np.random.default_rng(4).standard_normal(1008), (100, 1))
     assert fid.inception_score(same) == pytest.approx((1.0, 0.0), abs=1e-9)
@@ -251,7 +262,8 @@ def test_inception_score_known_answers():
 
 
 def precision_recall_loop(ref, sample, k):
-    """Plain reference: full distance matrices, a point is covered by a ball reaching its owner's k-th neighbour."""
+    """Plain reference: full distance matrices, a point is covered by a ball reaching its owner's k-th
+    neighbour."""
     d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)
     r_ref, r_sample = np.sort(d(ref, ref), 1)[:, k], np.sort(d(sample, sample), 1)[:, k]
     precision = np.mean([(d(s[None], ref)[0] <= r_ref).any() for s in sample])
@@ -273,6 +285,7 @@ def test_precision_recall():
 #################################################################################
 #                         Bad input says what to fix                            #
 #################################################################################
+
 
 def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such file or folder"):
@@ -301,7 +314,8 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
     fid.save_stats(tmp_path / "stats.npz", np.zeros(4), np.eye(4))
     with pytest.raises(SystemExit, match="--pr compares features"):
         fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "stats.npz"), "--pr"])
-    assert fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "stats.npz")])["fid"] == pytest.approx(0, abs=1e-9)
+    same = fid.main([str(tmp_path / "stats.npz"), str(tmp_path / "stats.npz")])
+    assert same["fid"] == pytest.approx(0, abs=1e-9)
     try:
         import transformers  # noqa: F401
     except ImportError:

@@ -1,6 +1,7 @@
-"""The latent cache: the autoencoder wrapper round-trips, the cache holds exactly what the wrapper gives for each crop
-and for its mirror image, two ranks split the work without overlap, and a re-run redoes only what is missing.
-Everything runs on a tiny random diffusers AutoencoderKL with the SD layout (f = 8, 4 channels): no download."""
+"""The latent cache: the autoencoder wrapper round-trips, the cache holds exactly what the wrapper gives for
+each crop and for its mirror image, two ranks split the work without overlap, and a re-run redoes only what is
+missing. Everything runs on a tiny random diffusers AutoencoderKL with the SD layout (f = 8, 4 channels): no
+download."""
 import json
 import os
 import shutil
@@ -10,12 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
 
+import encode
 import latents
 from conditioning import CONTROL_SIGNALS
-from data import build_dataset
+from config import build_dataset
+from conftest import ROOT
 from latents import Autoencoder, LatentCacheDataset, shard_name
 
 diffusers = pytest.importorskip("diffusers")  # a test dependency only (requirements-dev.txt)
@@ -49,14 +51,14 @@ def folder(tmp_path_factory):
 
 
 def encode_args(vae, folder, out, *extra):
-    return ["--encode", "--dataset", "folder", "--data-path", folder, "--res", str(RES), "--vae", vae, "--out", out,
+    return ["--dataset", "folder", "--data-path", folder, "--res", str(RES), "--vae", vae, "--out", out,
             "--shard-size", "3", "--batch", "2", "--workers", "0", *extra]
 
 
 @pytest.fixture(scope="module")
 def cache(tiny_vae, folder, tmp_path_factory):
     """A one-process cache: 11 items in shards of 3 (3 + 3 + 3 + 2)."""
-    return latents.main(encode_args(tiny_vae, folder, str(tmp_path_factory.mktemp("cache"))))
+    return encode.main(encode_args(tiny_vae, folder, str(tmp_path_factory.mktemp("cache"))))
 
 
 def load_json(path):
@@ -105,10 +107,12 @@ def test_cache_holds_the_encoding_of_each_crop_and_of_its_mirror_image(cache, ti
     assert [len(s["label"]) for s in items] == [3, 3, 3, 2]
     imgs, labels, ctrls, captions = zip(*[source[i] for i in range(N)])
     imgs = torch.stack(imgs)
-    mean, std = ae.posterior(torch.cat([imgs, imgs.flip(-1)]))  # (2N, C, h, w): the crops, then their mirror images
+    # (2N, C, h, w): the crops, then their mirror images
+    mean, std = ae.posterior(torch.cat([imgs, imgs.flip(-1)]))
     stored = {k: torch.cat([s[k] for s in items]) for k in ("index", "mean", "std", "label", "control")}
     assert torch.equal(stored["index"], torch.arange(N))
-    assert close(stored["mean"], torch.stack(mean.chunk(2), 1)) and close(stored["std"], torch.stack(std.chunk(2), 1))
+    assert close(stored["mean"], torch.stack(mean.chunk(2), 1))
+    assert close(stored["std"], torch.stack(std.chunk(2), 1))
     # what is stored for the flip is the mirror image encoded, not the latent mirrored
     assert not close(stored["mean"][:, 1], stored["mean"][:, 0].flip(-1))
     assert stored["label"].tolist() == list(labels) and torch.equal(stored["control"], torch.stack(ctrls))
@@ -125,7 +129,8 @@ def test_cache_holds_the_encoding_of_each_crop_and_of_its_mirror_image(cache, ti
         flip = int(ctrl[FLIP])
         assert close(z, expected[flip]) and label == labels[4]
         # crop offsets stay those of the unmirrored canvas, as crop_flip records them; only the flag changes
-        assert torch.equal(torch.cat([ctrl[:FLIP], ctrl[FLIP + 1:]]), torch.cat([ctrls[4][:FLIP], ctrls[4][FLIP + 1:]]))
+        assert torch.equal(torch.cat([ctrl[:FLIP], ctrl[FLIP + 1:]]),
+                           torch.cat([ctrls[4][:FLIP], ctrls[4][FLIP + 1:]]))
         seen.add(flip)
     assert seen == {0, 1}
     assert load_json(os.path.join(cache, "stats.json"))["bad_images_this_run"] == {"unreadable": 1}
@@ -159,23 +164,23 @@ def test_build_dataset_latents_checks_the_resolution(cache):
         build_dataset("latents", 64, data_path=cache)
     with pytest.raises(ValueError, match="needs --data-path"):
         build_dataset("latents", RES)
-    with pytest.raises(FileNotFoundError, match=r"not a latent cache[\s\S]*\n  python latents.py --encode"):
+    with pytest.raises(FileNotFoundError, match=r"not a latent cache[\s\S]*\n  python encode.py"):
         build_dataset("latents", RES, data_path=os.path.dirname(cache))
 
 
-def test_rerun_redoes_only_missing_or_damaged_shards_and_refuses_other_settings(cache, tiny_vae, folder, tmp_path,
-                                                                                capsys):
+def test_rerun_redoes_only_missing_or_damaged_shards_and_refuses_other_settings(cache, tiny_vae, folder,
+                                                                                tmp_path, capsys):
     out = str(tmp_path / "cache")
     shutil.copytree(cache, out)
     names = [shard_name(k, 1) for k in range(4)]
     before = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in names}
     os.remove(os.path.join(out, names[1]))
-    with pytest.raises(RuntimeError, match="unfinished .1 of 4 shards missing.*\n  python latents.py --encode"):
+    with pytest.raises(RuntimeError, match="unfinished .1 of 4 shards missing.*\n  python encode.py"):
         LatentCacheDataset(out)
     with open(os.path.join(out, names[2]), "r+b") as f:  # damaged on disk under a complete name
         f.truncate(100)
     capsys.readouterr()
-    latents.main(encode_args(tiny_vae, folder, out))
+    encode.main(encode_args(tiny_vae, folder, out))
     log = capsys.readouterr().out
     assert "2 of 4 shards already complete, 2 to encode" in log
     assert [line.split()[3] for line in log.splitlines() if " wrote " in line] == names[1:3]
@@ -184,15 +189,15 @@ def test_rerun_redoes_only_missing_or_damaged_shards_and_refuses_other_settings(
     for a, b in zip(shards(out), shards(cache)):
         assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["index"], b["index"])
     with pytest.raises(SystemExit, match=r"res: cache 32 vs now 64[\s\S]*--res 32"):
-        latents.main(encode_args(tiny_vae, folder, out, "--res", "64"))  # argparse: the later flag wins
+        encode.main(encode_args(tiny_vae, folder, out, "--res", "64"))  # argparse: the later flag wins
     with pytest.raises(SystemExit, match="crop: cache 'center' vs now 'random'"):
-        latents.main(encode_args(tiny_vae, folder, out, "--crop", "random"))
+        encode.main(encode_args(tiny_vae, folder, out, "--crop", "random"))
 
 
 @pytest.mark.slow
 def test_two_ranks_write_disjoint_shards_that_cover_the_dataset_once(cache, tiny_vae, folder, tmp_path):
     out = str(tmp_path / "cache2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "latents.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "encode.py",
            *encode_args(tiny_vae, folder, out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on CPU
     proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -212,8 +217,9 @@ def test_two_ranks_write_disjoint_shards_that_cover_the_dataset_once(cache, tiny
     assert np.allclose(one["std"], two["std"], rtol=1e-3) and np.allclose(one["mean"], two["mean"], atol=1e-3)
     assert two["bad_images_this_run"] == {"unreadable": 1}  # counted on one rank, summed over both
     assert len(LatentCacheDataset(out)) == N
-    with pytest.raises(SystemExit, match=r"world: cache 2 vs now 1[\s\S]*torchrun --nproc_per_node=2 latents.py"):
-        latents.main(encode_args(tiny_vae, folder, out))
+    with pytest.raises(SystemExit, match=r"world: cache 2 vs now 1[\s\S]*torchrun --nproc_per_node=2 "
+                       r"encode.py"):
+        encode.main(encode_args(tiny_vae, folder, out))
 
 
 @pytest.mark.slow
@@ -223,13 +229,16 @@ def test_training_reads_the_cache_and_sampling_decodes_with_its_scale(cache, tin
     import sample
     import train
     from checkpoint import checkpoints_in
-    run = train.main(["--dataset", "latents", "--data-path", cache, "--model", "T/2", "--batch", "4", "--steps", "3",
+    run = train.main(["--dataset", "latents", "--data-path", cache, "--model", "T/2", "--batch", "4",
+                      "--steps", "3",
                       "--workers", "0", "--log-every", "1", "--out", str(tmp_path), "--cfg-scale", "1.5"])
     ckpt = torch.load(checkpoints_in(run)[0], weights_only=False)
-    assert (ckpt["args"]["res"], ckpt["args"]["vae"], ckpt["args"]["source_dataset"]) == (RES, tiny_vae, "folder")
-    assert ckpt["args"]["latent_scale"] == latents.Autoencoder(tiny_vae).scale
+    facts = ckpt["facts"]
+    assert (facts["res"], facts["vae"], facts["source_dataset"]) == (RES, tiny_vae, "folder")
+    assert (ckpt["args"]["res"], ckpt["args"]["vae"]) == (256, "sd-ema")  # the flags as given: their defaults
+    assert facts["latent_scale"] == latents.Autoencoder(tiny_vae).scale
     out = str(tmp_path / "grid.png")
-    sample.main(["--ckpt", run, "--classes", "0,1", "--seeds", "1", "--steps", "2", "--out", out])
+    sample.main(["--ckpt", run, "--classes", "0,1", "--seeds", "0", "--steps", "2", "--out", out])
     assert Image.open(out).size == (1 + (RES + 1), 1 + 2 * (RES + 1))  # one seed, one control; two classes
     with pytest.raises(SystemExit, match="holds"):
         train.main(["--dataset", "latents", "--data-path", cache, "--vae", "none", "--steps", "1"])
@@ -237,10 +246,11 @@ def test_training_reads_the_cache_and_sampling_decodes_with_its_scale(cache, tin
 
 @pytest.mark.slow
 def test_a_shapes_model_in_latent_space_is_checked_on_decoded_pixels(tiny_vae, tmp_path):
-    """The checker reads pixels: a shapes run in latent space decodes its samples with its own autoencoder at the
-    end-of-run evaluation (it used to decode latents as if they were pixels, and failed)."""
+    """The checker reads pixels: a shapes run in latent space decodes its samples with its own autoencoder at
+    the end-of-run evaluation (it used to decode latents as if they were pixels, and failed)."""
     import train
-    run = train.main(["--vae", tiny_vae, "--model", "T/2", "--res", str(RES), "--base-res", str(RES), "--batch", "4",
+    run = train.main(["--vae", tiny_vae, "--model", "T/2", "--res", str(RES), "--base-res", str(RES),
+                      "--batch", "4",
                       "--shapes-size", "8", "--steps", "1", "--workers", "0", "--sample-every", "-1",
                       "--eval-per-class", "1", "--sample-steps", "2", "--out", str(tmp_path)])
     with open(os.path.join(run, "eval.json")) as f:

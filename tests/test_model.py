@@ -1,9 +1,10 @@
-"""model.py: shapes, zero-init identity, the routes' conditioning, positional embeddings, attention masking."""
+"""model.py: shapes, zero-init identity, the routes' conditioning, positional embeddings, attention
+masking."""
 import pytest
 import torch
-from conftest import model_inputs, perturb, tiny_model
 
 from conditioning import SIGNAL, make_control
+from conftest import model_inputs, perturb, tiny_model
 from model import (
     CONDS,
     SIZES,
@@ -21,8 +22,8 @@ ROUTES = [(c, "dit") for c in CONDS] + [("adaln", "mdt"), ("ours", "mdt")]
 
 @pytest.mark.parametrize("cond,arch", ROUTES)
 def test_forward_backward_shapes(cond, arch):
-    """Every parameter gets a gradient (DDP requires it): in training mode mDT returns the unmasked and the masked
-    prediction stacked, so the side block and the mask token are used too."""
+    """Every parameter gets a gradient (DDP requires it): in training mode mDT returns the unmasked and the
+    masked prediction stacked, so the side block and the mask token are used too."""
     model = perturb(tiny_model(cond, arch))
     x, t, y, c = model_inputs()
     out = model(x, t, y, c, ctrl_drop=torch.tensor([True, False, False]))
@@ -34,8 +35,9 @@ def test_forward_backward_shapes(cond, arch):
 
 @pytest.mark.parametrize("decode_layers", [0, 2])
 def test_mdt_without_masking_builds_no_side_block(decode_layers):
-    """--mask-ratio 0: no token is dropped, so there is no side interpolator or mask token to fill them in, and every
-    parameter still gets a gradient (under DDP a parameter without one stops training at the second step)."""
+    """--mask-ratio 0: no token is dropped, so there is no side interpolator or mask token to fill them in,
+    and every parameter still gets a gradient (under DDP a parameter without one stops training at the second
+    step)."""
     model = perturb(MDTv2(patch=4, depth=4, width=64, heads=2, decode_layers=decode_layers, mask_ratio=0,
                           input_size=16, in_channels=3, num_classes=10, cond="ours"))
     assert not hasattr(model, "side") and not hasattr(model, "mask_token")
@@ -50,8 +52,9 @@ def test_mdt_without_masking_builds_no_side_block(decode_layers):
 @pytest.mark.parametrize("cond", ["ours", "mmdit"])
 @pytest.mark.parametrize("depth", [2, 4])
 def test_mdt_without_decoder_trains_and_samples(cond, depth):
-    """No decoder blocks (T/4's default, or --decode-layers 0): the encoder's last block feeds the side interpolator,
-    which reads its context tokens, so that block keeps a full context stream; training and sampling both run."""
+    """No decoder blocks (T/4's default, or --decode-layers 0): the encoder's last block feeds the side
+    interpolator, which reads its context tokens, so that block keeps a full context stream; training and
+    sampling both run."""
     kw = dict(input_size=16, in_channels=3, num_classes=10, cond=cond)
     model = perturb(build_model("T/4", "mdt", **kw) if depth == 2 else
                     MDTv2(patch=4, depth=depth, width=64, heads=2, decode_layers=0, **kw))
@@ -72,7 +75,8 @@ def test_fresh_model_outputs_zero_and_adaln_zero_blocks_are_identity(cond, arch)
     assert torch.equal(model(x, t, y, c), torch.zeros(2 * 3 if arch == "mdt" else 3, *x.shape[1:]))
     vec, ctx, _ = model.condition(t, y, c)
     tokens = torch.randn(3, 16, model.width)
-    if cond == "xattn":  # PixArt-alpha init: random per-block offsets, but the cross-attention starts switched off
+    # PixArt-alpha init: random per-block offsets, but the cross-attention starts switched off
+    if cond == "xattn":
         vec6 = model.t_block(vec)
         for block in model.blocks:
             assert torch.equal(block(tokens, ctx, vec6)[0], block(tokens, torch.randn_like(ctx), vec6)[0])
@@ -111,8 +115,8 @@ def test_baselines_add_semantics_into_adaln(cond):
 
 
 def test_mmdit_embeds_the_pooled_vector_through_its_own_mlp():
-    """SD3: adaLN = time embedding + MLP(pooled) (Linear -> SiLU -> Linear), here + the ungated control; adaln (DiT)
-    adds the class embedding itself."""
+    """SD3: adaLN = time embedding + MLP(pooled) (Linear -> SiLU -> Linear), here + the ungated control; adaln
+    (DiT) adds the class embedding itself."""
     model = perturb(tiny_model("mmdit"))
     x, t, y, c = model_inputs()
     tokens, pooled = model.y_embed(y)
@@ -124,8 +128,8 @@ def test_mmdit_embeds_the_pooled_vector_through_its_own_mlp():
 
 
 def test_xattn_is_adaln_single_with_cross_attention():
-    """PixArt-alpha: one shared modulation MLP (blocks only hold a (6, D) offset table); the class reaches the model
-    only through cross-attention; QK-norm off as published."""
+    """PixArt-alpha: one shared modulation MLP (blocks only hold a (6, D) offset table); the class reaches the
+    model only through cross-attention; QK-norm off as published."""
     model = perturb(tiny_model("xattn"))
     assert all(not hasattr(b.img, "ada") and b.img.table.shape == (6, model.width) for b in model.blocks)
     assert all(b.cross is not None and b.ctx is None for b in model.blocks)
@@ -169,10 +173,12 @@ def test_pos_embed_resample_and_extend():
     ext = sincos_2d(64, 8, 8, 4, 4, "extend").view(8, 8, 64)
     assert torch.allclose(ext[:4, :4].reshape(16, 64), base, atol=1e-6)  # the base grid's corner is unchanged
     assert not torch.allclose(ext[4:, 4:], big[4:, 4:])
-    # a non-square grid: one factor for both axes keeps the aspect ratio (2x the tokens -> positions / sqrt(2))
+    # a non-square grid: one factor for both axes keeps the aspect ratio (2x the tokens -> positions /
+    # sqrt(2))
     wide = sincos_2d(64, 4, 8, 4, 4, "resample").view(4, 8, 64)
     s = 2 ** -0.5
-    row_pos = sincos_2d(64, 1, 8, 4, 4, "extend")[:, :32]  # the column half of the features, integer positions
+    # the column half of the features, integer positions
+    row_pos = sincos_2d(64, 1, 8, 4, 4, "extend")[:, :32]
     assert torch.allclose(wide[0, :, :32], sincos_1d(32, torch.arange(8) * s).float(), atol=1e-6)
     assert torch.allclose(wide[:, 0, 32:], sincos_1d(32, torch.arange(4) * s).float(), atol=1e-6)
     assert not torch.allclose(wide[0, :, :32], row_pos)
@@ -222,10 +228,11 @@ def test_presets_and_bad_names():
     with pytest.raises(ValueError, match="unknown --model"):
         build_model("XXL/2")
     kw = dict(input_size=16, in_channels=3, num_classes=10)
-    assert type(build_model("T/4", **kw)) is DiffusionTransformer and type(build_model("T/4", "mdt", **kw)) is MDTv2
+    assert type(build_model("T/4", **kw)) is DiffusionTransformer
+    assert type(build_model("T/4", "mdt", **kw)) is MDTv2
     with pytest.raises(ValueError, match="unknown --arch"):
         build_model("T/4", arch="uvit", **kw)
     with pytest.raises(ValueError, match="unknown --cond"):
-        tiny_model("concat")
+        tiny_model("no-such-route")
     with pytest.raises(ValueError, match="not divisible"):
         build_model("T/4", input_size=18, in_channels=3, num_classes=10)

@@ -1,7 +1,10 @@
-"""--recipe: each published recipe is one flag whose values --print-config shows; the command line beats the recipe,
-which beats the dataset's preset; no recipe on ImageNet is the paper's shared setting. The pieces recipes switch on
-(Adan, min-SNR weighting, the EMA without warm-up, the run's evaluation sampler) do what they say, and every training
-command the README shows parses and starts."""
+"""--recipe: each published recipe is one flag whose values --print-config shows with where each came from;
+the command line beats the recipes (the dataset's own first), which beat the flag defaults, the paper's
+ImageNet setting; a value that does not fit is refused with its source named. The pieces recipes switch on
+(Adan, min-SNR weighting, the EMA without warm-up, the run's evaluation sampler) do what they say, and every
+training command the README and docs/ show parses and starts."""
+import dataclasses
+import glob
 import json
 import math
 import os
@@ -11,20 +14,28 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, assert_resumed_exactly, losses
 from PIL import Image
 
 import sample
 import train
-from config import DEFAULTS, PRESETS, RECIPES, get_args
+from config import RECIPES, get_args
+from conftest import ROOT, TINY, assert_resumed_exactly, facts_of, losses
 from diffusion import Diffusion
+from unet import unet_size
 
 
 def print_config(argv, capsys):
+    """--print-config's lines, as {flag: value} (a --no-X flag under its own name) and {flag: where it came
+    from}."""
     with pytest.raises(SystemExit) as e:
         get_args(argv + ["--print-config"])
     assert e.value.code == 0
-    return json.loads(capsys.readouterr().out)
+    values, sources = {}, {}
+    for line in capsys.readouterr().out.splitlines():
+        option, rest = line.split(None, 1)
+        value, source = rest.rsplit(" # ", 1)
+        values[option[2:]], sources[option[2:]] = json.loads(value), source.strip()
+    return values, sources
 
 
 #################################################################################
@@ -32,55 +43,94 @@ def print_config(argv, capsys):
 #################################################################################
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_print_config_shows_every_value_the_recipe_sets(recipe, capsys):
-    config = print_config(["--dataset", "imagenet", "--recipe", recipe], capsys)
-    assert config["recipe"] == recipe
+def test_print_config_shows_every_value_the_recipe_sets_and_where_it_came_from(recipe, capsys):
+    config, source = print_config(["--dataset", "imagenet", "--recipe", recipe], capsys)
+    assert config["recipe"] == [recipe] and source["recipe"] == "command line"
     for key, value in RECIPES[recipe].items():  # keys are the flag names as --help lists them
         assert config[key.replace("_", "-")] == value, key
+        assert source[key.replace("_", "-")] == f"recipe {recipe}", key
     assert "print-config" not in config and "beta2" in config and "grad-accum" in config
 
 
-def test_command_line_beats_recipe_beats_preset_beats_defaults(capsys):
-    config = print_config(["--dataset", "shapes", "--recipe", "dit", "--lr", "3e-4"], capsys)
-    assert config["lr"] == 3e-4  # the command line
-    assert config["beta2"] == 0.999 and config["ema"] == 0.9999 and config["batch"] == 256  # the recipe
-    assert config["model"] == "XS/4" and config["res"] == 24 and config["vae"] == "none"  # the shapes preset
-    assert config["mask-ratio"] == DEFAULTS["mask_ratio"]  # nobody set it
-    assert print_config(["--dataset", "shapes", "--recipe", "ldm"], capsys)["model"] == "XS"  # the UNet's own size
-    assert print_config(["--dataset", "imagenet", "--recipe", "ldm"], capsys)["model"] == "G4"
+def test_command_line_beats_the_recipes_which_beat_the_defaults(capsys):
+    config, source = print_config(["--dataset", "shapes", "--recipe", "dit", "--lr", "3e-4"], capsys)
+    assert (config["lr"], source["lr"]) == (3e-4, "command line")
+    assert config["beta2"] == 0.999 and config["ema"] == 0.9999 and config["batch"] == 256  # the later recipe
+    assert source["beta2"] == source["ema"] == source["batch"] == "recipe dit"
+    assert (config["model"], config["res"], config["vae"]) == ("XS/4", 24, "none")  # the dataset's own recipe
+    assert source["model"] == source["res"] == source["vae"] == "recipe shapes"
+    assert config["recipe"] == ["shapes", "dit"]
+    assert (config["mask-ratio"], source["mask-ratio"]) == (0.3, "default")  # nobody set it
+    # the same --model builds the UNet of its scale: LDM's G4 on ImageNet's XL/2, the XS UNet on shapes' XS/4
+    shapes, _ = print_config(["--dataset", "shapes", "--recipe", "ldm"], capsys)
+    imagenet, _ = print_config(["--dataset", "imagenet", "--recipe", "ldm"], capsys)
+    assert (unet_size(shapes["model"]), unet_size(imagenet["model"])) == ("XS", "G4")
+    assert unet_size("S") == "S" and unet_size("nope/3") is None
 
 
-def test_no_recipe_on_imagenet_is_the_papers_shared_setting_and_shapes_is_the_small_recipe(capsys):
-    plain = print_config(["--dataset", "imagenet"], capsys)
-    ours = print_config(["--dataset", "imagenet", "--recipe", "ours"], capsys)
-    assert {k: v for k, v in plain.items() if k != "recipe"} == {k: v for k, v in ours.items() if k != "recipe"}
+def test_the_flag_defaults_are_the_papers_imagenet_setting_and_shapes_is_the_small_recipe(capsys):
+    plain, plain_source = print_config(["--dataset", "imagenet"], capsys)
+    ours, _ = print_config(["--dataset", "imagenet", "--recipe", "ours"], capsys)
+    drop_recipe = lambda config: {k: v for k, v in config.items() if k != "recipe"}
+    assert drop_recipe(plain) == drop_recipe(ours)
+    assert set(plain_source.values()) == {"default", "command line"}  # no recipe on ImageNet: the defaults
     assert (plain["optimizer"], plain["lr"], plain["beta1"], plain["beta2"], plain["wd"]) == \
         ("adamw", 1e-4, 0.9, 0.95, 0.0)
-    # the shapes preset as it was before recipes existed: `small` at 24 px
-    assert PRESETS["shapes"] == dict(res=24, model="XS/4", batch=64, lr=2e-3, steps=2000, warmup=100, ema=0.999,
-                                     decay="cosine", vae="none", shift=3.0, pred="x", class_tokens=4, log_every=50,
-                                     ckpt_every=1000, sample_every=0, workers=0)
+    assert (plain["model"], plain["res"], plain["batch"], plain["ema"], plain["vae"]) == \
+        ("XL/2", 256, 256, 0.9999, "sd-ema")
+    # the shapes recipe as it was before recipes existed: `small` at 24 px
+    assert RECIPES["shapes"] == dict(res=24, model="XS/4", batch=64, lr=2e-3, steps=2000, warmup=100,
+                                     ema=0.999,
+                                     decay="cosine", vae="none", shift=3.0, pred="x", class_tokens=4,
+                                     log_every=50, ckpt_every=1000, sample_every=0, workers=0)
     assert {k: v for k, v in RECIPES["small"].items() if k != "res"} == \
-        {k: v for k, v in PRESETS["shapes"].items() if k != "res"}
+        {k: v for k, v in RECIPES["shapes"].items() if k != "res"}
 
 
-def test_another_objective_or_arch_than_the_recipes_takes_what_fits_it(capsys):
-    flow = print_config(["--dataset", "shapes", "--recipe", "dit", "--objective", "flow"], capsys)
-    assert (flow["pred"], flow["sampler"], flow["learn-sigma"]) == ("x", None, False)  # the preset's, the defaults
-    assert flow["beta2"] == 0.999  # the rest of the recipe stays
-    ddpm = print_config(["--dataset", "imagenet", "--recipe", "sd3", "--objective", "ddpm"], capsys)
-    assert ddpm["pred"] == "eps" and ddpm["cond"] == "mmdit"
-    assert print_config(["--recipe", "small", "--arch", "unet"], capsys)["model"] == "XS"
-    assert print_config(["--arch", "unet", "--model", "S"], capsys)["model"] == "S"
+def test_another_objective_than_the_recipes_is_refused_with_what_to_change(capsys):
+    from config import validate
+    with pytest.raises(SystemExit, match=r"--pred eps \(recipe dit\) does not fit --objective flow \(command "
+                       r"line\)"):
+        validate(get_args(["--dataset", "shapes", "--recipe", "dit", "--objective", "flow"]))
+    with pytest.raises(SystemExit, match=r"--learn-sigma \(recipe dit\) needs --objective ddpm; add "
+                       r"--no-learn-sigma"):
+        validate(get_args(["--dataset", "shapes", "--recipe", "dit", "--objective", "flow", "--pred", "x"]))
+    with pytest.raises(SystemExit, match=r"--sampler ddpm \(recipe dit\) does not fit --objective flow"):
+        validate(get_args(["--dataset", "shapes", "--recipe", "dit", "--objective", "flow", "--pred", "x",
+                           "--no-learn-sigma"]))
+    flow = ["--dataset", "shapes", "--recipe", "dit", "--objective", "flow", "--pred", "x",
+            "--no-learn-sigma", "--sampler", "euler"]
+    validate(get_args(flow))
+    assert print_config(flow, capsys)[0]["beta2"] == 0.999  # the rest of the recipe stays
+    with pytest.raises(SystemExit, match=r"--pred v \(recipe sd3\) does not fit --objective ddpm \(command "
+                       r"line\)"):
+        validate(get_args(["--dataset", "imagenet", "--recipe", "sd3", "--objective", "ddpm"]))
+    with pytest.raises(SystemExit, match=r"--pred x \(recipe shapes\) does not fit --objective ddpm"):
+        validate(get_args(["--objective", "ddpm"]))
+
+
+def test_a_gate_for_a_route_that_does_not_gate_is_refused_and_a_flag_without_effect_is_named(capsys):
+    from config import validate
+    with pytest.raises(SystemExit, match=r"--gate-size: --cond adaln adds the control metadata ungated"):
+        validate(get_args(["--cond", "adaln", "--gate-size", "linear"]))
+    validate(get_args(["--cond", "adaln"]))  # the default gates are not a choice the user made
+    validate(get_args(["--gate-size", "cosine_pow:4", "--mask-ratio", "0.5"]))
+    warned = capsys.readouterr().out
+    assert "warning: --mask-ratio does nothing in this run: it acts with --arch mdt" in warned
+    with pytest.raises(SystemExit):  # argparse: an unknown schedule, or the wrong number of parameters
+        get_args(["--gate-size", "cosine_pow:1,2"])
 
 
 def test_resume_with_another_optimizer_or_an_unusable_sampler_is_refused():
     from config import config_mismatch, validate
-    saved = vars(get_args(TINY))
-    del saved["optimizer"]  # a checkpoint from before the flag: it trained with AdamW
-    assert config_mismatch(saved, get_args(TINY)) == []
-    assert config_mismatch(saved, get_args(TINY + ["--optimizer", "adan"])) == \
-        ["optimizer: checkpoint 'adamw' vs now 'adan'"]
+
+    args = get_args(TINY)
+    saved = dict(args=vars(args), facts=dataclasses.asdict(facts_of(args)))
+    assert config_mismatch(saved, get_args(TINY), facts_of(args)) == []
+    assert config_mismatch(saved, get_args(TINY + ["--optimizer", "adan"]),
+                           facts_of(args)) == ["optimizer: checkpoint 'adamw' vs now 'adan'"]
+    assert config_mismatch(saved, args,
+                           facts_of(args, num_classes=3)) == ["num_classes: checkpoint 10 vs now 3"]
     with pytest.raises(SystemExit, match="--sample-steps 37: .*stride"):  # DDIM's stride, before training
         validate(get_args(TINY + ["--recipe", "ldm", "--model", "XS", "--sample-steps", "37"]))
 
@@ -89,19 +139,22 @@ def test_a_recipe_that_needs_a_package_not_installed_says_which(monkeypatch):
     import importlib.util
 
     from config import validate
+
     args = get_args(TINY + ["--recipe", "mdt"])
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "adan_pytorch" else
-                        real(name, *a))
+    without_adan = lambda name, *a: None if name == "adan_pytorch" else real(name, *a)
+    monkeypatch.setattr(importlib.util, "find_spec", without_adan)
     with pytest.raises(SystemExit, match="pip install adan-pytorch"):
         validate(args)
-    with pytest.raises(SystemExit, match="--sampler heun does not fit --objective ddpm"):
+    with pytest.raises(SystemExit, match=r"--sampler heun \(command line\) does not fit --objective ddpm "
+                       r"\(recipe dit\)"):
         validate(get_args(TINY + ["--recipe", "dit", "--sampler", "heun"]))
 
 
 #################################################################################
 #                  The pieces the recipes switch on                             #
 #################################################################################
+
 
 def test_adan_takes_mdts_betas_in_the_papers_convention():
     pytest.importorskip("adan_pytorch")
@@ -116,7 +169,8 @@ def test_adan_takes_mdts_betas_in_the_papers_convention():
         opt.step()
     step = w.detach() - 1
     assert (torch.sign(step) == -torch.sign(g)).all() and (step.abs() <= 3 * 3e-4).all()
-    torch.testing.assert_close(step / step[0].abs(), -torch.sign(g), atol=1e-3, rtol=0)  # same size everywhere
+    # same size everywhere
+    torch.testing.assert_close(step / step[0].abs(), -torch.sign(g), atol=1e-3, rtol=0)
 
 
 @pytest.mark.slow
@@ -147,41 +201,46 @@ def test_min_snr_weights_the_eps_loss_by_min_snr_gamma_over_snr():
 @pytest.mark.parametrize("warmup, first, later", [("on", 0.1, 0.5), ("off", 0.9999, 0.9999)])
 def test_ema_warmup(warmup, first, later):
     args = get_args(TINY + ["--ema", "0.9999", "--ema-warmup", warmup])
-    assert train.ema_decay(0, args) == pytest.approx(first) and train.ema_decay(8, args) == pytest.approx(later)
-    assert train.ema_decay(10 ** 7, args) == pytest.approx(0.9999)
+    assert train.ema_decay(0, args) == pytest.approx(first)
+    assert train.ema_decay(8, args) == pytest.approx(later)
+    assert train.ema_decay(10**7, args) == pytest.approx(0.9999)
 
 
 def test_sample_py_defaults_to_the_runs_evaluation_settings(tmp_path, monkeypatch):
-    run = train.main(TINY + ["--recipe", "dit", "--steps", "1", "--sample-every", "-1", "--sample-steps", "4",
-                             "--out", str(tmp_path)])
+    run = train.main(TINY
+                     + ["--recipe", "dit", "--steps", "1", "--sample-every", "-1", "--sample-steps", "4",
+                        "--out", str(tmp_path)])
     seen = {}
 
-    def fake_grid(model, vae, args, path, device, cfg_scales=None, steps=None, method=None, **kw):
+    def fake_grid(model, vae, args, facts, path, device, cfg_scales=None, steps=None, method=None, **kw):
         seen.update(cfg_scales=cfg_scales, steps=steps, method=method)
+
     monkeypatch.setattr(sample, "class_grid", fake_grid)
     sample.main(["--ckpt", run])
     assert seen == dict(cfg_scales=[1.5], steps=4, method="ddpm")  # the dit recipe's sampler and guidance
     sample.main(["--ckpt", run, "--steps", "2", "--sampler", "ddim", "--cfg-scale", "1"])
     assert seen == dict(cfg_scales=[1.0], steps=2, method="ddim")
-    # a run from before the evaluation settings were recorded samples as sample.py then did: 50 steps at 1.0
+    # a checkpoint of another configuration schema is refused with what to do, not misread
     path = os.path.join(run, sorted(f for f in os.listdir(run) if f.startswith("ckpt-"))[-1])
     ckpt = torch.load(path, weights_only=True)
-    for key in ("sample_steps", "sampler", "recipe"):
-        del ckpt["args"][key]
-    torch.save(ckpt, path)
-    sample.main(["--ckpt", run])
-    assert seen == dict(cfg_scales=[1.0], steps=50, method=None)
+    torch.save(dict(ckpt, config_version=2), path)
+    with pytest.raises(SystemExit, match="written by another version of this code .config schema 2"):
+        sample.main(["--ckpt", run])
 
 
 #################################################################################
 #                  Every training command of the README starts                  #
 #################################################################################
 
+
 def readme_train_commands():
-    """Each `python train.py ...` / `torchrun ... train.py ...` line of the README's code blocks, continuation lines
-    joined and comments dropped."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    """Each `python train.py ...` / `torchrun ... train.py ...` line of the code blocks of the README and the
+    pages under docs/, continuation lines joined and comments dropped."""
+    pages = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    blocks = []
+    for page in pages:
+        with open(page) as f:
+            blocks += re.findall(r"```bash\n(.*?)```", f.read(), re.S)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
@@ -198,8 +257,8 @@ COMMANDS = readme_train_commands()
 
 def test_the_readme_shows_the_commands_this_test_runs():
     assert len(COMMANDS) >= 10
-    assert "python train.py" in COMMANDS and "torchrun --nproc_per_node=8 train.py --dataset imagenet --res 256" \
-        in COMMANDS
+    assert ("python train.py" in COMMANDS
+            and "torchrun --nproc_per_node=8 train.py --dataset imagenet --res 256" in COMMANDS)
     assert all(any(f"--recipe {r}" in c for c in COMMANDS) for r in RECIPES)
 
 
@@ -207,8 +266,9 @@ def image_folder(root, n=12, res=32):
     rng = np.random.default_rng(0)
     for i in range(n):
         os.makedirs(os.path.join(root, f"c{i % 2}"), exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(os.path.join(root, f"c{i % 2}",
-                                                                                              f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(os.path.join(root,
+                                                                                               f"c{i % 2}",
+                                                                                               f"{i}.png"))
     return root
 
 
@@ -216,12 +276,15 @@ def image_folder(root, n=12, res=32):
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_readme_training_command_parses_and_starts(command, tmp_path, capsys):
     argv = shlex.split(command)
-    argv = argv[argv.index("train.py") + 1:]
-    config = print_config(argv, capsys)  # every command parses, on any machine
-    if "--print-config" in argv or not command.startswith("python train.py") or config["dataset"] not in ("shapes", "folder"):
+    argv = argv[argv.index("train.py") + 1 :]
+    config, _ = print_config(argv, capsys)  # every command parses, on any machine
+    if ("--print-config" in argv
+        or not command.startswith("python train.py")
+        or config["dataset"] not in ("shapes", "folder")):
         return  # GPUs and data that are not here: parsing is what can be checked
     if config["dataset"] == "folder":  # the user's own images: a small folder of them
         argv[argv.index("--data-path") + 1] = image_folder(str(tmp_path / "images"))
-    run = train.main(argv + ["--steps", "1", "--batch", "8", "--shapes-size", "32", "--eval-per-class", "0",
-                             "--sample-every", "-1", "--log-every", "1", "--out", str(tmp_path / "runs")])
+    run = train.main(argv
+                     + ["--steps", "1", "--batch", "8", "--shapes-size", "32", "--eval-per-class", "0",
+                        "--sample-every", "-1", "--log-every", "1", "--out", str(tmp_path / "runs")])
     assert math.isfinite(losses(run)[1])

@@ -1,16 +1,16 @@
-"""Reference equivalence against diffusers, the published implementations of the baselines' parts: our `--cond mmdit`
-model is SD3's `SD3Transformer2DModel`, our `--cond xattn` model is PixArt-alpha's `PixArtTransformer2DModel`, the
-flow shift is `FlowMatchEulerDiscreteScheduler`'s, positional-embedding resampling is `get_2d_sincos_pos_embed`'s
-interpolation, and the DDPM schedules are `DDPMScheduler`'s. Every weight is perturbed away from its initialisation
-before it is mapped over, so no zero-initialised layer hides a difference. Where we differ by design, the test says
-how."""
+"""Reference equivalence against diffusers, the published implementations of the baselines' parts: our `--cond
+mmdit` model is SD3's `SD3Transformer2DModel`, our `--cond xattn` model is PixArt-alpha's
+`PixArtTransformer2DModel`, the flow shift is `FlowMatchEulerDiscreteScheduler`'s, positional-embedding
+resampling is `get_2d_sincos_pos_embed`'s interpolation, and the DDPM schedules are `DDPMScheduler`'s. Every
+weight is perturbed away from its initialisation before it is mapped over, so no zero-initialised layer hides
+a difference. Where we differ by design, the test says how."""
 import math
 
 import pytest
 import torch
 
 from conditioning import make_control
-from diffusion import Chain, ddpm_betas, shift_time, time_grid
+from diffusion import Chain, ddpm_betas, time_grid
 from model import build_model, sincos_2d
 
 diffusers = pytest.importorskip("diffusers")
@@ -19,7 +19,8 @@ WIDTH, HEADS, SIZE, PATCH, CHANNELS = 64, 2, 8, 2, 4
 
 
 def perturbed(model, seed=0, std=0.1):
-    """Every parameter and buffer of `model` replaced by its value plus Gaussian noise (a table of ones too)."""
+    """Every parameter and buffer of `model` replaced by its value plus Gaussian noise (a table of ones
+    too)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.state_dict().values():
@@ -29,7 +30,8 @@ def perturbed(model, seed=0, std=0.1):
 
 
 def silence_control(model):
-    """Zero the control MLPs' output layers: the reference models have no control metadata, so e_ctrl must be 0."""
+    """Zero the control MLPs' output layers: the reference models have no control metadata, so e_ctrl must be
+    0."""
     with torch.no_grad():
         for mlp in model.c_embed.mlps.values():
             mlp[2].weight.zero_()
@@ -44,7 +46,8 @@ def split_qkv(state, prefix):
 
 
 def swap_halves(t):
-    """(shift, scale) rows -> (scale, shift): diffusers' AdaLayerNormContinuous reads its Linear the other way round."""
+    """(shift, scale) rows -> (scale, shift): diffusers' AdaLayerNormContinuous reads its Linear the other way
+    round."""
     a, b = t.chunk(2)
     return torch.cat([b, a])
 
@@ -61,11 +64,12 @@ def inputs(batch=3, seed=1):
 #################################################################################
 
 def sd3_state_dict(ours, depth):
-    """Our mmdit model's weights under SD3Transformer2DModel's names. The context embedder (SD3's Linear from the text
-    encoder's width) is the identity: our class tokens are the context tokens themselves."""
+    """Our mmdit model's weights under SD3Transformer2DModel's names. The context embedder (SD3's Linear from
+    the text encoder's width) is the identity: our class tokens are the context tokens themselves."""
     s, out = ours.state_dict(), {}
     out["pos_embed.proj.weight"], out["pos_embed.proj.bias"] = s["x_embed.weight"], s["x_embed.bias"]
-    for a, b in (("timestep_embedder.linear_1", "t_embed.mlp.0"), ("timestep_embedder.linear_2", "t_embed.mlp.2"),
+    for a, b in (("timestep_embedder.linear_1", "t_embed.mlp.0"), ("timestep_embedder.linear_2",
+                                                                   "t_embed.mlp.2"),
                  ("text_embedder.linear_1", "pool_embed.0"), ("text_embedder.linear_2", "pool_embed.2")):
         for kind in ("weight", "bias"):
             out[f"time_text_embed.{a}.{kind}"] = s[f"{b}.{kind}"]
@@ -104,9 +108,11 @@ def test_mmdit_route_equals_diffusers_sd3_transformer():
     ours = silence_control(perturbed(build_model("T/2", cond="mmdit", input_size=SIZE, in_channels=CHANNELS,
                                                  num_classes=10, class_tokens=3))).eval()
     ref = diffusers.SD3Transformer2DModel(
-        sample_size=SIZE, patch_size=PATCH, in_channels=CHANNELS, num_layers=depth, attention_head_dim=WIDTH // HEADS,
+        sample_size=SIZE, patch_size=PATCH, in_channels=CHANNELS, num_layers=depth,
+                                          attention_head_dim=WIDTH // HEADS,
         num_attention_heads=HEADS, joint_attention_dim=WIDTH, caption_projection_dim=WIDTH,
-        pooled_projection_dim=WIDTH, out_channels=CHANNELS, pos_embed_max_size=None, qk_norm="rms_norm").eval()
+        pooled_projection_dim=WIDTH, out_channels=CHANNELS, pos_embed_max_size=None,
+                                          qk_norm="rms_norm").eval()
     ref.load_state_dict(sd3_state_dict(ours, depth))  # strict: every tensor of the reference is set
     x, g, ctrl = inputs()
     t, y = torch.rand(3, generator=g), torch.tensor([0, 4, 9])
@@ -114,7 +120,8 @@ def test_mmdit_route_equals_diffusers_sd3_transformer():
         tokens, pooled = ours.y_embed(y)
         mine = ours(x, t, y, ctrl)
         theirs = ref(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
-                     timestep=t * 1000).sample  # SD3's pipelines pass sigma x 1000, as our time embedder scales t
+                     # SD3's pipelines pass sigma x 1000, as our time embedder scales t
+                     timestep=t * 1000).sample
     assert mine.abs().max() > 0.1  # a live network, not two zeros
     assert (mine - theirs).abs().max() < 1e-5
 
@@ -130,9 +137,12 @@ def pixart_state_dict(ours, depth):
     """Our xattn text model's weights under PixArtTransformer2DModel's names (its caption projection is our
     TextEmbedder's projection, its adaLN-single our t_block and per-block tables)."""
     s, out = ours.state_dict(), {}
-    renames = [("pos_embed.proj", "x_embed"), ("adaln_single.emb.timestep_embedder.linear_1", "t_embed.mlp.0"),
-               ("adaln_single.emb.timestep_embedder.linear_2", "t_embed.mlp.2"), ("adaln_single.linear", "t_block.1"),
-               ("caption_projection.linear_1", "y_embed.proj.0"), ("caption_projection.linear_2", "y_embed.proj.2"),
+    renames = [("pos_embed.proj", "x_embed"), ("adaln_single.emb.timestep_embedder.linear_1",
+                                               "t_embed.mlp.0"),
+               ("adaln_single.emb.timestep_embedder.linear_2", "t_embed.mlp.2"),
+               ("adaln_single.linear", "t_block.1"),
+               ("caption_projection.linear_1", "y_embed.proj.0"), ("caption_projection.linear_2",
+                                                                   "y_embed.proj.2"),
                ("proj_out", "final.linear")]
     for a, b in renames:
         out[f"{a}.weight"], out[f"{a}.bias"] = s[f"{b}.weight"], s[f"{b}.bias"]
@@ -146,7 +156,8 @@ def pixart_state_dict(ours, depth):
         kw, kb = s[f"{o}.cross.kv.weight"].chunk(2), s[f"{o}.cross.kv.bias"].chunk(2)
         out[f"{d}.attn2.to_k.weight"], out[f"{d}.attn2.to_v.weight"] = kw
         out[f"{d}.attn2.to_k.bias"], out[f"{d}.attn2.to_v.bias"] = kb
-        for a, b in (("attn1.to_out.0", "img.proj"), ("attn2.to_q", "cross.q"), ("attn2.to_out.0", "cross.proj"),
+        for a, b in (("attn1.to_out.0", "img.proj"), ("attn2.to_q", "cross.q"),
+                     ("attn2.to_out.0", "cross.proj"),
                      ("ff.net.0.proj", "img.mlp.0"), ("ff.net.2", "img.mlp.2")):
             out[f"{d}.{a}.weight"], out[f"{d}.{a}.bias"] = s[f"{o}.{b}.weight"], s[f"{o}.{b}.bias"]
     return out
@@ -159,9 +170,12 @@ def test_xattn_route_equals_diffusers_pixart_transformer():
     ours = silence_control(perturbed(build_model("T/2", cond="xattn", input_size=SIZE, in_channels=CHANNELS,
                                                  out_channels=2 * CHANNELS, text=text))).eval()
     ref = diffusers.PixArtTransformer2DModel(
-        num_attention_heads=HEADS, attention_head_dim=WIDTH // HEADS, in_channels=CHANNELS, out_channels=2 * CHANNELS,
-        num_layers=depth, cross_attention_dim=WIDTH, sample_size=SIZE, patch_size=PATCH, caption_channels=TEXT_DIM,
-        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+        num_attention_heads=HEADS, attention_head_dim=WIDTH // HEADS, in_channels=CHANNELS,
+                                             out_channels=2 * CHANNELS,
+        num_layers=depth, cross_attention_dim=WIDTH, sample_size=SIZE, patch_size=PATCH,
+                                             caption_channels=TEXT_DIM,
+        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                                             use_additional_conditions=False,
         attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000).eval()
     ref.load_state_dict(pixart_state_dict(ours, depth))
     x, g, ctrl = inputs()
@@ -182,10 +196,10 @@ def test_xattn_route_equals_diffusers_pixart_transformer():
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_shift_equals_flow_match_euler_scheduler(shift):
-    """SD3's shift of a sigma grid is ours, value for value: given our unshifted levels as its sigmas, diffusers'
-    scheduler shifts them to our time grid. The default grids differ by design: diffusers spaces N sigmas from 1 to
-    its smallest training sigma (1/1000 unshifted) and appends 0; ours spaces N + 1 levels evenly from 1 to 0, so its
-    last level before data is t = 1/N (0.02 at 50 steps), before the shift."""
+    """SD3's shift of a sigma grid is ours, value for value: given our unshifted levels as its sigmas,
+    diffusers' scheduler shifts them to our time grid. The default grids differ by design: diffusers spaces N
+    sigmas from 1 to its smallest training sigma (1/1000 unshifted) and appends 0; ours spaces N + 1 levels
+    evenly from 1 to 0, so its last level before data is t = 1/N (0.02 at 50 steps), before the shift."""
     n = 50
     ours = time_grid(n, shift)
     ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
@@ -200,9 +214,10 @@ def test_flow_shift_equals_flow_match_euler_scheduler(shift):
 
 @pytest.mark.parametrize("base, grid", [(4, 4), (4, 8), (3, 6), (8, 4)])
 def test_resampled_positional_embedding_equals_diffusers_interpolation(base, grid):
-    """Our `resample` on a square grid is diffusers' get_2d_sincos_pos_embed(base_size=base, interpolation_scale=1):
-    positions scaled by base / grid. On a smaller grid we keep integer positions (no up-scaling), as `extend` does;
-    diffusers would stretch those too, so that case is compared against base_size=grid."""
+    """Our `resample` on a square grid is diffusers' get_2d_sincos_pos_embed(base_size=base,
+    interpolation_scale=1): positions scaled by base / grid. On a smaller grid we keep integer positions (no
+    up-scaling), as `extend` does; diffusers would stretch those too, so that case is compared against
+    base_size=grid."""
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
     ref = get_2d_sincos_pos_embed(WIDTH, grid, base_size=grid if grid < base else base,
                                   interpolation_scale=1.0, output_type="pt")
@@ -211,24 +226,28 @@ def test_resampled_positional_embedding_equals_diffusers_interpolation(base, gri
 
 
 def test_non_square_resampling_keeps_the_aspect_where_diffusers_stretches_each_axis():
-    """By design: on a 4 x 16 grid over a 4 x 4 base we scale both axes by one factor, sqrt(16 / 64) = 0.5, so the
-    image keeps its shape inside the trained positional range; diffusers' tuple grid scales each axis to the base
-    size on its own (rows by 1, columns by 0.25). Our positions, fed to diffusers' own feature function, give ours."""
+    """By design: on a 4 x 16 grid over a 4 x 4 base we scale both axes by one factor, sqrt(16 / 64) = 0.5, so
+    the image keeps its shape inside the trained positional range; diffusers' tuple grid scales each axis to
+    the base size on its own (rows by 1, columns by 0.25). Our positions, fed to diffusers' own feature
+    function, give ours."""
     from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_2d_sincos_pos_embed_from_grid
     ours = sincos_2d(WIDTH, 4, 16, 4, 4, "resample")
     rows, cols = torch.meshgrid(torch.arange(4) * 0.5, torch.arange(16) * 0.5, indexing="ij")
-    same_factor = get_2d_sincos_pos_embed_from_grid(WIDTH, torch.stack([cols, rows])[:, None], output_type="pt")
-    stretched = get_2d_sincos_pos_embed(WIDTH, (4, 16), base_size=4, interpolation_scale=1.0, output_type="pt")
+    same_factor = get_2d_sincos_pos_embed_from_grid(WIDTH, torch.stack([cols, rows])[:, None],
+                                                    output_type="pt")
+    stretched = get_2d_sincos_pos_embed(WIDTH, (4, 16), base_size=4, interpolation_scale=1.0,
+                                        output_type="pt")
     assert (ours - same_factor.float()).abs().max() < 1e-5
     assert (ours - stretched.float()).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("ours, theirs", [("linear", dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)),
+@pytest.mark.parametrize("ours, theirs", [("linear", dict(beta_schedule="linear", beta_start=1e-4,
+                                                          beta_end=0.02)),
                                           ("ldm", dict(beta_schedule="scaled_linear", beta_start=0.0015,
                                                        beta_end=0.0195))])
 def test_ddpm_schedules_equal_ddpm_scheduler(ours, theirs):
-    """DiT's linear and LDM's sqrt-linear betas, and the cumulative products every sampler reads. diffusers keeps
-    them in float32, we in float64."""
+    """DiT's linear and LDM's sqrt-linear betas, and the cumulative products every sampler reads. diffusers
+    keeps them in float32, we in float64."""
     ref = diffusers.DDPMScheduler(num_train_timesteps=1000, **theirs)
     betas = ddpm_betas(ours, 1000)
     assert (betas.float() - ref.betas).abs().max() < 1e-7

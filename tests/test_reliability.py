@@ -1,6 +1,7 @@
-"""Faults a long run meets: kills during a checkpoint write, preemption signals, broken image files, non-finite
-losses. Each test injects the fault and checks that no work is lost and the run continues (or stops) cleanly. Faults
-inside train.py are injected by patching it from here, or for a subprocess from a wrapper script (train_script)."""
+"""Faults a long run meets: kills during a checkpoint write, preemption signals, broken image files,
+non-finite losses. Each test injects the fault and checks that no work is lost and the run continues (or
+stops) cleanly. Faults inside train.py are injected by patching it from here, or for a subprocess from a
+wrapper script (train_script)."""
 import os
 import signal
 import subprocess
@@ -11,11 +12,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, losses, nan_loss, records
 from PIL import Image
 
 import train
 from checkpoint import checkpoints_in, find_checkpoint
+from conftest import ROOT, TINY, losses, nan_loss, records
 from data import load_rgb
 from diffusion import Diffusion
 
@@ -34,8 +35,8 @@ def only_run(out):
 
 
 def train_script(tmp_path, patch):
-    """A train.py that runs `patch` (Python source; the project and tests/ importable) before train.main: fault
-    injection in another process."""
+    """A train.py that runs `patch` (Python source; the project and tests/ importable) before train.main:
+    fault injection in another process."""
     script = tmp_path / "patched_train.py"
     paths = [ROOT, os.path.join(ROOT, "tests")]
     script.write_text(f"import sys\nsys.path[:0] = {paths!r}\nimport train\n{textwrap.dedent(patch)}\n"
@@ -88,8 +89,8 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
-    """The kill lands while the 4th checkpoint's temporary file is half written: the writer is patched to write half
-    its bytes, say so, and wait to be killed."""
+    """The kill lands while the 4th checkpoint's temporary file is half written: the writer is patched to
+    write half its bytes, say so, and wait to be killed."""
     out, writing = tmp_path / "runs", tmp_path / "writing"
     script = train_script(tmp_path, f"""
         import io
@@ -111,7 +112,8 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
             real_write(path, write_half)
         checkpoint.atomic_write = half_then_wait
     """)
-    cmd = [sys.executable, script] + TINY + ["--steps", "100000", "--ckpt-every", "1", "--keep", "3", "--out", str(out)]
+    cmd = [sys.executable, script] + TINY + ["--steps", "100000", "--ckpt-every", "1", "--keep", "3", "--out",
+                                             str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(writing.exists)
@@ -180,10 +182,11 @@ def test_sigterm_under_torchrun_resumes_exactly(tmp_path):
     assert again.returncode == 0, out[-3000:]
     resumed = losses(run)
     assert sorted(resumed) == list(range(1, 151))
-    assert all(resumed[s] == reference[s] for s in range(1, 151)), "resumed losses differ from the uninterrupted run"
+    assert all(resumed[s] == reference[s] for s in range(1, 151)), "resumed losses differ from the full run"
 
 
 # ------------------------------------------------------------------- bad data ---
+
 
 def broken_folder(root):
     """A dozen kinds of files a crawl contains, next to good images."""
@@ -222,8 +225,9 @@ def test_sixteen_bit_images_are_rescaled_not_clipped(tmp_path):
 def test_broken_files_are_skipped_and_counted(tmp_path, capfd):
     root = broken_folder(tmp_path / "data")
     run = train.main(["--dataset", "folder", "--data-path", str(root), "--vae", "none", "--model", "T/4",
-                      "--res", "16", "--base-res", "16", "--batch", "8", "--steps", "6", "--workers", "2",
-                      "--max-skip-rate", "0.5", "--log-every", "3", "--out", str(tmp_path / "runs")])
+                      "--res", "16",
+                      "--base-res", "16", "--batch", "8", "--steps", "6", "--workers", "2", "--max-skip-rate",
+                      "0.5", "--log-every", "3", "--out", str(tmp_path / "runs")])
     counts = records(run)[-1]["data"]
     for kind in ("unreadable", "truncated", "tiny", "cmyk", "palette", "alpha", "gray", "16bit"):
         assert counts.get(kind, 0) >= 1, (kind, counts)
@@ -236,12 +240,13 @@ def test_broken_files_are_skipped_and_counted(tmp_path, capfd):
 def test_too_many_broken_files_stop_the_run(tmp_path):
     root = broken_folder(tmp_path / "data")
     with pytest.raises(SystemExit, match="could not be used"):
-        train.main(["--dataset", "folder", "--data-path", str(root), "--vae", "none", "--model", "T/4", "--res",
-                    "16", "--base-res", "16", "--batch", "8", "--steps", "40", "--workers", "0",
+        train.main(["--dataset", "folder", "--data-path", str(root), "--vae", "none", "--model", "T/4",
+                    "--res", "16", "--base-res", "16", "--batch", "8", "--steps", "40", "--workers", "0",
                     "--max-skip-rate", "0.01", "--log-every", "5", "--out", str(tmp_path / "runs")])
 
 
 # ----------------------------------------------------------------- divergence ---
+
 
 @pytest.mark.slow
 def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
@@ -255,13 +260,15 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_nan_on_one_rank_is_skipped_on_all(tmp_path):
-    script = train_script(tmp_path, """
+    script = train_script(
+        tmp_path, """
         import os
         from diffusion import Diffusion
         from conftest import nan_loss
         if os.environ["RANK"] == "0":  # one rank's loss goes bad
             Diffusion.loss = nan_loss({2})
-    """)
+    """,
+    )
     proc = torchrun(TINY + ["--steps", "5", "--out", str(tmp_path / "runs")], script=script)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -272,6 +279,7 @@ def test_a_nan_on_one_rank_is_skipped_on_all(tmp_path):
 @pytest.mark.slow
 def test_nan_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(Diffusion, "loss", nan_loss({4, 5, 6}))
-    with pytest.raises(SystemExit, match=r"3 non-finite steps in a row ending at step 6; last good checkpoint: .*"
-                                         r"ckpt-0000003\.pt"):
-        train.main(TINY + ["--steps", "10", "--ckpt-every", "3", "--max-bad-steps", "3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"3 non-finite steps in a row ending at step 6; last good "
+                       r"checkpoint: .*ckpt-0000003\.pt"):
+        train.main(TINY + ["--steps", "10", "--ckpt-every", "3", "--max-bad-steps", "3", "--out",
+                           str(tmp_path)])

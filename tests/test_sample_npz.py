@@ -1,5 +1,5 @@
-"""sample.py --num-samples: an ADM-style .npz with the requested labels and a JSON of its settings, and the same
-file from two ranks as from one."""
+"""sample.py --num-samples: an ADM-style .npz with the requested labels and a JSON of its settings, and the
+same file from two ranks as from one."""
 import json
 import os
 import subprocess
@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY
 
 import fid
 import sample
 import train
+from conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # every test here samples from a trained run
 
@@ -24,14 +24,14 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
-    """A text model (noisy_replicate padding) whose every weight is shaken, so that its padding noise shows in the
-    pixels (after a step or two of training it would not)."""
+    """A text model (noisy_replicate padding) whose every weight is shaken, so that its padding noise shows in
+    the pixels (after a step or two of training it would not)."""
     from checkpoint import checkpoints_in
     from sample import load_model
     run = train.main(TINY + ["--cond-type", "text", "--steps", "1", "--sample-every", "-1", "--out",
                              str(tmp_path_factory.mktemp("text"))])
     (path,) = checkpoints_in(run)
-    model, _ = load_model(run, "cpu")
+    model = load_model(run, "cpu").model
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -43,8 +43,8 @@ def text_run(tmp_path_factory):
 
 
 def npz_args(run, out, *extra):
-    return ["--ckpt", run, "--num-samples", "7", "--steps", "2", "--batch", "3", "--cfg-scale", "2", "--flip", "1",
-            "--seed", "5", "--out", str(out), *extra]
+    return ["--ckpt", run, "--num-samples", "7", "--steps", "2", "--batch", "3", "--cfg-scale", "2", "--flip",
+            "1", "--seed", "5", "--out", str(out), *extra]
 
 
 def test_npz_holds_images_labels_and_settings(run, tmp_path):
@@ -57,14 +57,15 @@ def test_npz_holds_images_labels_and_settings(run, tmp_path):
     with open(tmp_path / "s.json") as f:
         settings = json.load(f)
     assert settings["ckpt"].endswith(".pt") and settings["ckpt_step"] == 2
-    assert {k: settings[k] for k in ("num_samples", "labels", "seed", "sampler", "steps", "cfg_scale", "ctrl_scale",
-                                     "interval", "precision", "vae")} == dict(
+    assert {k: settings[k] for k in ("num_samples", "labels", "seed", "sampler", "steps", "cfg_scale",
+                                     "ctrl_scale", "interval", "precision", "vae")} == dict(
         num_samples=7, labels="equal", seed=5, sampler="euler", steps=2, cfg_scale=2.0, ctrl_scale=0.0,
         interval=[0.0, 1.0], precision="fp32", vae="none")
     assert settings["control"]["flip"] == 1.0
     assert not [f for f in os.listdir(tmp_path) if ".rank" in f]  # the per-rank parts are gone
     _, images = fid.open_input(out)  # what fid.py reads back: the same pixels, channels first
-    assert len(images) == 7 and all(torch.equal(images[i], torch.from_numpy(arr[i]).permute(2, 0, 1)) for i in range(7))
+    assert len(images) == 7 and all(torch.equal(images[i],
+                                                torch.from_numpy(arr[i]).permute(2, 0, 1)) for i in range(7))
     again = sample.main(npz_args(run, tmp_path / "r.npz", "--labels", "random"))
     with np.load(again) as z:
         labels = z["labels"]
@@ -80,7 +81,8 @@ def test_npz_makes_its_folder_names_its_settings_and_a_failed_write_loses_nothin
     assert os.path.basename(named) == "samples-7-cfg2-euler2-flip1-ctrl1.5-interval0.2-1-seed5-batch3.npz"
     os.remove(named)  # keep the run folder as the other tests expect it
     os.remove(named[:-len(".npz")] + ".json")
-    np.savez(tmp_path / "f.npz", arr_0=np.zeros((1, 16, 16, 3), np.uint8))  # an earlier run's pair under this name
+    # an earlier run's pair under this name
+    np.savez(tmp_path / "f.npz", arr_0=np.zeros((1, 16, 16, 3), np.uint8))
     (tmp_path / "f.json").write_text('{"cfg_scale": 9}')
     real_savez = np.savez
     def full_disk(f, **arrays):
@@ -114,16 +116,17 @@ def test_ctrl_scale_and_interval_reach_the_sampler(run, tmp_path, monkeypatch, m
     monkeypatch.setattr(sample, "generate", spy)
     monkeypatch.setattr(shapes, "generate", spy)
     what = ["--out", str(tmp_path / "g.png")] if mode == "grid" else ["--eval-per-class", "1"]
-    sample.main(["--ckpt", run, "--steps", "2", "--seeds", "1", "--ctrl-scale", "2", "--interval", "0.1,0.9", *what])
+    sample.main(["--ckpt", run, "--steps", "2", "--seeds", "1", "--ctrl-scale", "2", "--interval", "0.1,0.9",
+                 *what])
     assert seen and all(s == (2.0, (0.1, 0.9)) for s in seen), seen
 
 
 def test_two_ranks_write_the_same_npz_as_one(run, tmp_path):
     one = sample.main(npz_args(run, tmp_path / "one.npz"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29612", "sample.py",
-           *npz_args(run, tmp_path / "two.npz")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29612",
+           "sample.py", *npz_args(run, tmp_path / "two.npz")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(one) as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["labels"], b["labels"]) and np.array_equal(a["arr_0"], b["arr_0"])
@@ -132,10 +135,11 @@ def test_two_ranks_write_the_same_npz_as_one(run, tmp_path):
 
 
 def test_a_text_model_gives_the_same_npz_again_and_from_two_ranks(text_run, tmp_path):
-    """The padding noise of a prompt is its sample's own (seeded by the sample's seed): neither the global RNG nor
-    the split over ranks changes a pixel."""
+    """The padding noise of a prompt is its sample's own (seeded by the sample's seed): neither the global RNG
+    nor the split over ranks changes a pixel."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank runs: this shaken model's pixels also feel the last bits of a matmul
+    # as each rank runs: this shaken model's pixels also feel the last bits of a matmul
+    torch.set_num_threads(1)
     try:
         one = sample.main(npz_args(text_run, tmp_path / "one.npz"))
         torch.manual_seed(123)  # other use of the global RNG in between
@@ -143,10 +147,10 @@ def test_a_text_model_gives_the_same_npz_again_and_from_two_ranks(text_run, tmp_
         again = sample.main(npz_args(text_run, tmp_path / "again.npz"))
     finally:
         torch.set_num_threads(threads)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613", "sample.py",
-           *npz_args(text_run, tmp_path / "two.npz")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613",
+           "sample.py", *npz_args(text_run, tmp_path / "two.npz")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(one) as a, np.load(again) as b, np.load(tmp_path / "two.npz") as c:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_0"], c["arr_0"])

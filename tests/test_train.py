@@ -1,5 +1,5 @@
-"""End to end: training lowers the loss, resume continues exactly, DDP keeps replicas identical, sampling works,
-and bad input fails fast with a message that says what to fix."""
+"""End to end: training lowers the loss, resume continues exactly, DDP keeps replicas identical, sampling
+works, and bad input fails fast with a message that says what to fix."""
 import json
 import os
 import subprocess
@@ -7,12 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, assert_resumed_exactly, init_loads_every_tensor, losses
 
 import sample
 import train
-from config import get_args, make_diffusion
+from config import Facts, get_args, make_diffusion
+from conftest import ROOT, TINY, assert_resumed_exactly, facts_of, init_loads_every_tensor, losses
 from diffusion import generate, make_noise
+from shapes import shapes_default_control
 
 
 @pytest.mark.slow
@@ -28,20 +29,22 @@ def test_loss_falls(tmp_path):
 
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path):
-    full = train.main(TINY + ["--steps", "8", "--ckpt-every", "4", "--keep", "5", "--out", str(tmp_path / "a")])
+    full = train.main(TINY + ["--steps", "8", "--ckpt-every", "4", "--keep", "5", "--out",
+                              str(tmp_path / "a")])
     half = tmp_path / "b" / "run"
     half.mkdir(parents=True)
     state = torch.load(os.path.join(full, "ckpt-0000004.pt"), weights_only=False)
     assert state.pop("cuda_rng") == [None]  # a CPU run has no CUDA RNG to keep ...
-    torch.save(state, half / "ckpt-0000004.pt")  # ... and a checkpoint without the key (an older one) still resumes
+    # ... and a checkpoint without the key (an older one) still resumes
+    torch.save(state, half / "ckpt-0000004.pt")
     resumed = train.main(TINY + ["--steps", "8", "--resume", str(half), "--out", str(tmp_path / "b")])
     assert_resumed_exactly(full, resumed, 4, 8)
 
 
 def test_checkpoint_keeps_each_ranks_cuda_rng(tmp_path, monkeypatch):
-    """On a GPU the checkpoint holds the CUDA RNG state of the rank's own device next to the CPU's, and restore puts
-    it back on that device; a checkpoint without it (older, or from a CPU run) restores the rest. Faked here: this
-    machine may have no GPU."""
+    """On a GPU the checkpoint holds the CUDA RNG state of the rank's own device next to the CPU's, and
+    restore puts it back on that device; a checkpoint without it (older, or from a CPU run) restores the rest.
+    Faked here: this machine may have no GPU."""
     from types import SimpleNamespace
     got, put = {"cuda:0": torch.tensor([1, 2], dtype=torch.uint8)}, []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: got[str(device)])
@@ -50,17 +53,21 @@ def test_checkpoint_keeps_each_ranks_cuda_rng(tmp_path, monkeypatch):
     ema, opt, gen = torch.nn.Linear(2, 2), torch.optim.AdamW(model.parameters()), torch.Generator()
     loop = train.Progress(loss_sum=torch.zeros(()), step=3)
     cuda = torch.device("cuda", 0)
-    path = train.save_checkpoint(str(tmp_path), model, ema, opt, gen, loop, SimpleNamespace(keep=2), 0, 1, False,
-                                 cuda)
+    facts = Facts(res=16, vae="none", base_res=16, source_dataset="shapes", num_classes=10)
+    path = train.save_checkpoint(str(tmp_path), model, ema, opt, gen, loop, SimpleNamespace(keep=2), facts, 0,
+                                 1, False, cuda)
     ckpt = torch.load(path, weights_only=False)
-    assert torch.equal(ckpt["cuda_rng"][0], got["cuda:0"]) and torch.equal(ckpt["torch_rng"], torch.get_rng_state())
+    assert torch.equal(ckpt["cuda_rng"][0], got["cuda:0"])
+    assert torch.equal(ckpt["torch_rng"], torch.get_rng_state())
     train.restore(ckpt, model, ema, opt, gen, train.Progress(loss_sum=torch.zeros(())), 0, False, cuda)
     assert len(put) == 1 and torch.equal(put[0][0], got["cuda:0"]) and put[0][1] == "cuda:0"
-    for old in ({k: v for k, v in ckpt.items() if k != "cuda_rng"}, dict(ckpt, cuda_rng=[None])):  # older; CPU run
+    # older; CPU run
+    for old in ({k: v for k, v in ckpt.items() if k != "cuda_rng"}, dict(ckpt, cuda_rng=[None])):
         resumed = train.Progress(loss_sum=torch.zeros(()))
         train.restore(old, model, ema, opt, gen, resumed, 0, False, cuda)
         assert resumed.step == 3 and len(put) == 1
-    train.restore(ckpt, model, ema, opt, gen, loop, 0, False, torch.device("cpu"))  # a GPU checkpoint on the CPU
+    # a GPU checkpoint on the CPU
+    train.restore(ckpt, model, ema, opt, gen, loop, 0, False, torch.device("cpu"))
     assert len(put) == 1
 
 
@@ -78,11 +85,12 @@ def test_bad_arguments_fail_fast(tmp_path, capsys):
         train.main(TINY + ["--res", "18"])
     with pytest.raises(SystemExit, match="does not exist"):
         train.main(["--dataset", "folder", "--data-path", str(tmp_path / "nope")])
-    with pytest.raises(SystemExit, match=r"--decode-layers 3: depth 2 .*--model T/4"):  # before any data is made
+    # before any data is made
+    with pytest.raises(SystemExit, match=r"--decode-layers 3: depth 2 .*--model T/4"):
         train.main(TINY + ["--arch", "mdt", "--decode-layers", "3"])
     with pytest.raises(SystemExit):
-        train.main(["--cond", "concat"])
-    assert "invalid choice: 'concat'" in capsys.readouterr().err
+        train.main(["--cond", "no-such-route"])
+    assert "invalid choice: 'no-such-route'" in capsys.readouterr().err
 
 
 def image_folder(root, classes=("a", "b", "c"), per_class=6):
@@ -101,17 +109,19 @@ def image_folder(root, classes=("a", "b", "c"), per_class=6):
 @pytest.mark.slow
 def test_trains_on_an_image_folder(tmp_path):
     image_folder(tmp_path / "data")
-    run = train.main(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--vae", "none", "--model", "T/4",
-                      "--res", "16", "--base-res", "16", "--batch", "8", "--steps", "3", "--workers", "0", "--out", str(tmp_path / "runs")])
+    run = train.main(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--vae", "none",
+                      "--model", "T/4",
+                      "--res", "16", "--base-res", "16", "--batch", "8", "--steps", "3", "--workers", "0",
+                      "--out", str(tmp_path / "runs")])
     ckpt = torch.load(os.path.join(run, "ckpt-0000003.pt"), weights_only=False)
-    assert ckpt["args"]["num_classes"] == 3 and len(losses(run)) >= 1
+    assert ckpt["facts"]["num_classes"] == 3 and len(losses(run)) >= 1
     assert os.path.exists(os.path.join(run, "samples.png"))
 
 
 @pytest.mark.slow
 def test_imagenet_is_found_at_IMAGENET_DIR_or_says_where_to_put_it(tmp_path, monkeypatch):
-    """`train.py --dataset imagenet` with no --data-path: $IMAGENET_DIR, else data/imagenet/train; neither there
-    fails before any work, naming every way to point at the data."""
+    """`train.py --dataset imagenet` with no --data-path: $IMAGENET_DIR, else data/imagenet/train; neither
+    there fails before any work, naming every way to point at the data."""
     monkeypatch.chdir(tmp_path)  # no data/imagenet/train here
     monkeypatch.delenv("IMAGENET_DIR", raising=False)
     with pytest.raises(SystemExit) as failed:
@@ -119,31 +129,37 @@ def test_imagenet_is_found_at_IMAGENET_DIR_or_says_where_to_put_it(tmp_path, mon
     message = str(failed.value)
     assert all(s in message for s in ("'data/imagenet/train'", "Set IMAGENET_DIR", "--data-path")), message
     monkeypatch.setenv("IMAGENET_DIR", str(image_folder(tmp_path / "imagenet", classes=("n01", "n02"))))
-    run = train.main(["--dataset", "imagenet", "--vae", "none", "--model", "T/4", "--res", "16", "--base-res", "16",
-                      "--batch", "8", "--steps", "1", "--workers", "0", "--sample-every", "-1", "--out",
+    run = train.main(["--dataset", "imagenet", "--vae", "none", "--model", "T/4", "--res", "16", "--base-res",
+                      "16", "--batch", "8", "--steps", "1", "--workers", "0", "--sample-every", "-1", "--out",
                       str(tmp_path / "runs")])
     ckpt = torch.load(os.path.join(run, "ckpt-0000001.pt"), weights_only=False)
-    assert ckpt["args"]["data_path"] == str(tmp_path / "imagenet") and ckpt["args"]["num_classes"] == 2
+    assert ckpt["facts"]["data_path"] == str(tmp_path / "imagenet") and ckpt["facts"]["num_classes"] == 2
+    assert ckpt["args"]["data_path"] is None  # the flag as given; the folder found is a fact
 
 
 def test_data_paths_are_checked_as_each_dataset_reads_them(tmp_path):
-    """A captions CSV file and a glob of shards are valid paths; an ImageNet root holding train/ and val/, a missing
-    caption file and a dataset smaller than one batch are refused before a run folder exists."""
+    """A captions CSV file and a glob of shards are valid paths; an ImageNet root holding train/ and val/, a
+    missing caption file and a dataset smaller than one batch are refused before a run folder exists."""
     from config import validate
     (tmp_path / "pairs.csv").write_text("image,caption\na.png,a cat\n")
-    for dataset, path in (("captions", tmp_path / "pairs.csv"), ("webdataset", tmp_path / "shards" / "*.tar")):
-        validate(get_args(["--dataset", dataset, "--data-path", str(path), "--vae", "none"]))  # does not raise
+    shards = tmp_path / "shards" / "*.tar"
+    for dataset, path in (("captions", tmp_path / "pairs.csv"), ("webdataset", shards)):
+        # does not raise
+        validate(get_args(["--dataset", dataset, "--data-path", str(path), "--vae", "none"]))
     with pytest.raises(SystemExit, match="no such folder or CSV file"):
-        validate(get_args(["--dataset", "captions", "--data-path", str(tmp_path / "missing.csv"), "--vae", "none"]))
+        validate(get_args(["--dataset", "captions", "--data-path", str(tmp_path / "missing.csv"), "--vae",
+                           "none"]))
     for split in ("train", "val"):
         image_folder(tmp_path / "imagenet" / split, classes=("n01", "n02"), per_class=1)
     runs = tmp_path / "runs"
-    tiny = ["--vae", "none", "--model", "T/4", "--res", "16", "--base-res", "16", "--workers", "0", "--out", str(runs)]
+    tiny = ["--vae", "none", "--model", "T/4", "--res", "16", "--base-res", "16", "--workers", "0", "--out",
+            str(runs)]
     with pytest.raises(SystemExit, match="name splits, not classes") as stopped:
         train.main(["--dataset", "imagenet", "--data-path", str(tmp_path / "imagenet"), *tiny])
     assert os.path.join(str(tmp_path / "imagenet"), "train") in str(stopped.value)
     with pytest.raises(SystemExit, match="smaller than one batch"):
-        train.main(["--dataset", "folder", "--data-path", str(tmp_path / "imagenet" / "val"), "--batch", "8", *tiny])
+        train.main(["--dataset", "folder", "--data-path", str(tmp_path / "imagenet" / "val"), "--batch", "8",
+                    *tiny])
     assert not runs.exists() or not os.listdir(runs)  # nothing left behind to shift the next run's number
 
 
@@ -175,44 +191,42 @@ def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
 @pytest.mark.slow
 def test_sampling_from_a_checkpoint(tmp_path):
     run = train.main(TINY + ["--steps", "3", "--out", str(tmp_path)])
-    model, args = sample.load_model(run, "cpu")
+    model, args, facts, _, _ = sample.load_model(run, "cpu")
     noise = make_noise([0, 1], (3, 16, 16), "cpu")
     y = torch.tensor([0, 1])
-    ctrl = torch.stack([train_default_control()] * 2)
-    diffusion = make_diffusion(args)
+    ctrl = torch.stack([shapes_default_control(16)] * 2)
+    diffusion = make_diffusion(args, facts)
     x = generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
     again = generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
     assert torch.equal(x, again)
     out = tmp_path / "grid.png"
-    sample.main(["--ckpt", run, "--classes", "0,6", "--flip", "0,1", "--cfg-scale", "1,3", "--seeds", "2",
+    sample.main(["--ckpt", run, "--classes", "0,6", "--flip", "0,1", "--cfg-scale", "1,3", "--seeds", "0,1",
                  "--steps", "3", "--out", str(out)])
     from PIL import Image
     img = Image.open(out)
     assert img.size == (1 + 8 * 17, 1 + 2 * 17)  # 2 scales x 2 flips x 2 seeds columns, 2 rows, 1 px padding
     res = sample.main(["--ckpt", run, "--eval-per-class", "1", "--steps", "3"])
-    assert set(res) == {"class_acc", "flip_acc", "mirrored", "crop_err"}  # a 3-step model: the figures mean nothing
+    # a 3-step model: the figures mean nothing
+    assert set(res) == {"class_acc", "flip_acc", "mirrored", "crop_err"}
     assert all(isinstance(v, float) for v in res.values())
-
-
-def train_default_control():
-    from data import default_control
-    return default_control("shapes", 16)
 
 
 @pytest.mark.slow
 def test_resolution_transfer_loads_every_tensor_and_resamples_positions(tmp_path, capsys):
-    """16 -> 32 px (4x the tokens): every tensor loads (the positional embedding is not a parameter: it is recomputed
-    on the larger grid, resampled so its even positions are the base grid's), and the noise shift doubles."""
+    """16 -> 32 px (4x the tokens): every tensor loads (the positional embedding is not a parameter: it is
+    recomputed on the larger grid, resampled so its even positions are the base grid's), and the noise shift
+    doubles."""
     run = train.main(TINY + ["--steps", "2", "--out", str(tmp_path / "a")])
     ckpt = os.path.join(run, "ckpt-0000002.pt")
-    big, model = init_loads_every_tensor(TINY + ["--res", "32"], ckpt, ckpt)
+    big, facts, model = init_loads_every_tensor(TINY + ["--res", "32"], ckpt, ckpt)
     base, grid = model.pos_embed(4, 4, "cpu"), model.pos_embed(8, 8, "cpu").view(8, 8, -1)
     assert torch.allclose(grid[::2, ::2].reshape(16, -1), base, atol=1e-6)
     small = get_args(TINY)
-    assert make_diffusion(big).alpha == 2 * make_diffusion(small).alpha
-    big.res_shift = "off"
-    assert make_diffusion(big).alpha == make_diffusion(small).alpha
+    assert make_diffusion(big, facts).alpha == 2 * make_diffusion(small, facts_of(small)).alpha
+    unshifted = get_args(TINY + ["--res", "32", "--res-shift", "off"])
+    assert make_diffusion(unshifted, facts).alpha == make_diffusion(small, facts_of(small)).alpha
     # the same through train.main: it fine-tunes and says what adapted
     train.main(TINY + ["--res", "32", "--init-from", ckpt, "--steps", "2", "--out", str(tmp_path / "b")])
-    assert "positional embedding `resample` from the 16 px base grid, noise shift alpha 6" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "positional embedding `resample` from the 16 px base grid, noise shift alpha 6" in said

@@ -1,10 +1,11 @@
-"""unet.py: the LDM-4-G baseline: shapes, zero output at init, training signal, conditioning routes, published size."""
+"""unet.py: the LDM-4-G baseline: shapes, zero output at init, training signal, conditioning routes, published
+size."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb
 
 from conditioning import make_control
+from conftest import perturb
 from unet import UNET_CONDS, UNET_SIZES, Attention, build_unet
 
 NUM_CLASSES = 10
@@ -31,7 +32,8 @@ def test_fresh_model_outputs_exactly_zero(cond):
 
 @pytest.mark.parametrize("cond", UNET_CONDS)
 def test_training_steps_reach_every_parameter(cond):
-    """Zero-init means the first step only trains the output conv; within three steps every tensor has a gradient."""
+    """Zero-init means the first step only trains the output conv; within three steps every tensor has a
+    gradient."""
     torch.manual_seed(0)
     model = tiny(cond)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -89,9 +91,11 @@ def test_gates_off_make_output_independent_of_control():
     with torch.no_grad():
         gated = perturb(tiny("ours", gates=off))
         assert torch.equal(gated(x, t, y, c), gated(x, t, y, c2))
-        additive = perturb(tiny("xattn"))  # the ungated route does read the control, so the check above means something
+        # the ungated route does read the control, so the check above means something
+        additive = perturb(tiny("xattn"))
         assert not torch.allclose(additive(x, t, y, c), additive(x, t, y, c2))
-        drop = torch.ones(2, dtype=torch.bool)  # a dropped control is the learned null: control no longer matters
+        # a dropped control is the learned null: control no longer matters
+        drop = torch.ones(2, dtype=torch.bool)
         assert torch.equal(additive(x, t, y, c, drop), additive(x, t, y, c2, drop))
 
 
@@ -114,7 +118,8 @@ def test_bad_options_name_the_choices():
 
 
 def test_g4_matches_the_published_parameter_count():
-    """LDM prints 'DiffusionWrapper has 400.92 M params.' for cin256-v2 (its UNet, without the class table)."""
+    """LDM prints 'DiffusionWrapper has 400.92 M params.' for cin256-v2 (its UNet, without the class
+    table)."""
     published = 400.92e6
     with torch.device("meta"):  # 400 M parameters, no memory
         ours = build_unet("G4")

@@ -1,0 +1,69 @@
+"""
+python -m experiments NAME: run one of the paper's comparisons at small scale (experiments/__init__.py lists
+them).
+"""
+import argparse
+import os
+
+from . import __doc__ as OVERVIEW
+from .common import DOCS
+from .compare import gates, padding, routes
+from .drift import drift_experiment
+from .figures import figures
+from .mechanism import mechanism
+from .padding import padding_converged
+from .recipes import recipes
+from .results import update_results
+from .transfer import transfer
+
+EXPERIMENTS = {"routes": routes, "gates": gates, "padding": padding, "transfer": transfer,
+               "drift": drift_experiment,
+               "padding-converged": padding_converged, "recipes": recipes, "figures": figures,
+               "mechanism": mechanism}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=tuple(EXPERIMENTS) + ("results", "all"))
+    p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="routes / gates / padding / "
+                   "drift / recipes: only these variants (comma-separated names as in the tables)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run: routes / gates / padding 800, "
+                   "drift and padding-converged 2000, recipes 300")
+    p.add_argument("--corrs", default="0,0.9", type=lambda s: [float(v) for v in s.split(",")],
+                   help="drift: class <-> size correlations rho of the data (train.py --size-corr)")
+    p.add_argument("--drift-pairs", type=int, default=100, help="drift: (noise, class) pairs per run")
+    p.add_argument("--assemble", action="store_true", help="drift / padding-converged: tables and figures "
+                   "from the committed records alone; each row takes the seeds that are there (nothing is "
+                   "trained or measured)")
+    p.add_argument("--ctrl-scales", default="0,1,2,3", type=lambda s: [float(v) for v in s.split(",")],
+                   help="drift: control guidance scales measured on each run (0 = the sampling default)")
+    p.add_argument("--gate-variants", type=lambda s: s.split(","), default=None, help="drift: only these "
+                   "gate schedules (names as in the table; a single one leaves the gate comparison out)")
+    p.add_argument("--log-every", type=int, default=25, help="steps per point of the loss curves")
+    p.add_argument("--per-class", type=int, default=10, help="checker: seeds per class (each drawn twice)")
+    p.add_argument("--drift-n", type=int, default=40, help="drift: (noise, class) pairs per sweep")
+    p.add_argument("--sample-steps", type=int, default=25, help="Euler steps of every evaluation sample")
+    p.add_argument("--cfg-scale", type=float, default=2.0,
+                   help="semantic guidance of every evaluation sample")
+    p.add_argument("--base-steps", type=int, default=400, help="transfer: steps at 32 px")
+    p.add_argument("--ft-steps", type=int, default=60, help="transfer: steps at 64 px")
+    p.add_argument("--ft-batch", type=int, default=32, help="transfer: batch at 64 px")
+    p.add_argument("--ft-warmup", type=int, default=10, help="transfer: warm-up steps at 64 px")
+    p.add_argument("--scratch", action="store_true", help="transfer: also train the 64 px model from scratch")
+    p.add_argument("--shapes-size", type=int, default=4000, help="distinct training images")
+    p.add_argument("--out", default=os.path.join("runs", "experiments"), help="run folders")
+    p.add_argument("--docs", default=DOCS, help="where tables and figures are written")
+    p.add_argument("--results", default=os.path.join("docs", "RESULTS.md"), help="the page whose results "
+                   "block is rebuilt")
+    a = p.parse_args(argv)
+    a.steps = a.steps or {"drift": 2000, "padding-converged": 2000, "recipes": 300}.get(a.experiment, 800)
+    if a.experiment == "all":  # not drift, padding-converged and recipes: hours of CPU at their budgets
+        for name in ("routes", "gates", "padding", "transfer", "figures"):
+            EXPERIMENTS[name](a)
+    elif a.experiment != "results":
+        EXPERIMENTS[a.experiment](a)
+    update_results(a, a.results)
+
+if __name__ == "__main__":
+    main()
