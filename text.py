@@ -1,8 +1,8 @@
 """
 Frozen text encoders and the caption-feature cache: prompts -> per-token features (B, L, d) and a mask (B, L),
 True on real tokens. The encoder is frozen: the denoiser learns only the projection of its features
-(conditioning.TextEmbedder), so the features are computed once per dataset (TextCache) and never during
-training.
+(conditioning.TextEmbedder), so the features are computed once per dataset (TextCache, which text_features
+builds for a training run) and never during training.
 
     builtin   hashed word vectors + positions, no download, bit-identical in every process (shapes captions)
     HF        a Hugging Face T5 / CLIP / BERT-style encoder (optional `transformers`), 77 tokens by default
@@ -13,6 +13,7 @@ import os
 import re
 
 import torch
+import torch.distributed as dist
 
 from conditioning import sinusoidal
 
@@ -258,3 +259,36 @@ class TextCache:
             self.captions += new
         return self.lookup(captions, device)
 
+
+#################################################################################
+#                     The caption features of a training run                    #
+#################################################################################
+
+def text_features(dataset, args, device, rank, world):
+    """--cond-type text: (the frozen encoder, the dataset's caption features) -- every caption is encoded once
+    and training only looks features up; (None, None) for a class model."""
+    if args.cond_type != "text":
+        return None, None
+    encoder = shared_text_encoder(args.text_encoder, device, args.text_max_length)
+    return encoder, text_cache_for(dataset, encoder, args, rank, world)
+
+
+def text_cache_for(dataset, encoder, args, rank, world):
+    """The dataset's caption features, encoded once by rank 0 into --out and read by every rank; None for a
+    streamed dataset, which cannot list its captions up front (its captions are then encoded batch by
+    batch)."""
+    try:
+        captions = dataset.captions()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        if rank == 0:
+            print(f"--cond-type text: {args.dataset} cannot list its captions; encoding them batch by batch")
+        return None
+    tag = f"{args.dataset}-{args.res}-{args.seed}-{encoder.name}"
+    name = "".join(ch if ch.isalnum() else "-" for ch in tag)
+    path = os.path.join(args.out, f"text-cache-{name}-{encoder.max_length}.pt")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        TextCache.build(captions, encoder, path)
+    if world > 1:
+        dist.barrier()
+    return TextCache.load(path)

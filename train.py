@@ -49,7 +49,7 @@ from config import (
 )
 from data import EVENTS, SKIPPED, setup_distributed
 from sample import checker_verdict, class_grid
-from text import TextCache, shared_text_encoder
+from text import text_features
 
 # exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
 PREEMPTED = 75
@@ -171,36 +171,6 @@ def data_events(dataset, world, args):
 #################################################################################
 #                       From a loader batch to the model                        #
 #################################################################################
-
-def text_features(dataset, args, device, rank, world):
-    """--cond-type text: (the frozen encoder, the dataset's caption features) -- every caption is encoded once
-    and training only looks features up; (None, None) for a class model."""
-    if args.cond_type != "text":
-        return None, None
-    encoder = shared_text_encoder(args.text_encoder, device, args.text_max_length)
-    return encoder, text_cache_for(dataset, encoder, args, rank, world)
-
-
-def text_cache_for(dataset, encoder, args, rank, world):
-    """The dataset's caption features, encoded once by rank 0 into --out and read by every rank; None for a
-    streamed dataset, which cannot list its captions up front (its captions are then encoded batch by
-    batch)."""
-    try:
-        captions = dataset.captions()
-    except (AttributeError, NotImplementedError, RuntimeError):
-        if rank == 0:
-            print(f"--cond-type text: {args.dataset} cannot list its captions; encoding them batch by batch")
-        return None
-    tag = f"{args.dataset}-{args.res}-{args.seed}-{encoder.name}"
-    name = "".join(ch if ch.isalnum() else "-" for ch in tag)
-    path = os.path.join(args.out, f"text-cache-{name}-{encoder.max_length}.pt")
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        TextCache.build(captions, encoder, path)
-    if world > 1:
-        dist.barrier()
-    return TextCache.load(path)
-
 
 def model_inputs(batch, vae, latent, text_cache, encoder, gen, device):
     """A loader batch -> (x0, semantic input, control) on the device. Images go through the autoencoder as a
