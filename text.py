@@ -176,10 +176,10 @@ class TextCache:
     cache. Under DDP, build on rank 0, barrier, then load on every rank.
 
     Memory: the whole table lives in RAM, U x L x d x 2 bytes: 15 MB for the 7114 distinct captions of the
-    10 000 default shapes images with the builtin encoder; for ImageNet's 1000 class prompts at 77 tokens, 60 MB with MiniLM (d = 384), 0.6 GB with
-    T5-XXL (d = 4096). It does not scale to CC12M-sized caption sets (~10^7 captions: 0.7 TB with MiniLM, 7.6
-    TB with T5-XXL): there the features belong next to each image in the latent-cache shards, which is not
-    done here.
+    10 000 default shapes images with the builtin encoder; for ImageNet's 1000 class prompts at 77 tokens, 60
+    MB with MiniLM (d = 384), 0.6 GB with T5-XXL (d = 4096). It does not scale to CC12M-sized caption sets
+    (~10^7 captions: 0.7 TB with MiniLM, 7.6 TB with T5-XXL): there the features belong next to each image in
+    the latent-cache shards, which is not done here.
     """
 
     def __init__(self, features, mask, captions, encoder, max_length, path=None):
