@@ -27,6 +27,14 @@ import torch
 from model import SIZES, from_dit, is_dit_state_dict
 
 CONFIG_VERSION = 3  # the schema of the stored configuration (3: flags and facts apart); another is refused
+# flags added since schema 3, each with the value that does what the code did before the flag existed: a
+# checkpoint that lacks one reads it so (stored_args)
+ADDED_FLAGS = dict(cfg_schedule="constant", cfg_power=4.0, sample_spacing=None)
+
+
+def stored_args(saved):
+    """A checkpoint's stored flags (a dict) as a namespace, the ADDED_FLAGS it predates filled in."""
+    return argparse.Namespace(**{**ADDED_FLAGS, **saved})
 
 #################################################################################
 #                              Reading and writing                              #

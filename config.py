@@ -32,7 +32,18 @@ from data import (
     WebDatasetShards,
     folder_default_control,
 )
-from diffusion import BETA_SCHEDULES, OBJECTIVES, SAMPLERS, Diffusion, noise_shift, spaced_steps
+from diffusion import (
+    BETA_SCHEDULES,
+    CFG_SCHEDULES,
+    DEFAULT_SPACING,
+    OBJECTIVES,
+    SAMPLERS,
+    SPACINGS,
+    Diffusion,
+    Sampling,
+    noise_shift,
+    spaced_steps,
+)
 from latents import Autoencoder, LatentCacheDataset, encode_command, latent_geometry
 from model import ARCHS, CONDS, MODELS, POS_MODES, ROUTES, SIZES, build_model, mdt_decode_layers
 from shapes import ShapesDataset, shapes_default_control
@@ -56,25 +67,29 @@ RECIPES = {
                 pred="eps", optimizer="adamw", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.0, warmup=0,
                 decay="constant", clip=0.0, ema=0.9999, ema_warmup="off", batch=256, sampler="ddpm",
                 sample_steps=250, cfg_scale=1.5),
-    # PixArt-alpha (configs/pixart_config/PixArt_xl2_img256_internal.py, scripts/inference.py)
+    # PixArt-alpha (configs/pixart_config/PixArt_xl2_img256_internal.py; scripts/inference.py samples with
+    # DPM-Solver, 20 steps, time-uniform, guidance 4.5)
     "pixart": dict(arch="dit", cond="xattn", objective="ddpm", beta_schedule="linear", learn_sigma=True,
                    pred="eps", optimizer="adamw", lr=2e-5, beta1=0.9, beta2=0.999, eps=1e-10, wd=0.03,
                    warmup=1000, decay="constant", clip=0.01, ema=0.9999, ema_warmup="off", batch=256,
-                   sampler="ddpm", sample_steps=100, cfg_scale=4.5),
-    # mDT-v2 (sail-sg/MDT scripts/image_train.py, image_sample.py): Adan, min-SNR-5 weighting, masked training
+                   sampler="dpm++2m", sample_spacing="time", sample_steps=20, cfg_scale=4.5),
+    # mDT-v2 (sail-sg/MDT scripts/image_train.py; image_sample.py: 250 ancestral steps, guidance 3.8 on the
+    # power-cosine schedule, power 4): Adan, min-SNR-5 weighting, masked training
     "mdt": dict(arch="mdt", cond="adaln", objective="ddpm", beta_schedule="linear", learn_sigma=True,
                 pred="eps", optimizer="adan", lr=3e-4, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, wd=0.0,
                 warmup=0, decay="constant", clip=1.0, ema=0.9999, ema_warmup="off", batch=256, mask_ratio=0.3,
-                min_snr=5.0, sampler="ddpm", sample_steps=250, cfg_scale=1.5),
+                min_snr=5.0, sampler="ddpm", sample_steps=250, cfg_scale=3.8, cfg_schedule="power-cosine",
+                cfg_power=4.0),
     # LDM (CompVis/latent-diffusion configs/latent-diffusion/cin256-v2.yaml): UNet, sqrt-linear betas, no EMA
     "ldm": dict(arch="unet", cond="xattn", objective="ddpm", beta_schedule="ldm", learn_sigma=False,
                 pred="eps", optimizer="adamw", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.01, warmup=0,
                 decay="constant", clip=0.0, ema=0.0, batch=256, sampler="ddim", sample_steps=250,
                 cfg_scale=1.5),
-    # SD3 (Esser et al. 2024): mmDiT, rectified flow with logit-normal t, QK-norm
+    # SD3 (Esser et al. 2024): mmDiT, rectified flow with logit-normal t, QK-norm; sampled as
+    # Stability-AI/sd3.5 sd3_infer.py's CONFIGS["sd3_medium"] does: DPM++ 2M, 50 steps, guidance 5.0
     "sd3": dict(arch="dit", cond="mmdit", objective="flow", pred="v", t_mean=0.0, t_std=1.0,
                 optimizer="adamw", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.0, warmup=1000,
-                decay="constant", clip=1.0, ema=0.9999, ema_warmup="on", batch=1024, sampler="euler",
+                decay="constant", clip=1.0, ema=0.9999, ema_warmup="on", batch=1024, sampler="dpm++2m",
                 sample_steps=50, cfg_scale=5.0),
     # small images on a CPU in minutes (any folder, any resolution): pixel space, a small model, a high lr
     # with cosine decay, a short EMA, 4 class tokens (more attention mass for the label early in training),
@@ -262,10 +277,19 @@ def parser(description=None):
       help="shapes: checker evaluation samples per class at the end")
     a("--cfg-scale", type=float, default=2.0,
       help="semantic guidance scale of end-of-run samples and sample.py's")
+    a("--cfg-schedule", default="constant", choices=CFG_SCHEDULES,
+      help="the semantic guidance scale along t: "
+      "constant, or power-cosine (mDT-v2: from 1 at noise up to --cfg-scale at the data)")
+    a("--cfg-power", type=float, default=4.0, help="power-cosine's exponent (mDT-v2's scale_pow)")
     a("--sampler", default=None, choices=sorted({s for v in SAMPLERS.values() for s in v}), help="sampler of "
-      "end-of-run samples and sample.py's: euler / heun (flow), ddim / ddpm (ddpm); None: the objective's "
-      "first")
-    a("--sample-steps", type=int, default=50, help="sampler steps of end-of-run samples and sample.py's")
+      "end-of-run samples and sample.py's: euler / heun / dpm++2m (flow), ddim / ddpm (ancestral) / dpm++2m "
+      "(ddpm); None: the objective's first")
+    a("--sample-steps", type=int, default=50,
+      help="sampler steps (network evaluations) of end-of-run samples "
+      "and sample.py's")
+    a("--sample-spacing", default=None, choices=SPACINGS, help="ddpm: which of the 1000 steps the sampler "
+      "visits: ddim (ADM's integer stride), ddpm (ADM's even spacing), time (uniform, diffusers' linspace), "
+      "logsnr (uniform in log-SNR; dpm++2m only); None: the sampler's own (ddim, ddpm, time)")
     # reliability
     a("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
     a("--max-skip-rate", type=float, default=0.05,
@@ -343,6 +367,8 @@ ONLY_WHEN = {"decode_layers": (lambda a: a.arch == "mdt", "--arch mdt"),
              "t_std": (lambda a: a.objective == "flow", "--objective flow"),
              "shift": (lambda a: a.objective == "flow", "--objective flow"),
              "res_shift": (lambda a: a.objective == "flow", "--objective flow"),
+             "sample_spacing": (lambda a: a.objective == "ddpm", "--objective ddpm"),
+             "cfg_power": (lambda a: a.cfg_schedule == "power-cosine", "--cfg-schedule power-cosine"),
              "beta3": (lambda a: a.optimizer == "adan", "--optimizer adan"),
              "shapes_size": (lambda a: a.dataset == "shapes", "--dataset shapes")}
 
@@ -414,10 +440,10 @@ def check_objective(args):
     if args.sampler is not None and args.sampler not in SAMPLERS[args.objective]:
         raise SystemExit(f"{said(args, 'sampler')} does not fit {said(args, 'objective')}: choose one of "
                          f"{', '.join(SAMPLERS[args.objective])}")
-    # DDIM's integer stride: say so now, not after training
+    # DDIM's integer stride, a spacing the sampler cannot walk: say so now, not after training
     if args.objective == "ddpm" and args.sample_steps > 0:
         try:
-            spaced_steps(1000, args.sample_steps, args.sampler or SAMPLERS["ddpm"][0])
+            check_sampling(run_sampling(args), 1000)
         except ValueError as e:
             raise SystemExit(f"--sample-steps {args.sample_steps}: {e}") from None
 
@@ -458,6 +484,8 @@ def check_ranges(args):
         raise SystemExit(f"--workers {args.workers}: at most {MAX_WORKERS} per process")
     if args.cfg_scale < 0:
         raise SystemExit(f"--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}")
+    if not args.cfg_power > 0:
+        raise SystemExit(f"--cfg-power must be > 0, got {args.cfg_power}")
 
 
 def imagenet_dir(data_path):
@@ -646,6 +674,26 @@ def make_diffusion(args, facts):
     alpha = noise_shift(args.shift, facts.res, facts.base_res) if args.res_shift == "on" else args.shift
     return Diffusion(args.objective, args.pred, alpha, args.t_mean, args.t_std, args.beta_schedule,
                      args.learn_sigma, min_snr=args.min_snr)
+
+
+def run_sampling(args, **override):
+    """The run's sampling settings (diffusion.Sampling) from its flags -- its recipe's sampler, steps, spacing
+    and guidance -- with `override` replacing any of them."""
+    own = Sampling(method=args.sampler, steps=args.sample_steps, spacing=args.sample_spacing,
+                   scale=args.cfg_scale, schedule=args.cfg_schedule, power=args.cfg_power)
+    return own._replace(**override)
+
+
+def check_sampling(sampling, total=1000):
+    """A ValueError, before any sampling, if the DDPM steps of `sampling` cannot be spaced (DDIM's integer
+    stride fits only some counts) or its sampler cannot walk its spacing."""
+    method = sampling.method or SAMPLERS["ddpm"][0]
+    spacing = sampling.spacing or DEFAULT_SPACING[method]
+    if spacing == "logsnr" and method != "dpm++2m":
+        raise ValueError(f"the logsnr spacing visits fractional steps, which only dpm++2m takes; --sampler "
+                         f"{method} walks integer steps")
+    if spacing != "logsnr":
+        spaced_steps(total, sampling.steps, spacing)
 
 
 def sampling_control(facts):

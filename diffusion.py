@@ -7,10 +7,10 @@ samples through the same code:
 
     flow (default, SD3)  x_t = (1 - t) x_0 + t eps         t in [0, 1], t = 0 data, t = 1 pure noise
                          target v = eps - x_0              t ~ sigmoid(N(mean, std)), then shifted
-                         samplers: Euler, Heun (integrate dx/dt = v from t = 1 to 0)
+                         samplers: Euler, Heun (integrate dx/dt = v from t = 1 to 0), DPM-Solver++(2M)
     ddpm (DiT, LDM)      x_k = sqrt(ab_k) x_0 + sqrt(1 - ab_k) eps,  k = 0 .. 999,  ab = prod(1 - beta)
                          target eps (+ a learned variance trained by the variational bound, DiT's "learn
-                         sigma") samplers: DDIM (eta = 0), ancestral (DDPM)
+                         sigma") samplers: DDIM (eta = 0), ancestral (DDPM), DPM-Solver++(2M)
 
 The network always receives a time in [0, 1] where 1 is noise: t for flow, k / 1000 for ddpm (the time
 embedder multiplies by 1000, so a DiT checkpoint sees its own integer steps).
@@ -19,7 +19,9 @@ Resolution shift (noise-schedule scaling, flow only): more tokens carry more red
 destroys less information at a higher resolution. We push t towards noise with t' = a t / (1 + (a - 1) t),
 a = shift * sqrt(tokens / base_tokens), for training and for the sampler's time grid alike.
 """
+import bisect
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -28,7 +30,11 @@ from conditioning import padding_noise
 OBJECTIVES = ("flow", "ddpm")
 PREDS = {"flow": ("v", "x"), "ddpm": ("eps",)}
 BETA_SCHEDULES = ("linear", "ldm")
-SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}
+SAMPLERS = {"flow": ("euler", "heun", "dpm++2m"), "ddpm": ("ddim", "ddpm", "dpm++2m")}
+# which of the 1000 DDPM steps an n-step sampler visits (spaced_steps); each sampler's own by default
+SPACINGS = ("ddim", "ddpm", "time", "logsnr")
+DEFAULT_SPACING = {"ddim": "ddim", "ddpm": "ddpm", "dpm++2m": "time"}
+CFG_SCHEDULES = ("constant", "power-cosine")
 
 #################################################################################
 #                        Flow: noise-level schedule                             #
@@ -72,6 +78,14 @@ def to_velocity(out, x_t, t, pred):
     return (x_t.float() - out.float()) / t.float().clamp(min=0.05).view(-1, *([1] * (x_t.ndim - 1)))
 
 
+def to_data(out, x_t, t, pred):
+    """The clean image implied by the network output (the data prediction D of DPM-Solver++): itself (pred x)
+    or x_t - t v (pred v), in fp32."""
+    if pred == "x":
+        return out.float()
+    return x_t.float() - t.float().view(-1, *([1] * (x_t.ndim - 1))) * out.float()
+
+
 #################################################################################
 #                     DDPM: a discrete chain of 1000 steps                      #
 #################################################################################
@@ -108,6 +122,19 @@ class Chain:
         ab_kept = self.ab[list(keep)]
         prev = torch.cat([torch.ones(1, dtype=ab_kept.dtype), ab_kept[:-1]])
         return Chain(1 - ab_kept / prev, steps=self.steps[list(keep)])
+
+    def ab_at(self, steps):
+        """ab at (possibly fractional) steps, float64: log sigma, sigma = sqrt((1 - ab) / ab), interpolated
+        linearly between integer steps (diffusers' _sigma_to_t, inverted); the chain's own value at an
+        integer step."""
+        log_sigma = 0.5 * ((1 - self.ab) / self.ab).log()
+
+        def one(k):
+            if k == int(k):
+                return self.ab[int(k)]
+            lo = min(int(k), len(self.ab) - 2)
+            return 1 / (1 + (2 * ((lo + 1 - k) * log_sigma[lo] + (k - lo) * log_sigma[lo + 1])).exp())
+        return torch.stack([one(k) for k in steps])
 
     @staticmethod
     def at(values, j, x):
@@ -152,9 +179,9 @@ def discretized_gaussian_nll(x, mean, logvar):
     return -log_p
 
 
-def spaced_steps(total, n, method):
-    """Which of the `total` steps an n-step sampler visits, ascending; ADM's respace.space_timesteps (DiT's is
-    a copy).
+def spaced_steps(total, n, method, ab=None):
+    """Which of the `total` steps an n-step sampler visits, ascending. `ddim` and `ddpm` are ADM's
+    respace.space_timesteps (DiT's is a copy), `time` and `logsnr` diffusers' DPMSolverMultistepScheduler's.
 
     ddim       ADM's "ddimN": range(0, total, s) for the smallest integer stride s that gives exactly n steps,
                i.e. s = ceil(total / n) when that fits (n = 30 of 1000: stride 34, steps 0 .. 986). Many n fit
@@ -163,9 +190,30 @@ def spaced_steps(total, n, method):
     ddpm       ADM's plain "N" (DiT's sample.py default, "250"): n evenly spaced steps from the first to the
                last, round(c) as c grows by (total - 1) / (n - 1). One deviation: n = 1 takes the last step,
                not ADM's step 0, from which a one-step sampler would hand back its input noise almost
-               unchanged."""
+               unchanged.
+    time       uniform in time (diffusers' timestep_spacing "linspace", its DPM-Solver default; PixArt-alpha's
+               "time_uniform"): round(i (total - 1) / n) for i = 1 .. n, from the last step down, never step 0
+               (the sampler's final step goes to the data itself).
+    logsnr     uniform in log-SNR (diffusers' use_lu_lambdas, DPM-Solver's "logSNR"): log sigma, sigma =
+               sqrt((1 - ab) / ab), evenly from the last step's to step 0's, each mapped to a fractional step
+               by linear interpolation between integer steps (diffusers' sigmas; it then rounds the step it
+               feeds the network, which repeats steps near the data from 50 steps on, and we do not). Needs
+               the chain's `ab`; DPM-Solver++ only, as the other samplers walk integer steps."""
     if not 1 <= n <= total:
         raise ValueError(f"sampling steps must be in 1..{total}, got {n}")
+    if method in ("time", "logsnr"):
+        if method == "logsnr":  # fractional steps: rounded, 50 of 1000 would repeat steps near the data
+            log_sigma = (0.5 * ((1 - ab) / ab).log()).tolist()  # rises with the step
+            ends = torch.linspace(log_sigma[-1], log_sigma[0], n, dtype=torch.float64).tolist()
+            return sorted(_interp(v, log_sigma) for v in ends)
+        # i * stride as numpy.linspace computes it, so that an exact .5 rounds (to even) alike
+        steps = sorted({round(i * ((total - 1) / n)) for i in range(1, n)} | {total - 1})
+        if len(steps) < n:
+            raise ValueError(f"{n} time-uniform steps of {total} round to only {len(steps)} distinct steps: "
+                             f"ask for fewer")
+        return steps
+    if method not in ("ddim", "ddpm"):
+        raise ValueError(f"unknown step spacing {method!r}; choose one of {SPACINGS}")
     if method == "ddim":
         # count -> smallest stride giving it
         fitting = {len(range(0, total, s)): s for s in range(total - 1, 0, -1)}
@@ -185,6 +233,41 @@ def spaced_steps(total, n, method):
         steps.append(round(c))
         c += stride
     return steps
+
+
+def _interp(v, ys):
+    """The fractional index at which the increasing sequence ys reaches v (clamped to its ends)."""
+    j = max(1, min(len(ys) - 1, bisect.bisect_left(ys, v)))
+    return min(max(j - 1 + (v - ys[j - 1]) / (ys[j] - ys[j - 1]), 0.0), len(ys) - 1.0)
+
+
+def dpm_solver_2m(data, x, alphas, sigmas, it):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2 with the midpoint rule; diffusers'
+    DPMSolverMultistepScheduler at solver_order=2, k-diffusion's and SD3's sample_dpmpp_2m). Between two noise
+    levels of x = alpha x0 + sigma eps the probability-flow ODE is solved exactly in its linear part, with the
+    data prediction D taken as linear in lambda = log(alpha / sigma) through the last two evaluations:
+
+        h        = lambda_{i+1} - lambda_i
+        x_{i+1}  = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^-h - 1) D'
+        D'       = D_i                                        the first step, and the last one onto sigma = 0
+        D'       = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},   r = (lambda_i - lambda_{i-1}) / h    otherwise
+
+    alphas, sigmas (n + 1,): the levels visited, from noise to sigma = 0; data(x, i): D at level i. One
+    network evaluation per step. lambda = +inf at sigma = 0 (and -inf at alpha = 0) is taken in its stride:
+    e^-h = 0 there, and the last step returns D itself."""
+    alphas, sigmas = alphas.double().cpu(), sigmas.double().cpu()
+    lam = alphas.log() - sigmas.log()
+    prev = None
+    for i in it:
+        d = data(x, i).float()
+        h = lam[i + 1] - lam[i]
+        mixed = d
+        if prev is not None and sigmas[i + 1] > 0:
+            r = float((lam[i] - lam[i - 1]) / h)
+            mixed = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * prev
+        x = float(sigmas[i + 1] / sigmas[i]) * x.float() - float(alphas[i + 1] * torch.expm1(-h)) * mixed
+        prev = d
+    return x
 
 
 #################################################################################
@@ -256,9 +339,11 @@ class Diffusion:
     # ---- sampling
     # -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None):
-        """From noise to data. method None: euler (flow) or ddim (ddpm). `generator` feeds the ancestral
-        sampler's fresh noise; every other sampler is deterministic given `noise`."""
+    def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None, spacing=None):
+        """From noise to data in `steps` network evaluations (Heun: about twice as many). method None: euler
+        (flow) or ddim (ddpm); spacing (ddpm): which of the 1000 steps are visited, the method's own
+        (DEFAULT_SPACING) when None. `generator` feeds the ancestral sampler's fresh noise; every other
+        sampler is deterministic given `noise`."""
         method = method or SAMPLERS[self.objective][0]
         if method not in SAMPLERS[self.objective]:
             raise ValueError(f"sampler {method!r} does not fit --objective {self.objective}; choose one of "
@@ -270,25 +355,50 @@ class Diffusion:
             it = tqdm(it, desc="sampling", leave=False)
         if self.objective == "flow":
             return self._flow(predict, noise, steps, method, it)
-        return self._ddpm(predict, noise, steps, method, it, generator)
+        return self._ddpm(predict, noise, steps, method, it, generator, spacing or DEFAULT_SPACING[method])
 
     def _flow(self, predict, noise, steps, method, it):
-        velocity = lambda x, t: to_velocity(predict(x, t), x, t, self.pred).float()
         ts = time_grid(steps, self.alpha, noise.device)
+        at = lambda i: ts[i].expand(noise.shape[0])
+        if method == "dpm++2m":
+            # the flow ODE dx/dt = (x - D) / t is the probability-flow ODE of alpha = 1, sigma = t: lambda =
+            # -log t, as SD3's reference sampler (sd3.5 sd3_impls.py, sample_dpmpp_2m) integrates it.
+            # diffusers' flow setting (use_flow_sigmas) takes alpha = 1 - t instead, whose lambda is -inf at t
+            # = 1: its second step would fall back to first order from our grid, which starts at pure noise.
+            data = lambda x, i: to_data(predict(x, at(i)), x, at(i), self.pred)
+            return dpm_solver_2m(data, noise, torch.ones_like(ts), ts, it)
+        velocity = lambda x, t: to_velocity(predict(x, t), x, t, self.pred).float()
         x = noise
         for i in it:
             t, t_next = ts[i], ts[i + 1]
-            v = velocity(x, t.expand(x.shape[0]))
+            v = velocity(x, at(i))
             x_next = x + (t_next - t) * v
             if method == "heun" and t_next > 0:  # trapezoidal correction, skipped on the final step to t = 0
-                v_next = velocity(x_next, t_next.expand(x.shape[0]))
+                v_next = velocity(x_next, at(i + 1))
                 x_next = x + (t_next - t) * 0.5 * (v + v_next)
             x = x_next
         return x
 
-    def _ddpm(self, predict, noise, steps, method, it, generator):
-        chain = self.chain.respaced(spaced_steps(self.num_steps, steps, method))
+    def _ddpm(self, predict, noise, steps, method, it, generator, spacing):
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown step spacing {spacing!r}; choose one of {SPACINGS}")
+        if spacing == "logsnr" and method != "dpm++2m":
+            raise ValueError("the logsnr spacing visits fractional steps, which only dpm++2m takes; "
+                             f"--sampler {method} walks integer steps: use spacing ddim, ddpm or time")
+        keep = spaced_steps(self.num_steps, steps, spacing, self.chain.ab)
         x, B, C = noise, noise.shape[0], noise.shape[1]
+        if method == "dpm++2m":
+            levels = list(reversed(keep))  # from noise to data
+            ab = self.chain.ab_at(levels)
+            alphas = torch.cat([ab.sqrt(), torch.ones(1, dtype=ab.dtype)])  # the last level: sigma = 0, data
+            sigmas = torch.cat([(1 - ab).sqrt(), torch.zeros(1, dtype=ab.dtype)])
+
+            def data(x, i):  # eps -> x0, in fp32
+                k = torch.full((B,), levels[i] / self.num_steps, device=x.device)
+                eps = predict(x, k).float()[:, :C]
+                return (x.float() - float(sigmas[i]) * eps) / float(alphas[i])
+            return dpm_solver_2m(data, noise, alphas, sigmas, it)
+        chain = self.chain.respaced(keep)
         for i in it:
             j = torch.full((B,), len(chain.steps) - 1 - i, dtype=torch.long, device=x.device)
             k = chain.steps.to(x.device)[j]  # the original step index the network was trained on
@@ -312,6 +422,37 @@ class Diffusion:
 #################################################################################
 #                        Classifier-free guidance                               #
 #################################################################################
+
+
+class Sampling(NamedTuple):
+    """How samples are drawn: the sampler and its step grid, and the guidance. A run's own come from its flags
+    (config.run_sampling), which its recipe sets; sample.py's flags override them."""
+
+    method: str = None  # None: the objective's first sampler (euler, ddim)
+    steps: int = 50  # network evaluations (Heun: about twice as many)
+    spacing: str = None  # ddpm: which of the 1000 steps are visited; None: the method's own
+    scale: float = 1.0  # semantic guidance, 1 = none
+    ctrl: float = 0.0  # control guidance, 0 = none
+    interval: tuple = (0.0, 1.0)  # guide only while t is in [lo, hi]
+    schedule: str = "constant"  # the semantic scale along t: constant or power-cosine (mDT-v2)
+    power: float = 4.0  # power-cosine's exponent
+
+
+def semantic_scale(sampling, t):
+    """The semantic guidance scale at network time t (1 = noise, 0 = data).
+
+    constant      sampling.scale everywhere
+    power-cosine  mDT-v2's (sail-sg/MDT, masked_diffusion/models.py, forward_with_cfg, l. 513-515):
+                  1 + (scale - 1) (1 - cos(pi (1 - t)^power)) / 2, which is 1 (no guidance) at pure noise and
+                  rises to `scale` at the data; power 4 (scripts/image_sample.py's --scale_pow) keeps it near
+                  1 for most of the trajectory (at t = 0.5 the weight is 0.01). MDT passes t = k / 1000 for
+                  its DDPM steps k, the network time here."""
+    if sampling.schedule == "constant":
+        return sampling.scale
+    if sampling.schedule == "power-cosine":
+        weight = (1 - math.cos(math.pi * (1 - t) ** sampling.power)) / 2
+        return 1 + (sampling.scale - 1) * weight
+    raise ValueError(f"unknown guidance schedule {sampling.schedule!r}; choose one of {CFG_SCHEDULES}")
 
 
 def guided_prediction(model, x, t, y, ctrl, s_sem=1.0, s_ctrl=0.0, interval=(0.0, 1.0)):
@@ -362,10 +503,10 @@ def make_noise(seeds, shape, device):
 
 
 @torch.no_grad()
-def generate(model, diffusion, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, steps=50, method=None,
-             interval=(0.0, 1.0), batch=256, progress=False, seed=0, seeds=None):
+def generate(model, diffusion, noise, y, ctrl, sampling=Sampling(), batch=256, progress=False, seed=0,
+             seeds=None):
     """Latents for labels y (B,) (or a prompt's (features, mask)) and controls ctrl (B, S) from the given
-    noise (B, C, H, W), in chunks of `batch`, guided by guided_prediction.
+    noise (B, C, H, W), in chunks of `batch`, drawn as `sampling` says (guided by guided_prediction).
     `seed` feeds the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic given
     `noise`. `seeds` (B,), the seeds of the samples' noise (default seed, seed + 1, ...), seed their text
     padding noise (noisy_replicate): drawn once per sample here, it is the same in every guidance branch and
@@ -381,6 +522,10 @@ def generate(model, diffusion, noise, y, ctrl, cfg_scale=1.0, ctrl_scale=0.0, st
         # labels or a prompt
         yi = tuple(v[i : i + batch] for v in y) if isinstance(y, tuple) else y[i : i + batch]
         ci = ctrl[i : i + batch]
-        fn = lambda x, t: guided_prediction(model, x, t, yi, ci, cfg_scale, ctrl_scale, interval)
-        out.append(diffusion.sample(fn, noise[i : i + batch], steps, method, progress, gen))
+
+        def fn(x, t):
+            s_sem = semantic_scale(sampling, float(t.reshape(-1)[0]))
+            return guided_prediction(model, x, t, yi, ci, s_sem, sampling.ctrl, sampling.interval)
+        out.append(diffusion.sample(fn, noise[i : i + batch], sampling.steps, sampling.method, progress, gen,
+                                    sampling.spacing))
     return torch.cat(out)

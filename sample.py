@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import os
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -32,21 +31,24 @@ from checkpoint import (
     export_safetensors,
     find_checkpoint,
     load_weights,
+    stored_args,
     with_dit_weights,
 )
 from conditioning import CONTROL_SIGNALS, SIGNAL
 from config import (
     Facts,
+    check_sampling,
     get_args,
     latent_shape,
     make_autoencoder,
     make_diffusion,
     make_model,
+    run_sampling,
     sampling_control,
     use_bf16,
 )
 from data import setup_distributed
-from diffusion import SAMPLERS, generate, make_noise, spaced_steps
+from diffusion import CFG_SCHEDULES, SAMPLERS, SPACINGS, generate, make_noise
 from latents import latent_geometry, to_uint8
 from shapes import class_prompts, evaluate_shapes
 from text import semantic_input
@@ -70,11 +72,10 @@ def default_prompts(args, facts, classes):
                      f"TEXT (repeatable) or --prompts FILE (one prompt per line)")
 
 
-def class_grid(model, vae, args, facts, path, device, classes=None, seeds=(0, 1, 2, 3), controls=None,
-               cfg_scales=None, cfg_scale=1.0, steps=50, method=None, progress=False, prompts=None,
-               ctrl_scale=0.0, interval=(0.0, 1.0)):
-    """Save a PNG grid: rows = classes (or prompts, for a text model), columns = guidance scale x control
-    variant x seed; ctrl_scale and interval go to the sampler (generate)."""
+def class_grid(model, vae, args, facts, path, device, sampling, classes=None, seeds=(0, 1, 2, 3),
+               controls=None, cfg_scales=None, progress=False, prompts=None):
+    """Save a PNG grid: rows = classes (or prompts, for a text model), columns = guidance scale (cfg_scales,
+    default sampling's) x control variant x seed, drawn as `sampling` (diffusion.Sampling) says."""
     from torchvision.utils import save_image
     was_training = model.training
     model.eval()
@@ -85,7 +86,7 @@ def class_grid(model, vae, args, facts, path, device, classes=None, seeds=(0, 1,
     if controls is None:  # show the flip: it is the control whose effect is easiest to see
         controls = [sampling_control(facts), sampling_control(facts)]
         controls[1][SIGNAL["flip"]] = 1.0
-    cfg_scales = cfg_scales or [cfg_scale]
+    cfg_scales = cfg_scales or [sampling.scale]
     cols = list(itertools.product(cfg_scales, range(len(controls)), seeds))
     noise = make_noise([s for _, _, s in cols], latent_shape(facts), device).repeat(len(rows), 1, 1, 1)
     # each cell's noise seed: it seeds a prompt's padding noise too
@@ -96,8 +97,8 @@ def class_grid(model, vae, args, facts, path, device, classes=None, seeds=(0, 1,
     lat = torch.empty_like(noise)
     for g in cfg_scales:  # guidance scale is a scalar per call: group the columns by it
         sel = torch.tensor([i for i, (gi, _, _) in enumerate(cols * len(rows)) if gi == g], device=device)
-        lat[sel] = generate(model, make_diffusion(args, facts), noise[sel], take(y, sel), ctrl[sel], g,
-                            ctrl_scale, steps=steps, method=method, interval=interval, progress=progress,
+        lat[sel] = generate(model, make_diffusion(args, facts), noise[sel], take(y, sel), ctrl[sel],
+                            sampling._replace(scale=g), progress=progress,
                             seeds=[seeds[i] for i in sel.tolist()])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_image(vae.decode(lat), path, nrow=len(cols), padding=1, pad_value=1.0)
@@ -123,12 +124,10 @@ def fid_labels(n, num_classes, mode, seed):
 
 
 @torch.no_grad()
-def sample_npz(model, vae, args, facts, path, num_samples, control, labels="equal", seed=0, batch=64,
-               cfg_scale=1.0,
-               ctrl_scale=0.0, interval=(0.0, 1.0), steps=50, method=None, bf16=False, rank=0, world=1,
-               record=None):
-    """Write `num_samples` images to `path` (.npz) and their settings, with `record` added, to the same path
-    .json.
+def sample_npz(model, vae, args, facts, path, num_samples, control, sampling, labels="equal", seed=0,
+               batch=64, bf16=False, rank=0, world=1, record=None):
+    """Write `num_samples` images to `path` (.npz), drawn as `sampling` (diffusion.Sampling) says, and their
+    settings, with `record` added, to the same path .json.
 
     Sample i starts from the noise of seed `seed + i`, and global batch b (samples b * batch ...) is drawn by
     rank b % world: every image comes out of the same computation whatever the number of ranks (the ancestral
@@ -141,7 +140,7 @@ def sample_npz(model, vae, args, facts, path, num_samples, control, labels="equa
     from tqdm import tqdm
     device = next(model.parameters()).device
     diffusion = make_diffusion(args, facts)
-    method = method or SAMPLERS[args.objective][0]
+    sampling = sampling._replace(method=sampling.method or SAMPLERS[args.objective][0])
     y_all = fid_labels(num_samples, facts.num_classes, labels, seed)
     mine = range(rank * batch, num_samples, world * batch)
     # a rank may get none
@@ -153,9 +152,7 @@ def sample_npz(model, vae, args, facts, path, num_samples, control, labels="equa
         prompts = class_prompts(y_all[idx]) if args.cond_type == "text" else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = generate(model, diffusion, noise, semantic_input(args, facts, y_all[idx], device, prompts),
-                         ctrl,
-                         cfg_scale, ctrl_scale, steps=steps, method=method, interval=interval, batch=batch,
-                         seed=seed + start, seeds=seed + idx)
+                         ctrl, sampling, batch=batch, seed=seed + start, seeds=seed + idx)
         images.append(to_uint8(vae.decode(x)).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
         index.append(idx)
     part = lambda r: f"{path[:-len('.npz')]}.rank{r}.npz"
@@ -169,8 +166,10 @@ def sample_npz(model, vae, args, facts, path, num_samples, control, labels="equa
             with np.load(part(r)) as z:
                 arr[z["index"]] = z["arr_0"]
         settings = dict(record or {}, num_samples=num_samples, labels=labels, seed=seed, batch=batch,
-                        sampler=method, steps=steps, cfg_scale=cfg_scale, ctrl_scale=ctrl_scale,
-                        interval=list(interval), control=dict(zip(CONTROL_SIGNALS, control.tolist())),
+                        sampler=sampling.method, steps=sampling.steps, spacing=sampling.spacing,
+                        cfg_scale=sampling.scale, cfg_schedule=sampling.schedule, cfg_power=sampling.power,
+                        ctrl_scale=sampling.ctrl, interval=list(sampling.interval),
+                        control=dict(zip(CONTROL_SIGNALS, control.tolist())),
                         precision="bf16" if bf16 else "fp32", vae=facts.vae, model=args.model, cond=args.cond,
                         res=facts.res, dataset=args.dataset, num_classes=facts.num_classes,
                         shift_alpha=diffusion.alpha, arch=args.arch, objective=args.objective,
@@ -198,7 +197,7 @@ class Loaded(NamedTuple):
     from."""
 
     model: torch.nn.Module
-    args: SimpleNamespace
+    args: argparse.Namespace
     facts: Facts
     file: str
     step: int
@@ -230,7 +229,7 @@ def load_model(path, device, flag="--ckpt"):
     if ckpt.get("config_version") != CONFIG_VERSION:
         raise SystemExit(f"{file}: written by another version of this code (config schema "
                          f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION})")
-    args, facts = SimpleNamespace(**ckpt["args"]), Facts(**ckpt["facts"])
+    args, facts = stored_args(ckpt["args"]), Facts(**ckpt["facts"])
     model = make_model(args, facts)
     load_weights(model, ckpt["ema"], file)
     return Loaded(model.to(device).eval(), args, facts, os.path.abspath(file), ckpt.get("step"))
@@ -273,13 +272,15 @@ def npz_name(a, s, control, base):
     """--num-samples' default file name: every sampling flag that changes the samples and is not at its
     default, so two runs of one checkpoint that differ in any of them never write over each other (the .json
     beside the file holds them all, and which checkpoint step made it). `s`: the resolved settings
-    (Settings)."""
-    name = f"samples-{a.num_samples}-cfg{s.scales[0]:g}-{s.sampler}{s.steps}"
+    (a diffusion.Sampling)."""
+    name = f"samples-{a.num_samples}-cfg{s.scale:g}-{s.method}{s.steps}"
     for signal in CONTROL_SIGNALS:
         if control[SIGNAL[signal]] != base[SIGNAL[signal]]:
             name += f"-{signal.replace('_', '')}{control[SIGNAL[signal]].item():g}"
     lo, hi = s.interval
-    extras = dict(ctrl=f"{a.ctrl_scale:g}" if a.ctrl_scale else None,
+    extras = dict(spacing=a.spacing,
+                  schedule=f"{s.schedule}{s.power:g}" if s.schedule != "constant" else None,
+                  ctrl=f"{s.ctrl:g}" if s.ctrl else None,
                   interval=f"{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else None,
                   labels=a.labels if a.labels != "equal" else None, seed=a.seed or None,
                   # it seeds the ancestral sampler's noise per batch
@@ -305,9 +306,15 @@ def parse(argv=None):
     a("--cfg-scale", default=None, help="semantic guidance scale(s), comma-separated (default: the run's "
       "train.py --cfg-scale, which its recipe sets)")
     a("--steps", type=int, default=None, help="sampler steps (default: the run's --sample-steps)")
-    a("--sampler", default=None, choices=[s for v in SAMPLERS.values() for s in v],
-      help="flow: euler (default) | heun; ddpm: ddim (default) | ddpm (ancestral); default: the run's "
-      "--sampler")
+    a("--sampler", default=None, choices=sorted({s for v in SAMPLERS.values() for s in v}),
+      help="flow: euler | heun | dpm++2m; ddpm: ddim | ddpm (ancestral) | dpm++2m; default: the run's "
+      "--sampler (its recipe's; else euler / ddim)")
+    a("--spacing", default=None, choices=SPACINGS, help="ddpm: which of the 1000 steps are visited (default: "
+      "the run's --sample-spacing, else the sampler's own)")
+    a("--cfg-schedule", default=None, choices=CFG_SCHEDULES, help="the semantic scale along t (default: the "
+      "run's --cfg-schedule)")
+    a("--cfg-power", type=float, default=None,
+      help="power-cosine's exponent (default: the run's --cfg-power)")
     a("--vae", default=None, help="decode with this autoencoder instead of the checkpoint's (e.g. sd-mse for "
       "DiT)")
     a("--flip", default=None, help="flip values to sweep, e.g. 0,1")
@@ -330,6 +337,8 @@ def parse(argv=None):
 def check_numbers(a):
     """The numbers first: a bad one fails here, not after the model is loaded or deep inside the sampler."""
     finite("--ctrl-scale", a.ctrl_scale)
+    if a.cfg_power is not None and not finite("--cfg-power", a.cfg_power) > 0:
+        raise SystemExit(f"--cfg-power must be > 0, got {a.cfg_power}")
     interval = floats(a.interval, "--interval")
     if interval is None or len(interval) != 2:
         raise SystemExit(f"--interval: give two numbers LO,HI (guidance applies while LO <= t <= HI), got "
@@ -353,31 +362,29 @@ def check_numbers(a):
     return scales, tuple(interval)
 
 
-class Settings(NamedTuple):
-    """How to sample: the flags where given, else the run's recorded evaluation settings (its recipe's)."""
-
-    steps: int
-    sampler: str
-    scales: list
-    interval: tuple
-
-
 def settings_of(a, run, scales, interval):
-    """The sampling settings of this call (checked against the model's objective before any sampling)."""
+    """This call's sampling (diffusion.Sampling: the flags where given, else the run's recorded settings, its
+    recipe's) and the guidance scales of a grid's columns; checked against the model's objective before any
+    sampling."""
     args = run.args
-    s = Settings(a.steps or args.sample_steps, a.sampler or args.sampler or SAMPLERS[args.objective][0],
-                 scales or [args.cfg_scale], interval)
-    if s.sampler not in SAMPLERS[args.objective]:
-        raise SystemExit(f"--sampler {s.sampler}: this model was trained with --objective {args.objective}; "
+    over = dict(method=a.sampler, steps=a.steps, spacing=a.spacing, schedule=a.cfg_schedule,
+                power=a.cfg_power)
+    s = run_sampling(args, ctrl=a.ctrl_scale, interval=interval,
+                     **{k: v for k, v in over.items() if v is not None})
+    s = s._replace(method=s.method or SAMPLERS[args.objective][0], scale=(scales or [args.cfg_scale])[0])
+    if s.method not in SAMPLERS[args.objective]:
+        raise SystemExit(f"--sampler {s.method}: this model was trained with --objective {args.objective}; "
                          f"choose one of {SAMPLERS[args.objective]}")
+    if a.spacing and args.objective != "ddpm":
+        raise SystemExit(f"--spacing {a.spacing}: spaces the steps of a DDPM model; this one is a flow "
+                         f"model, whose sampler walks its shifted time grid")
     # DDIM's integer stride fits only some step counts: say so before any sampling
     if args.objective == "ddpm":
-        total = make_diffusion(args, run.facts).num_steps
         try:
-            spaced_steps(total, s.steps, s.sampler)
+            check_sampling(s, make_diffusion(args, run.facts).num_steps)
         except ValueError as e:
             raise SystemExit(f"--steps {s.steps}: {e}") from None
-    return s
+    return s, scales or [s.scale]
 
 
 def control_sweep(a, facts):
@@ -427,30 +434,29 @@ def export_mode(a, run):
     return a.export
 
 
-def checker_verdict(model, vae, args, facts, per_class, device, cfg_scale=1.0, steps=50, method=None,
-                    ctrl_scale=0.0, interval=(0.0, 1.0)):
-    """The shapes checker's accuracies (shapes.evaluate_shapes) of a shapes model's samples, decoded by its
-    own autoencoder: train.py's end-of-run eval.json and --eval-per-class."""
-    return evaluate_shapes(model, make_diffusion(args, facts), args, facts, per_class, device,
-                           cfg_scale=cfg_scale, steps=steps, method=method, progress=True, vae=vae,
-                           ctrl_scale=ctrl_scale, interval=interval)
+def checker_verdict(model, vae, args, facts, per_class, device, sampling):
+    """The shapes checker's accuracies (shapes.evaluate_shapes) of a shapes model's samples drawn as
+    `sampling` says, decoded by its own autoencoder: train.py's end-of-run eval.json and --eval-per-class."""
+    return evaluate_shapes(model, make_diffusion(args, facts), args, facts, per_class, device, sampling,
+                           progress=True, vae=vae)
 
 
-def eval_mode(a, run, vae, s, device):
+def eval_mode(a, run, vae, s, scales, device):
     """--eval-per-class: the shapes checker's accuracies, printed as one JSON line."""
     if run.facts.source_dataset != "shapes":
         raise SystemExit("--eval-per-class uses the shapes checker: it needs a checkpoint trained on shapes")
-    res = checker_verdict(run.model, vae, run.args, run.facts, a.eval_per_class, device,
-                          cfg_scale=s.scales[0], steps=s.steps, method=s.sampler, ctrl_scale=a.ctrl_scale,
-                          interval=s.interval)
-    print(json.dumps(dict(res, cfg_scale=s.scales[0], ctrl_scale=a.ctrl_scale, interval=list(s.interval),
-                          per_class=a.eval_per_class, steps=s.steps)))
+    if len(scales) > 1:
+        raise SystemExit("--eval-per-class grades one setting: give --cfg-scale one value")
+    res = checker_verdict(run.model, vae, run.args, run.facts, a.eval_per_class, device, s)
+    print(json.dumps(dict(res, cfg_scale=s.scale, cfg_schedule=s.schedule, ctrl_scale=s.ctrl,
+                          interval=list(s.interval), per_class=a.eval_per_class, sampler=s.method,
+                          steps=s.steps, spacing=s.spacing)))
     return res
 
 
-def npz_mode(a, run, vae, s, controls, rank, world, device):
+def npz_mode(a, run, vae, s, scales, controls, rank, world, device):
     """--num-samples: one .npz (and its settings .json) for fid.py, the ranks sharing the work."""
-    if len(controls) > 1 or len(s.scales) > 1:
+    if len(controls) > 1 or len(scales) > 1:
         raise SystemExit("--num-samples draws one setting: give --cfg-scale, --flip, --orig-size and "
                          "--crop-offset one value each")
     if a.prompt or a.prompts:
@@ -464,9 +470,9 @@ def npz_mode(a, run, vae, s, controls, rank, world, device):
     if not out.endswith(".npz"):
         raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # fails now, not after the sampling
-    sample_npz(run.model, vae, run.args, run.facts, out, a.num_samples, controls[0], a.labels, a.seed,
-               a.batch, s.scales[0], a.ctrl_scale, s.interval, s.steps, s.sampler,
-               use_bf16(a.precision, device), rank, world, record=dict(ckpt=run.file, ckpt_step=run.step))
+    sample_npz(run.model, vae, run.args, run.facts, out, a.num_samples, controls[0], s, a.labels, a.seed,
+               a.batch, use_bf16(a.precision, device), rank, world,
+               record=dict(ckpt=run.file, ckpt_step=run.step))
     if rank == 0:
         print(f"wrote {out} and its settings {out[: -len('.npz')]}.json")
     if world > 1:
@@ -474,7 +480,7 @@ def npz_mode(a, run, vae, s, controls, rank, world, device):
     return out
 
 
-def grid_mode(a, run, vae, s, controls, device):
+def grid_mode(a, run, vae, s, scales, controls, device):
     """The default: a PNG grid of classes (or prompts) x guidance scales x control variants x seeds."""
     prompts = read_prompts(a, run)
     classes = ints(a.classes, "--classes", low=None)
@@ -482,10 +488,9 @@ def grid_mode(a, run, vae, s, controls, device):
         raise SystemExit(f"--classes: the model knows classes 0..{run.facts.num_classes - 1}")
     folder = os.path.dirname(os.path.abspath(a.ckpt)) if os.path.isfile(a.ckpt) else a.ckpt
     out = a.out or os.path.join(folder, "grid.png")
-    class_grid(run.model, vae, run.args, run.facts, out, device, classes=classes,
-               seeds=ints(a.seeds, "--seeds"), controls=controls, cfg_scales=s.scales, steps=s.steps,
-               method=s.sampler, progress=True, prompts=prompts or None, ctrl_scale=a.ctrl_scale,
-               interval=s.interval)
+    class_grid(run.model, vae, run.args, run.facts, out, device, s, classes=classes,
+               seeds=ints(a.seeds, "--seeds"), controls=controls, cfg_scales=scales, progress=True,
+               prompts=prompts or None)
     print(f"wrote {out}")
     return out
 
@@ -501,7 +506,7 @@ def main(argv=None):
     run = load_model(a.ckpt, device, flag="--ckpt")
     if a.export:
         return export_mode(a, run)
-    s = settings_of(a, run, scales, interval)
+    s, scales = settings_of(a, run, scales, interval)
     if a.vae:  # decode with another autoencoder of the same latent layout
         if latent_geometry(a.vae) != latent_geometry(run.facts.vae):
             raise SystemExit(f"--vae {a.vae}: its latent layout differs from the checkpoint's --vae "
@@ -509,11 +514,11 @@ def main(argv=None):
         run = run._replace(facts=dataclasses.replace(run.facts, vae=a.vae))
     vae = make_autoencoder(run.facts).to(device)
     if a.eval_per_class:
-        return eval_mode(a, run, vae, s, device)
+        return eval_mode(a, run, vae, s, scales, device)
     controls = control_sweep(a, run.facts)
     if a.num_samples:
-        return npz_mode(a, run, vae, s, controls, rank, world, device)
-    return grid_mode(a, run, vae, s, controls, device)
+        return npz_mode(a, run, vae, s, scales, controls, rank, world, device)
+    return grid_mode(a, run, vae, s, scales, controls, device)
 
 
 if __name__ == "__main__":

@@ -304,9 +304,8 @@ def class_prompts(labels):
 
 
 @torch.no_grad()
-def evaluate_shapes(model, diffusion, args, facts, per_class, device, cfg_scale=1.0, steps=50, seed=10_000,
-                    method=None, progress=False, per_sample=False, vae=None, ctrl_scale=0.0,
-                    interval=(0.0, 1.0)):
+def evaluate_shapes(model, diffusion, args, facts, per_class, device, sampling, seed=10_000, progress=False,
+                    per_sample=False, vae=None):
     """Checker accuracies of samples drawn per class, each seed drawn with flip 0 and flip 1.
 
     class_acc  measured class == requested class
@@ -317,9 +316,10 @@ def evaluate_shapes(model, diffusion, args, facts, per_class, device, cfg_scale=
     colour (in turn) and a shape, and also gets
     colour_acc           measured colour == requested colour
     class_colour_acc     both right
-    per_sample=True adds each sample's outcome (class_ok, and colour_ok for text) under "per_sample". `vae`
-    decodes the samples (the run's autoencoder; pixels when None), ctrl_scale and interval go to the sampler
-    (generate).
+    per_sample=True adds each sample's outcome (class_ok, and colour_ok for text; flip_ok of the chiral ones)
+    under "per_sample". `vae`
+    decodes the samples (the run's autoencoder; pixels when None); `sampling` (diffusion.Sampling) is how they
+    are drawn.
     """
     was_training = model.training
     model.eval()
@@ -345,8 +345,8 @@ def evaluate_shapes(model, diffusion, args, facts, per_class, device, cfg_scale=
     noise = make_noise([r[2] for r in rows], (channels, res // factor, res // factor), device)
     y = semantic_input(args, facts, [r[0] for r in rows], device, [r[5] for r in rows])
     ctrl = torch.stack([r[3] for r in rows]).to(device)
-    x = generate(model, diffusion, noise, y, ctrl, cfg_scale, ctrl_scale, steps=steps, method=method,
-                 interval=interval, progress=progress, seed=seed, seeds=[r[2] for r in rows])
+    x = generate(model, diffusion, noise, y, ctrl, sampling, progress=progress, seed=seed,
+                 seeds=[r[2] for r in rows])
     meas = checker(to_uint8(vae.decode(x)).cpu())
     model.train(was_training)
     class_ok = np.array([m["label"] == r[0] for m, r in zip(meas, rows)])
@@ -363,4 +363,6 @@ def evaluate_shapes(model, diffusion, args, facts, per_class, device, cfg_scale=
             out["per_sample"] = dict(class_ok=class_ok.tolist(), colour_ok=colour_ok.tolist())
     elif per_sample:
         out["per_sample"] = dict(class_ok=class_ok.tolist())
+    if per_sample:  # the chiral samples' flip outcomes, in order
+        out["per_sample"]["flip_ok"] = flip_ok[chiral].tolist()
     return out

@@ -44,6 +44,7 @@ from config import (
     make_diffusion,
     make_model,
     open_dataset,
+    run_sampling,
     use_bf16,
     validate,
 )
@@ -651,15 +652,13 @@ def grid_prompts(args, facts, dataset, batch, rows=4):
 
 def write_grid(ema, vae, args, facts, path, device, prompts=None):
     """A sample grid of the EMA model (sample.class_grid): a row per class or prompt, the flip off and on."""
-    class_grid(ema, vae, args, facts, path, device, cfg_scale=args.cfg_scale, steps=args.sample_steps,
-               method=args.sampler, prompts=prompts)
+    class_grid(ema, vae, args, facts, path, device, run_sampling(args), prompts=prompts)
 
 
 def write_eval(ema, vae, args, facts, path, device, step):
     """The shapes checker's verdict on EMA samples (sample.checker_verdict, at the run's evaluation settings),
     printed and written to `path` (eval.json)."""
-    res = checker_verdict(ema, vae, args, facts, args.eval_per_class, device, cfg_scale=args.cfg_scale,
-                          steps=args.sample_steps, method=args.sampler)
+    res = checker_verdict(ema, vae, args, facts, args.eval_per_class, device, run_sampling(args))
     print("checker on EMA samples: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     with open(path, "w") as f:
         json.dump(dict(res, cfg_scale=args.cfg_scale, per_class=args.eval_per_class, step=step), f)

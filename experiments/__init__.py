@@ -13,6 +13,7 @@ common.py (runs, records, statistics, tables, plots) and measures.py (what is me
     python -m experiments recipes     # each published recipe (train.py --recipe NAME) on shapes
     python -m experiments drift       # at convergence, class <-> size correlated data: routes, gates
     python -m experiments padding-converged   # text padding at the drift budget, 95 % intervals
+    python -m experiments samplers    # each sampler at 5 .. 50 network evaluations, flow and DDPM
     python -m experiments all         # routes, gates, padding, transfer, figures, then the results page
     python -m experiments results     # only the results page, from the tables already written
     python -m experiments.bench       # the training step timed (bench.py's own docstring)

@@ -14,12 +14,13 @@ from .mechanism import mechanism
 from .padding import padding_converged
 from .recipes import recipes
 from .results import update_results
+from .samplers import samplers
 from .transfer import transfer
 
 EXPERIMENTS = {"routes": routes, "gates": gates, "padding": padding, "transfer": transfer,
                "drift": drift_experiment,
                "padding-converged": padding_converged, "recipes": recipes, "figures": figures,
-               "mechanism": mechanism}
+               "mechanism": mechanism, "samplers": samplers}
 
 
 def main(argv=None):
@@ -33,7 +34,8 @@ def main(argv=None):
     p.add_argument("--corrs", default="0,0.9", type=lambda s: [float(v) for v in s.split(",")],
                    help="drift: class <-> size correlations rho of the data (train.py --size-corr)")
     p.add_argument("--drift-pairs", type=int, default=100, help="drift: (noise, class) pairs per run")
-    p.add_argument("--assemble", action="store_true", help="drift / padding-converged: tables and figures "
+    p.add_argument("--assemble", action="store_true",
+                   help="drift / padding-converged / samplers: tables and figures "
                    "from the committed records alone; each row takes the seeds that are there (nothing is "
                    "trained or measured)")
     p.add_argument("--ctrl-scales", default="0,1,2,3", type=lambda s: [float(v) for v in s.split(",")],
@@ -57,7 +59,8 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join("docs", "RESULTS.md"), help="the page whose results "
                    "block is rebuilt")
     a = p.parse_args(argv)
-    a.steps = a.steps or {"drift": 2000, "padding-converged": 2000, "recipes": 300}.get(a.experiment, 800)
+    a.steps = a.steps or {"drift": 2000, "padding-converged": 2000, "recipes": 300,
+                          "samplers": 2000}.get(a.experiment, 800)
     if a.experiment == "all":  # not drift, padding-converged and recipes: hours of CPU at their budgets
         for name in ("routes", "gates", "padding", "transfer", "figures"):
             EXPERIMENTS[name](a)

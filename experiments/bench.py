@@ -49,7 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from config import Facts, make_diffusion, make_model, sampling_control, use_bf16, validate
+from config import Facts, make_diffusion, make_model, run_sampling, sampling_control, use_bf16, validate
 from config import get_args as train_args
 from latents import latent_geometry
 from shapes import ShapesDataset
@@ -466,7 +466,8 @@ def sample_throughput(args, facts, bench, path, device):
     noise, y, ctrl = synthetic_batch(args, facts, B, device, seed=1)
     diffusion = make_diffusion(args, facts)
     method = args.sampler or ("euler" if args.objective == "flow" else "ddim")
-    run = lambda steps: generate(net, diffusion, noise, y, ctrl, args.cfg_scale, steps=steps, method=method,
+    run = lambda steps: generate(net, diffusion, noise, y, ctrl,
+                                 run_sampling(args, method=method, steps=steps),
                                  batch=B)
     with numerics(path), torch.autocast(device.type, dtype=torch.bfloat16, enabled=path.bf16):
         run(2)  # warm-up (and compilation)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from config import latent_shape, make_diffusion
-from diffusion import generate, make_noise
+from diffusion import Sampling, generate, make_noise
 from latents import Autoencoder, to_uint8
 from sample import load_model
 from shapes import ShapesChecker, evaluate_shapes, size_group
@@ -80,8 +80,8 @@ def size_sweep_pairs(model, args, facts, n, cfg_scale, steps, ctrl_scale=0.0, se
     labels = [i % facts.num_classes for i in range(n)]
     noise = make_noise([seed + i for i in range(n)], latent_shape(facts), "cpu").repeat_interleave(k, 0)
     y = semantic_input(args, facts, [lab for lab in labels for _ in controls], "cpu")
-    x = generate(model, make_diffusion(args, facts), noise, y, torch.stack(controls * n), cfg_scale,
-                 ctrl_scale, steps=steps)
+    x = generate(model, make_diffusion(args, facts), noise, y, torch.stack(controls * n),
+                 Sampling(steps=steps, scale=cfg_scale, ctrl=ctrl_scale))
     meas = ShapesChecker()(to_uint8(Autoencoder("none").decode(x)))
     pairs = []
     for i, c in enumerate(labels):
@@ -119,7 +119,7 @@ def drift_record(a, flags, corr, seed, scales=(0.0,)):
         losses = train_losses(run_dir)
         record = dict(key=key, train=dict(run_info(run_dir), loss_last=losses[max(losses)]), ctrl_scales={},
                       eval=evaluate_shapes(model, make_diffusion(args, facts), args, facts, a.per_class,
-                                           "cpu", cfg_scale=a.cfg_scale, steps=a.sample_steps))
+                                           "cpu", Sampling(steps=a.sample_steps, scale=a.cfg_scale)))
     record["ctrl_scales"].update({str(s): size_sweep_pairs(model, args, facts, a.drift_pairs, a.cfg_scale,
                                                            a.sample_steps, s)
                                   for s in missing})

@@ -11,7 +11,7 @@ import os
 import torch
 
 from config import latent_shape, make_diffusion
-from diffusion import generate, make_noise
+from diffusion import Sampling, generate, make_noise
 from latents import Autoencoder, to_uint8
 from sample import load_model
 from text import semantic_input
@@ -33,7 +33,7 @@ def size_sweep_figure(a, run_dirs, path, classes=(0, 2, 5, 6, 7, 9), factors=(0.
         noise = make_noise([seed + k for k in classes], latent_shape(facts), "cpu")
         x = generate(model, make_diffusion(args, facts), noise.repeat_interleave(len(factors), 0),
                      semantic_input(args, facts, [k for k in classes for _ in factors], "cpu"),
-                     torch.stack(ctrl * len(classes)), a.cfg_scale, steps=a.sample_steps)
+                     torch.stack(ctrl * len(classes)), Sampling(steps=a.sample_steps, scale=a.cfg_scale))
         imgs = to_uint8(Autoencoder("none").decode(x)).permute(0, 2, 3, 1).numpy()
         r = facts.res * scale
         panel = Image.new("RGB", (len(factors) * (r + 2), 18 + len(classes) * (r + 2)), "white")

@@ -3,15 +3,14 @@ What is measured on a trained run of the shapes dataset: the checker's accuracie
 size or crop sweep (the paper's Figure 2: the same noise and class under several values of one control, read
 back by the checker; a disentangled model changes sharpness or position, not content), and held-out losses.
 """
-import argparse
 
 import numpy as np
 import torch
 
-from checkpoint import read_checkpoint
+from checkpoint import read_checkpoint, stored_args
 from conditioning import SIGNAL
 from config import Facts, build_dataset, latent_shape, make_diffusion, make_model
-from diffusion import generate, make_noise, to_velocity
+from diffusion import Sampling, generate, make_noise, to_velocity
 from latents import Autoencoder, to_uint8
 from sample import load_model
 from shapes import (
@@ -67,8 +66,8 @@ def drift(model, args, facts, n, cfg_scale, steps, seed=20_000):
     labels = [i % facts.num_classes for i in range(n)]
     noise = make_noise([seed + i for i in range(n)], latent_shape(facts), "cpu").repeat_interleave(k, 0)
     y = semantic_input(args, facts, [lab for lab in labels for _ in controls], "cpu")
-    x = generate(model, make_diffusion(args, facts), noise, y, torch.stack(controls * n), cfg_scale,
-                 steps=steps)
+    x = generate(model, make_diffusion(args, facts), noise, y, torch.stack(controls * n),
+                 Sampling(steps=steps, scale=cfg_scale))
     meas = ShapesChecker()(to_uint8(vae.decode(x)))
     sweeps = [meas[i * k:(i + 1) * k] for i in range(n)]
     size = [s[:3] for s in sweeps]
@@ -88,7 +87,7 @@ def checker_metrics(run_dir, a, with_drift=True):
     def measure():
         model, args, facts, *_ = load_model(run_dir, "cpu")
         out = evaluate_shapes(model, make_diffusion(args, facts), args, facts, a.per_class, "cpu",
-                              cfg_scale=a.cfg_scale, steps=a.sample_steps)
+                              Sampling(steps=a.sample_steps, scale=a.cfg_scale))
         if with_drift:
             out.update(drift(model, args, facts, a.drift_n, a.cfg_scale, a.sample_steps))
         return out
@@ -104,7 +103,7 @@ def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False
     instead: the null loss minus the conditional one is how much the model uses the condition. per_level: the
     loss at each level."""
     ckpt = read_checkpoint(last_ckpt(run_dir))
-    args, facts = argparse.Namespace(**ckpt["args"]), Facts(**ckpt["facts"])
+    args, facts = stored_args(ckpt["args"]), Facts(**ckpt["facts"])
     model = make_model(args, facts)
     model.load_state_dict(ckpt[weights])
     model.eval()

@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from config import make_diffusion
+from diffusion import Sampling
 from sample import load_model
 from shapes import evaluate_shapes
 
@@ -47,8 +48,8 @@ def padding_record(a, flags, seed):
     losses = train_losses(run_dir)
     record = dict(key=key, train=dict(run_info(run_dir), loss_last=losses[max(losses)]),
                   eval=evaluate_shapes(model, make_diffusion(args, facts), args, facts, a.per_class, "cpu",
-                                       cfg_scale=a.cfg_scale,
-                                       steps=a.sample_steps, per_sample=True), losses=text_losses(run_dir))
+                                       Sampling(steps=a.sample_steps, scale=a.cfg_scale), per_sample=True),
+                  losses=text_losses(run_dir))
     record["measure_s"] = time.time() - t0
     return commit_record(path, record)
 

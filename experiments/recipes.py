@@ -4,8 +4,8 @@ Each published recipe (`train.py --recipe NAME`) on shapes at one budget, evalua
     python -m experiments recipes
 """
 import config
-from checkpoint import read_checkpoint
-from config import make_diffusion
+from checkpoint import read_checkpoint, stored_args
+from config import make_diffusion, run_sampling
 from sample import load_model
 from shapes import evaluate_shapes
 
@@ -37,17 +37,20 @@ def recipes(a):
 
             def measure():
                 model, args, facts, *_ = load_model(run_dir, "cpu")
+                own = run_sampling(args)  # the recipe's sampler, steps and guidance
                 grade = lambda: evaluate_shapes(model, make_diffusion(args, facts), args, facts, a.per_class,
-                                                "cpu", cfg_scale=args.cfg_scale, steps=args.sample_steps,
-                                                method=args.sampler)
+                                                "cpu", own)
                 out = dict(grade(), sampler=args.sampler or ("euler" if args.objective == "flow" else "ddim"),
-                           sample_steps=args.sample_steps, cfg_scale=args.cfg_scale)
+                           sample_steps=args.sample_steps, cfg_scale=args.cfg_scale,
+                           cfg_schedule=args.cfg_schedule)
                 # the trained weights: at a
                 model.load_state_dict(read_checkpoint(last_ckpt(run_dir))["model"])
                 # short budget an EMA of 0.9999 is mostly the init
                 out["trained_class_acc"] = grade()["class_acc"]
                 return out
-            m = measured(run_dir, f"recipe-eval-ema-and-trained-per_class{a.per_class}", measure)
+            # the key names the recipe's sampling, so a measurement made with other settings is not reused
+            own = run_sampling(stored_args(read_checkpoint(last_ckpt(run_dir))["args"]))
+            m = measured(run_dir, f"recipe-eval-ema-and-trained-per_class{a.per_class}-{tuple(own)}", measure)
             losses = train_losses(run_dir)
             measurements.append(m)
             per_seed.append(dict(m, seed=seed, run_dir=run_dir, train_loss=losses[max(losses)]))

@@ -18,7 +18,8 @@ SECTIONS = (("routes", "Conditioning routes", ("size_sweep.png", "loss_routes.pn
              ("drift.png", "drift_size_sweep.png")),
             ("drift_gates", "Gate schedules at high rho", ()),
             ("drift_ctrl_scale", "Control guidance at high rho", ("drift_ctrl_scale.png",)),
-            ("padding_converged", "Text padding at 2000 steps", ()))
+            ("padding_converged", "Text padding at 2000 steps", ()),
+            ("samplers", "Samplers: steps against quality", ("samplers.png",)))
 
 
 def update_results(a, page=os.path.join("docs", "RESULTS.md")):

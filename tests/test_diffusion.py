@@ -305,3 +305,131 @@ def test_guidance_runs_only_the_branches_it_weighs(s_sem, s_ctrl, branches):
         assert torch.equal(out, ref)
     else:  # it also ran (0s, c), to weigh it by s_sem - 1 = 0: equal up to rounding
         assert torch.allclose(out, ref, atol=1e-5)
+
+
+#################################################################################
+#                     DPM-Solver++(2M) and the step spacings                    #
+#################################################################################
+# The Gaussian data N(MU, S^2): its exact data prediction D = E[x0 | x_t] is known in closed form, and so is
+# the probability-flow ODE's map from noise to data, x0 = MU + S z (from pure noise z at t = 1).
+MU, S = 0.3, 0.5
+
+
+def gaussian_data_prediction(x, t):
+    """Flow (x_t = (1 - t) x0 + t eps): D for N(MU, S^2) data, in float64."""
+    t = t.double().view(-1, 1, 1, 1)
+    a = 1 - t
+    return (MU + a * S ** 2 / (a ** 2 * S ** 2 + t ** 2) * (x.double() - a * MU)).float()
+
+
+def gaussian_eps(chain):
+    """DDPM: the exact eps of N(MU, S^2) data at (possibly fractional) network times k / 1000."""
+    def predict(x, t):
+        ab = chain.ab_at((t.double() * 1000).tolist()).view(-1, 1, 1, 1)
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        return (s * (x.double() - a * MU) / (a ** 2 * S ** 2 + s ** 2)).float()
+    return predict
+
+
+@pytest.mark.parametrize("pred", ["x", "v"])
+@pytest.mark.parametrize("alpha", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_flow_dpm_solver_lands_on_the_single_data_point(pred, alpha, steps):
+    """One data point: D is x0 at every level, and DPM-Solver++ reproduces it in any number of steps."""
+    x0 = torch.randn(2, 3, 4, 4)
+    predict = (lambda x, t: x0) if pred == "x" else (lambda x, t: (x - x0) / t.view(-1, 1, 1, 1))
+    out = Diffusion("flow", pred=pred, alpha=alpha).sample(predict, torch.randn(2, 3, 4, 4), steps=steps,
+                                                           method="dpm++2m")
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing,steps", [("time", 1), ("time", 10), ("logsnr", 2), ("logsnr", 50),
+                                           ("ddim", 10), ("ddpm", 13)])
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_ddpm_dpm_solver_lands_on_the_single_data_point(spacing, steps, learn_sigma):
+    x0 = torch.randn(2, 3, 4, 4)
+    diff = Diffusion("ddpm", learn_sigma=learn_sigma)
+
+    def predict(x, t):
+        ab = diff.chain.ab_at((t.double() * 1000).tolist()).float().view(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return torch.cat([eps, torch.zeros_like(x)], 1) if learn_sigma else eps
+    out = diff.sample(predict, torch.randn(2, 3, 4, 4), steps=steps, method="dpm++2m", spacing=spacing)
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_dpm_solver_is_second_order_on_gaussian_data():
+    """On Gaussian data the sampler's error falls as 1/steps^2: about 4x per doubling (a first-order sampler:
+    2x), below 1e-3 of the exact map's output at 160 flow / 80 DDPM steps."""
+    z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact = MU + S * z
+
+    def error(diff, predict, start, n, method, **kw):
+        return ((diff.sample(predict, start.clone(), steps=n, method=method, **kw) - exact) / z).abs().mean()
+    flow = Diffusion("flow", pred="x")
+    e40, e80, e160 = (error(flow, gaussian_data_prediction, z, n, "dpm++2m") for n in (40, 80, 160))
+    assert e160 < 1e-3 and 3.0 < e40 / e80 < 5.0 and 3.0 < e80 / e160 < 5.0
+    ddpm = Diffusion("ddpm")
+    ab = ddpm.chain.ab[-1].float()
+    start = ab.sqrt() * MU + (ab * S ** 2 + 1 - ab).sqrt() * z  # the same z on the exact path at step 999
+    # (from 160 steps on, float32 rounding of the network time near the data sets a floor of about 1e-4)
+    d20, d40, d80 = (error(ddpm, gaussian_eps(ddpm.chain), start, n, "dpm++2m", spacing="logsnr")
+                     for n in (20, 40, 80))
+    assert d80 < 1e-3 and 3.0 < d20 / d40 < 6.0 and 3.0 < d40 / d80 < 6.0
+    # DDIM, the first-order solver of the same ODE: its error halves per doubling, and at 200 steps it is 10x
+    # DPM-Solver++'s at 50
+    eps = gaussian_eps(ddpm.chain)
+    i50, i100, i200 = (error(ddpm, eps, start, n, "ddim", spacing="time") for n in (50, 100, 200))
+    assert 1.8 < i50 / i100 < 2.2 and 1.8 < i100 / i200 < 2.2
+    assert i200 > 10 * error(ddpm, eps, start, 50, "dpm++2m", spacing="time")
+
+
+def test_time_and_logsnr_spacings():
+    ab = Chain(ddpm_betas()).ab
+    assert spaced_steps(1000, 1, "time") == [999]
+    assert spaced_steps(1000, 4, "time") == [250, 500, 749, 999]  # round(249.75) = 250, round(749.25) = 749
+    with pytest.raises(ValueError, match="round to only"):
+        spaced_steps(1000, 1000, "time")  # round(499.5) = round(500.499) = 500
+    steps = spaced_steps(1000, 50, "logsnr", ab)  # fractional, from step 0 to step 999, evenly in log sigma
+    assert len(steps) == 50 and steps[0] == pytest.approx(0) and steps[-1] == pytest.approx(999)
+    log_sigma = 0.5 * ((1 - Chain(ddpm_betas()).ab_at(steps)) / Chain(ddpm_betas()).ab_at(steps)).log()
+    gaps = log_sigma.diff()
+    assert torch.allclose(gaps, gaps.mean().expand_as(gaps), rtol=1e-6)
+    with pytest.raises(ValueError, match="fractional steps"):
+        Diffusion("ddpm").sample(lambda x, t: x, torch.zeros(1, 3, 2, 2), steps=5, method="ddim",
+                                 spacing="logsnr")
+    with pytest.raises(ValueError, match="unknown step spacing"):
+        spaced_steps(1000, 5, "karras")
+
+
+def test_power_cosine_guidance_is_mdts_schedule():
+    """sail-sg/MDT forward_with_cfg: scale_step = (1 - cos((1 - t / T)^pow pi)) / 2, the scale (cfg - 1)
+    scale_step + 1, with t the DDPM step and T = 1000; our t is the network time t / T."""
+    from scipy.integrate import quad
+
+    from diffusion import Sampling, semantic_scale
+    s = Sampling(scale=3.8, schedule="power-cosine", power=4.0)
+    assert semantic_scale(s, 1.0) == 1.0 and semantic_scale(s, 0.0) == pytest.approx(3.8)
+    for k in (0, 1, 250, 500, 999):
+        mdt = (1 - math.cos(((1 - k / 1000) ** 4.0) * math.pi)) * 1 / 2
+        assert semantic_scale(s, k / 1000) == pytest.approx((3.8 - 1) * mdt + 1, abs=1e-12)
+    # the mean scale over the trajectory: 1 + 2.8 x the mean weight, 0.178, so 1.50 -- DiT's constant scale
+    mean_weight = quad(lambda u: (1 - math.cos(math.pi * u ** 4)) / 2, 0, 1)[0]
+    grid = [semantic_scale(s, (i + 0.5) / 10_000) for i in range(10_000)]
+    assert sum(grid) / len(grid) == pytest.approx(1 + 2.8 * mean_weight, abs=1e-6)
+    assert 0.177 < mean_weight < 0.179
+    assert semantic_scale(Sampling(scale=3.8), 0.7) == 3.8  # constant
+    with pytest.raises(ValueError, match="unknown guidance schedule"):
+        semantic_scale(Sampling(schedule="linear"), 0.5)
+
+
+def test_the_guidance_schedule_reaches_every_step():
+    """generate asks guided_prediction for the schedule's scale at each step's t: at t = 1 the power-cosine
+    scale is 1, so only the conditional branch runs there; every later step runs both."""
+    from conftest import model_inputs, perturb, tiny_model
+    from diffusion import Sampling, generate
+    model = Counting(perturb(tiny_model("ours")))
+    x, _, y, c = model_inputs()
+    generate(model, Diffusion("flow"), x, y, c, Sampling(steps=4, scale=3.0, schedule="power-cosine"))
+    assert len(model.calls) == 4 and model.calls[0] == [(False, False)]
+    assert all(call == [(False, False), (True, False)] for call in model.calls[1:])

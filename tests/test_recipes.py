@@ -135,6 +135,29 @@ def test_resume_with_another_optimizer_or_an_unusable_sampler_is_refused():
         validate(get_args(TINY + ["--recipe", "ldm", "--model", "XS", "--sample-steps", "37"]))
 
 
+def test_recipes_sample_as_their_papers_publish(capsys):
+    """PixArt-alpha's scripts/inference.py (DPM-Solver, 20 time-uniform steps, 4.5), SD3's sd3_infer.py
+    sd3_medium (DPM++ 2M, 50 steps, 5.0), mDT-v2's image_sample.py (250 ancestral steps, 3.8 on the
+    power-cosine schedule, power 4), DiT's sample_ddp.py (250 ancestral steps, 1.5)."""
+    from config import run_sampling, validate
+    published = dict(pixart=("dpm++2m", 20, "time", 4.5, "constant"),
+                     sd3=("dpm++2m", 50, None, 5.0, "constant"),
+                     mdt=("ddpm", 250, None, 3.8, "power-cosine"), dit=("ddpm", 250, None, 1.5, "constant"))
+    for name, (method, steps, spacing, scale, schedule) in published.items():
+        s = run_sampling(get_args(["--recipe", name]))
+        assert (s.method, s.steps, s.spacing, s.scale, s.schedule) == (method, steps, spacing, scale,
+                                                                       schedule)
+    assert run_sampling(get_args(["--recipe", "mdt"])).power == 4.0
+    # a spacing the sampler cannot walk, or a power for no schedule
+    with pytest.raises(SystemExit, match="logsnr spacing visits fractional steps"):
+        validate(get_args(TINY + ["--recipe", "dit", "--sampler", "ddim", "--sample-spacing", "logsnr"]))
+    validate(get_args(TINY + ["--cfg-power", "2"]))
+    warning = "--cfg-power does nothing in this run: it acts with --cfg-schedule power-cosine"
+    assert warning in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--cfg-power must be > 0"):
+        validate(get_args(TINY + ["--cfg-schedule", "power-cosine", "--cfg-power", "0"]))
+
+
 def test_a_recipe_that_needs_a_package_not_installed_says_which(monkeypatch):
     import importlib.util
 
@@ -212,14 +235,17 @@ def test_sample_py_defaults_to_the_runs_evaluation_settings(tmp_path, monkeypatc
                         "--out", str(tmp_path)])
     seen = {}
 
-    def fake_grid(model, vae, args, facts, path, device, cfg_scales=None, steps=None, method=None, **kw):
-        seen.update(cfg_scales=cfg_scales, steps=steps, method=method)
+    def fake_grid(model, vae, args, facts, path, device, sampling, cfg_scales=None, **kw):
+        seen.update(cfg_scales=cfg_scales, steps=sampling.steps, method=sampling.method,
+                    schedule=sampling.schedule)
 
     monkeypatch.setattr(sample, "class_grid", fake_grid)
     sample.main(["--ckpt", run])
-    assert seen == dict(cfg_scales=[1.5], steps=4, method="ddpm")  # the dit recipe's sampler and guidance
-    sample.main(["--ckpt", run, "--steps", "2", "--sampler", "ddim", "--cfg-scale", "1"])
-    assert seen == dict(cfg_scales=[1.0], steps=2, method="ddim")
+    # the dit recipe's sampler and guidance
+    assert seen == dict(cfg_scales=[1.5], steps=4, method="ddpm", schedule="constant")
+    sample.main(["--ckpt", run, "--steps", "2", "--sampler", "ddim", "--cfg-scale", "1", "--cfg-schedule",
+                 "power-cosine"])
+    assert seen == dict(cfg_scales=[1.0], steps=2, method="ddim", schedule="power-cosine")
     # a checkpoint of another configuration schema is refused with what to do, not misread
     path = os.path.join(run, sorted(f for f in os.listdir(run) if f.startswith("ckpt-"))[-1])
     ckpt = torch.load(path, weights_only=True)

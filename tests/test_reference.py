@@ -253,3 +253,105 @@ def test_ddpm_schedules_equal_ddpm_scheduler(ours, theirs):
     assert (betas.float() - ref.betas).abs().max() < 1e-7
     assert (Chain(betas).ab.float() - ref.alphas_cumprod).abs().max() < 1e-6
     assert math.isclose(float(Chain(betas).ab[-1]), float(ref.alphas_cumprod[-1]), rel_tol=1e-4)
+
+
+#################################################################################
+#             DPM-Solver++(2M) against diffusers' DPMSolverMultistepScheduler   #
+#################################################################################
+# A fixed denoiser, far from trivial: the exact prediction for Gaussian data N(0.3, 0.5^2) plus a nonlinear
+# term, so both solvers see a prediction that changes along the path. Each loop records the x it hands the
+# denoiser at every step; the two records must agree step by step.
+MU, S = 0.3, 0.5
+
+
+def dpm_scheduler(**kw):
+    return diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                 beta_start=1e-4, beta_end=0.02, algorithm_type="dpmsolver++",
+                                                 solver_order=2, final_sigmas_type="zero", **kw)
+
+
+def ddpm_eps(x, k):
+    """eps at (possibly fractional) steps k (B,) of the linear chain."""
+    ab = Chain(ddpm_betas()).ab_at(k.double().tolist()).view(-1, 1, 1, 1)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    return (s * (x.double() - a * MU) / (a ** 2 * S ** 2 + s ** 2) + 0.05 * torch.tanh(x.double())).float()
+
+
+@pytest.mark.parametrize("spacing", ["time", "logsnr", "ddim"])
+@pytest.mark.parametrize("steps", [5, 10, 20, 25])
+def test_ddpm_dpm_solver_equals_diffusers_step_by_step(spacing, steps):
+    """Our grid is diffusers' (its timesteps; for logsnr, its use_lu_lambdas sigmas, whose timesteps it rounds
+    for the network and we do not, so here the network is handed the rounded step on both sides), and every
+    step's x agrees with its scheduler's, fed the same eps. diffusers keeps its levels in float32 (from a
+    float32 product of the betas), whose rounding alone moves the result by up to 7e-5 at 5 log-SNR steps: we
+    hand it our levels in float64."""
+    from diffusion import Diffusion, spaced_steps
+    ref = dpm_scheduler(prediction_type="epsilon", use_lu_lambdas=spacing == "logsnr")
+    ab = Chain(ddpm_betas()).ab
+    ours_steps = spaced_steps(1000, steps, spacing, ab)
+    if spacing == "ddim":  # ADM's stride: handed to diffusers as custom timesteps
+        ref.set_timesteps(timesteps=list(reversed(ours_steps)))
+    else:
+        ref.set_timesteps(steps)
+    rounded = [round(k) for k in reversed(ours_steps)]
+    assert ref.timesteps.tolist() == rounded
+    ab_ours = Chain(ddpm_betas()).ab_at(list(reversed(ours_steps)))
+    sigmas = torch.cat([((1 - ab_ours) / ab_ours).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    # the same levels up to diffusers' float32 cumulative product of the betas: 8e-5 relative at step 0
+    assert torch.allclose(ref.sigmas.double(), sigmas, rtol=2e-4)
+    ref.sigmas = sigmas
+
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(steps))
+    theirs, x = [], noise.double()
+    for t in ref.timesteps:
+        theirs.append(x)
+        x = ref.step(ddpm_eps(x.float(), t.expand(2)).double(), t, x).prev_sample
+    ours = []
+
+    def predict(x, t):
+        ours.append(x.double())
+        k = t.double() * 1000
+        return ddpm_eps(x, k.round() if spacing == "logsnr" else k)
+    out = Diffusion("ddpm").sample(predict, noise, steps=steps, method="dpm++2m", spacing=spacing)
+    assert len(ours) == len(theirs) == steps
+    assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-5
+    assert (out.double() - x).abs().max() < 1e-5
+
+
+def flow_data(x, t):
+    """D for flow x_t = (1 - t) x0 + t eps of Gaussian data, plus a nonlinear term."""
+    t = t.double().view(-1, 1, 1, 1)
+    a = 1 - t
+    return (MU + a * S ** 2 / (a ** 2 * S ** 2 + t ** 2) * (x.double() - a * MU)
+            + 0.05 * torch.tanh(x.double())).float()
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 2, 5, 20, 50])
+def test_flow_dpm_solver_equals_diffusers_in_sd3s_variables(shift, steps):
+    """Our flow DPM++ 2M is SD3's reference sampler (sd3.5 sd3_impls.py sample_dpmpp_2m: lambda = -log t on
+    x itself). That is diffusers' DPMSolverMultistepScheduler in its variance-preserving form with Karras
+    sigmas equal to our t grid, after the change of variables x_vp = x / sqrt(1 + t^2) (where its alpha_t =
+    1 / sqrt(1 + t^2) and lambda = -log t): fed the same data prediction, every step agrees. (diffusers' own
+    flow setting, use_flow_sigmas, takes lambda = log((1 - t) / t) instead: another second-order method, not
+    SD3's.)"""
+    from diffusion import Diffusion, time_grid
+    ts = time_grid(steps, shift).double()
+    ref = dpm_scheduler(prediction_type="sample")
+    ref.set_timesteps(steps)  # only its count of steps is used: the levels are ours
+    ref.sigmas = ts.clone()
+    scale = lambda i: (1 + ts[i] ** 2).sqrt()
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(steps))
+    theirs, x = [], noise.double() / scale(0)
+    for i, t in enumerate(ref.timesteps):
+        theirs.append(x * scale(i))
+        x = ref.step(flow_data((x * scale(i)).float(), ts[i].expand(2)).double(), t, x).prev_sample
+    ours = []
+
+    def predict(x, t):
+        ours.append(x.double())
+        return flow_data(x, t)
+    out = Diffusion("flow", pred="x", alpha=shift).sample(predict, noise, steps=steps, method="dpm++2m")
+    assert len(ours) == len(theirs) == steps
+    assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-5
+    assert (out.double() - x * scale(steps)).abs().max() < 1e-5

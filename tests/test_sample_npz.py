@@ -111,7 +111,8 @@ def test_ctrl_scale_and_interval_reach_the_sampler(run, tmp_path, monkeypatch, m
     import shapes
     seen = []
     def spy(*args, **kwargs):
-        seen.append((args[6] if len(args) > 6 else kwargs.get("ctrl_scale"), kwargs.get("interval")))
+        sampling = args[5] if len(args) > 5 else kwargs["sampling"]
+        seen.append((sampling.ctrl, sampling.interval))
         return diffusion.generate(*args, **kwargs)
     monkeypatch.setattr(sample, "generate", spy)
     monkeypatch.setattr(shapes, "generate", spy)

@@ -163,15 +163,15 @@ def test_semantic_drop_flags_select_the_null_class_and_the_null_prompt_alike():
 def text_sampler(pad="noisy_replicate"):
     """A live 16 px text model (builtin encoder) and a call that samples two prompts from seeds 5 and 6 with
     both guidances on (three branches per step)."""
-    from diffusion import Diffusion, generate, make_noise
+    from diffusion import Diffusion, Sampling, generate, make_noise
     from model import build_model
     enc = load_text_encoder("builtin")
     text = dict(text_dim=enc.dim, max_length=enc.max_length, pad=pad, pad_noise=0.1)
     model = perturb(build_model("T/4", input_size=16, in_channels=3, num_classes=10, text=text)).eval()
     y = enc.encode(["a red circle", "a big cyan diamond"])
     noise, ctrl = make_noise([5, 6], (3, 16, 16), "cpu"), torch.zeros(2, 7)
-    return lambda: generate(model, Diffusion(), noise, y, ctrl, cfg_scale=3.0, ctrl_scale=0.5, steps=3,
-                            seed=5)
+    sampling = Sampling(steps=3, scale=3.0, ctrl=0.5)
+    return lambda: generate(model, Diffusion(), noise, y, ctrl, sampling, seed=5)
 
 
 def test_same_prompt_and_seed_give_the_same_image_whatever_the_global_rng():

@@ -12,7 +12,7 @@ import sample
 import train
 from config import Facts, get_args, make_diffusion
 from conftest import ROOT, TINY, assert_resumed_exactly, facts_of, init_loads_every_tensor, losses
-from diffusion import generate, make_noise
+from diffusion import Sampling, generate, make_noise
 from shapes import shapes_default_control
 
 
@@ -196,9 +196,9 @@ def test_sampling_from_a_checkpoint(tmp_path):
     y = torch.tensor([0, 1])
     ctrl = torch.stack([shapes_default_control(16)] * 2)
     diffusion = make_diffusion(args, facts)
-    x = generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
+    x = generate(model, diffusion, noise, y, ctrl, Sampling(steps=4, scale=2.0))
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
-    again = generate(model, diffusion, noise, y, ctrl, cfg_scale=2.0, steps=4)
+    again = generate(model, diffusion, noise, y, ctrl, Sampling(steps=4, scale=2.0))
     assert torch.equal(x, again)
     out = tmp_path / "grid.png"
     sample.main(["--ckpt", run, "--classes", "0,6", "--flip", "0,1", "--cfg-scale", "1,3", "--seeds", "0,1",
