@@ -29,7 +29,7 @@ from model import SIZES, from_dit, is_dit_state_dict
 CONFIG_VERSION = 3  # the schema of the stored configuration (3: flags and facts apart); another is refused
 # flags added since schema 3, each with the value that does what the code did before the flag existed: a
 # checkpoint that lacks one reads it so (stored_args)
-ADDED_FLAGS = dict(cfg_schedule="constant", cfg_power=4.0, sample_spacing=None)
+ADDED_FLAGS = dict(cfg_schedule="constant", cfg_power=4.0, sample_spacing=None, text_cache_gb=2.0)
 
 
 def stored_args(saved):

@@ -199,6 +199,9 @@ def parser(description=None):
     a("--text-pad", default="noisy_replicate", choices=TEXT_PADS, help="text: how padding slots are filled")
     a("--pad-noise", type=float, default=0.1, help="text: noisy_replicate noise std, x the prompt's feature "
       "std")
+    a("--text-cache-gb", type=float, default=2.0, help="text: the caption features are encoded once into a "
+      "cache file when they fit in this many GB (every rank holds it in RAM); else each batch's captions are "
+      "encoded in the training step")
     a("--text-null", default="learned", choices=TEXT_NULLS, help="text: null prompt for guidance, a learned "
       "token sequence or the encoded empty string")
     a("--pos-mode", default="resample", choices=POS_MODES, help="positional embedding on grids beyond the "
@@ -361,6 +364,7 @@ ONLY_WHEN = {"decode_layers": (lambda a: a.arch == "mdt", "--arch mdt"),
              "pad_noise": (lambda a: a.cond_type == "text" and a.text_pad == "noisy_replicate",
                            "--text-pad noisy_replicate"),
              "text_null": (lambda a: a.cond_type == "text", "--cond-type text"),
+             "text_cache_gb": (lambda a: a.cond_type == "text", "--cond-type text"),
              "class_tokens": (lambda a: a.cond_type == "class", "--cond-type class"),
              "beta_schedule": (lambda a: a.objective == "ddpm", "--objective ddpm"),
              "t_mean": (lambda a: a.objective == "flow", "--objective flow"),
@@ -470,7 +474,8 @@ def check_ranges(args):
     for name in ("lr", "shift", "t_std", "eps"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("warmup", "clip", "workers", "min_snr", "wd", "pad_noise", "eval_per_class"):
+    for name in ("warmup", "clip", "workers", "min_snr", "wd", "pad_noise", "eval_per_class",
+                 "text_cache_gb"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.mask_ratio < 0.8:

@@ -2,7 +2,8 @@
 Frozen text encoders and the caption-feature cache: prompts -> per-token features (B, L, d) and a mask (B, L),
 True on real tokens. The encoder is frozen: the denoiser learns only the projection of its features
 (conditioning.TextEmbedder), so the features are computed once per dataset (TextCache, which text_features
-builds for a training run) and never during training.
+builds for a training run) and never during training -- unless they would not fit --text-cache-gb (CC12M's
+12 M captions), when each batch's captions are encoded in the training step.
 
     builtin   hashed word vectors + positions, no download, bit-identical in every process (shapes captions)
     HF        a Hugging Face T5 / CLIP / BERT-style encoder (optional `transformers`), 77 tokens by default
@@ -145,12 +146,18 @@ def shared_text_encoder(name_or_path, device, max_length=None):
     return _LOADED[key]
 
 
-def encode_prompts(encoder, max_length, prompts, device):
-    """A text model's input for these prompts: (features (B, L, d), mask (B, L)) from the run's encoder (its
-    name and tokens per prompt, loaded once per process). Features are rounded to fp16 like the training
-    cache, so a prompt seen in training gives the same input."""
-    features, mask = shared_text_encoder(encoder, device, max_length).encode(list(prompts))
+def caption_features(encoder, captions, device):
+    """(features (B, L, d), mask (B, L)) of B captions, encoded now and rounded to fp16 as TextCache stores
+    them: a caption gives the same input from the cache, from a batch encoded in the training step, and at
+    sampling."""
+    features, mask = encoder.encode(list(captions))
     return features.half().float().to(device), mask.to(device)
+
+
+def encode_prompts(encoder, max_length, prompts, device):
+    """A text model's input for these prompts (caption_features), from the run's encoder: its name and tokens
+    per prompt, loaded once per process."""
+    return caption_features(shared_text_encoder(encoder, device, max_length), prompts, device)
 
 
 def semantic_input(args, facts, labels, device, prompts=None):
@@ -178,8 +185,8 @@ class TextCache:
     Memory: the whole table lives in RAM, U x L x d x 2 bytes: 15 MB for the 7114 distinct captions of the
     10 000 default shapes images with the builtin encoder; for ImageNet's 1000 class prompts at 77 tokens, 60
     MB with MiniLM (d = 384), 0.6 GB with T5-XXL (d = 4096). It does not scale to CC12M-sized caption sets
-    (~10^7 captions: 0.7 TB with MiniLM, 7.6 TB with T5-XXL): there the features belong next to each image in
-    the latent-cache shards, which is not done here.
+    (~10^7 captions: 0.7 TB with MiniLM, 7.6 TB with T5-XXL): text_cache_for then builds none and the captions
+    are encoded batch by batch in the training step.
     """
 
     def __init__(self, features, mask, captions, encoder, max_length, path=None):
@@ -273,15 +280,30 @@ def text_features(dataset, args, device, rank, world):
     return encoder, text_cache_for(dataset, encoder, args, rank, world)
 
 
+def cache_bytes(distinct, encoder):
+    """The size of a TextCache of `distinct` captions: fp16 features, a bool mask."""
+    return distinct * encoder.max_length * (2 * encoder.dim + 1)
+
+
 def text_cache_for(dataset, encoder, args, rank, world):
-    """The dataset's caption features, encoded once by rank 0 into --out and read by every rank; None for a
-    streamed dataset, which cannot list its captions up front (its captions are then encoded batch by
-    batch)."""
+    """The dataset's caption features, encoded once by rank 0 into --out and read by every rank, when they fit
+    --text-cache-gb; else None, and train.py encodes each batch's captions in the training step (frozen,
+    no_grad, bf16 on a GPU; caption_features). A streamed dataset cannot list its captions up front: None
+    too."""
     try:
         captions = dataset.captions()
     except (AttributeError, NotImplementedError, RuntimeError):
         if rank == 0:
             print(f"--cond-type text: {args.dataset} cannot list its captions; encoding them batch by batch")
+        return None
+    distinct = len(set(captions))
+    size = cache_bytes(distinct, encoder)
+    if size > args.text_cache_gb * 2 ** 30:
+        if rank == 0:
+            print(f"--cond-type text: {distinct} distinct captions x {encoder.max_length} tokens x "
+                  f"{encoder.dim} channels would make a {size / 2 ** 30:.2f} GB feature cache, over "
+                  f"--text-cache-gb {args.text_cache_gb:g}: encoding them batch by batch in the training "
+                  f"step")
         return None
     tag = f"{args.dataset}-{args.res}-{args.seed}-{encoder.name}"
     name = "".join(ch if ch.isalnum() else "-" for ch in tag)

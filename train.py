@@ -50,7 +50,7 @@ from config import (
 )
 from data import EVENTS, SKIPPED, setup_distributed
 from sample import checker_verdict, class_grid
-from text import text_features
+from text import caption_features, text_features
 
 # exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
 PREEMPTED = 75
@@ -176,13 +176,13 @@ def data_events(dataset, world, args):
 def model_inputs(batch, vae, latent, text_cache, encoder, gen, device):
     """A loader batch -> (x0, semantic input, control) on the device. Images go through the autoencoder as a
     posterior sample, as the SD VAE recipes train (a latent cache has drawn its own); captions are looked up
-    in the text cache, or encoded batch by batch for a stream."""
+    in the text cache, or encoded batch by batch (a stream, or a caption set over --text-cache-gb)."""
     img, y, ctrl, captions = batch
     img, y, ctrl = img.to(device, non_blocking=True), y.to(device), ctrl.to(device)
     if text_cache is not None:
         y = text_cache.lookup(captions, device)  # (features (B, L, d), mask (B, L))
-    elif encoder is not None:
-        y = tuple(v.to(device) for v in encoder.encode(list(captions)))
+    elif encoder is not None:  # a stream, or captions too many to cache: the frozen encoder, now
+        y = caption_features(encoder, captions, device)
     with torch.no_grad():
         x0 = img.float() if latent else vae.encode(img, generator=gen)
     return x0, y, ctrl

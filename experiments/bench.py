@@ -11,6 +11,7 @@ costs time.
         --find-max-batch
     python -m experiments.bench --dataset imagenet --model XL/2 --res 256 --batch 32 --no-reference \
         --sample-batch 64
+    python -m experiments.bench --cond-type text --text-encode       # + the text encoder's share of a step
 
 The timed step is train.train_step itself, the step train.main takes: condition dropout, the diffusion loss
 under autocast, backward, gradient clipping, AdamW, the EMA update. NOT timed: data loading, the autoencoder
@@ -94,6 +95,8 @@ def get_args(argv=None):
       "memory")
     a("--max-batch-limit", type=int, default=8192, help="stop the --find-max-batch search here")
     a("--sample-batch", type=int, default=0, help="also time sampling at this batch (0 = skip)")
+    a("--text-encode", action="store_true", help="--cond-type text: also time the frozen text encoder on a "
+      "batch of captions, what a caption set over --text-cache-gb costs each step, and its FLOPs")
     a("--peak-size", type=int, default=0, help="largest matrix size of the peak-FLOPs matmul (0 = 8192 on "
       "GPU, 2048 on CPU); the probe stops doubling from 128 where one matmul would take over 0.5 s")
     a("--json", default=None, help="append the result line to this file (default: print it as the last line)")
@@ -449,6 +452,28 @@ def largest_fitting(fits, start, limit):
     return lo
 
 
+def text_encode_cost(args, bench, device, batch):
+    """The frozen encoder on `batch` shapes captions, as train.py runs it for a caption set over
+    --text-cache-gb (text.caption_features: no_grad, bf16 on a GPU): ms per batch (median of --steps timed
+    calls after --warmup) and FLOPs per caption."""
+    from text import caption_features
+    encoder = load_text_encoder(args.text_encoder, device, args.text_max_length)
+    captions = ShapesDataset(size=batch, res=args.res, seed=1).captions()
+    with FlopCounterMode(display=False) as counter:
+        caption_features(encoder, captions, device)
+    times = []
+    for i in range(bench.warmup + bench.steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        caption_features(encoder, captions, device)
+        synchronize(device)
+        if i >= bench.warmup:
+            times.append(time.perf_counter() - t0)
+    return dict(encoder=encoder.name, tokens=encoder.max_length, dim=encoder.dim, batch=batch,
+                ms_per_batch=1000 * sorted(times)[len(times) // 2],
+                gflops_per_caption=counter.get_total_flops() / batch / 1e9)
+
+
 def sample_throughput(args, facts, bench, path, device):
     """Images/s of diffusion.generate: train.py's --sample-steps steps of its --sampler (a recipe's; else
     Euler, or DDIM for ddpm) with guidance at --cfg-scale (two network passes per step when it is not 1),
@@ -568,6 +593,10 @@ def main(argv=None):
             free(device)
         else:
             print("  --find-max-batch needs a GPU (a CPU swaps long before it runs out of memory): skipped")
+    text_cost = None
+    if bench.text_encode and args.cond_type == "text":
+        print(f"  timing the text encoder ({args.text_encoder}, batch {batch})...", flush=True)
+        text_cost = text_encode_cost(args, bench, device, batch)
     sampling = None
     if bench.sample_batch:
         print(f"  timing sampling ({args.sample_steps} steps, batch {bench.sample_batch})...", flush=True)
@@ -600,6 +629,13 @@ def main(argv=None):
     if max_batch is not None:
         print(f"largest batch that fits (fast path{', grad-ckpt' if fast.grad_ckpt else ''}): {max_batch} "
               f"(leave some headroom for fragmentation in a long run)")
+    if text_cost and "error" not in results["fast"]:
+        step = results["fast"]["step_ms"]
+        text_cost["share_of_step"] = text_cost["ms_per_batch"] / (step + text_cost["ms_per_batch"])
+        print(f"text encoder {text_cost['encoder']} ({text_cost['tokens']} tokens x {text_cost['dim']}): "
+              f"{text_cost['ms_per_batch']:.1f} ms per batch of {batch} captions, "
+              f"{text_cost['gflops_per_caption']:.4g} GFLOP per caption; encoded in the step it would be "
+              f"{100 * text_cost['share_of_step']:.1f}% of a fast step ({step:.1f} ms + the encoder)")
     if sampling:
         print(f"sampling: {sampling['steps']} {sampling['sampler']} steps, cfg {sampling['cfg_scale']}, "
               f"batch {sampling['batch']}, {sampling['precision']}: {sampling['img_per_s']:.2f} img/s")
@@ -618,7 +654,7 @@ def main(argv=None):
         peak_probe=peaks, peak_tflops_datasheet=sheet,
         mem_kind="cuda_max_memory_allocated" if cuda else "process_peak_rss",
         fast=results["fast"], reference=results.get("reference"),
-        speedup=speedup, max_batch=max_batch, sample=sampling,
+        speedup=speedup, max_batch=max_batch, sample=sampling, text_encode=text_cost,
     )
     line = json.dumps(rec)
     if bench.json:

@@ -309,3 +309,22 @@ def test_text_model_trains_on_streamed_shards_and_resumes_exactly(shards, tmp_pa
     resumed = train.main(flags + ["--steps", "8", "--resume", str(half), "--out", str(tmp_path / "b")])
     a, b = losses(full), losses(resumed)
     assert sorted(b) == [5, 6, 7, 8] and all(a[s] == b[s] for s in b), [(a[s], b[s]) for s in b]
+
+
+def test_captions_too_many_to_cache_are_encoded_in_the_training_step(tmp_path):
+    """A caption set whose features exceed --text-cache-gb writes no feature file: each batch's captions are
+    encoded in the training step, and the losses equal the cached path's (both round the features to fp16)."""
+    import glob
+
+    import train
+    from conftest import losses
+    folder = caption_folder(tmp_path / "pairs")
+    flags = ["--dataset", "captions", "--data-path", str(folder), "--cond-type", "text", "--model", "T/4",
+             "--res", "16", "--base-res", "16", "--vae", "none", "--batch", "2", "--workers", "0", "--steps",
+             "4", "--log-every", "1", "--warmup", "2", "--lr", "1e-3", "--sample-every", "-1"]
+    cached = train.main(flags + ["--out", str(tmp_path / "cached")])
+    assert glob.glob(str(tmp_path / "cached" / "text-cache-*.pt"))
+    # 5 captions x 16 tokens x (2 x 64 + 1) bytes = 10 kB: over 1e-6 GB
+    streamed = train.main(flags + ["--text-cache-gb", "1e-6", "--out", str(tmp_path / "streamed")])
+    assert not glob.glob(str(tmp_path / "streamed" / "text-cache-*.pt"))
+    assert losses(streamed) == losses(cached) and len(losses(cached)) == 4
