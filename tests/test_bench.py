@@ -196,3 +196,15 @@ def test_peak_probe_is_bounded_in_time():
 def test_negative_counts_are_refused_before_any_work(flag):
     with pytest.raises(SystemExit, match="must be >= 0"):
         bench.get_args(BENCH_TINY + [flag, "-1"])
+
+
+@pytest.mark.slow
+def test_the_performance_report_runs_at_toy_size_on_cpu(tmp_path):
+    """python -m experiments.report: every row of the GPU report, here at toy size, into one page."""
+    from experiments import report
+    out = report.main(["--out", str(tmp_path / "perf.md")])
+    page = open(out).read()
+    assert "they say nothing about a GPU" in page and "Measured matmul peak" in page
+    for label, _, _ in report.ROWS:
+        assert f"for: {label} | fast" in page, label
+    assert page.count("| reference:") == 2 and "Sampling (" in page and "fast / reference" in page
