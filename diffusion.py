@@ -69,13 +69,16 @@ def time_grid(steps, alpha=1.0, device="cpu"):
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), alpha).float()
 
 
-def to_velocity(out, x_t, t, pred):
+def to_velocity(out, x_t, t, pred, min_t=0.05):
     """The velocity implied by the network output: itself (pred v) or, for pred x (the network outputs the
-    clean image), (x_t - x0_hat) / t, computed in fp32 so t is never rounded to bf16. t is clamped at 0.05:
-    near data the division would amplify the error of x0_hat without bound."""
+    clean image), (x_t - x0_hat) / t, computed in fp32 so t is never rounded to bf16. For the training loss t
+    is clamped at `min_t`: near data the division would weigh the error of x0_hat without bound. The samplers
+    pass min_t=0, the exact velocity of the ODE (they never evaluate at t = 0, and an Euler step of length t
+    from t lands on x0_hat itself, where a clamped velocity would stop short of it)."""
     if pred == "v":
         return out
-    return (x_t.float() - out.float()) / t.float().clamp(min=0.05).view(-1, *([1] * (x_t.ndim - 1)))
+    t = t.float().clamp(min=min_t) if min_t else t.float()
+    return (x_t.float() - out.float()) / t.view(-1, *([1] * (x_t.ndim - 1)))
 
 
 def to_data(out, x_t, t, pred):
@@ -367,7 +370,7 @@ class Diffusion:
             # = 1: its second step would fall back to first order from our grid, which starts at pure noise.
             data = lambda x, i: to_data(predict(x, at(i)), x, at(i), self.pred)
             return dpm_solver_2m(data, noise, torch.ones_like(ts), ts, it)
-        velocity = lambda x, t: to_velocity(predict(x, t), x, t, self.pred).float()
+        velocity = lambda x, t: to_velocity(predict(x, t), x, t, self.pred, min_t=0).float()
         x = noise
         for i in it:
             t, t_next = ts[i], ts[i + 1]

@@ -16,6 +16,8 @@ sample's outcome; a cell pools its seeds' samples, with a 95 % bootstrap interva
 import os
 import time
 
+import torch
+
 from checkpoint import read_checkpoint
 from config import make_diffusion, run_sampling
 from sample import load_model
@@ -37,6 +39,10 @@ MODELS = {"flow (default run)": [], "ddpm (DiT's objective)": ["--objective", "d
 SAMPLERS = {"flow (default run)": ("euler", "heun", "dpm++2m"),
             "ddpm (DiT's objective)": ("ddim", "ddpm", "dpm++2m")}
 NFES = (5, 10, 20, 50)
+# the converged solution of each model's probability-flow ODE, which the deterministic samplers approach: its
+# highest-order sampler at about 200 network evaluations
+REFERENCE = {"flow (default run)": ("heun", 100), "ddpm (DiT's objective)": ("dpm++2m", 200)}
+ODE_PAIRS = 40  # (noise, class) pairs whose distance to the reference is measured, per noise seed
 
 
 def steps_for(method, nfe):
@@ -45,6 +51,37 @@ def steps_for(method, nfe):
         s = (nfe + 1) // 2
         return s, 2 * s - 1
     return nfe, nfe
+
+
+def ode_pairs(model, args, facts, sampling, seed):
+    """The latents of ODE_PAIRS fixed (noise, class) pairs (classes in turn, the default control), drawn as
+    `sampling` says."""
+    from config import latent_shape, sampling_control
+    from diffusion import generate, make_noise
+    from text import semantic_input
+    noise = make_noise([50_000 * (seed + 1) + i for i in range(ODE_PAIRS)], latent_shape(facts), "cpu")
+    y = semantic_input(args, facts, [i % facts.num_classes for i in range(ODE_PAIRS)], "cpu")
+    ctrl = sampling_control(facts).expand(ODE_PAIRS, -1)
+    return generate(model.eval(), make_diffusion(args, facts), noise, y, ctrl, sampling)
+
+
+def reference(a, model_name, model, args, facts, seed, run_dir):
+    """ode_pairs under REFERENCE, computed once per (model, seed) and kept in the run folder."""
+    path = os.path.join(run_dir, f"ode-reference-s{seed}.pt")
+    if not os.path.exists(path):
+        method, steps = REFERENCE[model_name]
+        torch.save(ode_pairs(model, args, facts, run_sampling(args, method=method, steps=steps,
+                                                              scale=a.cfg_scale), seed), path)
+    return torch.load(path, weights_only=True)
+
+
+def ode_error(a, model_name, model, args, facts, sampling, seed, run_dir):
+    """RMS distance (pixels in [-1, 1]) of this sampling's ode_pairs to the reference; None for the ancestral
+    sampler, whose fresh noise leaves the ODE."""
+    if sampling.method == "ddpm":
+        return None
+    x = ode_pairs(model, args, facts, sampling, seed)
+    return float((x - reference(a, model_name, model, args, facts, seed, run_dir)).pow(2).mean().sqrt())
 
 
 def cell(a, model_name, method, nfe, seed):
@@ -56,11 +93,14 @@ def cell(a, model_name, method, nfe, seed):
     tag = f"{'flow' if model_name.startswith('flow') else 'ddpm'}-{method}-nfe{nfe}-s{seed}"
     path = os.path.join(a.docs, "samplers_runs", f"{tag}.json")
     record = committed_record(path, key)
-    if record is not None or a.assemble:
+    if a.assemble or (record is not None and "ode_rmse" in record):
         return record
     run_dir = shapes_run(a, MODELS[model_name], 0)
     model, args, facts, *_ = load_model(run_dir, "cpu")
     sampling = run_sampling(args, method=method, steps=steps, scale=a.cfg_scale)
+    if record is not None:  # measured before the ODE error was: add it
+        return commit_record(path, dict(record, ode_rmse=ode_error(a, model_name, model, args, facts,
+                                                                   sampling, seed, run_dir)))
     t0 = time.time()
     res = evaluate_shapes(model, make_diffusion(args, facts), args, facts, a.per_class, "cpu", sampling,
                           seed=10_000 * (seed + 1), per_sample=True)
@@ -68,6 +108,8 @@ def cell(a, model_name, method, nfe, seed):
     return commit_record(path,
                          dict(key=key, nfe=spent, class_ok=res["per_sample"]["class_ok"], flip_ok=chiral,
                                     measure_s=time.time() - t0, sampling=list(sampling),
+                                    ode_rmse=ode_error(a, model_name, model, args, facts, sampling, seed,
+                                                       run_dir),
                                     run=os.path.basename(run_dir),
                                     ckpt_step=read_checkpoint(last_ckpt(run_dir))["step"]))
 
@@ -82,23 +124,31 @@ def samplers(a):
                 records = [r for r in (cell(a, model_name, method, nfe, s) for s in a.seeds) if r]
                 if not records:
                     continue
+                errors = [r.get("ode_rmse") for r in records]
                 rows.append(dict(model=model_name, sampler=method, nfe=records[0]["nfe"], seeds=len(records),
                                  class_acc=bootstrap([r["class_ok"] for r in records]),
                                  flip_acc=bootstrap([r["flip_ok"] for r in records]),
+                                 ode_rmse=None if None in errors else sum(errors) / len(errors),
                                  measure_s=sum(r["measure_s"] for r in records)))
     if not rows:
         return None
-    md = "| model | sampler | NFE | class acc | flip acc |\n|---|---|---|---|---|\n"
+    md = ("| model | sampler | NFE | class acc | flip acc | distance to the ODE solution |\n"
+          "|---|---|---|---|---|---|\n")
     for r in rows:
+        ode = "—" if r["ode_rmse"] is None else f"{r['ode_rmse']:.4f}"
         md += (f"| {r['model']} | {r['sampler']} | {r['nfe']} | {interval(r['class_acc'])} | "
-               f"{interval(r['flip_acc'])} |\n")
+               f"{interval(r['flip_acc'])} | {ode} |\n")
     n_seeds = max(r["seeds"] for r in rows)
     md += (f"\n`python -m experiments samplers --seeds {','.join(map(str, a.seeds))} --steps {a.steps} "
            f"--shapes-size {a.shapes_size}`. Each model trained once ({a.steps} steps, seed 0), then sampled "
            f"from {n_seeds} seeds of noise x {a.per_class} per class x flip 0 / 1 (= "
            f"{n_seeds * a.per_class * 20} samples per cell, of which the chiral classes' "
            f"{n_seeds * a.per_class * 8} grade the flip), guidance {a.cfg_scale:g}, random crops; mean [95 % "
-           f"bootstrap interval, seeds then samples]. NFE: calls of the guided network. Measuring took "
+           "bootstrap interval, seeds then samples]. NFE: calls of the guided network. Distance to the ODE "
+           f"solution: the RMS pixel difference (values in [-1, 1]) of {ODE_PAIRS} fixed (noise, class) "
+           "pairs per seed from the same pairs drawn by the model's reference solver "
+           f"({', '.join(f'{m}: {s} {n} steps' for m, (s, n) in REFERENCE.items())}), mean over seeds; — for "
+           "the ancestral sampler, whose fresh noise leaves the ODE. Measuring took "
            f"{sum(r['measure_s'] for r in rows) / 60:.0f} min on one CPU thread.\n")
     save_table(a, "samplers", rows, md)
     plot_samplers(os.path.join(a.docs, "samplers.png"), rows)
@@ -106,23 +156,38 @@ def samplers(a):
 
 
 def plot_samplers(path, rows):
-    """Accuracy against NFE: a panel per (metric, model), a line per sampler with its 95 % interval."""
+    """Against NFE: a panel per (metric, model) -- class and flip accuracy with their 95 % intervals, and the
+    distance to the ODE solution on a log scale -- a line per sampler."""
     plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.4), dpi=100, squeeze=False)
+    metrics = ("class_acc", "flip_acc", "ode_rmse")
+    colour = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["sampler"] for r in rows))}
+    fig, axes = plt.subplots(len(metrics), len(models), figsize=(4.2 * len(models), 9.0), dpi=100,
+                             squeeze=False)
     for col, model_name in enumerate(models):
-        for row, metric in enumerate(("class_acc", "flip_acc")):
+        for row, metric in enumerate(metrics):
             ax = axes[row][col]
             for method in dict.fromkeys(r["sampler"] for r in rows if r["model"] == model_name):
                 mine = [r for r in rows if r["model"] == model_name and r["sampler"] == method]
+                if metric == "ode_rmse":
+                    mine = [r for r in mine if r["ode_rmse"] is not None]
+                    if mine:
+                        ax.plot([r["nfe"] for r in mine], [r["ode_rmse"] for r in mine], marker="o",
+                                label=method, color=colour[method])
+                    continue
                 m = [r[metric] for r in mine]
                 ax.errorbar([r["nfe"] for r in mine], [v["mean"] for v in m],
                             yerr=[[v["mean"] - v["lo"] for v in m], [v["hi"] - v["mean"] for v in m]],
-                            marker="o", capsize=3, label=method)
-            ax.set(xscale="log", ylim=(0, 1.02), xlabel="network evaluations (NFE)",
-                   ylabel=metric.replace("_", " "), title=model_name)
+                            marker="o", capsize=3, label=method, color=colour[method])
+            label = "distance to the ODE solution" if metric == "ode_rmse" else metric.replace("_", " ")
+            ax.set(xscale="log", xlabel="network evaluations (NFE)", ylabel=label, title=model_name)
+            if metric == "ode_rmse":
+                ax.set_yscale("log")
+            else:
+                ax.set_ylim(0, 1.02)
             ax.set_xticks(NFES, [str(n) for n in NFES])
-            ax.grid(alpha=0.3)
+            ax.minorticks_off()
+            ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
