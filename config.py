@@ -23,7 +23,9 @@ import importlib.util
 import json
 import os
 
-from checkpoint import UnreadableCheckpoint, base_res_of, read_checkpoint
+from torch.utils.data import IterableDataset
+
+from checkpoint import ADDED_FACTS, UnreadableCheckpoint, base_res_of, read_checkpoint
 from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS, parse_gate
 from data import (
     MAX_WORKERS,
@@ -544,6 +546,7 @@ class Facts:
     text_dim: int = None  # a text model's encoder: its width and tokens per prompt
     text_len: int = None
     world: int = 1  # processes the run trains with (a resume must keep them)
+    data_size: int = None  # items in the dataset (None: a stream), a resume's check that the data is the same
 
 
 def build_dataset(name, res, data_path=None, seed=0, size=10000, crop="random", hflip=True, progress=False,
@@ -591,6 +594,13 @@ def open_dataset(args, progress=False):
     return dataset
 
 
+def data_size(dataset):
+    """Items in a dataset, or None for a stream (or anything else without a length)."""
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        return None
+    return len(dataset)
+
+
 def learn_facts(args, dataset, encoder=None, resumed=None, world=1):
     """Facts of this run from its dataset, its text encoder, the checkpoint it resumes (`resumed`) or starts
     from (--init-from, opened here for its base resolution) and its number of processes."""
@@ -613,7 +623,8 @@ def learn_facts(args, dataset, encoder=None, resumed=None, world=1):
                  latent_scale=dataset.scale if latent else None,
                  latent_shift=dataset.shift if latent else None,
                  text_dim=encoder.dim if encoder is not None else None,
-                 text_len=encoder.max_length if encoder is not None else None, world=world)
+                 text_len=encoder.max_length if encoder is not None else None, world=world,
+                 data_size=data_size(dataset))
 
 
 # Flags that must agree between a checkpoint and the run that resumes it: the network's and the data's ...
@@ -634,10 +645,10 @@ def config_mismatch(saved, args, facts):
     bad = [f"{k}: checkpoint {saved['args'].get(k)!r} vs now {getattr(args, k)!r}"
            for k in keys
            if saved["args"].get(k) != getattr(args, k)]
-    now = dataclasses.asdict(facts)
-    return bad + [f"{k}: checkpoint {saved['facts'].get(k)!r} vs now {v!r}"
+    now, was = dataclasses.asdict(facts), dict(ADDED_FACTS, **saved["facts"])
+    return bad + [f"{k}: checkpoint {was.get(k)!r} vs now {v!r}"
                   for k, v in now.items()
-                  if saved["facts"].get(k) != v]
+                  if was.get(k) != v and not (k in ADDED_FACTS and was[k] is ADDED_FACTS[k])]
 
 
 #################################################################################

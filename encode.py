@@ -196,11 +196,12 @@ def encode_cache(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    for flag, low in (("shard_size", 1), ("batch", 1), ("res", 1), ("shapes_size", 1), ("workers", 0)):
+        if getattr(args, flag) < low:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     factor = latent_geometry(args.vae)[0]
     if args.res % factor:
         raise SystemExit(f"--res {args.res} must be divisible by the autoencoder factor {factor}")
-    if args.shard_size <= 0 or args.batch <= 0:
-        raise SystemExit("--shard-size and --batch must be positive")
     # hflip=False: the cache stores both orientations itself; crop and any seeded draw use epoch 0
     dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, size=args.shapes_size,
                             crop=args.crop, hflip=False, progress=rank == 0)

@@ -568,6 +568,9 @@ def main(argv=None):
                    help="result JSON (default: SAMPLE.metrics.json when SAMPLE has a sidecar JSON of its "
                    "settings)")
     a = p.parse_args(argv)
+    for flag, low in (("batch", 1), ("workers", 0), ("splits", 1), ("k", 1)):
+        if getattr(a, flag) < low:
+            p.error(f"--{flag} must be >= {low}, got {getattr(a, flag)}")
     if a.save_stats and not a.save_stats.endswith(".npz"):
         p.error(f"--save-stats {a.save_stats}: writes an .npz; end the path in .npz")
     if a.sample is None and a.save_stats is None:

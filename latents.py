@@ -11,6 +11,7 @@ tells the two apart).
 """
 import json
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -173,6 +174,15 @@ def read_cache(cache_dir):
                for k in range(meta["num_shards"])
                if not os.path.exists(os.path.join(cache_dir, shard_name(k, meta["world"])))]
     stats_path = os.path.join(cache_dir, "stats.json")
+    # a shard's zip directory sits at its end: a truncated or overwritten shard fails here, at the cost of one
+    # small read per shard, not at the first batch that needs it
+    for k in range(meta["num_shards"]):
+        name = shard_name(k, meta["world"])
+        if k not in missing and not zipfile.is_zipfile(os.path.join(cache_dir, name)):
+            raise RuntimeError(f"latent cache {cache_dir}: shard {name} is damaged (truncated or "
+                               "overwritten: no zip directory at its end); encode it again (the command "
+                               "redoes only missing or damaged shards):\n  "
+                               + encode_command(meta, cache_dir))
     if missing or not os.path.exists(stats_path):
         raise RuntimeError(f"latent cache {cache_dir} is unfinished ({len(missing)} of {meta['num_shards']} "
                            f"shards missing{'' if os.path.exists(stats_path) else ', no stats.json'}); "
@@ -228,7 +238,12 @@ class LatentCacheDataset(Dataset):
     def _shard(self, k):
         if k not in self._shards:
             path = os.path.join(self.cache_dir, shard_name(k, self.meta["world"]))
-            self._shards[k] = torch.load(path, mmap=True, weights_only=True)
+            try:
+                self._shards[k] = torch.load(path, mmap=True, weights_only=True)
+            except Exception as e:  # damaged after the cache was opened: name the file and the repair
+                raise RuntimeError(f"latent cache shard {path} is unreadable ({type(e).__name__}: {e}); "
+                                   "encode it again (the command redoes only missing or damaged shards):\n  "
+                                   + encode_command(self.meta, self.cache_dir)) from None
         return self._shards[k]
 
     def __getitem__(self, i):

@@ -101,7 +101,9 @@ def class_grid(model, vae, args, facts, path, device, sampling, classes=None, se
                             sampling._replace(scale=g), progress=progress,
                             seeds=[seeds[i] for i in sel.tolist()])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(vae.decode(lat), path, nrow=len(cols), padding=1, pad_value=1.0)
+    images = vae.decode(lat)
+    atomic_write(path,
+                 lambda f: save_image(images, f, format="png", nrow=len(cols), padding=1, pad_value=1.0))
     model.train(was_training)
     return path
 

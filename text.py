@@ -230,9 +230,15 @@ class TextCache:
     def save(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(dict(features=self.features, mask=self.mask, captions=self.captions, encoder=self.encoder,
-                        max_length=self.max_length), tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(dict(features=self.features, mask=self.mask, captions=self.captions,
+                            encoder=self.encoder, max_length=self.max_length), tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # a full disk, no permission: say so, leave no partial file
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise SystemExit(f"could not write the text cache {path} ({type(e).__name__}: {e}); nothing "
+                             "half-written was left: free space or give another --out") from None
         self.path = path
 
     @classmethod

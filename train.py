@@ -9,15 +9,19 @@ DDP under torchrun (NCCL on GPU, gloo on CPU; the *local* rank picks the GPU), b
 fused attention through scaled_dot_product_attention, AdamW with warmup, gradient clipping, EMA, gradient
 accumulation (--grad-accum: the global --batch whatever the GPUs) and activation checkpointing (--grad-ckpt),
 atomic checkpoints that resume exactly (model, EMA, optimizer, step, data position, RNG states), a JSON-lines
-log and sample grids. A flag comes from the command line, else the recipes (--dataset shapes starts with its
-own), else its default, the paper's ImageNet setting (config.py; --print-config shows each value's source).
-The flags and what the run learns from its sources (config.Facts) are printed and stored in every checkpoint.
+log and sample grids. A run folder has one owner (a lock), Ctrl-C and a scheduler's SIGTERM finish the step
+and write a checkpoint, and a resume continues the same run or says why it cannot. A flag comes from the
+command line, else the recipes (--dataset shapes starts with its own), else its default, the paper's ImageNet
+setting (config.py; --print-config shows each value's source). The flags and what the run learns from its
+sources (config.Facts) are printed and stored in every checkpoint.
 """
+import argparse
 import dataclasses
 import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,11 +33,15 @@ from torch.utils.checkpoint import checkpoint
 
 from checkpoint import (
     CONFIG_VERSION,
+    RunLock,
+    WriteFailed,
+    atomic_write,
     checkpoints_in,
     find_checkpoint,
     init_from,
     load_weights,
     write_checkpoint,
+    write_failure,
 )
 from conditioning import drop_flags
 from config import (
@@ -45,15 +53,19 @@ from config import (
     make_model,
     open_dataset,
     run_sampling,
+    said,
     use_bf16,
     validate,
 )
 from data import EVENTS, SKIPPED, setup_distributed
+from latents import Autoencoder
 from sample import checker_verdict, class_grid
 from text import caption_features, text_features
 
 # exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
 PREEMPTED = 75
+# after Ctrl-C: the shell's status for a process ended by SIGINT (128 + 2), once the checkpoint is written
+INTERRUPTED = 130
 
 #################################################################################
 #                           Data order that can resume                          #
@@ -76,6 +88,12 @@ def loader_generator(args, epoch):
     return torch.Generator().manual_seed(args.seed * 100_003 + epoch)
 
 
+def ignore_sigint(worker_id):
+    """A loader worker leaves Ctrl-C to the training process, which finishes its step and writes a
+    checkpoint (a worker ended by the signal would break the epoch with "worker exited unexpectedly")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batches(dataset, args, rank, world, local_batch, epoch, position):
     """Yield (epoch, position_after, batch) forever, starting at `position` batches into `epoch`."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
@@ -87,7 +105,8 @@ def batches(dataset, args, rank, world, local_batch, epoch, position):
         loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch,
                                              sampler=idx[position * local_batch:],
                                              num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                                             drop_last=True, generator=loader_generator(args, epoch))
+                                             drop_last=True, generator=loader_generator(args, epoch),
+                                             worker_init_fn=ignore_sigint)
         for b in loader:
             position += 1
             yield epoch, position, b
@@ -105,7 +124,8 @@ def stream_batches(dataset, args, local_batch, epoch, position):
         loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, num_workers=args.workers,
                                              drop_last=True, collate_fn=dataset.collate,
                                              pin_memory=torch.cuda.is_available(),
-                                             generator=loader_generator(args, epoch))
+                                             generator=loader_generator(args, epoch),
+                                             worker_init_fn=ignore_sigint)
         drawn, got = list(drawn or [0] * workers), 0
         for img, y, ctrl, captions, tag in loader:
             w, n = tag.tolist()
@@ -127,17 +147,22 @@ def stream_batches(dataset, args, local_batch, epoch, position):
 #################################################################################
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (what SLURM and most schedulers send before a kill) set a flag; the loop finishes its
-    step, every rank agrees through an all-reduce, one checkpoint is written and the run exits with status
-    PREEMPTED."""
+    """SIGTERM / SIGUSR1 (what SLURM and most schedulers send before a kill) and Ctrl-C (SIGINT) set a flag;
+    the loop finishes its step, every rank agrees through an all-reduce, one checkpoint is written and the run
+    exits with status PREEMPTED (INTERRUPTED after Ctrl-C). A second Ctrl-C stops at once, without one."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signal = None
         self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.signal == signal.SIGINT:  # the second Ctrl-C
+                raise KeyboardInterrupt
+            print("\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again stops at once, "
+                  "without one)", file=sys.stderr, flush=True)
         self.signal = signum
 
     def requested(self, world, device):
@@ -346,13 +371,52 @@ def refuse_other_config(args, facts, ckpt_path, ckpt):
                          + "\nresume with the same flags, or start a new run")
 
 
-def run_folder(args, ckpt_path, ckpt, rank, world):
-    """The resumed checkpoint's run folder (its later checkpoints set aside), or a new one."""
+# flags a resume may change without a word: where things go, how often the loop reports, what it samples at
+# the end (the rest is either compared by config_mismatch or named when it differs)
+QUIET_ON_RESUME = ("resume", "out", "print_config", "sources", "recipe", "log_every", "ckpt_every",
+                   "sample_every", "keep", "eval_per_class", "workers", "steps")
+
+
+def check_resume(args, ckpt_path, ckpt, rank):
+    """A resume continues the same run. The cosine schedule is laid over --steps, so another --steps would
+    bend the learning rate between two steps: refused, with the way to train longer. A checkpoint at or past
+    --steps has nothing left to train: refused. Any other flag that differs from the checkpoint's run is named
+    (it takes effect from the resumed step)."""
     if ckpt is None:
-        return new_run_dir(args, rank, world)
+        return
+    saved, step = ckpt["args"], ckpt["step"]
+    if step >= args.steps:
+        raise SystemExit(f"--resume {ckpt_path}: the checkpoint is at step {step} and --steps {args.steps} "
+                         "asks for no more: the run is finished. To train on, start a new run from it: "
+                         f"--init-from {ckpt_path} --steps N (a schedule of its own)")
+    if args.steps != saved["steps"] and "cosine" in (args.decay, saved["decay"]):
+        was, now = lr_at(step, argparse.Namespace(**saved)), lr_at(step, args)
+        raise SystemExit(f"--resume {ckpt_path}: --steps {args.steps}, but the run's cosine schedule is laid "
+                         f"over --steps {saved['steps']}: the learning rate would jump from {was:.3g} to "
+                         f"{now:.3g} at step {step}. Resume with --steps {saved['steps']}, or train longer "
+                         f"in a new run: --init-from {ckpt_path} --steps N")
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
+               if k in saved and k not in QUIET_ON_RESUME and saved[k] != v]
+    if args.steps != saved["steps"]:
+        changed.append(f"--steps {saved['steps']} -> {args.steps} (the constant schedule continues)")
+    if changed and rank == 0:
+        print(f"resume: these flags differ from the checkpoint's run and take effect from step {step}: "
+              + ", ".join(changed), flush=True)
+
+
+def run_folder(args, ckpt_path, ckpt, rank, world):
+    """(the run folder, its lock): the resumed checkpoint's folder -- locked before anything in it moves, then
+    its later checkpoints and log lines set aside -- or a new one. Only rank 0 writes, so only rank 0 locks
+    (lock None on the others)."""
+    if ckpt is None:
+        run_dir = new_run_dir(args, rank, world)
+        return run_dir, RunLock(run_dir) if rank == 0 else None
+    run_dir, lock = os.path.dirname(ckpt_path), None
     if rank == 0:
+        lock = RunLock(run_dir)
         set_aside_later(ckpt_path)
-    return os.path.dirname(ckpt_path)
+        rewind_log(run_dir, ckpt["step"])
+    return run_dir, lock
 
 
 def new_run_dir(args, rank, world):
@@ -388,6 +452,31 @@ def set_aside_later(ckpt_path):
         print(f"resume: moved {len(later)} later checkpoint(s) to {os.path.join(run_dir, 'abandoned')}")
 
 
+def rewind_log(run_dir, step):
+    """The log as it was at the checkpoint's step: lines of later steps (those a resume replays), and a line a
+    kill cut short, move to abandoned/log-after-STEP.jsonl, so that every step appears once in log.jsonl and
+    nothing is lost."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+
+    def kept(line):
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:  # half a line
+            return False
+    keep, later = [ln for ln in lines if kept(ln)], [ln for ln in lines if not kept(ln)]
+    if not later:
+        return
+    os.makedirs(os.path.join(run_dir, "abandoned"), exist_ok=True)
+    with open(os.path.join(run_dir, "abandoned", f"log-after-{step:07d}.jsonl"), "a") as f:
+        f.writelines(later)
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
+    print(f"resume: {len(later)} log line(s) after step {step} moved to abandoned/")
+
+
 def cuda_rng_state(device):
     """This rank's CUDA RNG state, or None off the GPU. The model draws from the global RNG of its device (a
     text model's padding noise), so an exact resume needs the GPU's state as well as the CPU's."""
@@ -412,6 +501,17 @@ def restore(ckpt, model, ema, opt, gen, loop, rank, stream, device):
     loop.n_acc, loop.n_steps = ckpt["loss_window"][1:]
 
 
+def start_state(args, ckpt_path, ckpt, model, ema, opt, rank, stream, device):
+    """(noise generator, loop progress): fresh from --seed, or restored from the checkpoint -- weights,
+    optimizer, data position, RNG streams -- in that order, so a restored stream is never seeded over."""
+    gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)  # noise, t and condition dropout
+    loop = Progress(loss_sum=torch.zeros((), device=device), position=None if stream else 0)
+    if ckpt is not None:
+        restore(ckpt, model, ema, opt, gen, loop, rank, stream, device)
+        loop.last_ckpt = ckpt_path
+    return gen, loop
+
+
 def save_checkpoint(run_dir, model, ema, opt, gen, loop, args, facts, rank, world, stream, device):
     """Gather every rank's noise stream, CUDA RNG state and data position, write ckpt-STEP.pt from rank 0 and
     keep the newest --keep. -> its path"""
@@ -429,7 +529,9 @@ def save_checkpoint(run_dir, model, ema, opt, gen, loop, args, facts, rank, worl
                      torch_rng=torch.get_rng_state(), cuda_rng=cuda_rngs,
                      loss_window=(loop.loss_sum.item(), loop.n_acc, loop.n_steps), args=vars(args),
                      facts=dataclasses.asdict(facts), config_version=CONFIG_VERSION)
-        write_checkpoint(path, state)
+        write_checkpoint(path, state,
+                         advice=f"the last good checkpoint is {loop.last_ckpt or 'none yet'}: free "
+                         f"space, then continue with --resume {run_dir}")
         for f in [f for f in checkpoints_in(run_dir) if f != path][args.keep - 1 :]:
             os.remove(f)
     return path
@@ -522,7 +624,11 @@ def build(args, facts, encoder, ckpt, rank, device):
     try:  # the latent scale (and shift) the data was made with: sampling decodes with the same ones
         vae = make_autoencoder(facts).to(device)
     except (OSError, ValueError) as e:  # no such folder or hub name, no network, another latent layout
-        raise SystemExit(f"--vae {facts.vae}: could not load it ({e})") from None
+        hub = Autoencoder.SD.get(facts.vae)
+        where = (f"it is downloaded from the Hugging Face hub ({hub}) on first use and then cached; connect "
+                 "once (or set HF_HOME to a copy)" if hub else "give a folder with a diffusers AutoencoderKL")
+        raise SystemExit(f"{said(args, 'vae')}: could not load the autoencoder ({e}); {where}, or train in "
+                         "pixel space with --vae none (as --recipe small does)") from None
     opt = make_optimizer(model.parameters(), args, fused=device.type == "cuda")
     return model, ema, vae, opt
 
@@ -545,16 +651,13 @@ def main(argv=None):
     encoder, text_cache = text_features(dataset, args, device, rank, world)
     facts = learn_facts(args, dataset, encoder, ckpt, world)
     refuse_other_config(args, facts, ckpt_path, ckpt)
+    check_resume(args, ckpt_path, ckpt, rank)
 
     # ---- model, EMA, autoencoder, optimizer, and then the run folder (a failure above leaves none behind)
     # ----------
     model, ema, vae, opt = build(args, facts, encoder, ckpt, rank, device)
-    gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)  # noise, t and condition dropout
-    run_dir = run_folder(args, ckpt_path, ckpt, rank, world)
-    loop = Progress(loss_sum=torch.zeros((), device=device), position=None if stream else 0)
-    if ckpt is not None:  # weights, optimizer, data position, RNG streams
-        restore(ckpt, model, ema, opt, gen, loop, rank, stream, device)
-        loop.last_ckpt = ckpt_path
+    run_dir, lock = run_folder(args, ckpt_path, ckpt, rank, world)
+    gen, loop = start_state(args, ckpt_path, ckpt, model, ema, opt, rank, stream, device)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"model {args.arch} {args.model} cond={args.cond}: {params / 1e6:.2f} M parameters")
@@ -617,6 +720,7 @@ def main(argv=None):
         if facts.source_dataset == "shapes" and args.eval_per_class > 0:
             write_eval(ema, vae, args, facts, os.path.join(run_dir, "eval.json"), device, loop.step)
         log.close()
+        lock.release()
     finish_distributed(world)
     return run_dir
 
@@ -624,21 +728,27 @@ def main(argv=None):
 def write_log(rec, log, bar):
     """A log line to log.jsonl and the progress bar (rank 0; `log` None elsewhere)."""
     if log is not None:
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        try:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        except OSError as e:
+            raise WriteFailed(f"{write_failure(log.name, e)}. The last checkpoint holds the run: free space, "
+                              f"then --resume {os.path.dirname(log.name)}") from None
         bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
 
 
 def stop_preempted(preempt, loop, run_dir, bar, log, world):
-    """After a preemption's checkpoint: say how to continue, leave the process group, exit with PREEMPTED."""
+    """After a preemption's checkpoint: say how to continue, leave the process group, exit with PREEMPTED
+    (INTERRUPTED after Ctrl-C)."""
+    interrupted = preempt.signal == signal.SIGINT
     if bar is not None:
         bar.close()
-        print(f"preempted by signal {preempt.signal}: wrote {loop.last_ckpt}; continue with --resume "
-              f"{run_dir}")
+        what = "stopped by Ctrl-C" if interrupted else f"preempted by signal {preempt.signal}"
+        print(f"{what} at step {loop.step}: wrote {loop.last_ckpt}; continue with --resume {run_dir}")
         log.close()
     preempt.restore()
     finish_distributed(world)
-    raise SystemExit(PREEMPTED)
+    raise SystemExit(INTERRUPTED if interrupted else PREEMPTED)
 
 
 def grid_prompts(args, facts, dataset, batch, rows=4):
@@ -660,8 +770,8 @@ def write_eval(ema, vae, args, facts, path, device, step):
     printed and written to `path` (eval.json)."""
     res = checker_verdict(ema, vae, args, facts, args.eval_per_class, device, run_sampling(args))
     print("checker on EMA samples: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
-    with open(path, "w") as f:
-        json.dump(dict(res, cfg_scale=args.cfg_scale, per_class=args.eval_per_class, step=step), f)
+    record = dict(res, cfg_scale=args.cfg_scale, per_class=args.eval_per_class, step=step)
+    atomic_write(path, lambda f: f.write(json.dumps(record).encode()))
 
 
 if __name__ == "__main__":

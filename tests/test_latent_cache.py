@@ -168,6 +168,22 @@ def test_build_dataset_latents_checks_the_resolution(cache):
         build_dataset("latents", RES, data_path=os.path.dirname(cache))
 
 
+def test_a_damaged_shard_is_named_when_the_cache_is_opened(cache, tmp_path):
+    """Truncated on disk: the cache refuses to open, naming the shard and the command that repairs it, and
+    train.py says so in one line (no traceback)."""
+    out = str(tmp_path / "cache")
+    shutil.copytree(cache, out)
+    with open(os.path.join(out, shard_name(2, 1)), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(RuntimeError, match=r"shard shard-000-00002.pt is damaged .*redoes only[\s\S]*python "
+                       r"encode.py"):
+        LatentCacheDataset(out)
+    from config import get_args, open_dataset
+    with pytest.raises(SystemExit,
+                       match="--dataset latents: latent cache .* shard shard-000-00002.pt is damaged"):
+        open_dataset(get_args(["--dataset", "latents", "--data-path", out]))
+
+
 def test_rerun_redoes_only_missing_or_damaged_shards_and_refuses_other_settings(cache, tiny_vae, folder,
                                                                                 tmp_path, capsys):
     out = str(tmp_path / "cache")

@@ -2,6 +2,7 @@
 non-finite losses. Each test injects the fault and checks that no work is lost and the run continues (or
 stops) cleanly. Faults inside train.py are injected by patching it from here, or for a subprocess from a
 wrapper script (train_script)."""
+import json
 import os
 import signal
 import subprocess
@@ -49,7 +50,9 @@ def train_script(tmp_path, patch):
 @pytest.mark.slow
 def test_resume_auto_skips_partial_and_damaged_checkpoints(tmp_path):
     out = str(tmp_path)
-    run = train.main(TINY + ["--steps", "8", "--ckpt-every", "4", "--keep", "5", "--out", out])
+    # a constant schedule, which a resume may extend (a cosine one is laid over --steps)
+    run = train.main(TINY + ["--steps", "8", "--decay", "constant", "--ckpt-every", "4", "--keep", "5",
+                             "--out", out])
     good = os.path.join(run, "ckpt-0000008.pt")
     with open(good, "rb") as f:
         head = f.read(200)
@@ -59,7 +62,7 @@ def test_resume_auto_skips_partial_and_damaged_checkpoints(tmp_path):
         f.write(head)
     path, state = find_checkpoint("auto", out)
     assert path == good and state["step"] == 8
-    train.main(TINY + ["--steps", "10", "--resume", "auto", "--out", out])
+    train.main(TINY + ["--steps", "10", "--decay", "constant", "--resume", "auto", "--out", out])
     assert [r["step"] for r in records(run) if "loss" in r][-2:] == [9, 10]
 
 
@@ -70,7 +73,12 @@ def test_resuming_an_older_checkpoint_sets_later_ones_aside_and_prunes_right(tmp
                        "--resume", os.path.join(run, "ckpt-0000002.pt")])
     assert [os.path.basename(f) for f in checkpoints_in(run)] == ["ckpt-0000004.pt"]
     assert torch.load(os.path.join(run, "ckpt-0000004.pt"), weights_only=False)["step"] == 4
-    assert sorted(os.listdir(os.path.join(run, "abandoned"))) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
+    assert sorted(os.listdir(os.path.join(run, "abandoned"))) == ["ckpt-0000003.pt", "ckpt-0000004.pt",
+                                                                  "log-after-0000002.jsonl"]
+    # the log as it was at step 2, then the resumed steps: each step once
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4]
+    with open(os.path.join(run, "abandoned", "log-after-0000002.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [3, 4]  # the first run's, kept
 
 
 @pytest.mark.slow
@@ -98,10 +106,10 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
 
         import checkpoint
         real_write, calls = checkpoint.atomic_write, []
-        def half_then_wait(path, write):
+        def half_then_wait(path, write, *rest):
             calls.append(path)
             if len(calls) < 4:
-                return real_write(path, write)
+                return real_write(path, write, *rest)
             def write_half(f):
                 buf = io.BytesIO()
                 write(buf)
@@ -112,8 +120,8 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
             real_write(path, write_half)
         checkpoint.atomic_write = half_then_wait
     """)
-    cmd = [sys.executable, script] + TINY + ["--steps", "100000", "--ckpt-every", "1", "--keep", "3", "--out",
-                                             str(out)]
+    cmd = [sys.executable, script] + TINY + ["--steps", "100000", "--decay", "constant", "--ckpt-every", "1",
+                                             "--keep", "3", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(writing.exists)
@@ -127,7 +135,8 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
     path, state = find_checkpoint(run)
     s = state["step"]
     assert s == 3  # the partial file is passed over
-    train.main(TINY + ["--steps", str(s + 2), "--ckpt-every", "1", "--resume", "auto", "--out", str(out)])
+    train.main(TINY + ["--steps", str(s + 2), "--decay", "constant", "--ckpt-every", "1", "--resume", "auto",
+                       "--out", str(out)])
     assert [r["step"] for r in records(run) if "loss" in r][-2:] == [s + 1, s + 2]
 
 
@@ -283,3 +292,195 @@ def test_nan_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
                        r"checkpoint: .*ckpt-0000003\.pt"):
         train.main(TINY + ["--steps", "10", "--ckpt-every", "3", "--max-bad-steps", "3", "--out",
                            str(tmp_path)])
+
+
+# ------------------------------------------------------ one owner per run folder ---
+
+@pytest.mark.slow
+def test_a_second_process_on_a_running_folder_is_refused_and_a_killed_one_frees_it(tmp_path):
+    """Two real processes: the second (`--resume auto` into the same --out, as a requeued job would) is
+    refused with the first's pid and moves nothing; once the first is killed, the same command resumes."""
+    out = str(tmp_path)
+    flags = TINY + ["--decay", "constant", "--ckpt-every", "1", "--sample-every", "-1", "--out", out]
+    first = subprocess.Popen([sys.executable, "train.py", *flags, "--steps", "100000"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.listdir(out) and len(checkpoints_in(only_run(out))) >= 2)
+        run = only_run(out)
+        second = subprocess.run([sys.executable, "train.py", *flags, "--steps", "100000", "--resume", "auto"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode != 0
+        assert f"is in use by another training process (pid {first.pid} on" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr and not os.path.exists(os.path.join(run, "abandoned"))
+    finally:
+        first.kill()
+        first.wait()
+    step = find_checkpoint(run)[1]["step"]
+    again = subprocess.run([sys.executable, "train.py", *flags, "--steps", str(step + 1), "--resume", "auto"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(losses(run)) == list(range(1, step + 2))  # every step once: the log was rewound
+
+
+# ----------------------------------------------------------------------- Ctrl-C ---
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_path):
+    cmd = [sys.executable, "train.py"] + TINY + ["--steps", "100000", "--ckpt-every", "100000", "--out",
+                                                 str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: os.path.isdir(tmp_path) and os.listdir(tmp_path) and
+             os.path.exists(os.path.join(only_run(tmp_path), "log.jsonl")) and
+             len(records(only_run(tmp_path))) >= 3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == train.INTERRUPTED, out[-2000:]
+    assert "Ctrl-C: finishing this step and writing a checkpoint" in out and "Traceback" not in out
+    run = only_run(tmp_path)
+    (ckpt,) = checkpoints_in(run)
+    step = torch.load(ckpt, weights_only=False)["step"]
+    assert step == max(losses(run)) and f"stopped by Ctrl-C at step {step}: wrote {ckpt}" in out
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    preempt = train.Preemption()
+    try:
+        preempt._handler(signal.SIGINT, None)
+        assert preempt.signal == signal.SIGINT  # the first: a flag, the loop checkpoints
+        with pytest.raises(KeyboardInterrupt):
+            preempt._handler(signal.SIGINT, None)
+    finally:
+        preempt.restore()
+
+
+# --------------------------------------------------------- a resume is the same run ---
+
+@pytest.mark.slow
+def test_a_resume_refuses_to_bend_the_schedule_or_redo_a_finished_run_and_names_changed_flags(tmp_path,
+                                                                                              capsys):
+    run = train.main(TINY + ["--steps", "4", "--ckpt-every", "2", "--keep", "5", "--sample-every", "-1",
+                             "--out", str(tmp_path)])
+    half = os.path.join(run, "ckpt-0000002.pt")
+    with pytest.raises(SystemExit, match=r"cosine schedule is laid over --steps 4: the learning rate would "
+                       r"jump from .* at step 2\. Resume with --steps 4, or train longer in a new run: "
+                       r"--init-from"):
+        train.main(TINY + ["--steps", "8", "--resume", half, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"at step 4 and --steps 4 asks for no more: the run is finished"):
+        train.main(TINY + ["--steps", "4", "--resume", run, "--out", str(tmp_path)])
+    capsys.readouterr()
+    train.main(TINY + ["--steps", "4", "--lr", "1e-3", "--sample-every", "-1", "--resume", half, "--out",
+                       str(tmp_path)])
+    assert ("resume: these flags differ from the checkpoint's run and take effect from step 2: --lr 0.002 -> "
+            "0.001") in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_data_is_refused(tmp_path):
+    def folder(root, n):
+        for cls in ("a", "b"):
+            os.makedirs(root / cls, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(np.full((20, 20, 3), 25 * i, np.uint8)).save(root / cls / f"{i}.png")
+        return str(root)
+    one, two = folder(tmp_path / "one", 8), folder(tmp_path / "two", 8)
+    flags = ["--dataset", "folder", "--recipe", "small", "--model", "T/4", "--res", "16", "--batch", "4",
+             "--eval-per-class", "0", "--sample-every", "-1", "--steps", "3"]
+    run = train.main(flags + ["--data-path", one, "--steps", "2", "--decay", "constant",
+                              "--out", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit, match="data_path: checkpoint .*one.* vs now .*two"):
+        train.main(flags + ["--data-path", two, "--decay", "constant", "--resume", run])
+    more = folder(tmp_path / "one", 10)  # two more images per class in the same folder
+    with pytest.raises(SystemExit, match="data_size: checkpoint 16 vs now 20"):
+        train.main(flags + ["--data-path", more, "--decay", "constant", "--resume", run])
+
+
+# --------------------------------------------------------- damaged bytes, full disks ---
+
+def test_changed_bytes_inside_a_checkpoint_are_reported_and_passed_over(tmp_path):
+    """torch.load would read the changed bytes as weights; the CRC-32s the zip carries say they changed."""
+    from checkpoint import UnreadableCheckpoint, read_checkpoint, write_checkpoint
+    older, newer = str(tmp_path / "ckpt-0000001.pt"), str(tmp_path / "ckpt-0000002.pt")
+    for path, step in ((older, 1), (newer, 2)):
+        write_checkpoint(path, dict(model={"w": torch.randn(256, 256)}, step=step))
+    data = bytearray(open(newer, "rb").read())
+    at = data.index(b"data/0") + 4096  # well inside the tensor's bytes
+    data[at:at + 100] = bytes(100)
+    open(newer, "wb").write(data)
+    with pytest.raises(UnreadableCheckpoint, match=r"damaged, record .*data/0 fails its CRC-32 check"):
+        read_checkpoint(newer)
+    path, state = find_checkpoint(str(tmp_path))  # --resume RUN / auto: the one before
+    assert path == older and state["step"] == 1
+    with pytest.raises(SystemExit, match="--ckpt: .*damaged, record"):
+        find_checkpoint(newer, flag="--ckpt")
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                                "1088 vs 1024. PytorchStreamWriter failed writing file "
+                                                "data/0: file write failed")])
+def test_a_full_disk_says_which_file_and_what_to_do_and_leaves_nothing_half_written(tmp_path, monkeypatch,
+                                                                                    error):
+    import checkpoint
+
+    def fails(state, f):
+        f.write(b"x" * 1000)  # part of it was written
+        raise error
+    monkeypatch.setattr(checkpoint.torch, "save", fails)
+    path = str(tmp_path / "ckpt-0000002.pt")
+    with pytest.raises(checkpoint.WriteFailed,
+                       match=r"could not write .*ckpt-0000002.pt: no space left on the "
+                       r"device; .* GiB free there\. Nothing half-written was left; the last good checkpoint "
+                       r"is ckpt-0000001.pt"):
+        checkpoint.write_checkpoint(path, {}, advice="the last good checkpoint is ckpt-0000001.pt")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_training_ends_with_one_line_naming_the_checkpoint_to_resume(tmp_path,
+                                                                                        monkeypatch):
+    import checkpoint
+    real, calls = checkpoint.torch.save, []
+
+    def second_fails(state, f):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(state, f)
+    monkeypatch.setattr(checkpoint.torch, "save", second_fails)
+    with pytest.raises(SystemExit, match=r"could not write .*ckpt-0000004.pt: no space left on the device.* "
+                       r"the last good checkpoint is .*ckpt-0000002.pt: free space, then continue with "
+                       r"--resume"):
+        train.main(TINY + ["--steps", "6", "--ckpt-every", "2", "--sample-every", "-1", "--out",
+                           str(tmp_path)])
+    run = only_run(tmp_path)
+    assert [os.path.basename(f) for f in checkpoints_in(run)] == ["ckpt-0000002.pt"]
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_an_autoencoder_that_cannot_be_downloaded_says_what_chose_it_and_how_to_train_without_it(tmp_path,
+                                                                                                 monkeypatch):
+    def offline(facts):
+        raise OSError("stabilityai/sd-vae-ft-ema does not appear to have a file named config.json")
+    monkeypatch.setattr(train, "make_autoencoder", offline)
+    with pytest.raises(SystemExit, match=r"--vae sd-ema \(command line\): could not load .* downloaded from "
+                       r"the Hugging Face hub \(stabilityai/sd-vae-ft-ema\).*--vae none"):
+        train.main(["--model", "T/2", "--res", "16", "--batch", "2", "--steps", "1", "--shapes-size", "8",
+                    "--vae", "sd-ema", "--eval-per-class", "0", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fid.py", "a.npz", "b.npz", "--batch", "0"], "--batch must be >= 1"),
+    (["fid.py", "a.npz", "b.npz", "--k", "0"], "--k must be >= 1"),
+    (["fid.py", "a.npz", "b.npz", "--splits", "0"], "--splits must be >= 1"),
+    (["encode.py", "--out", "x", "--shard-size", "0"], "--shard-size must be >= 1"),
+    (["encode.py", "--out", "x", "--res", "-8"], "--res must be >= 1"),
+    (["encode.py", "--out", "x", "--workers", "-1"], "--workers must be >= 0"),
+])
+def test_counts_of_fid_and_encode_are_checked_before_any_work(argv, message, capsys):
+    import encode
+    import fid
+    main = {"fid.py": fid.main, "encode.py": encode.main}[argv[0]]
+    with pytest.raises(SystemExit) as e:
+        main(argv[1:])
+    assert message in str(e.value.code) + capsys.readouterr().err
