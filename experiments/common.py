@@ -218,6 +218,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path):
+    """Lay the figure out, write it to `path` and free it. -> path"""
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
 def plot_curves(path, title, curves, ylabel="training loss"):
     """curves: {label: {step: value}} -> a line plot (log-scale y), 640 x 400 px."""
     plt = pyplot()
@@ -228,10 +236,7 @@ def plot_curves(path, title, curves, ylabel="training loss"):
     ax.set(yscale="log", xlabel="step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_bars(path, title, rows, metrics, group="corr", group_label="rho = {:g}"):
@@ -259,10 +264,7 @@ def plot_bars(path, title, rows, metrics, group="corr", group_label="rho = {:g}"
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_against(path, title, rows, key, metrics, xlabel):
@@ -277,10 +279,7 @@ def plot_against(path, title, rows, key, metrics, xlabel):
     ax.set(xlabel=xlabel, ylim=(0, 1), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def mean_curve(per_seed):

@@ -30,6 +30,7 @@ from .common import (
     interval,
     last_ckpt,
     pyplot,
+    save_figure,
     save_table,
     shapes_run,
 )
@@ -189,7 +190,4 @@ def plot_samplers(path, rows):
             ax.minorticks_off()
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -148,6 +148,21 @@ def init_loads_every_tensor(flags, source, reference):
     return args, facts, model
 
 
+def train_and_resume(flags, tmp_path, steps=8, half=4):
+    """train.main(flags) for `steps` steps with a checkpoint every `half`, then the same command resumed from
+    a copy of its step-`half` checkpoint in a folder of its own -> (the uninterrupted run, the resumed
+    run)."""
+    import shutil
+
+    import train
+    flags = flags + ["--ckpt-every", str(half), "--keep", "5", "--steps", str(steps)]
+    full = train.main(flags + ["--out", str(tmp_path / "a")])
+    copy = tmp_path / "b" / "run"
+    copy.mkdir(parents=True)
+    shutil.copy(os.path.join(full, f"ckpt-{half:07d}.pt"), copy)
+    return full, train.main(flags + ["--resume", str(copy), "--out", str(tmp_path / "b")])
+
+
 def assert_resumed_exactly(full, resumed, start, stop):
     """A run resumed at step `start` logged the same losses as the uninterrupted run `full` for steps
     start+1..stop, and ended with the same EMA weights."""

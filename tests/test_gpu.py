@@ -3,7 +3,6 @@ bf16 training step agrees with the fp32 step, SDPA dispatches to a fused kernel 
 masked kernel for padded text), torch.compile agrees with eager, fused AdamW with for-each AdamW, a resume on
 CUDA continues the uninterrupted losses, a 1-process torchrun with NCCL trains, and bf16 sampling gives finite
 images."""
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import ROOT, TINY, losses
+from conftest import ROOT, TINY, assert_resumed_exactly, losses, train_and_resume
 from experiments import bench
 
 pytestmark = [pytest.mark.gpu,
@@ -95,17 +94,8 @@ def test_fused_adamw_equals_foreach_adamw():
 
 def test_resume_on_cuda_continues_the_uninterrupted_losses(tmp_path):
     """train.py on the GPU, bf16: the CUDA noise generator is saved and restored with the checkpoint."""
-    import shutil
-
-    import train
-    flags = TINY + ["--sample-every", "-1", "--ckpt-every", "4", "--keep", "5"]
-    full = train.main(flags + ["--steps", "8", "--out", str(tmp_path / "a")])
-    half = tmp_path / "b" / "run"
-    half.mkdir(parents=True)
-    shutil.copy(os.path.join(full, "ckpt-0000004.pt"), half)
-    resumed = train.main(flags + ["--steps", "8", "--resume", str(half), "--out", str(tmp_path / "b")])
-    a, b = losses(full), losses(resumed)
-    assert sorted(b) == [5, 6, 7, 8] and all(a[s] == b[s] for s in b), [(a[s], b[s]) for s in b]
+    full, resumed = train_and_resume(TINY + ["--sample-every", "-1"], tmp_path)
+    assert_resumed_exactly(full, resumed, 4, 8)
 
 
 def test_one_process_torchrun_with_nccl_trains(tmp_path):

@@ -142,21 +142,27 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
 
 # ----------------------------------------------------------------- preemption ---
 
-@pytest.mark.slow
-def test_sigterm_single_process_checkpoints_and_exits_75(tmp_path):
+def signalled_run(tmp_path, sig):
+    """A long train.py process sent `sig` after three log lines -> (its exit status, its output, the run
+    folder, its only checkpoint, that checkpoint's step), once it has stopped."""
     cmd = [sys.executable, "train.py"] + TINY + ["--steps", "100000", "--ckpt-every", "100000", "--out",
                                                  str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: os.path.isdir(tmp_path) and os.listdir(tmp_path) and
              os.path.exists(os.path.join(only_run(tmp_path), "log.jsonl")) and
              len(records(only_run(tmp_path))) >= 3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == train.PREEMPTED, out[-2000:]
-    assert "preempted by signal" in out
     run = only_run(tmp_path)
     (ckpt,) = checkpoints_in(run)
-    assert torch.load(ckpt, weights_only=False)["step"] == max(losses(run))
+    return proc.returncode, out, run, ckpt, torch.load(ckpt, weights_only=False)["step"]
+
+
+@pytest.mark.slow
+def test_sigterm_single_process_checkpoints_and_exits_75(tmp_path):
+    code, out, run, _, step = signalled_run(tmp_path, signal.SIGTERM)
+    assert code == train.PREEMPTED, out[-2000:]
+    assert "preempted by signal" in out and step == max(losses(run))
 
 
 def torchrun(args, script="train.py", **kw):
@@ -326,19 +332,9 @@ def test_a_second_process_on_a_running_folder_is_refused_and_a_killed_one_frees_
 
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_path):
-    cmd = [sys.executable, "train.py"] + TINY + ["--steps", "100000", "--ckpt-every", "100000", "--out",
-                                                 str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: os.path.isdir(tmp_path) and os.listdir(tmp_path) and
-             os.path.exists(os.path.join(only_run(tmp_path), "log.jsonl")) and
-             len(records(only_run(tmp_path))) >= 3)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == train.INTERRUPTED, out[-2000:]
+    code, out, run, ckpt, step = signalled_run(tmp_path, signal.SIGINT)
+    assert code == train.INTERRUPTED, out[-2000:]
     assert "Ctrl-C: finishing this step and writing a checkpoint" in out and "Traceback" not in out
-    run = only_run(tmp_path)
-    (ckpt,) = checkpoints_in(run)
-    step = torch.load(ckpt, weights_only=False)["step"]
     assert step == max(losses(run)) and f"stopped by Ctrl-C at step {step}: wrote {ckpt}" in out
 
 
