@@ -290,8 +290,8 @@ def parser(description=None):
       "end-of-run samples and sample.py's: euler / heun / dpm++2m (flow), ddim / ddpm (ancestral) / dpm++2m "
       "(ddpm); None: the objective's first")
     a("--sample-steps", type=int, default=50,
-      help="sampler steps (network evaluations) of end-of-run samples "
-      "and sample.py's")
+      help="sampler steps of end-of-run samples and sample.py's (one network evaluation each; Heun's take "
+      "two)")
     a("--sample-spacing", default=None, choices=SPACINGS, help="ddpm: which of the 1000 steps the sampler "
       "visits: ddim (ADM's integer stride), ddpm (ADM's even spacing), time (uniform, diffusers' linspace), "
       "logsnr (uniform in log-SNR; dpm++2m only); None: the sampler's own (ddim, ddpm, time)")
@@ -705,6 +705,8 @@ def check_sampling(sampling, total=1000):
     stride fits only some counts) or its sampler cannot walk its spacing."""
     method = sampling.method or SAMPLERS["ddpm"][0]
     spacing = sampling.spacing or DEFAULT_SPACING[method]
+    if not 1 <= sampling.steps <= total:
+        raise ValueError(f"sampling steps must be in 1..{total}, got {sampling.steps}")
     if spacing == "logsnr" and method != "dpm++2m":
         raise ValueError(f"the logsnr spacing visits fractional steps, which only dpm++2m takes; --sampler "
                          f"{method} walks integer steps")

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -158,12 +157,12 @@ class Preemption:
         self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
     def _handler(self, signum, frame):
-        if signum == signal.SIGINT:
-            if self.signal == signal.SIGINT:  # the second Ctrl-C
-                raise KeyboardInterrupt
-            print("\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again stops at once, "
-                  "without one)", file=sys.stderr, flush=True)
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:  # the second Ctrl-C
+            raise KeyboardInterrupt
         self.signal = signum
+        if signum == signal.SIGINT:  # os.write: print() may not re-enter while the progress bar writes
+            os.write(2, b"\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again stops at "
+                        b"once, without one)\n")
 
     def requested(self, world, device):
         flag = torch.tensor(float(self.signal is not None), device=device)
@@ -411,11 +410,20 @@ def run_folder(args, ckpt_path, ckpt, rank, world):
     if ckpt is None:
         run_dir = new_run_dir(args, rank, world)
         return run_dir, RunLock(run_dir) if rank == 0 else None
-    run_dir, lock = os.path.dirname(ckpt_path), None
+    run_dir, lock, refused = os.path.dirname(ckpt_path), None, None
     if rank == 0:
-        lock = RunLock(run_dir)
-        set_aside_later(ckpt_path)
-        rewind_log(run_dir, ckpt["step"])
+        try:
+            lock = RunLock(run_dir)
+            set_aside_later(ckpt_path)
+            rewind_log(run_dir, ckpt["step"])
+        except SystemExit as e:
+            refused = str(e.code)
+    if world > 1:  # a refusal on rank 0 stops every rank, not rank 0 alone while the others wait
+        box = [refused]
+        dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused:
+        raise SystemExit(refused)
     return run_dir, lock
 
 
@@ -467,6 +475,7 @@ def rewind_log(run_dir, step):
             return json.loads(line).get("step", 0) <= step
         except json.JSONDecodeError:  # half a line
             return False
+    lines = [ln if ln.endswith("\n") else ln + "\n" for ln in lines]  # a last line without its newline
     keep, later = [ln for ln in lines if kept(ln)], [ln for ln in lines if not kept(ln)]
     if not later:
         return
@@ -677,50 +686,55 @@ def main(argv=None):
         bar = tqdm(total=args.steps, initial=loop.step, desc="train", dynamic_ncols=True)
     data = batches(dataset, args, rank, world, local_batch, loop.epoch, loop.position)
     latent, preempt = getattr(dataset, "is_latent", False), Preemption()
-    model.train()
-    loop.t0 = time.time()
-    while loop.step < args.steps:
-        micro = []
-        for _ in range(args.grad_accum):
-            loop.epoch, loop.position, batch = next(data)
-            micro.append(model_inputs(batch, vae, latent, text_cache, encoder, gen, device))
-        loss, gnorm, updated = train_step(net, model, ema, opt, diffusion, micro, gen, loop.step, args, bf16)
-        count_step(loop, loss, updated, args, rank)
-        loop.step, loop.n_steps = loop.step + 1, loop.n_steps + 1
-        if bar is not None:
-            bar.update(1)
-        # the log line, a checkpoint, a preemption, a sample grid
-        if loop.step % args.log_every == 0 or loop.step == args.steps:
-            write_log(log_record(loop, gnorm, dataset, args, world), log, bar)
-        stopping = preempt.requested(world, device)
-        if loop.step % args.ckpt_every == 0 or loop.step == args.steps or stopping:
-            loop.last_ckpt = save_checkpoint(run_dir, model, ema, opt, gen, loop, args, facts, rank, world,
-                                             stream, device)
-        if stopping:
-            stop_preempted(preempt, loop, run_dir, bar, log, world)
-        if (args.sample_every > 0
-            and loop.step % args.sample_every == 0
-            and rank == 0
-            and loop.step < args.steps):
-            write_grid(ema, vae, args, facts, os.path.join(run_dir, f"samples-{loop.step:07d}.png"), device,
-                       grid_prompts(args, facts, dataset, batch))
-    preempt.restore()
+    try:  # however the run ends, Ctrl-C gets its usual meaning back and the folder is free again
+        model.train()
+        loop.t0 = time.time()
+        while loop.step < args.steps:
+            micro = []
+            for _ in range(args.grad_accum):
+                loop.epoch, loop.position, batch = next(data)
+                micro.append(model_inputs(batch, vae, latent, text_cache, encoder, gen, device))
+            loss, gnorm, updated = train_step(net, model, ema, opt, diffusion, micro, gen, loop.step, args,
+                                              bf16)
+            count_step(loop, loss, updated, args, rank)
+            loop.step, loop.n_steps = loop.step + 1, loop.n_steps + 1
+            if bar is not None:
+                bar.update(1)
+            # the log line, a checkpoint, a preemption, a sample grid
+            if loop.step % args.log_every == 0 or loop.step == args.steps:
+                write_log(log_record(loop, gnorm, dataset, args, world), log, bar)
+            stopping = preempt.requested(world, device)
+            if loop.step % args.ckpt_every == 0 or loop.step == args.steps or stopping:
+                loop.last_ckpt = save_checkpoint(run_dir, model, ema, opt, gen, loop, args, facts, rank,
+                                                 world, stream, device)
+            if stopping:
+                stop_preempted(preempt, loop, run_dir, bar, log, world)
+            if (args.sample_every > 0
+                and loop.step % args.sample_every == 0
+                and rank == 0
+                and loop.step < args.steps):
+                write_grid(ema, vae, args, facts, os.path.join(run_dir, f"samples-{loop.step:07d}.png"),
+                           device, grid_prompts(args, facts, dataset, batch))
+        preempt.restore()
 
-    # ---- finish: replica check, a sample grid, and on shapes the checker's verdict
-    # --------------------------------
-    if bar is not None:
-        bar.close()
-    if world > 1:
-        check_replicas(model, world, device, log, loop.step)
-    if rank == 0:
-        if args.sample_every >= 0:
-            write_grid(ema, vae, args, facts, os.path.join(run_dir, "samples.png"), device,
-                       grid_prompts(args, facts, dataset, batch))
-        print(f"run folder: {run_dir}")
-        if facts.source_dataset == "shapes" and args.eval_per_class > 0:
-            write_eval(ema, vae, args, facts, os.path.join(run_dir, "eval.json"), device, loop.step)
-        log.close()
-        lock.release()
+        # ---- finish: replica check, a sample grid, and on shapes the checker's verdict
+        # --------------------------------
+        if bar is not None:
+            bar.close()
+        if world > 1:
+            check_replicas(model, world, device, log, loop.step)
+        if rank == 0:
+            if args.sample_every >= 0:
+                write_grid(ema, vae, args, facts, os.path.join(run_dir, "samples.png"), device,
+                           grid_prompts(args, facts, dataset, batch))
+            print(f"run folder: {run_dir}")
+            if facts.source_dataset == "shapes" and args.eval_per_class > 0:
+                write_eval(ema, vae, args, facts, os.path.join(run_dir, "eval.json"), device, loop.step)
+            log.close()
+    finally:
+        preempt.restore()
+        if lock is not None:
+            lock.release()
     finish_distributed(world)
     return run_dir
 
