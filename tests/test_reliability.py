@@ -465,14 +465,16 @@ def test_an_autoencoder_that_cannot_be_downloaded_says_what_chose_it_and_how_to_
                     "--vae", "sd-ema", "--eval-per-class", "0", "--out", str(tmp_path)])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["fid.py", "a.npz", "b.npz", "--batch", "0"], "--batch must be >= 1"),
-    (["fid.py", "a.npz", "b.npz", "--k", "0"], "--k must be >= 1"),
-    (["fid.py", "a.npz", "b.npz", "--splits", "0"], "--splits must be >= 1"),
-    (["encode.py", "--out", "x", "--shard-size", "0"], "--shard-size must be >= 1"),
-    (["encode.py", "--out", "x", "--res", "-8"], "--res must be >= 1"),
-    (["encode.py", "--out", "x", "--workers", "-1"], "--workers must be >= 0"),
-])
+@pytest.mark.parametrize("argv, message",
+                         [(["fid.py", "a.npz", "b.npz", "--batch", "0"], "--batch must be >= 1"),
+                                           (["fid.py", "a.npz", "b.npz", "--k", "0"], "--k must be >= 1"),
+                                           (["fid.py", "a.npz", "b.npz", "--splits", "0"],
+                                            "--splits must be >= 1"),
+                                           (["encode.py", "--out", "x", "--shard-size", "0"],
+                                            "--shard-size must be >= 1"),
+                                           (["encode.py", "--out", "x", "--res", "-8"], "--res must be >= 1"),
+                                           (["encode.py", "--out", "x", "--workers", "-1"],
+                                            "--workers must be >= 0")])
 def test_counts_of_fid_and_encode_are_checked_before_any_work(argv, message, capsys):
     import encode
     import fid
@@ -483,7 +485,8 @@ def test_counts_of_fid_and_encode_are_checked_before_any_work(argv, message, cap
 
 
 def test_a_checkpoint_written_without_crcs_still_loads(tmp_path):
-    """torch.serialization.set_crc32_options(False) writes records with CRC 0: nothing to check, not damage."""
+    """torch.serialization.set_crc32_options(False) writes records with CRC 0: nothing to check, not
+    damage."""
     from checkpoint import read_checkpoint
     if not hasattr(torch.serialization, "set_crc32_options"):
         pytest.skip("this torch always writes CRCs")
