@@ -133,13 +133,16 @@ def load_rgb(path, name=None):
     return img.convert("RGB"), kind
 
 
-_REPORTED = set()  # kinds already reported by this process
+_REPORTED = set()  # kinds this process has reported since its dataset was built
 
 
 def event_table():
     """Counts of EVENTS, one row per process (row 0: the main process, row k: loader worker k - 1), so no two
     processes ever add to the same number and the counts stay exact; shared memory makes the workers' rows
-    visible to the trainer, which sums the rows (and the ranks)."""
+    visible to the trainer, which sums the rows (and the ranks). A new table starts the reports afresh: a
+    second run in one process (a notebook, a test session) reports its own first bad file of each kind, and
+    the loader workers forked from it inherit an empty record."""
+    _REPORTED.clear()
     return torch.zeros(MAX_WORKERS + 1, len(EVENTS), dtype=torch.int64).share_memory_()
 
 

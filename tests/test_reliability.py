@@ -18,7 +18,7 @@ from PIL import Image
 import train
 from checkpoint import checkpoints_in, find_checkpoint
 from conftest import ROOT, TINY, losses, nan_loss, records
-from data import load_rgb
+from data import EVENTS, count_event, event_table, load_rgb
 from diffusion import Diffusion
 
 
@@ -249,6 +249,19 @@ def test_broken_files_are_skipped_and_counted(tmp_path, capfd):
     assert counts["ok"] >= 6 * 8
     printed = capfd.readouterr().out  # reported by the loader workers: capture at the file-descriptor level
     assert "skipping truncated image" in printed and "converting cmyk image" in printed
+
+
+def test_each_dataset_reports_its_own_first_bad_file_of_a_kind(capsys):
+    # a second run in one process (a notebook, this test session) is told about its own bad files, not left
+    # silent because an earlier run's dataset reported the kind
+    for run in range(2):
+        events = event_table()
+        count_event(events, "truncated", "a.jpg: image file is truncated")
+        count_event(events, "truncated", "b.jpg: image file is truncated")
+        printed = capsys.readouterr().out
+        assert printed.count("skipping truncated image (a.jpg") == 1, (run, printed)
+        assert "b.jpg" not in printed
+        assert events[0, EVENTS.index("truncated")] == 2 and events.sum() == 2  # both counted
 
 
 @pytest.mark.slow

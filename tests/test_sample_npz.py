@@ -12,6 +12,7 @@ import torch
 import fid
 import sample
 import train
+from checkpoint import WriteFailed
 from conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # every test here samples from a trained run
@@ -90,7 +91,7 @@ def test_npz_makes_its_folder_names_its_settings_and_a_failed_write_loses_nothin
             raise OSError(28, "No space left on device")
         real_savez(f, **arrays)
     monkeypatch.setattr(sample.np, "savez", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteFailed, match="f.npz.new: no space left on the device.*Nothing half-written"):
         sample.main(npz_args(run, tmp_path / "f.npz"))
     with np.load(tmp_path / "f.npz") as z:  # the earlier pair as it was, no partial file beside it
         assert len(z["arr_0"]) == 1
