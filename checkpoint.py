@@ -143,11 +143,13 @@ def write_failure(path, e):
     RuntimeError) and the free space where it was going."""
     code = getattr(e, "errno", None)
     text = str(e)
-    if code is None and ("ENOSPC" in text or "No space left" in text or "file write failed" in text):
+    if code is None and ("ENOSPC" in text or "No space left" in text):
         code = errno.ENOSPC
     cause = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
              errno.EROFS: "read-only file system"}.get(code)
+    if cause is None and "file write failed" in text:  # torch's short write: it does not say why
+        cause = "the write was cut short (a full disk or a quota?)"
     cause = cause or f"{type(e).__name__}: {(text.splitlines() or [''])[0]}"
     try:
         st = os.statvfs(os.path.dirname(os.path.abspath(path)))
@@ -216,7 +218,11 @@ class RunLock:
 
     def release(self):
         if self.file is not None:
-            self.file.close()  # closing drops the lock
+            import fcntl
+
+            # unlocked first: the loader workers forked while it was held share the lock until they exit
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
             self.file = None
 
 

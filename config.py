@@ -379,15 +379,24 @@ ONLY_WHEN = {"decode_layers": (lambda a: a.arch == "mdt", "--arch mdt"),
              "shapes_size": (lambda a: a.dataset == "shapes", "--dataset shapes")}
 
 
-def check_resolution(model, arch, res, vae):
-    """--res must tile into whole patches of the autoencoder's latent (or the UNet's total downsampling)."""
+def needs_diffusers(vae, what, alternative=""):
+    """An autoencoder is loaded through the optional package diffusers: say so before any work."""
+    if vae != "none" and importlib.util.find_spec("diffusers") is None:
+        raise SystemExit(f"{what} needs the optional package diffusers: pip install diffusers {alternative}"
+                         .strip())
+
+
+def check_resolution(model, arch, res, vae, pixels=True):
+    """--res must tile into whole patches of the autoencoder's latent (or the UNet's total downsampling).
+    `pixels`: whether to offer pixel space (--vae none) as a way out, which a latent cache has not."""
     patch = (2 ** (len(UNET_SIZES[unet_size(model)]["channel_mult"]) - 1)
              if arch == "unet"
              else int(model.split("/")[-1]))
     factor = latent_geometry(vae)[0]
     if res % (patch * factor):
-        hint = f"try --res {max(1, res // (patch * factor)) * patch * factor}"
-        if factor > 1:
+        fits = max(1, res // (patch * factor)) * patch * factor
+        hint = f"try --res {fits}" if pixels else f"encode a cache at --res {fits} or choose a smaller patch"
+        if factor > 1 and pixels:
             hint += f", or train in pixel space with --vae none (--vae {vae} downsamples by {factor})"
         raise SystemExit(f"--res {res} must be divisible by patch {patch} x autoencoder factor {factor} = "
                          f"{patch * factor}; {hint}")
@@ -418,9 +427,9 @@ def validate(args):
     if args.optimizer == "adan" and importlib.util.find_spec("adan_pytorch") is None:
         raise SystemExit("--optimizer adan (the mdt recipe) needs the Adan optimizer: pip install "
                          "adan-pytorch (or train with --optimizer adamw)")
-    if args.vae != "none" and args.dataset != "latents" and importlib.util.find_spec("diffusers") is None:
-        raise SystemExit(f"{said(args, 'vae')} (latent diffusion) needs the optional package diffusers: pip "
-                         f"install diffusers (or train in pixel space with --vae none)")
+    if args.dataset != "latents":  # a cache's autoencoder is checked once it is opened (open_dataset)
+        needs_diffusers(args.vae, f"{said(args, 'vae')} (latent diffusion)", "(or train in pixel space "
+                        "with --vae none)")
     if args.arch == "mdt":
         try:
             mdt_decode_layers(SIZES[args.model.split("/")[0]][0], args.decode_layers)
@@ -589,8 +598,15 @@ def open_dataset(args, progress=False):
                                 size_corr=args.size_corr, crop=args.crop, hflip=args.hflip, progress=progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"--dataset {args.dataset}: {e}") from None
-    if getattr(dataset, "is_latent", False) and given(args, "vae") and args.vae != dataset.vae:
-        raise SystemExit(f"--vae {args.vae}: the cache {args.data_path} holds {dataset.vae} latents")
+    if getattr(dataset, "is_latent", False):  # what validate could not check before the cache was open
+        if given(args, "vae") and args.vae != dataset.vae:
+            raise SystemExit(f"--vae {args.vae}: the cache {args.data_path} holds {dataset.vae} latents")
+        where = f"the latent cache {args.data_path} holds {dataset.res} px images of --vae {dataset.vae}"
+        try:
+            check_resolution(args.model, args.arch, dataset.res, dataset.vae, pixels=False)
+        except SystemExit as e:
+            raise SystemExit(f"{where}: {e.code}") from None
+        needs_diffusers(dataset.vae, f"{where}; decoding them (the sample grids)")
     return dataset
 
 
@@ -606,8 +622,6 @@ def learn_facts(args, dataset, encoder=None, resumed=None, world=1):
     from (--init-from, opened here for its base resolution) and its number of processes."""
     latent = getattr(dataset, "is_latent", False)
     res, vae = (dataset.res, dataset.vae) if latent else (args.res, args.vae)
-    if latent:
-        check_resolution(args.model, args.arch, res, vae)
     base_res = args.base_res
     if base_res is None and resumed is not None:
         base_res = resumed["facts"]["base_res"]
@@ -645,10 +659,17 @@ def config_mismatch(saved, args, facts):
     bad = [f"{k}: checkpoint {saved['args'].get(k)!r} vs now {getattr(args, k)!r}"
            for k in keys
            if saved["args"].get(k) != getattr(args, k)]
-    now, was = dataclasses.asdict(facts), dict(ADDED_FACTS, **saved["facts"])
+    now, was = dataclasses.asdict(facts), saved["facts"]
     return bad + [f"{k}: checkpoint {was.get(k)!r} vs now {v!r}"
                   for k, v in now.items()
-                  if was.get(k) != v and not (k in ADDED_FACTS and was[k] is ADDED_FACTS[k])]
+                  if same_place(k, was.get(k)) != same_place(k, v)
+                  and not (k in ADDED_FACTS and was.get(k) == ADDED_FACTS[k])]  # older: not recorded
+
+
+def same_place(key, value):
+    """A fact as compared on resume: a data path as an absolute path, so that `data/x` and `/home/me/data/x`
+    given from the same folder are one dataset."""
+    return os.path.abspath(value) if key == "data_path" and value else value
 
 
 #################################################################################

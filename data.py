@@ -133,26 +133,21 @@ def load_rgb(path, name=None):
     return img.convert("RGB"), kind
 
 
-_REPORTED = set()  # kinds this process has reported since its dataset was built
-
-
 def event_table():
     """Counts of EVENTS, one row per process (row 0: the main process, row k: loader worker k - 1), so no two
     processes ever add to the same number and the counts stay exact; shared memory makes the workers' rows
-    visible to the trainer, which sums the rows (and the ranks). A new table starts the reports afresh: a
-    second run in one process (a notebook, a test session) reports its own first bad file of each kind, and
-    the loader workers forked from it inherit an empty record."""
-    _REPORTED.clear()
+    visible to the trainer, which sums the rows (and the ranks)."""
     return torch.zeros(MAX_WORKERS + 1, len(EVENTS), dtype=torch.int64).share_memory_()
 
 
 def count_event(events, kind, message=None):
-    """Add one `kind` to this process's row of `events`; the first of each kind is reported with its
-    message."""
+    """Add one `kind` to this process's row of `events`; the first of each kind in that row is reported with
+    its message. The row is the whole record of what was reported, so each dataset (a second run in one
+    notebook, say) reports its own first bad file of a kind."""
     worker = torch.utils.data.get_worker_info()
-    events[0 if worker is None else worker.id + 1, EVENTS.index(kind)] += 1
-    if kind not in _REPORTED and kind != "ok":
-        _REPORTED.add(kind)
+    row, col = 0 if worker is None else worker.id + 1, EVENTS.index(kind)
+    events[row, col] += 1
+    if kind != "ok" and events[row, col] == 1:
         what = "an item with an empty caption" if kind == "empty_caption" else f"{kind} image"
         print(f"data: {'skipping' if kind in SKIPPED else 'converting'} {what} ({message}); "
               f"further {kind} items are counted in the log without a message", flush=True)

@@ -15,7 +15,6 @@ command line, else the recipes (--dataset shapes starts with its own), else its 
 setting (config.py; --print-config shows each value's source). The flags and what the run learns from its
 sources (config.Facts) are printed and stored in every checkpoint.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -39,6 +38,7 @@ from checkpoint import (
     find_checkpoint,
     init_from,
     load_weights,
+    stored_args,
     write_checkpoint,
     write_failure,
 )
@@ -58,6 +58,7 @@ from config import (
 )
 from data import EVENTS, SKIPPED, setup_distributed
 from latents import Autoencoder
+from model import count_params
 from sample import checker_verdict, class_grid
 from text import caption_features, text_features
 
@@ -389,7 +390,7 @@ def check_resume(args, ckpt_path, ckpt, rank):
                          "asks for no more: the run is finished. To train on, start a new run from it: "
                          f"--init-from {ckpt_path} --steps N (a schedule of its own)")
     if args.steps != saved["steps"] and "cosine" in (args.decay, saved["decay"]):
-        was, now = lr_at(step, argparse.Namespace(**saved)), lr_at(step, args)
+        was, now = lr_at(step, stored_args(saved)), lr_at(step, args)
         raise SystemExit(f"--resume {ckpt_path}: --steps {args.steps}, but the run's cosine schedule is laid "
                          f"over --steps {saved['steps']}: the learning rate would jump from {was:.3g} to "
                          f"{now:.3g} at step {step}. Resume with --steps {saved['steps']}, or train longer "
@@ -403,10 +404,10 @@ def check_resume(args, ckpt_path, ckpt, rank):
               + ", ".join(changed), flush=True)
 
 
-def run_folder(args, ckpt_path, ckpt, rank, world):
+def run_folder(args, ckpt_path, ckpt, rank, world, started):
     """(the run folder, its lock): the resumed checkpoint's folder -- locked before anything in it moves, then
     its later checkpoints and log lines set aside -- or a new one. Only rank 0 writes, so only rank 0 locks
-    (lock None on the others)."""
+    (lock None on the others). `started`: the time this process chose its checkpoint."""
     if ckpt is None:
         run_dir = new_run_dir(args, rank, world)
         return run_dir, RunLock(run_dir) if rank == 0 else None
@@ -414,6 +415,8 @@ def run_folder(args, ckpt_path, ckpt, rank, world):
     if rank == 0:
         try:
             lock = RunLock(run_dir)
+            if not os.path.isfile(args.resume):  # auto or a folder: still the newest, now that it is ours?
+                refuse_newer(run_dir, ckpt_path, started, lock)
             set_aside_later(ckpt_path)
             rewind_log(run_dir, ckpt["step"])
         except SystemExit as e:
@@ -425,6 +428,18 @@ def run_folder(args, ckpt_path, ckpt, rank, world):
     if refused:
         raise SystemExit(refused)
     return run_dir, lock
+
+
+def refuse_newer(run_dir, ckpt_path, started, lock):
+    """--resume auto (or a folder) chose the newest checkpoint when this process started; a checkpoint that
+    appeared since was written by a process that held the folder until now (a requeued job's predecessor,
+    stopped by the scheduler while this one started). Resuming the older one would abandon it: refused."""
+    later = [f for f in checkpoints_in(run_dir) if os.path.basename(f) > os.path.basename(ckpt_path)]
+    newer = [f for f in later if os.stat(f).st_ctime >= started]  # a rename sets ctime: when it appeared
+    if newer:
+        lock.release()
+        raise SystemExit(f"--resume: {newer[0]} was written while this process started (by another process "
+                         f"that held {run_dir} until then); run the command again to resume from it")
 
 
 def new_run_dir(args, rank, world):
@@ -632,10 +647,13 @@ def build(args, facts, encoder, ckpt, rank, device):
     ema.load_state_dict(model.state_dict())
     try:  # the latent scale (and shift) the data was made with: sampling decodes with the same ones
         vae = make_autoencoder(facts).to(device)
-    except (OSError, ValueError) as e:  # no such folder or hub name, no network, another latent layout
+    except (OSError, ValueError, ImportError) as e:  # no such folder or hub name, no network, no diffusers
         hub = Autoencoder.SD.get(facts.vae)
         where = (f"it is downloaded from the Hugging Face hub ({hub}) on first use and then cached; connect "
                  "once (or set HF_HOME to a copy)" if hub else "give a folder with a diffusers AutoencoderKL")
+        if args.dataset == "latents":  # the cache chose it, and its latents need it for every sample grid
+            raise SystemExit(f"the latent cache {args.data_path} was made with --vae {facts.vae}: could not "
+                             f"load that autoencoder ({e}); {where}") from None
         raise SystemExit(f"{said(args, 'vae')}: could not load the autoencoder ({e}); {where}, or train in "
                          "pixel space with --vae none (as --recipe small does)") from None
     opt = make_optimizer(model.parameters(), args, fused=device.type == "cuda")
@@ -648,6 +666,7 @@ def main(argv=None):
     args = get_args(argv, description=__doc__)
     validate(args)
     rank, world, device, bf16 = setup(args)
+    started = time.time()
     ckpt_path, ckpt = resume_point(args, rank)
 
     # ---- data, its caption features, and what the sources tell (the run's facts)
@@ -665,28 +684,29 @@ def main(argv=None):
     # ---- model, EMA, autoencoder, optimizer, and then the run folder (a failure above leaves none behind)
     # ----------
     model, ema, vae, opt = build(args, facts, encoder, ckpt, rank, device)
-    run_dir, lock = run_folder(args, ckpt_path, ckpt, rank, world)
-    gen, loop = start_state(args, ckpt_path, ckpt, model, ema, opt, rank, stream, device)
-    if rank == 0:
-        params = sum(p.numel() for p in model.parameters())
-        print(f"model {args.arch} {args.model} cond={args.cond}: {params / 1e6:.2f} M parameters")
-        print(json.dumps(dict(vars(args), facts=dataclasses.asdict(facts))))
-    diffusion = make_diffusion(args, facts)
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    if args.compile:  # compile the DDP-wrapped module so DDP's bucketing sees the compiled graph
-        net = torch.compile(net)
+    run_dir, lock = run_folder(args, ckpt_path, ckpt, rank, world, started)
+    preempt = None
+    try:  # however the run ends, the folder is free again and Ctrl-C gets its usual meaning back
+        gen, loop = start_state(args, ckpt_path, ckpt, model, ema, opt, rank, stream, device)
+        if rank == 0:
+            print(f"model {args.arch} {args.model} cond={args.cond}: {count_params(model) / 1e6:.2f} M "
+                  "parameters")
+            print(json.dumps(dict(vars(args), facts=dataclasses.asdict(facts))))
+        diffusion = make_diffusion(args, facts)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+        if args.compile:  # compile the DDP-wrapped module so DDP's bucketing sees the compiled graph
+            net = torch.compile(net)
 
-    # ---- training loop
-    # --------------------------------------------------------------------------------------------
-    log, bar = None, None
-    if rank == 0:
-        from tqdm import tqdm
+        # ---- training loop
+        # --------------------------------------------------------------------------------------------
+        log, bar = None, None
+        if rank == 0:
+            from tqdm import tqdm
 
-        log = open(os.path.join(run_dir, "log.jsonl"), "a")
-        bar = tqdm(total=args.steps, initial=loop.step, desc="train", dynamic_ncols=True)
-    data = batches(dataset, args, rank, world, local_batch, loop.epoch, loop.position)
-    latent, preempt = getattr(dataset, "is_latent", False), Preemption()
-    try:  # however the run ends, Ctrl-C gets its usual meaning back and the folder is free again
+            log = open(os.path.join(run_dir, "log.jsonl"), "a")
+            bar = tqdm(total=args.steps, initial=loop.step, desc="train", dynamic_ncols=True)
+        data = batches(dataset, args, rank, world, local_batch, loop.epoch, loop.position)
+        latent, preempt = getattr(dataset, "is_latent", False), Preemption()
         model.train()
         loop.t0 = time.time()
         while loop.step < args.steps:
@@ -732,7 +752,8 @@ def main(argv=None):
                 write_eval(ema, vae, args, facts, os.path.join(run_dir, "eval.json"), device, loop.step)
             log.close()
     finally:
-        preempt.restore()
+        if preempt is not None:
+            preempt.restore()
         if lock is not None:
             lock.release()
     finish_distributed(world)
@@ -760,17 +781,20 @@ def stop_preempted(preempt, loop, run_dir, bar, log, world):
         what = "stopped by Ctrl-C" if interrupted else f"preempted by signal {preempt.signal}"
         print(f"{what} at step {loop.step}: wrote {loop.last_ckpt}; continue with --resume {run_dir}")
         log.close()
-    preempt.restore()
     finish_distributed(world)
     raise SystemExit(INTERRUPTED if interrupted else PREEMPTED)
 
 
 def grid_prompts(args, facts, dataset, batch, rows=4):
     """A text model's rows of a training grid: None for a shapes model (sample.class_grid asks with the shapes
-    captions of its classes), else the first distinct captions of the data (a stream: of its last batch)."""
+    captions of its classes), else the first distinct captions of the data (of its last batch where the data
+    cannot list them: a stream, a latent cache)."""
     if args.cond_type != "text" or facts.source_dataset == "shapes":
         return None
-    captions = batch[3] if isinstance(dataset, torch.utils.data.IterableDataset) else dataset.captions()
+    try:
+        captions = dataset.captions()
+    except (AttributeError, NotImplementedError, RuntimeError):  # a stream, a latent cache: the last batch's
+        captions = batch[3]
     return list(dict.fromkeys(captions))[:rows]
 
 

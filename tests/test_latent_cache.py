@@ -184,6 +184,24 @@ def test_a_damaged_shard_is_named_when_the_cache_is_opened(cache, tmp_path):
         open_dataset(get_args(["--dataset", "latents", "--data-path", out]))
 
 
+def test_a_cache_is_checked_against_the_model_and_diffusers_when_it_is_opened(cache, monkeypatch):
+    """What validate cannot know before the cache is open: its resolution against the model's patch (with a
+    way out that a cache has: no --vae none), and that decoding its latents needs diffusers."""
+    from config import get_args, open_dataset
+    assert open_dataset(get_args(["--dataset", "latents", "--data-path", cache, "--model", "T/4"])).res == RES
+    with pytest.raises(SystemExit, match=rf"the latent cache .* holds {RES} px images of --vae .*: --res "
+                       rf"{RES} must be divisible by patch 8 x autoencoder factor 8 = 64; encode a cache at "
+                       r"--res 64 or choose a smaller patch$"):
+        open_dataset(get_args(["--dataset", "latents", "--data-path", cache, "--model", "T/8"]))
+    import config
+    real = config.importlib.util.find_spec
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None if name == "diffusers"
+                        else real(name))
+    with pytest.raises(SystemExit, match=r"the latent cache .*; decoding them \(the sample grids\) needs the "
+                       r"optional package diffusers: pip install diffusers$"):
+        open_dataset(get_args(["--dataset", "latents", "--data-path", cache, "--model", "T/4"]))
+
+
 def test_rerun_redoes_only_missing_or_damaged_shards_and_refuses_other_settings(cache, tiny_vae, folder,
                                                                                 tmp_path, capsys):
     out = str(tmp_path / "cache")
@@ -258,6 +276,20 @@ def test_training_reads_the_cache_and_sampling_decodes_with_its_scale(cache, tin
     assert Image.open(out).size == (1 + (RES + 1), 1 + 2 * (RES + 1))  # one seed, one control; two classes
     with pytest.raises(SystemExit, match="holds"):
         train.main(["--dataset", "latents", "--data-path", cache, "--vae", "none", "--steps", "1"])
+
+
+@pytest.mark.slow
+def test_a_text_model_trains_on_a_cache_and_draws_its_grids_from_the_cached_captions(cache, tmp_path, capsys):
+    """A cache cannot list its captions up front: they are encoded batch by batch, and the sample grids ask
+    with the captions of the last batch (the folder's class names) -- the grid used to ask the cache for a
+    caption list and end the run with a traceback."""
+    import train
+    run = train.main(["--dataset", "latents", "--data-path", cache, "--model", "T/2", "--batch", "4",
+                      "--cond-type", "text", "--text-encoder", "builtin", "--steps", "2", "--sample-every",
+                      "1", "--sample-steps", "2", "--workers", "0", "--out", str(tmp_path)])
+    assert "cannot list its captions; encoding them batch by batch" in capsys.readouterr().out
+    assert Image.open(os.path.join(run, "samples-0000001.png")).size == Image.open(
+        os.path.join(run, "samples.png")).size
 
 
 @pytest.mark.slow

@@ -131,6 +131,11 @@ def test_resume_with_another_optimizer_or_an_unusable_sampler_is_refused():
                            facts_of(args)) == ["optimizer: checkpoint 'adamw' vs now 'adan'"]
     assert config_mismatch(saved, args,
                            facts_of(args, num_classes=3)) == ["num_classes: checkpoint 10 vs now 3"]
+    # a data path given relative, then absolute, from the same folder is the same data; another is not
+    relative = dict(args=vars(args), facts=dataclasses.asdict(facts_of(args, data_path="data/x")))
+    assert config_mismatch(relative, args, facts_of(args, data_path=os.path.abspath("data/x"))) == []
+    assert config_mismatch(relative, args, facts_of(args, data_path="data/y")) == [
+        "data_path: checkpoint 'data/x' vs now 'data/y'"]
     with pytest.raises(SystemExit, match="--sample-steps 37: .*stride"):  # DDIM's stride, before training
         validate(get_args(TINY + ["--recipe", "ldm", "--model", "XS", "--sample-steps", "37"]))
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 import train
-from checkpoint import checkpoints_in, find_checkpoint
+from checkpoint import RunLock, checkpoints_in, find_checkpoint
 from conftest import ROOT, TINY, losses, nan_loss, records
 from data import EVENTS, count_event, event_table, load_rgb
 from diffusion import Diffusion
@@ -341,6 +342,50 @@ def test_a_second_process_on_a_running_folder_is_refused_and_a_killed_one_frees_
     assert sorted(losses(run)) == list(range(1, step + 2))  # every step once: the log was rewound
 
 
+def test_a_checkpoint_written_while_a_resume_started_is_not_abandoned(tmp_path):
+    """A requeued job chose the newest checkpoint; its predecessor then wrote a newer one and ended before
+    the lock was free. Resuming the older one would move the newer to abandoned/: refused, nothing moved. A
+    later checkpoint that was there when the job looked (a damaged one --resume auto passed over) is no
+    reason to refuse, and neither is any later one when --resume names the file itself."""
+    run = tmp_path / "run"
+    run.mkdir()
+    chosen = str(run / "ckpt-0000001.pt")
+    for name in ("ckpt-0000001.pt", "ckpt-0000002.pt"):  # 2: damaged, passed over
+        (run / name).write_bytes(b"x")
+    time.sleep(0.05)  # file times come from a coarse clock
+    started = time.time()
+    time.sleep(0.05)
+    (run / "ckpt-0000003.pt").write_bytes(b"written since")
+    with pytest.raises(SystemExit, match=r"ckpt-0000003.pt was written while this process started .*run the "
+                       r"command again"):
+        train.run_folder(SimpleNamespace(resume=str(run)), chosen, {"step": 1}, 0, 1, started)
+    assert sorted(os.listdir(run)) == [".lock", "ckpt-0000001.pt", "ckpt-0000002.pt", "ckpt-0000003.pt"]
+    os.remove(run / "ckpt-0000003.pt")  # the folder was given back: a second try locks it
+    run_dir, lock = train.run_folder(SimpleNamespace(resume=str(run)), chosen, {"step": 1}, 0, 1, started)
+    lock.release()
+    assert os.listdir(run / "abandoned") == ["ckpt-0000002.pt"]
+    (run / "ckpt-0000003.pt").write_bytes(b"written since")
+    run_dir, lock = train.run_folder(SimpleNamespace(resume=chosen), chosen, {"step": 1}, 0, 1, started)
+    lock.release()
+    assert sorted(os.listdir(run / "abandoned")) == ["ckpt-0000002.pt", "ckpt-0000003.pt"]
+
+
+def test_a_released_lock_frees_the_folder_while_forked_workers_live(tmp_path):
+    """Loader workers forked while the lock was held share it: a release must unlock, not only close, or the
+    folder stays taken (a notebook's next run, a test that resumes in the same process) until they exit."""
+    lock = RunLock(str(tmp_path))
+    child = os.fork()
+    if child == 0:  # a loader worker: holds the inherited descriptor a while
+        time.sleep(30)
+        os._exit(0)
+    try:
+        lock.release()
+        RunLock(str(tmp_path)).release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
 # ----------------------------------------------------------------------- Ctrl-C ---
 
 @pytest.mark.slow
@@ -423,12 +468,14 @@ def test_changed_bytes_inside_a_checkpoint_are_reported_and_passed_over(tmp_path
         find_checkpoint(newer, flag="--ckpt")
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
-                                                "1088 vs 1024. PytorchStreamWriter failed writing file "
-                                                "data/0: file write failed")])
+@pytest.mark.parametrize("error, cause", [
+    (OSError(28, "No space left on device"), "no space left on the device"),
+    # torch's own words for a short write, whose cause it does not give
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1024. "
+                  "PytorchStreamWriter failed writing file data/0: file write failed"),
+     r"the write was cut short \(a full disk or a quota\?\)")])
 def test_a_full_disk_says_which_file_and_what_to_do_and_leaves_nothing_half_written(tmp_path, monkeypatch,
-                                                                                    error):
+                                                                                    error, cause):
     import checkpoint
 
     def fails(state, f):
@@ -437,9 +484,8 @@ def test_a_full_disk_says_which_file_and_what_to_do_and_leaves_nothing_half_writ
     monkeypatch.setattr(checkpoint.torch, "save", fails)
     path = str(tmp_path / "ckpt-0000002.pt")
     with pytest.raises(checkpoint.WriteFailed,
-                       match=r"could not write .*ckpt-0000002.pt: no space left on the "
-                       r"device; .* GiB free there\. Nothing half-written was left; the last good checkpoint "
-                       r"is ckpt-0000001.pt"):
+                       match=rf"could not write .*ckpt-0000002.pt: {cause}; .* GiB free there\. Nothing "
+                       r"half-written was left; the last good checkpoint is ckpt-0000001.pt"):
         checkpoint.write_checkpoint(path, {}, advice="the last good checkpoint is ckpt-0000001.pt")
     assert os.listdir(tmp_path) == []
 
