@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 
+import torch
 from torch.utils.data import IterableDataset
 
 from checkpoint import ADDED_FACTS, UnreadableCheckpoint, base_res_of, read_checkpoint
@@ -43,6 +44,7 @@ from diffusion import (
     SPACINGS,
     Diffusion,
     Sampling,
+    check_spacing,
     noise_shift,
     spaced_steps,
 )
@@ -135,11 +137,15 @@ def recipe_names(text):
 
 
 def gate_spec(text):
-    """A --gate-* value: NAME or NAME:P1,P2 of conditioning.GATES."""
+    """A --gate-* value: NAME or NAME:P1,P2 of conditioning.GATES, whose g(t) stays in [0, 1] for every t."""
     try:
-        parse_gate(text)
+        name, params = parse_gate(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    g = GATES[name].fn(torch.linspace(0, 1, 101, dtype=torch.float64), *params)
+    if not (torch.isfinite(g).all() and g.min() >= 0 and g.max() <= 1):
+        raise argparse.ArgumentTypeError(f"gate {text!r}: g(t) must stay within [0, 1] for t in [0, 1] (it "
+                                         f"reaches {g.min():.3g} .. {g.max():.3g}); {GATES[name].meaning}")
     return text
 
 
@@ -718,19 +724,20 @@ def run_sampling(args, **override):
     and guidance -- with `override` replacing any of them."""
     own = Sampling(method=args.sampler, steps=args.sample_steps, spacing=args.sample_spacing,
                    scale=args.cfg_scale, schedule=args.cfg_schedule, power=args.cfg_power)
-    return own._replace(**override)
+    own = own._replace(**override)
+    # the sampler that a None stands for, named here once, so that every record says what was used
+    method = own.method or SAMPLERS[args.objective][0]
+    spacing = own.spacing or (DEFAULT_SPACING[method] if args.objective == "ddpm" else None)
+    return own._replace(method=method, spacing=spacing)
 
 
 def check_sampling(sampling, total=1000):
     """A ValueError, before any sampling, if the DDPM steps of `sampling` cannot be spaced (DDIM's integer
     stride fits only some counts) or its sampler cannot walk its spacing."""
-    method = sampling.method or SAMPLERS["ddpm"][0]
-    spacing = sampling.spacing or DEFAULT_SPACING[method]
+    method, spacing = sampling.method, sampling.spacing
     if not 1 <= sampling.steps <= total:
         raise ValueError(f"sampling steps must be in 1..{total}, got {sampling.steps}")
-    if spacing == "logsnr" and method != "dpm++2m":
-        raise ValueError(f"the logsnr spacing visits fractional steps, which only dpm++2m takes; --sampler "
-                         f"{method} walks integer steps")
+    check_spacing(method, spacing)
     if spacing != "logsnr":
         spaced_steps(total, sampling.steps, spacing)
 

@@ -551,9 +551,8 @@ class WebDatasetShards(IterableDataset):
         self.skip = None if drawn is None else [int(n) for n in drawn]
 
     def captions(self):
-        raise RuntimeError("webdataset shards are streamed, so their captions are only known once every "
-                           "shard is read: the text-feature cache needs a map-style dataset (--dataset "
-                           "captions: a folder or a CSV of the same pairs) or a precomputed cache")
+        raise NotImplementedError("webdataset shards are streamed, so their captions are only known once "
+                                  "every shard is read (train.py encodes each batch's captions as it comes)")
 
     def shard_plan(self, epoch, worker=0, workers=1):
         """The shards (indices into `self.shards`) that this rank's loader worker `worker` reads in

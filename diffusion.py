@@ -182,6 +182,14 @@ def discretized_gaussian_nll(x, mean, logvar):
     return -log_p
 
 
+def check_spacing(sampler, spacing):
+    """The logsnr spacing visits fractional steps, which only DPM-Solver++ takes; the other DDPM samplers walk
+    integer ones. (An unknown spacing is refused by spaced_steps.)"""
+    if spacing == "logsnr" and sampler != "dpm++2m":
+        raise ValueError("the logsnr spacing visits fractional steps, which only dpm++2m takes; --sampler "
+                         f"{sampler} walks integer steps: use spacing ddim, ddpm or time")
+
+
 def spaced_steps(total, n, method, ab=None):
     """Which of the `total` steps an n-step sampler visits, ascending. `ddim` and `ddpm` are ADM's
     respace.space_timesteps (DiT's is a copy), `time` and `logsnr` diffusers' DPMSolverMultistepScheduler's.
@@ -383,11 +391,7 @@ class Diffusion:
         return x
 
     def _ddpm(self, predict, noise, steps, method, it, generator, spacing):
-        if spacing not in SPACINGS:
-            raise ValueError(f"unknown step spacing {spacing!r}; choose one of {SPACINGS}")
-        if spacing == "logsnr" and method != "dpm++2m":
-            raise ValueError("the logsnr spacing visits fractional steps, which only dpm++2m takes; "
-                             f"--sampler {method} walks integer steps: use spacing ddim, ddpm or time")
+        check_spacing(method, spacing)
         keep = spaced_steps(self.num_steps, steps, spacing, self.chain.ab)
         x, B, C = noise, noise.shape[0], noise.shape[1]
         if method == "dpm++2m":

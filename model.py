@@ -46,8 +46,12 @@ class Route(NamedTuple):
     # "ada" (adaLN-Zero: each block's own MLP) | "single" (adaLN-single: one MLP, per-block tables)
     modulation: str
     adaln: tuple  # the terms added to the time embedding e_t, in this order (ADALN_TERMS)
-    gated: bool  # whether the --gate-* schedules act (the control enters through "gated control")
     source: str  # whose recipe it is
+
+    @property
+    def gated(self):
+        """Whether the --gate-* schedules act: the control enters through "gated control"."""
+        return "gated control" in self.adaln
 
 
 # What a route may add to the time embedding e_t to make the adaLN vector (DiffusionTransformer.condition)
@@ -61,10 +65,10 @@ ADALN_TERMS = {"control": "sum_k e_ctrl,k: the control metadata, ungated",
 # follow from it (a test holds that page to this table). A new route that recombines these parts is one more
 # line.
 ROUTES = {
-    "ours": Route("joint", True, "ada", ("gated control",), True, "the paper's: semantics only as tokens"),
-    "mmdit": Route("joint", True, "ada", ("control", "pooled mlp"), False, "SD3 (mmDiT)"),
-    "adaln": Route(None, False, "ada", ("control", "pooled"), False, "DiT"),
-    "xattn": Route("cross", False, "single", ("control",), False, "PixArt-alpha"),
+    "ours": Route("joint", True, "ada", ("gated control",), "the paper's: semantics only as tokens"),
+    "mmdit": Route("joint", True, "ada", ("control", "pooled mlp"), "SD3 (mmDiT)"),
+    "adaln": Route(None, False, "ada", ("control", "pooled"), "DiT"),
+    "xattn": Route("cross", False, "single", ("control",), "PixArt-alpha"),
 }
 CONDS = tuple(ROUTES)
 ARCHS = ("dit", "mdt")

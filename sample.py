@@ -63,7 +63,7 @@ def take(y, idx):
     return tuple(v[idx] for v in y) if isinstance(y, tuple) else y[idx]
 
 
-def default_prompts(args, facts, classes):
+def default_prompts(facts, classes):
     """A text model's grid rows when no prompt is given: the shapes captions of the classes for a shapes
     model; any other model was trained on captions only its user knows, so it needs --prompt or --prompts."""
     if facts.source_dataset == "shapes":
@@ -81,7 +81,7 @@ def class_grid(model, vae, args, facts, path, device, sampling, classes=None, se
     model.eval()
     classes = list(range(min(facts.num_classes, 10))) if classes is None else classes
     if args.cond_type == "text" and not prompts:
-        prompts = default_prompts(args, facts, classes)
+        prompts = default_prompts(facts, classes)
     rows = prompts if prompts else classes
     if controls is None:  # show the flip: it is the control whose effect is easiest to see
         controls = [sampling_control(facts), sampling_control(facts)]
@@ -142,8 +142,9 @@ def sample_npz(model, vae, args, facts, path, num_samples, control, sampling, la
     from tqdm import tqdm
     device = next(model.parameters()).device
     diffusion = make_diffusion(args, facts)
-    sampling = sampling._replace(method=sampling.method or SAMPLERS[args.objective][0])
     y_all = fid_labels(num_samples, facts.num_classes, labels, seed)
+    # a text model's prompt of sample i: its class's shape in colour i % 8, whatever batch it falls in
+    prompts_all = class_prompts(y_all) if args.cond_type == "text" else None
     mine = range(rank * batch, num_samples, world * batch)
     # a rank may get none
     images, index = [np.zeros((0, facts.res, facts.res, 3), np.uint8)], [np.zeros(0, np.int64)]
@@ -151,7 +152,7 @@ def sample_npz(model, vae, args, facts, path, num_samples, control, sampling, la
         idx = np.arange(start, min(start + batch, num_samples))
         noise = make_noise(seed + idx, latent_shape(facts), device)
         ctrl = control.to(device).expand(len(idx), -1)
-        prompts = class_prompts(y_all[idx]) if args.cond_type == "text" else None
+        prompts = [prompts_all[i] for i in idx] if prompts_all is not None else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = generate(model, diffusion, noise, semantic_input(args, facts, y_all[idx], device, prompts),
                          ctrl, sampling, batch=batch, seed=seed + start, seeds=seed + idx)
@@ -373,7 +374,7 @@ def settings_of(a, run, scales, interval):
                 power=a.cfg_power)
     s = run_sampling(args, ctrl=a.ctrl_scale, interval=interval,
                      **{k: v for k, v in over.items() if v is not None})
-    s = s._replace(method=s.method or SAMPLERS[args.objective][0], scale=(scales or [args.cfg_scale])[0])
+    s = s._replace(scale=(scales or [args.cfg_scale])[0])
     if s.method not in SAMPLERS[args.objective]:
         raise SystemExit(f"--sampler {s.method}: this model was trained with --objective {args.objective}; "
                          f"choose one of {SAMPLERS[args.objective]}")

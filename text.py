@@ -16,6 +16,7 @@ import re
 import torch
 import torch.distributed as dist
 
+from checkpoint import atomic_write
 from conditioning import sinusoidal
 
 #################################################################################
@@ -219,8 +220,12 @@ class TextCache:
         caption set, else encoded anew (`batch` prompts at a time) and written."""
         distinct = sorted(set(captions))
         if os.path.exists(path):
-            cache = cls.load(path)
-            if cache.matches(encoder) and set(cache.captions) == set(distinct):
+            try:
+                cache = cls.load(path)
+            except Exception as e:  # damaged or foreign: it holds only what encoding again gives back
+                print(f"text cache {path} is unreadable ({type(e).__name__}): encoding the captions again")
+                cache = None
+            if cache is not None and cache.matches(encoder) and set(cache.captions) == set(distinct):
                 return cache
         features, mask = cls._encode(distinct, encoder, batch)
         cache = cls(features, mask, distinct, encoder.name, encoder.max_length, path)
@@ -229,16 +234,9 @@ class TextCache:
 
     def save(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            torch.save(dict(features=self.features, mask=self.mask, captions=self.captions,
-                            encoder=self.encoder, max_length=self.max_length), tmp)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:  # a full disk, no permission: say so, leave no partial file
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise SystemExit(f"could not write the text cache {path} ({type(e).__name__}: {e}); nothing "
-                             "half-written was left: free space or give another --out") from None
+        state = dict(features=self.features, mask=self.mask, captions=self.captions, encoder=self.encoder,
+                     max_length=self.max_length)
+        atomic_write(path, lambda f: torch.save(state, f), advice="free space or give another --out")
         self.path = path
 
     @classmethod
@@ -298,7 +296,7 @@ def text_cache_for(dataset, encoder, args, rank, world):
     too."""
     try:
         captions = dataset.captions()
-    except (AttributeError, NotImplementedError, RuntimeError):
+    except (AttributeError, NotImplementedError):  # a stream, a latent cache
         if rank == 0:
             print(f"--cond-type text: {args.dataset} cannot list its captions; encoding them batch by batch")
         return None
@@ -314,9 +312,10 @@ def text_cache_for(dataset, encoder, args, rank, world):
     tag = f"{args.dataset}-{args.res}-{args.seed}-{encoder.name}"
     name = "".join(ch if ch.isalnum() else "-" for ch in tag)
     path = os.path.join(args.out, f"text-cache-{name}-{encoder.max_length}.pt")
+    cache = None
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        TextCache.build(captions, encoder, path)
+        cache = TextCache.build(captions, encoder, path)
     if world > 1:
         dist.barrier()
-    return TextCache.load(path)
+    return cache or TextCache.load(path)

@@ -793,7 +793,7 @@ def grid_prompts(args, facts, dataset, batch, rows=4):
         return None
     try:
         captions = dataset.captions()
-    except (AttributeError, NotImplementedError, RuntimeError):  # a stream, a latent cache: the last batch's
+    except (AttributeError, NotImplementedError):  # a stream, a latent cache: the last batch's
         captions = batch[3]
     return list(dict.fromkeys(captions))[:rows]
 

@@ -40,9 +40,8 @@ def recipes(a):
                 own = run_sampling(args)  # the recipe's sampler, steps and guidance
                 grade = lambda: evaluate_shapes(model, make_diffusion(args, facts), args, facts, a.per_class,
                                                 "cpu", own)
-                out = dict(grade(), sampler=args.sampler or ("euler" if args.objective == "flow" else "ddim"),
-                           sample_steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                           cfg_schedule=args.cfg_schedule)
+                out = dict(grade(), sampler=own.method, sample_steps=own.steps, cfg_scale=own.scale,
+                           cfg_schedule=own.schedule)
                 # the trained weights: at a
                 model.load_state_dict(read_checkpoint(last_ckpt(run_dir))["model"])
                 # short budget an EMA of 0.9999 is mostly the init

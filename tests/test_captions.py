@@ -270,7 +270,7 @@ def test_shard_paths_and_ranks_fail_clearly(tmp_path, shards, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     ds = WebDatasetShards(os.path.join(shards, "*.tar"), RES)
     assert (ds.rank, ds.world) == (1, 2) and len(ds.shards) == 8
-    with pytest.raises(RuntimeError, match="map-style dataset"):
+    with pytest.raises(NotImplementedError, match="only known once every shard is read"):
         ds.captions()
 
 

@@ -9,8 +9,8 @@ from conftest import ROOT
 
 # lowest first; a file imports only files of the layers before its own
 LAYERS = [
-    ["conditioning"], ["model", "unet", "diffusion", "text", "latents", "data"],
-    ["checkpoint", "shapes"], ["config"], ["sample", "encode"],
+    ["conditioning"], ["model", "unet", "diffusion", "latents", "data"],
+    ["checkpoint"], ["text"], ["shapes"], ["config"], ["sample", "encode"],
     ["train"],
     ["experiments"],  # the harness: every file of the experiments/ package
 ]

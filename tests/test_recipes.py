@@ -119,6 +119,11 @@ def test_a_gate_for_a_route_that_does_not_gate_is_refused_and_a_flag_without_eff
     assert "warning: --mask-ratio does nothing in this run: it acts with --arch mdt" in warned
     with pytest.raises(SystemExit):  # argparse: an unknown schedule, or the wrong number of parameters
         get_args(["--gate-size", "cosine_pow:1,2"])
+    for bad in ("cosine_pow:-2", "cosine_pow:nan"):  # g(t) far above 1 at pure noise; not a number at all
+        with pytest.raises(SystemExit):
+            get_args(["--gate-size", bad])
+        assert f"gate {bad!r}: g(t) must stay within [0, 1]" in capsys.readouterr().err
+    assert get_args(["--gate-size", "cosine_pow:0.5"]).gate_size == "cosine_pow:0.5"
 
 
 def test_resume_with_another_optimizer_or_an_unusable_sampler_is_refused():
@@ -147,7 +152,8 @@ def test_recipes_sample_as_their_papers_publish(capsys):
     from config import run_sampling, validate
     published = dict(pixart=("dpm++2m", 20, "time", 4.5, "constant"),
                      sd3=("dpm++2m", 50, None, 5.0, "constant"),
-                     mdt=("ddpm", 250, None, 3.8, "power-cosine"), dit=("ddpm", 250, None, 1.5, "constant"))
+                     mdt=("ddpm", 250, "ddpm", 3.8, "power-cosine"),
+                     dit=("ddpm", 250, "ddpm", 1.5, "constant"))  # a DDPM recipe's unset spacing is named
     for name, (method, steps, spacing, scale, schedule) in published.items():
         s = run_sampling(get_args(["--recipe", name]))
         assert (s.method, s.steps, s.spacing, s.scale, s.schedule) == (method, steps, spacing, scale,

@@ -156,3 +156,24 @@ def test_a_text_model_gives_the_same_npz_again_and_from_two_ranks(text_run, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(one) as a, np.load(again) as b, np.load(tmp_path / "two.npz") as c:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_0"], c["arr_0"])
+
+
+def test_a_text_models_prompt_of_each_sample_does_not_depend_on_the_batch(text_run, tmp_path, monkeypatch):
+    """Sample i asks with its class's shape in colour i % 8, whichever batch it falls in (it used to take the
+    colour from its place in the batch, so --batch changed the prompts)."""
+    from shapes import COLOUR_NAMES
+    asked, real = [], sample.semantic_input
+
+    def recording(args, facts, labels, device, prompts=None):
+        asked.extend(prompts)
+        return real(args, facts, labels, device, prompts)
+    monkeypatch.setattr(sample, "semantic_input", recording)
+    by_batch = {}
+    for batch in ("3", "7"):
+        args = npz_args(text_run, tmp_path / f"b{batch}.npz")
+        args[args.index("--batch") + 1] = batch
+        asked.clear()
+        sample.main(args)
+        by_batch[batch] = list(asked)
+    assert by_batch["3"] == by_batch["7"] and len(by_batch["7"]) == 7
+    assert [p.split()[1] for p in by_batch["7"]] == [COLOUR_NAMES[i % len(COLOUR_NAMES)] for i in range(7)]

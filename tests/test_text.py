@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from checkpoint import WriteFailed
 from conditioning import TEXT_PADS, ClassEmbedder, TextEmbedder, drop_flags, pad_text
 from conftest import ROOT, perturb
 from model import JointBlock
@@ -274,6 +275,24 @@ def check_cache_round_trip(enc, captions, path, exact=True):
     # fp16 rounding, and for a real network the last bits of a matmul depend on the batch it was encoded in
     assert torch.allclose(f, ref_f, rtol=2e-3, atol=2e-3)
     return loaded
+
+
+def test_a_damaged_cache_is_encoded_again_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
+    enc = Counting(load_text_encoder("builtin"))
+    path = str(tmp_path / "text.pt")
+    with open(path, "wb") as f:
+        f.write(b"PK\x03\x04 cut short")
+    cache = TextCache.build(CAPTIONS[:5], enc, path)
+    assert "is unreadable" in capsys.readouterr().out and enc.count == 5 and len(TextCache.load(path)) == 5
+
+    def full_disk(obj, f):
+        f.write(b"x" * 100)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(WriteFailed, match=r"could not write .*other.pt: no space left on the device.*Nothing "
+                       r"half-written was left; free space or give another --out"):
+        cache.save(str(tmp_path / "other.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["text.pt"]
 
 
 def test_cache_round_trip_equals_on_the_fly_encoding(tmp_path):
