@@ -282,18 +282,18 @@ def checkpoints_in(folder):
     return [os.path.join(folder, f) for f in names]
 
 
-def load_latest(paths, mmap=False):
+def load_latest(paths):
     """(path, state) of the first checkpoint in `paths` that loads; damaged files are reported and passed over
     (a file that is refused as unsafe is not damaged: its SystemExit stops the search)."""
     for path in paths:
         try:
-            return path, read_checkpoint(path, mmap)
+            return path, read_checkpoint(path)
         except UnreadableCheckpoint as e:  # a truncated or foreign file: fall back to the one before it
             print(f"resume: skipping it, {e}", flush=True)
     return None, None
 
 
-def find_checkpoint(path, out="runs", flag="--resume", mmap=False):
+def find_checkpoint(path, out="runs", flag="--resume"):
     """Resolve --resume (or sample.py's --ckpt: `flag` names it in messages): a checkpoint file, a run folder
     (its newest complete checkpoint), or `auto` (the newest complete checkpoint of the newest run folder under
     --out that has one; None if there is none)."""
@@ -304,19 +304,19 @@ def find_checkpoint(path, out="runs", flag="--resume", mmap=False):
                    if os.path.isdir(out)
                    else [])
         for folder in folders:
-            found = load_latest(checkpoints_in(folder), mmap)
+            found = load_latest(checkpoints_in(folder))
             if found[0]:
                 return found
         return None, None
     if os.path.isdir(path):
-        found = load_latest(checkpoints_in(path), mmap)
+        found = load_latest(checkpoints_in(path))
         if found[0] is None:
             raise SystemExit(f"{flag} {path!r}: no complete ckpt-*.pt in that folder")
         return found
     if not os.path.isfile(path):
         raise SystemExit(f"{flag} {path!r}: no such checkpoint file or run folder")
     try:
-        return path, read_checkpoint(path, mmap)
+        return path, read_checkpoint(path)
     except UnreadableCheckpoint as e:
         raise SystemExit(f"{flag}: {e}") from None
 
@@ -387,14 +387,21 @@ def base_res_of(ckpt):
     return saved.get("base_res") if isinstance(saved, dict) else None
 
 
-def init_from(model, path, rank=0):
-    """Load every tensor of a checkpoint (ours, .pt or .safetensors: its EMA weights; an official DiT file, or
-    a DiT training checkpoint's EMA) whose name and shape match the model; print what was loaded, what was
-    skipped (and why) and what is new. Returns the three name lists."""
+def read_init(path):
+    """The file --init-from names, memory-mapped where it can be (a training checkpoint's optimizer state is
+    never paged in): read once, for its base resolution and its weights."""
     try:
-        state = checkpoint_weights(read_checkpoint(path))
+        return read_checkpoint(path, mmap=True)
     except UnreadableCheckpoint as e:
         raise SystemExit(f"--init-from: {e}") from None
+
+
+def init_from(model, path, rank=0, contents=None):
+    """Load every tensor of a checkpoint (ours, .pt or .safetensors: its EMA weights; an official DiT file, or
+    a DiT training checkpoint's EMA) whose name and shape match the model; print what was loaded, what was
+    skipped (and why) and what is new. `contents`: the file as read_init read it, if it was. Returns the
+    three name lists."""
+    state = checkpoint_weights(read_init(path) if contents is None else contents)
     if state is None:
         raise SystemExit(f"--init-from {path!r}: not a checkpoint of this project nor a DiT state dict")
     if is_dit_state_dict(state):

@@ -26,7 +26,7 @@ import os
 import torch
 from torch.utils.data import IterableDataset
 
-from checkpoint import ADDED_FACTS, UnreadableCheckpoint, base_res_of, read_checkpoint
+from checkpoint import ADDED_FACTS, base_res_of, read_init
 from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS, parse_gate
 from data import (
     MAX_WORKERS,
@@ -623,19 +623,17 @@ def data_size(dataset):
     return len(dataset)
 
 
-def learn_facts(args, dataset, encoder=None, resumed=None, world=1):
+def learn_facts(args, dataset, encoder=None, resumed=None, world=1, init=None):
     """Facts of this run from its dataset, its text encoder, the checkpoint it resumes (`resumed`) or starts
-    from (--init-from, opened here for its base resolution) and its number of processes."""
+    from (--init-from: `init`, its contents as checkpoint.read_init gave them, else opened here for its base
+    resolution) and its number of processes."""
     latent = getattr(dataset, "is_latent", False)
     res, vae = (dataset.res, dataset.vae) if latent else (args.res, args.vae)
     base_res = args.base_res
     if base_res is None and resumed is not None:
         base_res = resumed["facts"]["base_res"]
     elif base_res is None and args.init_from:
-        try:
-            base_res = base_res_of(read_checkpoint(args.init_from, mmap=True))
-        except UnreadableCheckpoint as e:
-            raise SystemExit(f"--init-from: {e}") from None
+        base_res = base_res_of(read_init(args.init_from) if init is None else init)
     return Facts(res=res, vae=vae, base_res=base_res or res,
                  source_dataset=dataset.meta["dataset"] if latent else args.dataset,
                  num_classes=dataset.num_classes,

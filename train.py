@@ -38,6 +38,7 @@ from checkpoint import (
     find_checkpoint,
     init_from,
     load_weights,
+    read_init,
     stored_args,
     write_checkpoint,
     write_failure,
@@ -593,9 +594,7 @@ def check_replicas(model, world, device, log, step):
     gathered = [torch.zeros_like(sums) for _ in range(world)]
     dist.all_gather(gathered, sums)
     same = all(torch.equal(gathered[0], g) for g in gathered[1:])  # every rank decides alike: none hangs
-    if log is not None:
-        log.write(json.dumps(dict(step=step, replicas_identical=same)) + "\n")
-        log.flush()
+    write_log(dict(step=step, replicas_identical=same), log)
     if not same:
         raise RuntimeError("model replicas diverged across ranks")
 
@@ -628,16 +627,16 @@ def setup(args):
     return rank, world, device, use_bf16(args.precision, device)
 
 
-def build(args, facts, encoder, ckpt, rank, device):
-    """The model (fresh, or --init-from's weights for a new run), its EMA, the autoencoder and the
-    optimizer."""
+def build(args, facts, encoder, init, rank, device):
+    """The model (fresh, or the weights of `init`, what --init-from names, for a new run), its EMA, the
+    autoencoder and the optimizer."""
     model = make_model(args, facts).to(device)
     if args.grad_ckpt:
         checkpoint_blocks(model)
     if encoder is not None and args.text_null == "empty":
         model.y_embed.set_empty(*encoder.encode([""]))
-    if args.init_from and ckpt is None:
-        init_from(model, args.init_from, rank)
+    if init is not None:
+        init_from(model, args.init_from, rank, init)
         # a resolution transfer: say what adapts to the new grid
         if rank == 0 and facts.res != facts.base_res:
             print(f"--init-from at {facts.res} px: positional embedding `{args.pos_mode}` from the "
@@ -668,6 +667,7 @@ def main(argv=None):
     rank, world, device, bf16 = setup(args)
     started = time.time()
     ckpt_path, ckpt = resume_point(args, rank)
+    init = read_init(args.init_from) if args.init_from and ckpt is None else None  # a new run's weights
 
     # ---- data, its caption features, and what the sources tell (the run's facts)
     # -----------------------------------
@@ -677,13 +677,14 @@ def main(argv=None):
     if not stream:  # say it now, not after a run folder was made for a run that cannot take a step
         epoch_indices(len(dataset), 0, args.seed, rank, world, local_batch)
     encoder, text_cache = text_features(dataset, args, device, rank, world)
-    facts = learn_facts(args, dataset, encoder, ckpt, world)
+    facts = learn_facts(args, dataset, encoder, ckpt, world, init)
     refuse_other_config(args, facts, ckpt_path, ckpt)
     check_resume(args, ckpt_path, ckpt, rank)
 
     # ---- model, EMA, autoencoder, optimizer, and then the run folder (a failure above leaves none behind)
     # ----------
-    model, ema, vae, opt = build(args, facts, encoder, ckpt, rank, device)
+    model, ema, vae, opt = build(args, facts, encoder, init, rank, device)
+    del init  # its weights are in the model now
     run_dir, lock = run_folder(args, ckpt_path, ckpt, rank, world, started)
     preempt = None
     try:  # however the run ends, the folder is free again and Ctrl-C gets its usual meaning back
@@ -760,8 +761,9 @@ def main(argv=None):
     return run_dir
 
 
-def write_log(rec, log, bar):
-    """A log line to log.jsonl and the progress bar (rank 0; `log` None elsewhere)."""
+def write_log(rec, log, bar=None):
+    """A log line to log.jsonl, and its loss to the progress bar if there is one (rank 0; `log` None
+    elsewhere)."""
     if log is not None:
         try:
             log.write(json.dumps(rec) + "\n")
@@ -769,7 +771,8 @@ def write_log(rec, log, bar):
         except OSError as e:
             raise WriteFailed(f"{write_failure(log.name, e)}. The last checkpoint holds the run: free space, "
                               f"then --resume {os.path.dirname(log.name)}") from None
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
 
 
 def stop_preempted(preempt, loop, run_dir, bar, log, world):

@@ -241,6 +241,24 @@ def test_base_res_is_the_training_resolution_from_scratch_and_the_source_s_other
     assert base_of(["--res", "32", "--base-res", "32", "--init-from", source]) == 32
 
 
+@pytest.mark.slow
+def test_a_transfer_reads_its_source_once(tmp_path, monkeypatch):
+    """--init-from is read (and its CRCs checked) once, for its base resolution and its weights: an XL/2
+    training checkpoint is 10 GiB."""
+    import checkpoint
+    source = our_checkpoint(tmp_path / "ckpt-0000003.pt")
+    reads, real = [], checkpoint.damaged_record  # the CRC pass over every byte, at each read
+
+    def counted(path):
+        reads.append(path)
+        return real(path)
+    monkeypatch.setattr(checkpoint, "damaged_record", counted)
+    run = train.main(TINY_NO_BASE + ["--res", "32", "--init-from", source, "--steps", "1", "--sample-every",
+                                     "-1", "--out", str(tmp_path / "runs")])
+    assert reads == [source]
+    assert torch.load(find_checkpoint(run)[0], weights_only=False)["facts"]["base_res"] == 16
+
+
 #################################################################################
 #                        sample.py: flags checked, named                        #
 #################################################################################
