@@ -22,7 +22,7 @@ from checkpoint import atomic_write
 from conditioning import CONTROL_SIGNALS
 from config import DATASETS, build_dataset
 from data import EVENTS, setup_distributed
-from latents import CACHE_FORMAT, Autoencoder, encode_command, latent_geometry, shard_name
+from latents import CACHE_FORMAT, Autoencoder, encode_command, latent_geometry, shard_path
 
 #################################################################################
 #                                 Shard files                                   #
@@ -126,7 +126,7 @@ def encode_shards(dataset, vae, args, meta, mine, rank, device):
 
     n, size = meta["num_items"], meta["shard_size"]
     span = lambda k: (k * size, min((k + 1) * size, n))
-    path = lambda k: os.path.join(args.out, shard_name(k, meta["world"]))
+    path = lambda k: shard_path(args.out, k, meta)
     todo = [k for k in mine if not shard_complete(path(k), *span(k))]
     print(f"rank {rank}: {len(mine) - len(todo)} of {len(mine)} shards already complete, {len(todo)} to "
           "encode", flush=True)
@@ -152,7 +152,7 @@ def encode_shards(dataset, vae, args, meta, mine, rank, device):
             write_shard(path(k), start, torch.cat(means), None if stds[0] is None else torch.cat(stds),
                         torch.cat(labels), torch.cat(ctrls), sum(captions, []))
             parts = []
-            print(f"rank {rank}: wrote {shard_name(k, meta['world'])} (items {start}..{stop - 1})",
+            print(f"rank {rank}: wrote {os.path.basename(path(k))} (items {start}..{stop - 1})",
                   flush=True)
 
 
@@ -160,8 +160,7 @@ def write_stats(dataset, vae, args, meta, mine, rank, world, device):
     """Per-channel statistics over the whole dataset: every rank sums its shards, then an all-reduce; rank 0
     writes stats.json, which marks the cache finished."""
     channels = meta["latent_shape"][0]
-    path = lambda k: os.path.join(args.out, shard_name(k, world))
-    sums = (sum(torch.load(path(k), mmap=True, weights_only=True)["sums"] for k in mine)
+    sums = (sum(torch.load(shard_path(args.out, k, meta), mmap=True, weights_only=True)["sums"] for k in mine)
             if mine
             else torch.zeros(3, channels, dtype=torch.float64))
     events = torch.zeros(len(EVENTS), dtype=torch.int64)

@@ -143,6 +143,11 @@ def shard_name(k, world):
     return f"shard-{k % world:03d}-{k:05d}.pt"
 
 
+def shard_path(cache_dir, k, meta):
+    """Shard k of the cache in `cache_dir` whose meta.json is `meta` (named by the rank that encodes it)."""
+    return os.path.join(cache_dir, shard_name(k, meta["world"]))
+
+
 def encode_command(meta, out):
     """The command line that makes (or finishes) the cache described by `meta`."""
     launch = f"torchrun --nproc_per_node={meta['world']}" if meta["world"] > 1 else "python"
@@ -170,18 +175,18 @@ def read_cache(cache_dir):
     if meta.get("format") != CACHE_FORMAT:
         raise ValueError(f"{cache_dir}: latent cache format {meta.get('format')}, this code reads "
                          f"{CACHE_FORMAT}")
-    missing = [k
-               for k in range(meta["num_shards"])
-               if not os.path.exists(os.path.join(cache_dir, shard_name(k, meta["world"])))]
     stats_path = os.path.join(cache_dir, "stats.json")
-    # a shard's zip directory sits at its end: a truncated or overwritten shard fails here, at the cost of one
-    # small read per shard, not at the first batch that needs it
+    missing = []
     for k in range(meta["num_shards"]):
-        name = shard_name(k, meta["world"])
-        if k not in missing and not zipfile.is_zipfile(os.path.join(cache_dir, name)):
-            raise RuntimeError(f"latent cache {cache_dir}: shard {name} is damaged (truncated or "
-                               "overwritten: no zip directory at its end); encode it again (the command "
-                               "redoes only missing or damaged shards):\n  "
+        path = shard_path(cache_dir, k, meta)
+        if not os.path.exists(path):
+            missing.append(k)
+        # a shard's zip directory sits at its end: a truncated shard fails here, at the cost of one small
+        # read per shard, not at the first batch that needs it
+        elif not zipfile.is_zipfile(path):
+            raise RuntimeError(f"latent cache {cache_dir}: shard {os.path.basename(path)} is damaged "
+                               "(truncated, or not a shard: no zip directory at its end); encode it again "
+                               "(the command redoes only missing or damaged shards):\n  "
                                + encode_command(meta, cache_dir))
     if missing or not os.path.exists(stats_path):
         raise RuntimeError(f"latent cache {cache_dir} is unfinished ({len(missing)} of {meta['num_shards']} "
@@ -237,7 +242,7 @@ class LatentCacheDataset(Dataset):
 
     def _shard(self, k):
         if k not in self._shards:
-            path = os.path.join(self.cache_dir, shard_name(k, self.meta["world"]))
+            path = shard_path(self.cache_dir, k, self.meta)
             try:
                 self._shards[k] = torch.load(path, mmap=True, weights_only=True)
             except Exception as e:  # damaged after the cache was opened: name the file and the repair
