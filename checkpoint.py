@@ -6,15 +6,14 @@ checked against the run that resumes them, and read back as weights -- to resume
 A checkpoint of ours is one torch.save dict: model, ema, opt (state dicts), step, epoch and position (where
 the data order stands), gen, torch_rng and cuda_rng (every rank's noise stream, the global CPU RNG, every
 rank's CUDA RNG or None), loss_window (the log line's running mean), args (the flags, `vars(args)`), facts
-(what the run learned from its sources, config.Facts) and config_version.
+(what the run learned from its sources, build.SourceFacts) and config_version.
 
 Every checkpoint carries a checksum of its tensor data: torch.save writes a CRC-32 of every record into the
 zip it makes, and read_checkpoint verifies them all before it loads anything (torch.load does not), so a
 changed byte is a damaged file, never a silently wrong weight. Every write is atomic (a temporary file, fsync,
 rename), and a write that fails -- a full disk, no permission -- says which file, why, and what to do.
 
-A run folder has one owner: RunLock, an advisory lock held by the training process for the life of the run and
-released by the OS when it dies, so that a second process on the same folder is refused, not interleaved.
+A run folder's life -- its lock, resuming it, preemption -- is run.py's; this file knows only files.
 
 Reading a file never runs code from it. Unpickling can call any function the file names, so a .pt is read with
 weights_only=True: only tensors, numbers, strings, lists, tuples, dicts and None are built, plus the one class
@@ -26,16 +25,16 @@ it goes wherever a checkpoint goes.
 import argparse
 import errno
 import json
+import math
 import os
 import pickle
 import re
-import socket
-import time
 import zipfile
 
 import torch
 
-from model import SIZES, from_dit, is_dit_state_dict
+from conditioning import CONTROL_GROUPS
+from model import SIZES, sincos_2d
 
 CONFIG_VERSION = 3  # the schema of the stored configuration (3: flags and facts apart); another is refused
 # flags added since schema 3, each with the value that does what the code did before the flag existed: a
@@ -185,47 +184,6 @@ def write_checkpoint(path, state, advice="free space and run the command again")
     atomic_write(path, lambda f: torch.save(state, f), advice)
 
 
-class RunLock:
-    """The run folder's owner: an exclusive advisory lock (fcntl.flock) on RUN/.lock, taken before the process
-    touches anything in the folder and held until it ends; the OS releases it when the process dies, however
-    it dies, so a killed job never blocks its own restart. A second process on the same folder -- a requeued
-    job while the old one still runs, two `--resume auto` -- is refused with the holder's pid, host and start
-    time. Advisory: it binds processes of this code; on NFS it holds within one host only."""
-
-    def __init__(self, run_dir):
-        self.path, self.file = os.path.join(run_dir, ".lock"), None
-        try:
-            import fcntl
-        except ImportError:  # not on POSIX: no lock, and we say so
-            print(f"warning: no file locking on this system; nothing stops a second process on {run_dir}")
-            return
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "a process that has not written its name yet"
-            f.close()
-            raise SystemExit(f"{run_dir} is in use by another training process ({holder}): two processes on "
-                             "one run folder would overwrite each other's checkpoints and log. Wait for it "
-                             "to end or stop it (a killed process frees the folder at once), or train into "
-                             "another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        self.file = f
-
-    def release(self):
-        if self.file is not None:
-            import fcntl
-
-            # unlocked first: the loader workers forked while it was held share the lock until they exit
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
-
-
 #################################################################################
 #                      .safetensors: weights to share                           #
 #################################################################################
@@ -243,7 +201,7 @@ def safetensors_module(what):
 
 def export_safetensors(model, args, facts, step, path):
     """Write the model's weights to `path`, the configuration (flags and facts, dicts) as JSON in the file's
-    metadata (which holds strings only): the file alone rebuilds the model (sample.load_model) and starts a
+    metadata (which holds strings only): the file alone rebuilds the model (build.load_model) and starts a
     fine-tune (init_from)."""
     save = safetensors_module(f"--export {path}").torch.save
     metadata = dict(
@@ -371,7 +329,7 @@ def dit_config(state):
 
 
 def with_dit_weights(model, state):
-    """The model's state dict with every tensor of a DiT state dict mapped in (model.from_dit): our control
+    """The model's state dict with every tensor of a DiT state dict mapped in (from_dit): our control
     MLPs' first layers keep the model's own values."""
     return {**model.state_dict(), **from_dit(state, model.width)[0]}
 
@@ -428,3 +386,51 @@ def init_from(model, path, rank=0, contents=None):
             print(f"--init-from: WARNING only {share:.0%} of the model's weights came from {path}; most of "
                   f"it starts from scratch. Do --model, --arch and --cond match the checkpoint's?")
     return loaded, skipped, new
+
+
+#################################################################################
+#                 Published weights: the official DiT                           #
+#################################################################################
+# The official DiT models.py names its tensors differently; the computation is the same as ours with
+# cond="adaln", qk_norm off and 8 output channels (eps + learned variance). The fixed positional embedding is
+# not a parameter here: it is recomputed (same formula) and checked against the file's. Our control embedder
+# has no counterpart: its output layers are zeroed, so the mapped model ignores the control metadata and
+# computes exactly what DiT computes.
+
+DIT_NAMES = [("x_embedder.proj.", "x_embed."), ("t_embedder.mlp.", "t_embed.mlp."),
+             ("y_embedder.embedding_table.", "y_embed.table."),
+             ("final_layer.adaLN_modulation.", "final.ada."), ("final_layer.linear.", "final.linear."),
+             (".attn.qkv.", ".img.qkv."), (".attn.proj.", ".img.proj."), (".mlp.fc1.", ".img.mlp.0."),
+             (".mlp.fc2.", ".img.mlp.2."), (".adaLN_modulation.", ".img.ada.")]
+
+
+def is_dit_state_dict(state):
+    """Whether `state` is an official DiT state dict (its patch embedding and final layer by DiT's names)."""
+    return (isinstance(state, dict) and "x_embedder.proj.weight" in state
+            and "final_layer.linear.weight" in state)
+
+
+def from_dit(state, width):
+    """An official DiT state dict -> (our state dict, the DiT grid size). Unknown names raise. Only the
+    control MLPs' first layers are left out: they keep the model's own initialisation (zeroing both layers
+    would leave the branch without a gradient forever, should the model be fine-tuned with control
+    metadata)."""
+    out = {}
+    for name, tensor in state.items():
+        if name == "pos_embed":
+            continue
+        new = next((name.replace(theirs, ours, 1) for theirs, ours in DIT_NAMES if theirs in name), None)
+        if new is None:
+            raise ValueError(f"unexpected tensor {name!r} in the DiT checkpoint")
+        out[new] = tensor
+    grid = int(round(math.sqrt(state["pos_embed"].shape[1])))
+    expected = sincos_2d(width, grid, grid, grid, grid)
+    if not torch.allclose(state["pos_embed"].reshape(-1, width).float(), expected, atol=1e-5):
+        raise ValueError("the DiT checkpoint's positional embedding is not the standard sin-cos one")
+    for group in CONTROL_GROUPS:  # silence the control branch DiT never had
+        for kind in ("weight", "bias"):
+            ref = out.get(f"t_embed.mlp.2.{kind}")
+            shape = (width, width) if kind == "weight" else (width,)
+            out[f"c_embed.mlps.{group}.2.{kind}"] = torch.zeros(shape, dtype=ref.dtype)
+    out["c_embed.null"] = torch.zeros(len(CONTROL_GROUPS), width, dtype=out["t_embed.mlp.2.weight"].dtype)
+    return out, grid

@@ -24,8 +24,7 @@ import torch.nn as nn
 #                 Control metadata: what the augmentation recorded              #
 #################################################################################
 # Order of the control vector. Units: pixels, except flip (0/1) and aspect (target width / height).
-#   orig_h, orig_w : size of the image before it was resized to the training canvas (small = upsampled =
-#   blurry)
+#   orig_h, orig_w : size of the image before it was resized to the training canvas (small: upsampled, blurry)
 #   crop_top/left  : offset of the training crop inside the resized canvas
 #   flip           : 1 if the crop was mirrored left-right
 #   aspect         : aspect ratio (w / h) of the training image
@@ -100,11 +99,12 @@ def gate(spec, t):
 
 def normalise_control(ctrl):
     """(B, len(CONTROL_SIGNALS)) raw control -> same shape, unit-ish scale."""
-    c = dict(zip(CONTROL_SIGNALS, ctrl.float().unbind(-1)))
-    res = c["res"].clamp(min=1.0)
-    out = {"orig_h": torch.log2(c["orig_h"].clamp(min=1.0)), "orig_w": torch.log2(c["orig_w"].clamp(min=1.0)),
-           "crop_top": c["crop_top"] / res, "crop_left": c["crop_left"] / res, "flip": c["flip"],
-           "aspect": torch.log2(c["aspect"].clamp(min=1e-3)), "res": torch.log2(res)}
+    raw = dict(zip(CONTROL_SIGNALS, ctrl.float().unbind(-1)))
+    res = raw["res"].clamp(min=1.0)
+    log_size = lambda name: torch.log2(raw[name].clamp(min=1.0))
+    out = {"orig_h": log_size("orig_h"), "orig_w": log_size("orig_w"),
+           "crop_top": raw["crop_top"] / res, "crop_left": raw["crop_left"] / res, "flip": raw["flip"],
+           "aspect": torch.log2(raw["aspect"].clamp(min=1e-3)), "res": torch.log2(res)}
     return torch.stack([out[k] for k in CONTROL_SIGNALS], dim=-1)
 
 
@@ -193,8 +193,8 @@ class ClassEmbedder(nn.Module):
     def forward(self, y, drop=None):
         if drop is not None:
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        tok = self.table(y).view(y.shape[0], self.tokens, -1)  # (B, K, D)
-        return tok, tok.mean(dim=1)
+        tokens = self.table(y).view(y.shape[0], self.tokens, -1)  # (B, K, D)
+        return tokens, tokens.mean(dim=1)
 
 
 #################################################################################
@@ -227,27 +227,29 @@ def pad_text(features, mask, mode="noisy_replicate", noise_std=0.1, generator=No
     if mode == "zero":
         return features * mask[..., None].to(features.dtype), mask
     B, L, d = features.shape
-    n = mask.sum(1, keepdim=True)  # (B, 1) valid tokens per prompt
+    valid_count = mask.sum(1, keepdim=True)  # (B, 1) valid tokens per prompt
     order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # (B, L) valid positions first
     slot = torch.arange(L, device=features.device)[None]  # (1, L)
-    src = order.gather(1, slot % n.clamp(min=1))  # (B, L) the position each slot copies
-    out = features.gather(1, src[..., None].expand(-1, -1, d)) * (n > 0)[..., None].to(features.dtype)
+    source = order.gather(1, slot % valid_count.clamp(min=1))  # (B, L) the position each slot copies
+    out = features.gather(1, source[..., None].expand(-1, -1, d))
+    out = out * (valid_count > 0)[..., None].to(features.dtype)  # (B, L, d)
     if mode == "noisy_replicate" and noise_std > 0:
-        x, valid = features.detach().float(), mask[..., None].float()
-        count = (n * d).float()  # (B, 1)
-        mean = (x * valid).sum((1, 2)) / count.clamp(min=1)[:, 0]
-        # (B,)
-        std = (((x - mean[:, None, None]) ** 2 * valid).sum((1, 2)) / (count - 1).clamp(min=1)[:, 0]).sqrt()
+        # the std of each prompt's valid features, over all its valid tokens and channels
+        values, valid = features.detach().float(), mask[..., None].float()
+        count = (valid_count * d).float()  # (B, 1)
+        mean = (values * valid).sum((1, 2)) / count.clamp(min=1)[:, 0]  # (B,)
+        squares = ((values - mean[:, None, None]) ** 2 * valid).sum((1, 2))  # (B,)
+        std = (squares / (count - 1).clamp(min=1)[:, 0]).sqrt()  # (B,)
         if noise is None:
             noise = torch.randn(out.shape, generator=generator, device=out.device)  # (B, L, d)
-        copies = (slot >= n)[..., None].float()  # (B, L, 1): never the valid tokens themselves
+        copies = (slot >= valid_count)[..., None].float()  # (B, L, 1): never the valid tokens themselves
         out = out + (noise * copies * (noise_std * std)[:, None, None]).to(out.dtype)
     return out, torch.ones_like(mask)
 
 
-# the padding noise of the sample with noise seed s comes from seed PAD_SEED + s: a stream of its
+# The padding noise of the sample with noise seed s comes from seed PAD_SEED + s: a stream of its own, not a
+# copy of the first numbers of the sample's image noise (seed s).
 PAD_SEED = 1 << 40
-                    # own, not a copy of the first numbers of the sample's image noise (seed s)
 
 
 def padding_noise(seeds, length, dim, device=None):
@@ -260,8 +262,8 @@ def padding_noise(seeds, length, dim, device=None):
 
 class TextEmbedder(nn.Module):
     """Encoded prompt -> L context tokens (B, L, D) and a pooled vector (B, D), like ClassEmbedder, so a model
-    holds either as `y_embed` (class -> text transfer then loads every other tensor and reports y_embed.* as
-    new).
+    holds either as `y_embed` (a class -> text transfer then loads every other tensor and reports y_embed.*
+    as new).
 
     The encoder's features are padded (pad_text), then projected by PixArt-alpha's caption projection
     (Linear -> GELU(tanh) -> Linear). pooled = the mean of the projected *valid* tokens, so padding never
@@ -322,8 +324,8 @@ class TextEmbedder(nn.Module):
             mask = torch.where(drop[:, None], self.empty_mask[None], mask)
         padded, keep = pad_text(features, mask, self.pad, self.pad_noise, generator, noise)
         tokens = self.proj(padded)  # (B, L, D)
-        w = mask[..., None].to(tokens.dtype)
-        pooled = (tokens * w).sum(1) / w.sum(1).clamp(min=1)  # (B, D) mean over the valid tokens only
+        valid = mask[..., None].to(tokens.dtype)
+        pooled = (tokens * valid).sum(1) / valid.sum(1).clamp(min=1)  # (B, D) mean over the valid tokens only
         if drop is not None and self.null_mode == "learned":
             null = self.null.to(tokens.dtype)
             tokens = torch.where(drop[:, None, None], null[None], tokens)
@@ -339,6 +341,6 @@ class TextEmbedder(nn.Module):
 def drop_flags(batch, p_sem, p_ctrl, generator=None, device=None):
     """Which samples drop their semantic and which their control condition: two independent (B,) bool masks
     (the text route passes the first to TextEmbedder as `drop`)."""
-    u = torch.rand(2, batch, generator=generator, device=device)
-    return u[0] < p_sem, u[1] < p_ctrl
+    uniform = torch.rand(2, batch, generator=generator, device=device)
+    return uniform[0] < p_sem, uniform[1] < p_ctrl
 

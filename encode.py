@@ -18,9 +18,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from build import ShapesOptions, build_dataset
 from checkpoint import atomic_write
 from conditioning import CONTROL_SIGNALS
-from config import DATASETS, build_dataset
+from config import DATASETS
 from data import EVENTS, setup_distributed
 from latents import CACHE_FORMAT, Autoencoder, encode_command, latent_geometry, shard_path
 
@@ -156,9 +157,9 @@ def encode_shards(dataset, vae, args, meta, mine, rank, device):
                   flush=True)
 
 
-def write_stats(dataset, vae, args, meta, mine, rank, world, device):
+def write_stats(dataset, args, meta, mine, rank, world, device):
     """Per-channel statistics over the whole dataset: every rank sums its shards, then an all-reduce; rank 0
-    writes stats.json, which marks the cache finished."""
+    writes stats.json, which marks the cache finished, and prints them times the latent scale of `meta`."""
     channels = meta["latent_shape"][0]
     sums = (sum(torch.load(shard_path(args.out, k, meta), mmap=True, weights_only=True)["sums"] for k in mine)
             if mine
@@ -181,10 +182,11 @@ def write_stats(dataset, vae, args, meta, mine, rank, world, device):
         bad_images_this_run={k: v for k, v in zip(EVENTS, events.tolist()) if v and k != "ok"},
     )
     write_json(os.path.join(args.out, "stats.json"), stats)
-    scaled = ", ".join(f"{s * vae.scale:.3f}" for s in stats["std"]) if isinstance(vae.scale, float) else "-"
+    scale = meta["scale"]
+    scaled = ", ".join(f"{std * scale:.3f}" for std in stats["std"]) if isinstance(scale, float) else "-"
     print(f"latent cache {args.out}: {meta['num_items']} items x 2 orientations in {meta['num_shards']} "
-          f"shards; per-channel std of the raw latents {[round(s, 3) for s in stats['std']]}, times the "
-          f"scale {vae.scale}: [{scaled}]", flush=True)
+          f"shards; per-channel std of the raw latents {[round(std, 3) for std in stats['std']]}, times the "
+          f"scale {scale}: [{scaled}]", flush=True)
 
 
 def encode_cache(args):
@@ -202,14 +204,15 @@ def encode_cache(args):
     if args.res % factor:
         raise SystemExit(f"--res {args.res} must be divisible by the autoencoder factor {factor}")
     # hflip=False: the cache stores both orientations itself; crop and any seeded draw use epoch 0
-    dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, size=args.shapes_size,
-                            crop=args.crop, hflip=False, progress=rank == 0)
+    shapes = ShapesOptions(size=args.shapes_size, progress=rank == 0)
+    dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, crop=args.crop,
+                            hflip=False, shapes=shapes)
     vae = Autoencoder(args.vae).to(device)
     meta = cache_meta(args, dataset, vae, world)
     agree_on_meta(meta, args.out, rank, world)
     mine = list(range(rank, meta["num_shards"], world))
     encode_shards(dataset, vae, args, meta, mine, rank, device)
-    write_stats(dataset, vae, args, meta, mine, rank, world, device)
+    write_stats(dataset, args, meta, mine, rank, world, device)
     if world > 1:
         dist.barrier()  # every rank returns only once the cache is finished
         dist.destroy_process_group()
@@ -222,27 +225,29 @@ def encode_cache(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--dataset", default="imagenet", choices=[d for d in DATASETS if d not in ("latents", "webdataset")],
-      help="a map-style dataset: imagenet | folder (ImageFolder trees) | captions | shapes (webdataset "
-      "shards are a stream without indices, which the cache's shard plan needs)")
-    a("--data-path", default=None,
-      help="ImageFolder root for imagenet / folder; caption folder or .csv for captions")
-    a("--shapes-size", type=int, default=10000, help="number of shapes images")
-    a("--res", type=int, default=256, help="pixel resolution of the crops")
-    a("--crop", default="center", choices=("center", "random"), help="crop policy; center (ADM / DiT) is the "
-      "usual one for a cache, random draws one fixed crop per image from --seed")
-    a("--vae", default="sd-ema", help="sd-ema | sd-mse | a diffusers AutoencoderKL folder | none (pixels)")
-    a("--out", required=True, help="cache folder (a file system every rank sees)")
-    a("--seed", type=int, default=0, help="seed of random crops and of the shapes dataset")
-    a("--shard-size", type=int, default=2048,
-      help="items per shard file (2048 at 256 px: 64 MB of fp16 moments)")
-    a("--dtype", default="float16", choices=("float16", "float32"), help="storage type of the moments")
-    a("--batch", type=int, default=64,
-      help="images per encoder call on each rank (each also encoded mirrored)")
-    a("--workers", type=int, default=8, help="data-loader workers per rank")
-    return encode_cache(p.parse_args(argv))
+    """encode.py's flags, then the cache."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = parser.add_argument
+    flag("--dataset", default="imagenet", choices=[d for d in DATASETS if d not in ("latents", "webdataset")],
+         help="a map-style dataset: imagenet | folder (ImageFolder trees) | captions | shapes (webdataset "
+         "shards are a stream without indices, which the cache's shard plan needs)")
+    flag("--data-path", default=None,
+         help="ImageFolder root for imagenet / folder; caption folder or .csv for captions")
+    flag("--shapes-size", type=int, default=10000, help="number of shapes images")
+    flag("--res", type=int, default=256, help="pixel resolution of the crops")
+    flag("--crop", default="center", choices=("center", "random"), help="crop policy; center (ADM / DiT) is "
+         "the usual one for a cache, random draws one fixed crop per image from --seed")
+    flag("--vae", default="sd-ema", help="sd-ema | sd-mse | a diffusers AutoencoderKL folder | none (pixels)")
+    flag("--out", required=True, help="cache folder (a file system every rank sees)")
+    flag("--seed", type=int, default=0, help="seed of random crops and of the shapes dataset")
+    flag("--shard-size", type=int, default=2048,
+         help="items per shard file (2048 at 256 px: 64 MB of fp16 moments)")
+    flag("--dtype", default="float16", choices=("float16", "float32"), help="storage type of the moments")
+    flag("--batch", type=int, default=64,
+         help="images per encoder call on each rank (each also encoded mirrored)")
+    flag("--workers", type=int, default=8, help="data-loader workers per rank")
+    return encode_cache(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

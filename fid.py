@@ -26,6 +26,7 @@ import json
 import os
 import struct
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -287,15 +288,20 @@ class NpzImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)
 
 
+class Input(NamedTuple):
+    """REF or SAMPLE as read: stats = (mu, sigma) when the file has them, images = a Dataset or None."""
+    stats: tuple | None
+    images: torch.utils.data.Dataset | None
+
+
 def open_input(path):
-    """(stats, images) of REF or SAMPLE: stats = (mu, sigma) when the file has them, images = a Dataset or
-    None.
+    """The Input of REF or SAMPLE.
 
     ADM reference batches (VIRTUAL_imagenet256_labeled.npz) hold both; FID then uses their mu / sigma, and the
     images only serve the metrics that need features (precision / recall).
     """
     if os.path.isdir(path):
-        return None, FolderImages(path)
+        return Input(None, FolderImages(path))
     if not os.path.isfile(path):
         raise SystemExit(f"{path!r}: no such file or folder; give a folder of images, an .npz of images "
                          "(arr_0) or an .npz of statistics (mu, sigma)")
@@ -317,7 +323,7 @@ def open_input(path):
                          f"(statistics from --save-stats); this one holds {sorted(keys)}")
     if stats is not None and (stats[0].ndim != 1 or stats[1].shape != (len(stats[0]),) * 2):
         raise SystemExit(f"{path}: mu {stats[0].shape} and sigma {stats[1].shape} do not fit (D,) and (D, D)")
-    return stats, images
+    return Input(stats, images)
 
 
 def save_stats(path, mu, sigma):
@@ -336,9 +342,16 @@ def save_stats(path, mu, sigma):
     os.replace(tmp, path)
 
 
+class Process(NamedTuple):
+    """Where this process computes: its rank among `world` ranks, and its device."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+
 def setup_distributed():
-    """(rank, world, device) under torchrun or in one process; the LOCAL rank picks the GPU (the global rank
-    is wrong on every node but the first)."""
+    """This Process under torchrun or alone; the LOCAL rank picks the GPU (the global rank is wrong on every
+    node but the first)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -346,7 +359,7 @@ def setup_distributed():
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return Process(rank, world, device)
 
 
 #################################################################################
@@ -367,15 +380,16 @@ def gather_strided(x, n, world):
 
 
 @torch.no_grad()
-def extract(model, images, batch=50, workers=0, rank=0, world=1, device="cpu", desc="features"):
+def extract(model, images, batch=50, workers=0, process=Process(), desc="features"):
     """Pool features (N, 2048) and logits (N, 1008), float32 numpy in dataset order, on every rank.
 
-    Rank r embeds images r, r + world, ...; the shards are gathered back, so the result is a single-process
-    run's. TF32 (a 10-bit mantissa in convolutions and matmuls) is switched off meanwhile: the reference
-    numbers are fp32.
+    Rank r of `process.world` embeds images r, r + world, ...; the shards are gathered back, so the result is
+    a single-process run's. TF32 (a 10-bit mantissa in convolutions and matmuls) is switched off meanwhile:
+    the reference numbers are fp32.
     """
     from tqdm import tqdm
 
+    rank, world, device = process
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -546,7 +560,8 @@ def clip_score(images, prompts, model_path, batch=50, device="cpu"):
 #################################################################################
 
 
-def main(argv=None):
+def get_args(argv=None):
+    """The command line, its counts and combinations checked before any work."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ref", help="reference: image folder, .npz of images (arr_0) or of statistics (mu, sigma)")
     p.add_argument("sample", nargs="?",
@@ -567,87 +582,111 @@ def main(argv=None):
     p.add_argument("--out", default=None,
                    help="result JSON (default: SAMPLE.metrics.json when SAMPLE has a sidecar JSON of its "
                    "settings)")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     for flag, low in (("batch", 1), ("workers", 0), ("splits", 1), ("k", 1)):
-        if getattr(a, flag) < low:
-            p.error(f"--{flag} must be >= {low}, got {getattr(a, flag)}")
-    if a.save_stats and not a.save_stats.endswith(".npz"):
-        p.error(f"--save-stats {a.save_stats}: writes an .npz; end the path in .npz")
-    if a.sample is None and a.save_stats is None:
+        if getattr(args, flag) < low:
+            p.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
+    if args.save_stats and not args.save_stats.endswith(".npz"):
+        p.error(f"--save-stats {args.save_stats}: writes an .npz; end the path in .npz")
+    if args.sample is None and args.save_stats is None:
         p.error("give SAMPLE, or --save-stats OUT to only compute REF's statistics")
-    if a.clip and not a.prompts:
+    if args.clip and not args.prompts:
         p.error("--clip needs --prompts FILE (one prompt per sample image)")
-    rank, world, device = setup_distributed()
+    return args
 
-    # read both inputs before any network work, so that a bad path fails at once
-    ref_stats, ref_images = open_input(a.ref)
-    sample_stats, sample_images = open_input(a.sample) if a.sample else (None, None)
-    # FID prefers stored statistics; features only when they are missing
-    need = {"ref": ref_stats is None or a.pr,
-            "sample": a.sample is not None and (sample_stats is None or a.inception_score or a.pr)}
-    if a.pr and ref_images is None:
-        raise SystemExit(f"--pr compares features: REF {a.ref!r} holds statistics only; give its images")
-    if (a.pr or a.inception_score or a.clip) and sample_images is None:
-        raise SystemExit(f"--is / --pr / --clip need SAMPLE images; {a.sample!r} holds statistics only")
 
-    if any(need.values()):
-        path, error = a.inception, None
-        if rank == 0:  # one rank downloads, the others wait for it; a failure is shared so no rank hangs
-            try:
-                path = weights_file(a.inception)
-            except (SystemExit, OSError, RuntimeError) as e:
-                error = str(e)
-        if world > 1:
-            box = [path, error]
-            dist.broadcast_object_list(box, src=0)
-            path, error = box
-        if error:
-            raise SystemExit(error)
-        model = load_inception(path).to(device)
-    feats = {}
-    for side, images in (("ref", ref_images), ("sample", sample_images)):
-        if need[side]:
-            feats[side] = extract(model, images, a.batch, a.workers, rank, world, device, desc=side)
+def inception_weights(path, process):
+    """The FID weights file: `path` (--inception), or downloaded by rank 0 while the others wait. A failure on
+    rank 0 is sent to every rank, so that none hangs."""
+    error = None
+    if process.rank == 0:
+        try:
+            path = weights_file(path)
+        except (SystemExit, OSError, RuntimeError) as e:
+            error = str(e)
+    if process.world > 1:
+        box = [path, error]
+        dist.broadcast_object_list(box, src=0)
+        path, error = box
+    if error:
+        raise SystemExit(error)
+    return path
 
+
+def inception_features(args, inputs, need, process):
+    """({side: (pool features, logits)} for each side of `inputs` whose features are needed, the weights file
+    used), or ({}, None) where stored statistics are enough."""
+    if not any(need.values()):
+        return {}, None
+    weights = inception_weights(args.inception, process)
+    model = load_inception(weights).to(process.device)
+    return {side: extract(model, inputs[side].images, args.batch, args.workers, process, desc=side)
+            for side in ("ref", "sample") if need[side]}, weights
+
+
+def sample_metrics(args, ref_stats, sample, feats, weights, device):
+    """FID of SAMPLE against REF's statistics, the metrics --is / --pr / --clip ask for, and SAMPLE's sampler
+    settings from its sidecar JSON where it has one."""
+    sample_stats = sample.stats if sample.stats is not None else statistics(feats["sample"][0])
+    res = dict(fid=frechet_distance(*sample_stats, *ref_stats), ref=os.path.abspath(args.ref),
+               sample=os.path.abspath(args.sample),
+               num_samples=len(sample.images) if sample.images is not None else None,
+               inception_weights=os.path.abspath(weights) if weights is not None else None)
+    if args.inception_score:
+        res["inception_score"], res["inception_score_std"] = inception_score(feats["sample"][1], args.splits)
+    if args.pr:
+        res["precision"], res["recall"] = precision_recall(feats["ref"][0], feats["sample"][0], args.k,
+                                                           device=device)
+    if args.clip:
+        with open(args.prompts) as f:
+            prompts = [line.rstrip("\n") for line in f]
+        res["clip_score"] = clip_score(sample.images, prompts, args.clip, args.batch, device)
+    sidecar = args.sample[: -len(".npz")] + ".json"
+    if args.sample.endswith(".npz") and os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            res["settings"] = json.load(f)
+    return res
+
+
+def report(args, res):
+    """Print the metrics (with the sampler settings beside them) and write the result JSON where asked, or
+    next to a SAMPLE that has settings."""
+    print("  ".join(f"{k} {res[k]:.4f}"
+                    for k in ("fid", "inception_score", "precision", "recall", "clip_score")
+                    if k in res))
+    if "settings" in res:
+        print("settings: " + json.dumps(res["settings"]))
+    out = args.out or (args.sample[: -len(".npz")] + ".metrics.json" if "settings" in res else None)
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {out}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    process = setup_distributed()
+    # both inputs are read before any network work, so that a bad path fails at once
+    ref = open_input(args.ref)
+    sample = open_input(args.sample) if args.sample else Input(None, None)
+    if args.pr and ref.images is None:
+        raise SystemExit(f"--pr compares features: REF {args.ref!r} holds statistics only; give its images")
+    if (args.pr or args.inception_score or args.clip) and sample.images is None:
+        raise SystemExit(f"--is / --pr / --clip need SAMPLE images; {args.sample!r} holds statistics only")
+    # FID prefers stored statistics; features only where they are missing or another metric needs them
+    need = {"ref": ref.stats is None or args.pr,
+            "sample": args.sample is not None and (sample.stats is None or args.inception_score or args.pr)}
+    feats, weights = inception_features(args, {"ref": ref, "sample": sample}, need, process)
     res = None
-    if rank == 0:
-        if ref_stats is None:
-            ref_stats = statistics(feats["ref"][0])
-        if a.save_stats:
-            save_stats(a.save_stats, *ref_stats)
-            print(f"wrote {a.save_stats} (statistics of {a.ref})")
-        if a.sample:
-            if sample_stats is None:
-                sample_stats = statistics(feats["sample"][0])
-            res = dict(fid=frechet_distance(*sample_stats, *ref_stats), ref=os.path.abspath(a.ref),
-                       sample=os.path.abspath(a.sample),
-                       num_samples=len(sample_images) if sample_images is not None else None,
-                       inception_weights=os.path.abspath(path) if any(need.values()) else None)
-            if a.inception_score:
-                score = inception_score(feats["sample"][1], a.splits)
-                res["inception_score"], res["inception_score_std"] = score
-            if a.pr:
-                pr = precision_recall(feats["ref"][0], feats["sample"][0], a.k, device=device)
-                res["precision"], res["recall"] = pr
-            if a.clip:
-                with open(a.prompts) as f:
-                    prompts = [line.rstrip("\n") for line in f]
-                res["clip_score"] = clip_score(sample_images, prompts, a.clip, a.batch, device)
-            sidecar = a.sample[: -len(".npz")] + ".json"
-            if a.sample.endswith(".npz") and os.path.isfile(sidecar):
-                with open(sidecar) as f:
-                    res["settings"] = json.load(f)
-            print("  ".join(f"{k} {res[k]:.4f}"
-                            for k in ("fid", "inception_score", "precision", "recall", "clip_score")
-                            if k in res))
-            if "settings" in res:
-                print("settings: " + json.dumps(res["settings"]))
-            out = a.out or (a.sample[: -len(".npz")] + ".metrics.json" if "settings" in res else None)
-            if out:
-                with open(out, "w") as f:
-                    json.dump(res, f, indent=1)
-                print(f"wrote {out}")
-    if world > 1:  # no barrier: the other ranks need not wait for rank 0's metrics
+    if process.rank == 0:
+        ref_stats = ref.stats if ref.stats is not None else statistics(feats["ref"][0])
+        if args.save_stats:
+            save_stats(args.save_stats, *ref_stats)
+            print(f"wrote {args.save_stats} (statistics of {args.ref})")
+        if args.sample:
+            res = sample_metrics(args, ref_stats, sample, feats, weights, process.device)
+            report(args, res)
+    if process.world > 1:  # no barrier: the other ranks need not wait for rank 0's metrics
         dist.destroy_process_group()
     return res
 

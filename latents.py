@@ -221,13 +221,14 @@ class LatentCacheDataset(Dataset):
     def __init__(self, cache_dir, seed=0, hflip=True, sample=True, norm="scale"):
         self.meta, self.stats = read_cache(cache_dir)
         self.cache_dir, self.seed, self.hflip, self.sample, self.epoch = cache_dir, seed, hflip, sample, 0
-        m = self.meta
-        self.num_classes, self.res, self.vae, self.crop = m["num_classes"], m["res"], m["vae"], m["crop"]
-        self.latent_shape = tuple(m["latent_shape"])
+        meta = self.meta
+        self.num_classes, self.res, self.vae = meta["num_classes"], meta["res"], meta["vae"]
+        self.crop = meta["crop"]
+        self.latent_shape = tuple(meta["latent_shape"])
         if norm == "scale":
-            self.scale, self.shift = m["scale"], m["shift"]
+            self.scale, self.shift = meta["scale"], meta["shift"]
         elif norm == "channel":
-            self.scale, self.shift = [1.0 / s for s in self.stats["std"]], self.stats["mean"]
+            self.scale, self.shift = [1.0 / std for std in self.stats["std"]], self.stats["mean"]
         else:
             raise ValueError(f"unknown latent normalisation {norm!r}; use 'scale' or 'channel'")
         view = lambda v: torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1)

@@ -11,6 +11,8 @@ generated image.
 
 Items are `(image uint8 (3, res, res), label, control, caption)` like every dataset in data.py.
 """
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from PIL import Image
@@ -18,7 +20,7 @@ from torch.utils.data import Dataset
 
 from conditioning import SIGNAL, make_control
 from data import crop_flip
-from diffusion import generate, make_noise
+from diffusion import Draw, Sampling, generate, make_noise
 from latents import Autoencoder, latent_geometry, to_uint8
 from text import semantic_input
 
@@ -303,10 +305,21 @@ def class_prompts(labels):
     return [f"a {COLOUR_NAMES[i % len(COLOUR_NAMES)]} {SHAPE_NAMES[k]}" for i, k in enumerate(labels)]
 
 
+class EvalPlan(NamedTuple):
+    """What evaluate_shapes draws: `per_class` seeds per class from `seed` on (each drawn with flip 0 and 1),
+    sampled as `sampling` (diffusion.Sampling) says; `per_sample` adds each sample's outcome to the result,
+    `progress` shows the sampler's progress bar."""
+
+    per_class: int
+    sampling: Sampling
+    seed: int = 10_000
+    per_sample: bool = False
+    progress: bool = False
+
+
 @torch.no_grad()
-def evaluate_shapes(model, diffusion, args, facts, per_class, device, sampling, seed=10_000, progress=False,
-                    per_sample=False, vae=None):
-    """Checker accuracies of samples drawn per class, each seed drawn with flip 0 and flip 1.
+def evaluate_shapes(model, diffusion, args, facts, plan, device, vae=None):
+    """Checker accuracies of the samples that `plan` (EvalPlan) draws.
 
     class_acc  measured class == requested class
     flip_acc   on chiral classes: measured orientation == requested flip (a wrong class counts as wrong)
@@ -316,11 +329,10 @@ def evaluate_shapes(model, diffusion, args, facts, per_class, device, sampling, 
     colour (in turn) and a shape, and also gets
     colour_acc           measured colour == requested colour
     class_colour_acc     both right
-    per_sample=True adds each sample's outcome (class_ok, and colour_ok for text; flip_ok of the chiral ones)
-    under "per_sample". `vae`
-    decodes the samples (the run's autoencoder; pixels when None); `sampling` (diffusion.Sampling) is how they
-    are drawn.
+    plan.per_sample adds each sample's outcome (class_ok, and colour_ok for text; flip_ok of the chiral ones)
+    under "per_sample". `vae` decodes the samples (the run's autoencoder; pixels when None).
     """
+    per_class, seed = plan.per_class, plan.seed
     was_training = model.training
     model.eval()
     vae = vae or Autoencoder("none")
@@ -331,38 +343,39 @@ def evaluate_shapes(model, diffusion, args, facts, per_class, device, sampling, 
     rows = []  # (class, flip, seed, control, colour, prompt)
     for k in range(facts.num_classes):
         for j in range(per_class):
-            c = base.clone()
-            c[SIGNAL["crop_top"]], c[SIGNAL["crop_left"]] = rng.integers(  # a random crop
+            cropped = base.clone()
+            cropped[SIGNAL["crop_top"]], cropped[SIGNAL["crop_left"]] = rng.integers(  # a random crop
                 0, round(res * CANVAS_MARGIN) - res + 1, size=2
             )
             colour = COLOUR_NAMES[(k + j) % len(COLOUR_NAMES)]
             prompt = HELDOUT_TEMPLATES[j % len(HELDOUT_TEMPLATES)].format(colour=colour, shape=SHAPE_NAMES[k])
             for flip in (0, 1):
-                c2 = c.clone()
-                c2[SIGNAL["flip"]] = flip
-                rows.append((k, flip, seed + k * per_class + j, c2, colour, prompt))
+                control = cropped.clone()
+                control[SIGNAL["flip"]] = flip
+                rows.append((k, flip, seed + k * per_class + j, control, colour, prompt))
     factor, channels = latent_geometry(facts.vae)
     noise = make_noise([r[2] for r in rows], (channels, res // factor, res // factor), device)
     y = semantic_input(args, facts, [r[0] for r in rows], device, [r[5] for r in rows])
     ctrl = torch.stack([r[3] for r in rows]).to(device)
-    x = generate(model, diffusion, noise, y, ctrl, sampling, progress=progress, seed=seed,
-                 seeds=[r[2] for r in rows])
-    meas = checker(to_uint8(vae.decode(x)).cpu())
+    x = generate(model, diffusion, noise, y, ctrl, plan.sampling,
+                 Draw(progress=plan.progress, seed=seed, seeds=[r[2] for r in rows]))
+    measured = checker(to_uint8(vae.decode(x)).cpu())
     model.train(was_training)
-    class_ok = np.array([m["label"] == r[0] for m, r in zip(meas, rows)])
+    class_ok = np.array([m["label"] == r[0] for m, r in zip(measured, rows)])
     chiral = np.array([SHAPE_NAMES[r[0]] in CHIRAL for r in rows])
-    flip_ok = np.array([m["label"] == r[0] and m["orientation"] == r[1] for m, r in zip(meas, rows)])
+    flip_ok = np.array([m["label"] == r[0] and m["orientation"] == r[1] for m, r in zip(measured, rows)])
     pairs = flip_ok.reshape(-1, 2).all(axis=1)[chiral.reshape(-1, 2)[:, 0]]
-    err = [np.hypot(*(np.subtract(m["position"], expected_position(r[3], res)))) for m, r in zip(meas, rows)]
+    err = [np.hypot(*(np.subtract(m["position"], expected_position(r[3], res))))
+           for m, r in zip(measured, rows)]
     out = dict(class_acc=float(class_ok.mean()), flip_acc=float(flip_ok[chiral].mean()),
                mirrored=float(pairs.mean()), crop_err=float(np.nanmean(err)))
     if args.cond_type == "text":
-        colour_ok = np.array([m["colour"] == r[4] for m, r in zip(meas, rows)])
+        colour_ok = np.array([m["colour"] == r[4] for m, r in zip(measured, rows)])
         out.update(colour_acc=float(colour_ok.mean()), class_colour_acc=float((colour_ok & class_ok).mean()))
-        if per_sample:  # for intervals over samples
+        if plan.per_sample:  # for intervals over samples
             out["per_sample"] = dict(class_ok=class_ok.tolist(), colour_ok=colour_ok.tolist())
-    elif per_sample:
+    elif plan.per_sample:
         out["per_sample"] = dict(class_ok=class_ok.tolist())
-    if per_sample:  # the chiral samples' flip outcomes, in order
+    if plan.per_sample:  # the chiral samples' flip outcomes, in order
         out["per_sample"]["flip_ok"] = flip_ok[chiral].tolist()
     return out

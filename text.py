@@ -242,15 +242,16 @@ class TextCache:
     @classmethod
     def load(cls, path):
         """The cache in `path`, whatever made it (build checks that it suits an encoder)."""
-        s = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(s["features"], s["mask"], s["captions"], s["encoder"], s["max_length"], path)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(saved["features"], saved["mask"], saved["captions"], saved["encoder"], saved["max_length"],
+                   path)
 
     def lookup(self, captions, device=None):
         """list of B captions -> features (B, L, d) float32, mask (B, L) bool."""
-        for c in captions:
-            if c not in self.index:
-                raise KeyError(f"caption {c!r} is not in the text cache {self.path or '(in memory)'} of "
-                               f"encoder {self.encoder!r}: rebuild the cache (TextCache.build) for this "
+        for caption in captions:
+            if caption not in self.index:
+                raise KeyError(f"caption {caption!r} is not in the text cache {self.path or '(in memory)'} "
+                               f"of encoder {self.encoder!r}: rebuild the cache (TextCache.build) for this "
                                f"dataset, or encode new prompts on the fly with encode_or_lookup")
         rows = torch.tensor([self.index[c] for c in captions], dtype=torch.long)
         return self.features[rows].float().to(device), self.mask[rows].to(device)

@@ -24,18 +24,24 @@ What differs here: the SD-VAE f = 8 latent space (4 channels, 32 x 32 at 256 px)
 channels, 64 x 64), so the same network sees 4x fewer positions (it attends on 16, 8, 4 px maps instead of 32,
 16, 8); t in [0, 1] (scaled by 1000 inside TimestepEmbedder, the range of LDM's integer steps); the class
 table is conditioning.ClassEmbedder (num_classes + 1 rows, the last one the null class: LDM's 1001); and
-control metadata enter the time embedding through conditioning.ControlEmbedder:
-    xattn  emb = e_t + sum_k e_ctrl,k              (the LDM / PixArt recipe: additive, ungated)
-    ours   emb = e_t + sum_k g_k(t) e_ctrl,k        (gated per control group along the trajectory)
-The class goes through cross-attention in both routes; nothing semantic is added to the embedding.
+control metadata enter the time embedding through conditioning.ControlEmbedder, as the route's adaLN terms
+say (model.ROUTES): xattn adds sum_k e_ctrl,k (the LDM / PixArt recipe: additive, ungated), ours adds
+sum_k g_k(t) e_ctrl,k (gated per control group along the trajectory). The class always goes through
+cross-attention, so the UNet takes the routes whose context is the semantic tokens alone and whose adaLN
+terms are control terms (UNET_CONDS); nothing semantic is added to the embedding.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from conditioning import ClassEmbedder, ControlEmbedder, TimestepEmbedder
+from model import ROUTES
 
-UNET_CONDS = ("ours", "xattn")
+# what the UNet's embedding can add to e_t: the control terms of model.ADALN_TERMS (no pooled semantic vector)
+UNET_ADALN_TERMS = ("control", "gated control")
+# the routes of model.ROUTES the UNet can follow: the class in its cross-attention, control in its embedding
+UNET_CONDS = tuple(name for name, route in ROUTES.items()
+                   if route.context == ("semantic",) and set(route.adaln) <= set(UNET_ADALN_TERMS))
 
 
 def zero_(module):
@@ -100,11 +106,10 @@ class Attention(nn.Module):
     def forward(self, x, ctx=None):
         ctx = x if ctx is None else ctx
         B, N, D = x.shape
-        # (B, heads, L, D/h)
-        split = lambda z: z.view(B, z.shape[1], self.heads, D // self.heads).transpose(1, 2)
-        # (B, h, N, D/h)
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(ctx)), split(self.v(ctx)))
-        return self.out(out.transpose(1, 2).reshape(B, N, D))                                      # (B, N, D)
+        split = lambda z: z.view(B, z.shape[1], self.heads, D // self.heads).transpose(1, 2)  # (B, h, L, D/h)
+        q, k, v = split(self.q(x)), split(self.k(ctx)), split(self.v(ctx))
+        out = F.scaled_dot_product_attention(q, k, v)                                       # (B, h, N, D/h)
+        return self.out(out.transpose(1, 2).reshape(B, N, D))                               # (B, N, D)
 
 
 class TransformerBlock(nn.Module):
@@ -178,7 +183,7 @@ class UNet(nn.Module):
             raise ValueError(f"input size {input_size} is not divisible by the UNet's downsampling "
                              f"{self.factor}")
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
-        self.input_size, self.cond = input_size, cond
+        self.input_size, self.cond, self.route = input_size, cond, ROUTES[cond]
         emb_dim = 4 * model_channels  # LDM: sinusoid of model_channels -> MLP -> 4 x model_channels
         self.t_embed = TimestepEmbedder(emb_dim, freq_dim=model_channels)
         self.y_embed = ClassEmbedder(num_classes, context_dim, class_tokens)
@@ -219,13 +224,14 @@ class UNet(nn.Module):
                                  zero_(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
 
     def embedding(self, t, ctrl, ctrl_drop=None):
-        """The vector every ResBlock reads (B, 4 * model_channels): time plus control metadata, by the
-        route."""
+        """The vector every ResBlock reads (B, 4 * model_channels): e_t plus the route's adaLN terms, in its
+        order (ours: the control enters gently along the trajectory, per group; xattn: added ungated)."""
         e_ctrl = self.c_embed(ctrl, ctrl_drop)  # (B, G, emb_dim)
-        # ours: control enters gently along the trajectory, per group; xattn: added ungated (LDM /
-        # PixArt-alpha)
-        control = self.c_embed.gated(e_ctrl, t) if self.cond == "ours" else e_ctrl.sum(1)  # (B, emb_dim)
-        return self.t_embed(t) + control
+        terms = {"control": lambda: e_ctrl.sum(1), "gated control": lambda: self.c_embed.gated(e_ctrl, t)}
+        emb = self.t_embed(t)  # (B, emb_dim)
+        for term in self.route.adaln:
+            emb = emb + terms[term]()
+        return emb
 
     def forward(self, x, t, y, ctrl, ctrl_drop=None, sem_drop=None):
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) labels, ctrl (B, S) raw control, ctrl_drop (B,) bool

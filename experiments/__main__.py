@@ -58,15 +58,15 @@ def main(argv=None):
     p.add_argument("--docs", default=DOCS, help="where tables and figures are written")
     p.add_argument("--results", default=os.path.join("docs", "RESULTS.md"), help="the page whose results "
                    "block is rebuilt")
-    a = p.parse_args(argv)
-    a.steps = a.steps or {"drift": 2000, "padding-converged": 2000, "recipes": 300,
-                          "samplers": 2000}.get(a.experiment, 800)
-    if a.experiment == "all":  # not drift, padding-converged and recipes: hours of CPU at their budgets
+    options = p.parse_args(argv)
+    options.steps = options.steps or {"drift": 2000, "padding-converged": 2000, "recipes": 300,
+                          "samplers": 2000}.get(options.experiment, 800)
+    if options.experiment == "all":  # not drift, padding-converged and recipes: hours of CPU at their budgets
         for name in ("routes", "gates", "padding", "transfer", "figures"):
-            EXPERIMENTS[name](a)
-    elif a.experiment != "results":
-        EXPERIMENTS[a.experiment](a)
-    update_results(a, a.results)
+            EXPERIMENTS[name](options)
+    elif options.experiment != "results":
+        EXPERIMENTS[options.experiment](options)
+    update_results(options, options.results)
 
 if __name__ == "__main__":
     main()

@@ -15,17 +15,18 @@ import time
 
 import torch
 
+from build import SourceFacts, make_model
 from checkpoint import damaged_record, write_checkpoint
-from config import Facts, get_args, make_model
+from config import get_args
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cond", default="adaln", help="the route of the XL/2 model whose shapes are used")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the file is written (and removed)")
-    a = p.parse_args(argv)
-    args = get_args(["--dataset", "imagenet", "--model", "XL/2", "--res", "256", "--cond", a.cond])
-    facts = Facts(res=256, vae=args.vae, base_res=256, source_dataset="imagenet", num_classes=1000)
+    options = p.parse_args(argv)
+    args = get_args(["--dataset", "imagenet", "--model", "XL/2", "--res", "256", "--cond", options.cond])
+    facts = SourceFacts(res=256, vae=args.vae, base_res=256, source_dataset="imagenet", num_classes=1000)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in make_model(args, facts).state_dict().items()}
     g = torch.Generator().manual_seed(0)
@@ -34,7 +35,7 @@ def main(argv=None):
                            "exp_avg_sq": torch.rand(s, generator=g)} for i, s in enumerate(shapes.values())}
     state = dict(model=weights(), ema=weights(), opt=dict(state=moments(), param_groups=[]), step=1)
     gib = 4 * sum(s.numel() for s in shapes.values()) * 4 / 2 ** 30
-    path = os.path.join(a.dir, "checkpoint-cost.pt")
+    path = os.path.join(options.dir, "checkpoint-cost.pt")
     try:
         t0 = time.perf_counter()
         write_checkpoint(path, state)
@@ -50,7 +51,7 @@ def main(argv=None):
     finally:
         if os.path.exists(path):
             os.remove(path)
-    print(f"XL/2 --cond {a.cond}: {sum(s.numel() for s in shapes.values()) / 1e6:.1f} M parameters, a "
+    print(f"XL/2 --cond {options.cond}: {sum(s.numel() for s in shapes.values()) / 1e6:.1f} M parameters, a "
           f"training checkpoint of {size:.2f} GiB ({gib:.2f} GiB of tensors); save {saved:.1f} s (fsync "
           f"included), CRC check {checked:.1f} s ({checked / size:.2f} s/GiB), load {loaded:.1f} s; the "
           f"check costs {100 * checked / saved:.0f} % of a save and {100 * checked / loaded:.0f} % of a "

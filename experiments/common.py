@@ -11,6 +11,8 @@ import torch
 
 import train
 from checkpoint import checkpoints_in
+from config import get_args
+from diffusion import Sampling
 
 #################################################################################
 #                                Running variants                               #
@@ -71,11 +73,32 @@ def measured(run_dir, key, fn):
     return cache[key]
 
 
-def run_flags(a, seed):
+def run_flags(options, seed):
     """What every experiment run shares: shapes data, its seed, the loss-curve resolution, and no end-of-run
     work (the experiment measures it)."""
-    return ["--dataset", "shapes", "--shapes-size", str(a.shapes_size), "--seed", str(seed), "--log-every",
-            str(a.log_every), "--eval-per-class", "0", "--sample-every", "-1", "--ckpt-every", "100000"]
+    return ["--dataset", "shapes", "--shapes-size", str(options.shapes_size), "--seed", str(seed),
+            "--log-every", str(options.log_every), "--eval-per-class", "0", "--sample-every", "-1",
+            "--ckpt-every", "100000"]
+
+
+# How the tables name the routes of model.ROUTES, in the order they list them: each baseline with the
+# published recipe it reproduces in brackets. A route without an entry is named by itself and listed last.
+ROUTE_LABELS = {"ours": "ours", "adaln": "adaln (DiT)", "xattn": "xattn (PixArt-α)", "mmdit": "mmdit (SD3)"}
+
+
+def route_variants(conds):
+    """{table label: train.py flags} of these routes of model.ROUTES, in the tables' order. The route train.py
+    runs by default takes no flag, so that its run folders and records keep their name ("default",
+    flag_tag)."""
+    default, order = get_args([]).cond, list(ROUTE_LABELS)
+    ranked = sorted(conds, key=lambda cond: order.index(cond) if cond in order else len(order))
+    return {ROUTE_LABELS.get(cond, cond): [] if cond == default else ["--cond", cond] for cond in ranked}
+
+
+def evaluation_sampling(options, ctrl=0.0):
+    """How every evaluation sample is drawn: --sample-steps Euler steps at semantic guidance --cfg-scale, and
+    control guidance `ctrl`."""
+    return Sampling(steps=options.sample_steps, scale=options.cfg_scale, ctrl=ctrl)
 
 
 def flag_tag(flags):
@@ -83,11 +106,11 @@ def flag_tag(flags):
     return "-".join(f.lstrip("-") for f in flags) or "default"
 
 
-def shapes_run(a, flags, seed):
+def shapes_run(options, flags, seed):
     """The run of one variant and seed: the shapes preset with the experiment's budget (same data and order
     for every variant of a seed)."""
-    return run(f"shapes/{flag_tag(flags)}-{a.steps}st-s{seed}",
-               run_flags(a, seed) + ["--steps", str(a.steps)] + flags, a.out)
+    return run(f"shapes/{flag_tag(flags)}-{options.steps}st-s{seed}",
+               run_flags(options, seed) + ["--steps", str(options.steps)] + flags, options.out)
 
 
 #################################################################################
@@ -175,35 +198,35 @@ def summarise(variants, columns):
 #################################################################################
 
 
-def save_table(a, name, rows, md):
+def save_table(options, name, rows, md):
     """NAME.json (the rows) and NAME.md (the table, printed too) under --docs; returns the Markdown."""
-    os.makedirs(a.docs, exist_ok=True)
-    with open(os.path.join(a.docs, f"{name}.json"), "w") as f:
+    os.makedirs(options.docs, exist_ok=True)
+    with open(os.path.join(options.docs, f"{name}.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    with open(os.path.join(a.docs, f"{name}.md"), "w") as f:
+    with open(os.path.join(options.docs, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
     return md
 
 
-def write_table(a, name, rows, columns, note):
+def write_table(options, name, rows, columns, note):
     """rows: list of dicts (per variant: column -> str, and 'per_seed' -> raw numbers). Writes NAME.json and
     NAME.md under --docs; returns the Markdown."""
     md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     for r in rows:
         md += "| " + " | ".join(str(r[c]) for c in columns) + " |\n"
-    return save_table(a, name, rows, md + "\n" + note + "\n")
+    return save_table(options, name, rows, md + "\n" + note + "\n")
 
 
-def budget_note(a, trains, measure_s, command):
+def budget_note(options, trains, measure_s, command):
     """The command, the machines and the time a table cost: `trains` the runs' run_info records, `measure_s`
     the seconds each measurement took."""
     train_s = sum(t["wall_s"] for t in trains)
     devices = sorted({t.get("device", "unknown") for t in trains})
     return (f"`{command}` -- {len(trains)} runs on {', '.join(devices)}; wall time: training "
             f"{train_s / 60:.0f} min in all ({train_s / len(trains):.0f} s per run), measuring "
-            f"{sum(measure_s) / 60:.1f} min. Mean ± std over seeds {','.join(map(str, a.seeds))} (std over "
-            "seeds, not a confidence interval).")
+            f"{sum(measure_s) / 60:.1f} min. Mean ± std over seeds {','.join(map(str, options.seeds))} (std "
+            "over seeds, not a confidence interval).")
 
 
 def pyplot():

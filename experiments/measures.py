@@ -7,23 +7,31 @@ back by the checker; a disentangled model changes sharpness or position, not con
 import numpy as np
 import torch
 
+from build import (
+    ShapesOptions,
+    SourceFacts,
+    build_dataset,
+    latent_shape,
+    load_model,
+    make_diffusion,
+    make_model,
+)
 from checkpoint import read_checkpoint, stored_args
 from conditioning import SIGNAL
-from config import Facts, build_dataset, latent_shape, make_diffusion, make_model
 from diffusion import Sampling, generate, make_noise, to_velocity
 from latents import Autoencoder, to_uint8
-from sample import load_model
 from shapes import (
     CANVAS_MARGIN,
     HELDOUT_TEMPLATES,
     SHAPE_NAMES,
+    EvalPlan,
     ShapesChecker,
     evaluate_shapes,
     shapes_default_control,
 )
 from text import semantic_input
 
-from .common import last_ckpt, measured
+from .common import evaluation_sampling, last_ckpt, measured
 
 # original image side / training resolution: upscaled (blurry) .. downscaled (sharp), the range the shapes
 # data covers; 2.0 is the sampling default
@@ -79,17 +87,19 @@ def drift(model, args, facts, n, cfg_scale, steps, seed=20_000):
                 crop_drift_colour=content_drift(crop, "colour"))
 
 
-def checker_metrics(run_dir, a, with_drift=True):
+def checker_metrics(run_dir, options, with_drift=True):
     """The checker's accuracies (shapes.evaluate_shapes) and, for class models, the drift sweep, of a run's
     EMA."""
-    key = f"per_class{a.per_class}-drift{a.drift_n * with_drift}-steps{a.sample_steps}-cfg{a.cfg_scale}"
+    key = (f"per_class{options.per_class}-drift{options.drift_n * with_drift}-steps{options.sample_steps}"
+           f"-cfg{options.cfg_scale}")
 
     def measure():
-        model, args, facts, *_ = load_model(run_dir, "cpu")
-        out = evaluate_shapes(model, make_diffusion(args, facts), args, facts, a.per_class, "cpu",
-                              Sampling(steps=a.sample_steps, scale=a.cfg_scale))
+        trained = load_model(run_dir, "cpu")
+        model, args, facts = trained.model, trained.args, trained.facts
+        plan = EvalPlan(options.per_class, evaluation_sampling(options))
+        out = evaluate_shapes(model, make_diffusion(args, facts), args, facts, plan, "cpu")
         if with_drift:
-            out.update(drift(model, args, facts, a.drift_n, a.cfg_scale, a.sample_steps))
+            out.update(drift(model, args, facts, options.drift_n, options.cfg_scale, options.sample_steps))
         return out
     return measured(run_dir, key, measure)
 
@@ -103,11 +113,11 @@ def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False
     instead: the null loss minus the conditional one is how much the model uses the condition. per_level: the
     loss at each level."""
     ckpt = read_checkpoint(last_ckpt(run_dir))
-    args, facts = stored_args(ckpt["args"]), Facts(**ckpt["facts"])
+    args, facts = stored_args(ckpt["args"]), SourceFacts(**ckpt["facts"])
     model = make_model(args, facts)
     model.load_state_dict(ckpt[weights])
     model.eval()
-    data = build_dataset("shapes", facts.res, seed=seed, size=n)
+    data = build_dataset("shapes", facts.res, seed=seed, shapes=ShapesOptions(size=n))
     g = torch.Generator().manual_seed(seed)
     total = np.zeros(levels)
     for start in range(0, n, 64):

@@ -78,14 +78,14 @@ def schedules(ax):
     ax.legend(fontsize=6.5, loc="upper left")
 
 
-def mechanism(a):
+def mechanism(options):
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2), dpi=100,
                                       gridspec_kw=dict(width_ratios=[1.5, 1]))
     diagram(left)
     schedules(right)
     fig.tight_layout()
-    path = os.path.join(os.path.dirname(a.docs.rstrip("/")), "mechanism.png")
+    path = os.path.join(os.path.dirname(options.docs.rstrip("/")), "mechanism.png")
     fig.savefig(path)
     plt.close(fig)
     print(f"wrote {path}")

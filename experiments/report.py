@@ -21,6 +21,7 @@ import time
 import torch
 
 from . import bench
+from .timed_step import Path, describe
 
 # (row, bench flags on a GPU, the same row's flags on a CPU at toy size)
 GPU = ["--dataset", "imagenet", "--model", "XL/2", "--steps", "10", "--warmup", "3"]
@@ -51,7 +52,7 @@ def row_lines(label, rec):
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
         ratio = f"{rec['speedup']:.2f}x" if name == "fast" and rec.get("speedup") else ""
-        lines.append(f"| {label} | {name}: {bench.describe(bench.Path(**r['settings']))} | {rec['batch']} | "
+        lines.append(f"| {label} | {name}: {describe(Path(**r['settings']))} | {rec['batch']} | "
                      f"{r['img_per_s']:.1f} | {r['step_ms']:.1f} | {r['tflops']:.4g} | {mfu} | "
                      f"{r['peak_mem_gib']:.2f} | {ratio} |")
     return lines
@@ -87,10 +88,10 @@ def report(out, rows=ROWS):
     lines.append("")
     for label, _, rec in records:
         if rec.get("sample"):
-            s = rec["sample"]
-            lines.append(f"Sampling ({label}): {s['steps']} {s['sampler']} steps, guidance "
-                         f"{s['cfg_scale']:g}, batch {s['batch']}, {s['precision']}: {s['img_per_s']:.2f} "
-                         f"images/s.")
+            sample = rec["sample"]
+            lines.append(f"Sampling ({label}): {sample['steps']} {sample['sampler']} steps, guidance "
+                         f"{sample['cfg_scale']:g}, batch {sample['batch']}, {sample['precision']}: "
+                         f"{sample['img_per_s']:.2f} images/s.")
     lines += ["", "Each row's command:", ""]
     lines += [f"- {label}: `python -m experiments.bench {' '.join(flags)}`" for label, flags, _ in records]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -22,19 +22,19 @@ SECTIONS = (("routes", "Conditioning routes", ("size_sweep.png", "loss_routes.pn
             ("samplers", "Samplers: steps against quality", ("samplers.png",)))
 
 
-def update_results(a, page=os.path.join("docs", "RESULTS.md")):
+def update_results(options, page=os.path.join("docs", "RESULTS.md")):
     """Replace the block between BEGIN and END of the results page with every table and figure under
     --docs."""
     parts = []
     for name, title, pngs in SECTIONS:
-        md = os.path.join(a.docs, f"{name}.md")
+        md = os.path.join(options.docs, f"{name}.md")
         if not os.path.exists(md):
             continue
         with open(md) as f:
             parts.append(f"#### {title}\n\n" + f.read().strip() + "\n")
         for png in pngs:
-            if os.path.exists(os.path.join(a.docs, png)):
-                rel = os.path.relpath(os.path.join(a.docs, png),
+            if os.path.exists(os.path.join(options.docs, png)):
+                rel = os.path.relpath(os.path.join(options.docs, png),
                                       os.path.dirname(os.path.abspath(page)) or ".")
                 parts.append(f"![{png}]({rel})\n")
     with open(page) as f:

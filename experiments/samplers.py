@@ -15,13 +15,14 @@ sample's outcome; a cell pools its seeds' samples, with a 95 % bootstrap interva
 """
 import os
 import time
+from typing import NamedTuple
 
 import torch
 
+from build import load_model, make_diffusion
 from checkpoint import read_checkpoint
-from config import make_diffusion, run_sampling
-from sample import load_model
-from shapes import evaluate_shapes
+from config import run_sampling
+from shapes import EvalPlan, evaluate_shapes
 
 from .common import (
     bootstrap,
@@ -54,75 +55,83 @@ def steps_for(method, nfe):
     return nfe, nfe
 
 
-def ode_pairs(model, args, facts, sampling, seed):
+class Trained(NamedTuple):
+    """One model of MODELS as its cells read it: its name there, the model as build.load_model reads it from
+    its run folder, and that folder."""
+    name: str
+    loaded: object  # build.TrainedModel
+    run_dir: str
+
+
+def ode_pairs(trained, sampling, seed):
     """The latents of ODE_PAIRS fixed (noise, class) pairs (classes in turn, the default control), drawn as
     `sampling` says."""
-    from config import latent_shape, sampling_control
+    from build import latent_shape, sampling_control
     from diffusion import generate, make_noise
     from text import semantic_input
+    model, args, facts = trained.loaded.model, trained.loaded.args, trained.loaded.facts
     noise = make_noise([50_000 * (seed + 1) + i for i in range(ODE_PAIRS)], latent_shape(facts), "cpu")
     y = semantic_input(args, facts, [i % facts.num_classes for i in range(ODE_PAIRS)], "cpu")
     ctrl = sampling_control(facts).expand(ODE_PAIRS, -1)
     return generate(model.eval(), make_diffusion(args, facts), noise, y, ctrl, sampling)
 
 
-def reference(a, model_name, model, args, facts, seed, run_dir):
+def reference(options, trained, seed):
     """ode_pairs under REFERENCE, computed once per (model, seed) and kept in the run folder."""
-    path = os.path.join(run_dir, f"ode-reference-s{seed}.pt")
+    path = os.path.join(trained.run_dir, f"ode-reference-s{seed}.pt")
     if not os.path.exists(path):
-        method, steps = REFERENCE[model_name]
-        torch.save(ode_pairs(model, args, facts, run_sampling(args, method=method, steps=steps,
-                                                              scale=a.cfg_scale), seed), path)
+        method, steps = REFERENCE[trained.name]
+        sampling = run_sampling(trained.loaded.args, method=method, steps=steps, scale=options.cfg_scale)
+        torch.save(ode_pairs(trained, sampling, seed), path)
     return torch.load(path, weights_only=True)
 
 
-def ode_error(a, model_name, model, args, facts, sampling, seed, run_dir):
+def ode_error(options, trained, sampling, seed):
     """RMS distance (pixels in [-1, 1]) of this sampling's ode_pairs to the reference; None for the ancestral
     sampler, whose fresh noise leaves the ODE."""
     if sampling.method == "ddpm":
         return None
-    x = ode_pairs(model, args, facts, sampling, seed)
-    return float((x - reference(a, model_name, model, args, facts, seed, run_dir)).pow(2).mean().sqrt())
+    x = ode_pairs(trained, sampling, seed)
+    return float((x - reference(options, trained, seed)).pow(2).mean().sqrt())
 
 
-def cell(a, model_name, method, nfe, seed):
+def cell(options, model_name, method, nfe, seed):
     """One committed record: the checker's outcome of every sample of one (model, sampler, NFE, noise
     seed)."""
     steps, spent = steps_for(method, nfe)
-    key = dict(model=MODELS[model_name], steps=a.steps, shapes_size=a.shapes_size, sampler=method,
-               sample_steps=steps, seed=seed, per_class=a.per_class, cfg_scale=a.cfg_scale)
+    key = dict(model=MODELS[model_name], steps=options.steps, shapes_size=options.shapes_size, sampler=method,
+               sample_steps=steps, seed=seed, per_class=options.per_class, cfg_scale=options.cfg_scale)
     tag = f"{'flow' if model_name.startswith('flow') else 'ddpm'}-{method}-nfe{nfe}-s{seed}"
-    path = os.path.join(a.docs, "samplers_runs", f"{tag}.json")
+    path = os.path.join(options.docs, "samplers_runs", f"{tag}.json")
     record = committed_record(path, key)
-    if a.assemble or (record is not None and "ode_rmse" in record):
+    if options.assemble or (record is not None and "ode_rmse" in record):
         return record
-    run_dir = shapes_run(a, MODELS[model_name], 0)
-    model, args, facts, *_ = load_model(run_dir, "cpu")
-    sampling = run_sampling(args, method=method, steps=steps, scale=a.cfg_scale)
+    run_dir = shapes_run(options, MODELS[model_name], 0)
+    trained = Trained(model_name, load_model(run_dir, "cpu"), run_dir)
+    model, args, facts = trained.loaded.model, trained.loaded.args, trained.loaded.facts
+    sampling = run_sampling(args, method=method, steps=steps, scale=options.cfg_scale)
     if record is not None:  # measured before the ODE error was: add it
-        return commit_record(path, dict(record, ode_rmse=ode_error(a, model_name, model, args, facts,
-                                                                   sampling, seed, run_dir)))
+        return commit_record(path, dict(record, ode_rmse=ode_error(options, trained, sampling, seed)))
     t0 = time.time()
-    res = evaluate_shapes(model, make_diffusion(args, facts), args, facts, a.per_class, "cpu", sampling,
-                          seed=10_000 * (seed + 1), per_sample=True)
-    chiral = res["per_sample"]["flip_ok"]
-    return commit_record(path,
-                         dict(key=key, nfe=spent, class_ok=res["per_sample"]["class_ok"], flip_ok=chiral,
-                                    measure_s=time.time() - t0, sampling=list(sampling),
-                                    ode_rmse=ode_error(a, model_name, model, args, facts, sampling, seed,
-                                                       run_dir),
+    plan = EvalPlan(options.per_class, sampling, seed=10_000 * (seed + 1), per_sample=True)
+    res = evaluate_shapes(model, make_diffusion(args, facts), args, facts, plan, "cpu")
+    outcomes = res["per_sample"]
+    return commit_record(path, dict(key=key, nfe=spent, class_ok=outcomes["class_ok"],
+                                    flip_ok=outcomes["flip_ok"], measure_s=time.time() - t0,
+                                    sampling=list(sampling),
+                                    ode_rmse=ode_error(options, trained, sampling, seed),
                                     run=os.path.basename(run_dir),
                                     ckpt_step=read_checkpoint(last_ckpt(run_dir))["step"]))
 
 
-def samplers(a):
+def samplers(options):
     rows = []
     for model_name, methods in SAMPLERS.items():
-        if not a.assemble:  # train the model once, before any of its cells
-            shapes_run(a, MODELS[model_name], 0)
+        if not options.assemble:  # train the model once, before any of its cells
+            shapes_run(options, MODELS[model_name], 0)
         for method in methods:
             for nfe in NFES:
-                records = [r for r in (cell(a, model_name, method, nfe, s) for s in a.seeds) if r]
+                records = [r for r in (cell(options, model_name, method, nfe, s) for s in options.seeds) if r]
                 if not records:
                     continue
                 errors = [r.get("ode_rmse") for r in records]
@@ -140,19 +149,20 @@ def samplers(a):
         md += (f"| {r['model']} | {r['sampler']} | {r['nfe']} | {interval(r['class_acc'])} | "
                f"{interval(r['flip_acc'])} | {ode} |\n")
     n_seeds = max(r["seeds"] for r in rows)
-    md += (f"\n`python -m experiments samplers --seeds {','.join(map(str, a.seeds))} --steps {a.steps} "
-           f"--shapes-size {a.shapes_size}`. Each model trained once ({a.steps} steps, seed 0), then sampled "
-           f"from {n_seeds} seeds of noise x {a.per_class} per class x flip 0 / 1 (= "
-           f"{n_seeds * a.per_class * 20} samples per cell, of which the chiral classes' "
-           f"{n_seeds * a.per_class * 8} grade the flip), guidance {a.cfg_scale:g}, random crops; mean [95 % "
-           "bootstrap interval, seeds then samples]. NFE: calls of the guided network. Distance to the ODE "
-           f"solution: the RMS pixel difference (values in [-1, 1]) of {ODE_PAIRS} fixed (noise, class) "
-           "pairs per seed from the same pairs drawn by the model's reference solver "
+    md += (f"\n`python -m experiments samplers --seeds {','.join(map(str, options.seeds))} "
+           f"--steps {options.steps} --shapes-size {options.shapes_size}`. Each model trained once "
+           f"({options.steps} steps, seed 0), then sampled from {n_seeds} seeds of noise x "
+           f"{options.per_class} per class x flip 0 / 1 (= {n_seeds * options.per_class * 20} samples per "
+           f"cell, of which the chiral classes' {n_seeds * options.per_class * 8} grade the flip), guidance "
+           f"{options.cfg_scale:g}, random crops; mean [95 % bootstrap interval, seeds then samples]. NFE: "
+           "calls of the guided network. Distance to the ODE solution: the RMS pixel difference (values in "
+           f"[-1, 1]) of {ODE_PAIRS} fixed (noise, class) pairs per seed from the same pairs drawn by the "
+           "model's reference solver "
            f"({', '.join(f'{m}: {s} {n} steps' for m, (s, n) in REFERENCE.items())}), mean over seeds; — for "
            "the ancestral sampler, whose fresh noise leaves the ODE. Measuring took "
            f"{sum(r['measure_s'] for r in rows) / 60:.0f} min on one CPU thread.\n")
-    save_table(a, "samplers", rows, md)
-    plot_samplers(os.path.join(a.docs, "samplers.png"), rows)
+    save_table(options, "samplers", rows, md)
+    plot_samplers(os.path.join(options.docs, "samplers.png"), rows)
     return md
 
 

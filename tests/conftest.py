@@ -17,7 +17,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from conditioning import make_control  # noqa: E402  (importable only once ROOT is on the path)
 from diffusion import Diffusion  # noqa: E402
-from model import MDTv2, build_model  # noqa: E402
+from mdt import MDTv2  # noqa: E402
+from model import build_model  # noqa: E402
 
 
 def pytest_configure(config):
@@ -122,24 +123,26 @@ def random_dit_state_dict(depth=2, width=64, patch=2, channels=4, classes=10, gr
 
 
 def facts_of(args, num_classes=10, text_dim=None, text_len=None, **kw):
-    """The Facts train.py would learn for `args` from a dataset of `num_classes` classes (and a text encoder
-    of this width and length), without opening any file: the flags' res, vae and base res."""
-    from config import Facts
-    return Facts(res=args.res, vae=args.vae, base_res=args.base_res or args.res, source_dataset=args.dataset,
-                 num_classes=num_classes, text_dim=text_dim, text_len=text_len, **kw)
+    """The SourceFacts train.py would learn for `args` from a dataset of `num_classes` classes (and a text
+    encoder of this width and length), without opening any file: the flags' res, vae and base res."""
+    from build import SourceFacts
+    return SourceFacts(res=args.res, vae=args.vae, base_res=args.base_res or args.res,
+                       source_dataset=args.dataset, num_classes=num_classes, text_dim=text_dim,
+                       text_len=text_len, **kw)
 
 
 def init_loads_every_tensor(flags, source, reference):
     """Build the model of train.py `flags + --init-from source`, load it as --init-from does, and check that
     every tensor loaded and equals the EMA weights of the checkpoint `reference`. Returns (args, facts,
     model)."""
+    from build import make_model, read_source_facts
     from checkpoint import init_from, read_checkpoint
-    from config import get_args, learn_facts, make_model
+    from config import get_args
     args = get_args(flags + ["--init-from", source])
 
-    class TenClasses:  # what learn_facts reads off a dataset
+    class TenClasses:  # what read_source_facts reads off a dataset
         num_classes = 10
-    facts = learn_facts(args, TenClasses())
+    facts = read_source_facts(args, TenClasses())
     model = make_model(args, facts)
     loaded, skipped, new = init_from(model, source)
     assert not skipped and not new and len(loaded) == len(model.state_dict())

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import train
-from config import get_args, make_diffusion, make_model
+from build import make_diffusion, make_model
+from config import get_args
 from conftest import ROOT, TINY, assert_resumed_exactly, facts_of
 from diffusion import to_velocity
 from shapes import shapes_default_control
@@ -75,7 +76,8 @@ def step_on_fixed_batch(accum, rank=0, world=1, wrap=None):
     real_drop_flags, train.drop_flags = train.drop_flags, draws.drop_flags
     try:
         net = wrap(model) if wrap else model
-        loss, _, updated = train.train_step(net, model, ema, opt, draws, micro, None, 10, args, bf16=False)
+        state = train.TrainState(net, model, ema, opt, draws, None)
+        loss, _, updated = train.train_step(state, micro, 10, args)
     finally:
         train.drop_flags = real_drop_flags
     assert updated and draws.loss_row == B // world
@@ -159,8 +161,9 @@ def test_grad_ckpt_changes_neither_loss_nor_gradients():
             train.checkpoint_blocks(model)
         ema = make_model(args, facts).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        loss, _, _ = train.train_step(model, model, ema, opt, make_diffusion(args, facts), [fixed_batch()],
-                                      torch.Generator().manual_seed(0), 0, args, bf16=False)
+        state = train.TrainState(model, model, ema, opt, make_diffusion(args, facts),
+                                 torch.Generator().manual_seed(0))
+        loss, _, _ = train.train_step(state, [fixed_batch()], 0, args)
         return loss, [p.grad.clone() for p in model.parameters()]
 
     loss, grads = loss_and_grads(False)

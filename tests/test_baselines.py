@@ -10,8 +10,11 @@ import torch.nn.functional as F
 
 import sample
 import train
+from build import load_model
+from checkpoint import from_dit
 from conftest import TINY, losses, random_dit_state_dict
-from model import DiffusionTransformer, build_model, count_params, from_dit
+from mdt import build_mdt
+from model import DiffusionTransformer, build_model, count_params
 from unet import build_unet
 
 #################################################################################
@@ -89,7 +92,8 @@ def test_dit_file_loads_through_init_from_and_sample(tmp_path, capsys):
     sd = random_dit_state_dict(depth=2, width=64, classes=1000)
     path = str(tmp_path / "DiT-T-2.pt")
     torch.save(sd, path)
-    model, args, facts, _, _ = sample.load_model(path, "cpu")
+    trained = load_model(path, "cpu")
+    model, args, facts = trained.model, trained.args, trained.facts
     assert (args.model, args.cond, args.objective, args.learn_sigma) == ("T/2", "adaln", "ddpm", True)
     assert facts.res == 64
     x, k, y, ctrl = dit_inputs()
@@ -129,9 +133,9 @@ def test_init_from_reports_loaded_skipped_and_new(tmp_path, capsys):
 # embedding it stores as a parameter), PixArt-alpha-XL/2 611 M without the text encoder (PixArt-alpha paper).
 # Our counts leave out the control embedder (4.1 M), which the published models do not have.
 
-def xl2(**kw):
+def xl2(build=build_model, **kw):
     with torch.device("meta"):
-        m = build_model("XL/2", input_size=32, in_channels=4, num_classes=1000, **kw)
+        m = build("XL/2", input_size=32, in_channels=4, num_classes=1000, **kw)
     return count_params(m) - count_params(m.c_embed)
 
 
@@ -150,7 +154,7 @@ def test_xl2_parameter_counts_are_the_ones_docs_baselines_quotes():
     """docs/baselines.md's table of parameter counts (without the control embedder) is this code's."""
     assert xl2(cond="adaln", out_channels=8, qk_norm=False) == 674_834_720
     assert xl2(cond="xattn", out_channels=8) == 605_961_248
-    assert xl2(cond="adaln", out_channels=8, arch="mdt") == 741_226_784
+    assert xl2(build_mdt, cond="adaln", out_channels=8) == 741_226_784
     assert xl2(cond="mmdit") == 1_329_561_232 and xl2(cond="ours") == 1_326_904_720
     with torch.device("meta"):
         unet = build_unet("G4", input_size=32, in_channels=4, num_classes=1000, cond="xattn")

@@ -1,7 +1,7 @@
-"""data.py, image-caption pairs: a folder of images with .txt captions, a CSV file, and webdataset tar shards
-read as a stream. Bad items (unreadable image, empty caption) are skipped and counted without breaking a
-batch; the shards are split over ranks and loader workers so that every sample is read exactly once per
-epoch."""
+"""Image-caption pairs: a folder of images with .txt captions or a CSV file (data.py), and webdataset tar
+shards read as a stream (shards.py). Bad items (unreadable image, empty caption) are skipped and counted
+without breaking a batch; the shards are split over ranks and loader workers so that every sample is read
+exactly once per epoch."""
 import io
 import os
 import tarfile
@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from build import SourceFacts, build_dataset, sampling_control
 from conditioning import CONTROL_SIGNALS, SIGNAL
-from config import Facts, build_dataset, sampling_control
-from data import EVENTS, CaptionFolderDataset, WebDatasetShards, folder_default_control
+from data import EVENTS, CaptionFolderDataset, folder_default_control
+from shards import WebDatasetShards
 
 RES = 8
 
@@ -141,7 +142,7 @@ def test_caption_paths_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no image with a non-empty caption"):
         build_dataset("captions", RES, str(tmp_path / "blank.csv"))
     for name in ("captions", "webdataset"):  # natural images: SDXL's sampling convention
-        facts = Facts(res=16, vae="none", base_res=16, source_dataset=name, num_classes=1)
+        facts = SourceFacts(res=16, vae="none", base_res=16, source_dataset=name, num_classes=1)
         assert torch.equal(sampling_control(facts), folder_default_control(16))
 
 

@@ -13,11 +13,12 @@ import torch
 
 import sample
 import train
-from checkpoint import CONFIG_VERSION, find_checkpoint, init_from, write_checkpoint
-from config import get_args, learn_facts, make_diffusion, make_model, open_dataset
+from build import load_model, make_diffusion, make_model, open_dataset, read_source_facts
+from checkpoint import CONFIG_VERSION, find_checkpoint, from_dit, init_from, write_checkpoint
+from config import get_args
 from conftest import TINY, facts_of, init_loads_every_tensor, model_inputs, perturb, random_dit_state_dict
 from latents import CACHE_FORMAT
-from model import from_dit
+from run import read_resume
 
 _at = TINY.index("--base-res")
 TINY_NO_BASE = TINY[:_at] + TINY[_at + 2:]  # --base-res left to its default
@@ -180,14 +181,15 @@ def test_a_dit_training_checkpoint_loads_its_ema(tmp_path):
     mapped = from_dit(ema, 64)[0]
     # --init-from: its base resolution is the DiT's (8 x 8 latents of a 64 px image), its EMA tensors load
     args = get_args(DIT_FLAGS + ["--init-from", path])
-    facts = learn_facts(args, TenClasses())
+    facts = read_source_facts(args, TenClasses())
     assert facts.base_res == 64
     model = make_model(args, facts)
     loaded, skipped, new = init_from(model, path)
     assert not skipped and all(n.startswith("c_embed.mlps.") for n in new)
     assert all(torch.equal(model.state_dict()[k], mapped[k]) for k in loaded)
     # sample.py --ckpt: the DiT recipe from the file alone, with the EMA weights
-    model, args, facts, _, _ = sample.load_model(path, "cpu")
+    trained = load_model(path, "cpu")
+    model, args, facts = trained.model, trained.args, trained.facts
     assert (args.model, args.cond, args.objective) == ("T/2", "adaln", "ddpm")
     assert (facts.res, facts.base_res) == (64, 64)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in mapped.items())
@@ -211,7 +213,7 @@ def fake_latent_cache(root, res, dataset="folder"):
 
 
 class TenClasses:
-    """What learn_facts reads off an image dataset of ten classes."""
+    """What read_source_facts reads off an image dataset of ten classes."""
 
     num_classes = 10
 
@@ -221,19 +223,21 @@ def test_base_res_is_the_training_resolution_from_scratch_and_the_source_s_other
     folder = get_args(["--dataset", "folder", "--data-path", str(tmp_path / "images"), "--vae", "none",
                        "--res", "64"])
     cache = get_args(["--dataset", "latents", "--data-path", fake_latent_cache(tmp_path / "cache", 64)])
-    on_folder, on_cache = learn_facts(folder, TenClasses()), learn_facts(cache, open_dataset(cache))
+    on_folder = read_source_facts(folder, TenClasses())
+    on_cache = read_source_facts(cache, open_dataset(cache))
     assert (on_folder.res, on_folder.base_res, on_cache.res, on_cache.base_res) == (64, 64, 64, 64)
     # the flags' defaults; the cache's own
     assert (cache.res, cache.vae, on_cache.vae) == (256, "sd-ema", "none")
     assert make_diffusion(folder, on_folder).alpha == make_diffusion(cache, on_cache).alpha == 1.0  # unscaled
-    assert learn_facts(get_args(["--res", "48"]), TenClasses()).base_res == 48
+    assert read_source_facts(get_args(["--res", "48"]), TenClasses()).base_res == 48
     # a transfer keeps its source's base; so does the resume of a transfer (its flags no longer name the
     # source)
     source = our_checkpoint(tmp_path / "ckpt-0000003.pt")  # TINY: 16 px
 
     def base_of(flags):  # as train.main resolves it: the checkpoint --resume names, then the facts
         args = get_args(TINY_NO_BASE + flags)
-        return learn_facts(args, TenClasses(), None, train.resume_point(args, 0)[1]).base_res
+        resumed = getattr(read_resume(args, 0), 'ckpt', None)
+        return read_source_facts(args, TenClasses(), None, resumed).base_res
 
     assert base_of(["--res", "32", "--init-from", source]) == 16
     assert base_of(["--res", "32", "--resume", source]) == 16
@@ -318,8 +322,11 @@ def test_export_loads_back_as_the_same_model_and_config(tmp_path):
         meta = f.metadata()
     assert set(meta) == {"format", "config", "facts", "config_version", "step"}
     assert all(isinstance(json.loads(v), (dict, int, type(None))) for k, v in meta.items() if k != "format")
-    a, args_a, facts_a, _, _ = sample.load_model(ckpt, "cpu")
-    b, args_b, facts_b, file_b, step_b = sample.load_model(exported, "cpu")
+    trained_a = load_model(ckpt, "cpu")
+    a, args_a, facts_a = trained_a.model, trained_a.args, trained_a.facts
+    trained_b = load_model(exported, "cpu")
+    b, args_b, facts_b = trained_b.model, trained_b.args, trained_b.facts
+    file_b, step_b = trained_b.file, trained_b.step
     assert vars(args_a) == vars(args_b) and facts_a == facts_b
     assert file_b == os.path.abspath(exported) and step_b == 3
     x, t, y, ctrl = model_inputs()

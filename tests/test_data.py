@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
+from build import build_dataset
 from conditioning import CONTROL_SIGNALS, SIGNAL
-from config import build_dataset
 from data import EVENTS, ImageFolderDataset, crop_flip, exif_turn, load_rgb
 from shapes import (
     CANVAS_MARGIN,
@@ -209,7 +209,7 @@ def test_bad_paths_fail_clearly(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         ImageFolderDataset(str(tmp_path / "missing"), 32)
     with pytest.raises(ValueError, match="unknown dataset"):
-        build_dataset("cifar", 32)
+        build_dataset("no-such-dataset", 32)
 
 
 def test_size_corr_ties_the_original_size_to_the_class_group_and_leaves_the_rest_alone():

@@ -10,12 +10,15 @@ import torch
 from PIL import Image
 
 import experiments.__main__ as experiments
+from build import SourceFacts, make_diffusion
 from checkpoint import checkpoints_in
 from conditioning import SIGNAL
-from config import Facts, get_args, make_diffusion
+from config import get_args
 from conftest import facts_of
-from experiments import common, compare, drift, measures, padding, results, transfer
+from diffusion import Sampling
+from experiments import common, compare, drift, measures, padding, report, results, samplers, transfer
 from latents import Autoencoder, to_uint8
+from model import ROUTES
 from shapes import COLOURS, SHAPES, render_shape
 
 #################################################################################
@@ -76,14 +79,14 @@ def test_size_sweep_pairs_reads_drift_and_the_pull_toward_a_size_group():
     # small originals (0.5 and 1 x res) paint a square (class 1, the large-size group), 2 x res a circle
     # (class 0)
     pairs = drift.size_sweep_pairs(PaintModel(args.res, size_changes_class=True), args, facts, n=4,
-                                   cfg_scale=2.0, steps=3)
+                                   sampling=Sampling(steps=3, scale=2.0))
     assert [p["class drift"] for p in pairs] == [1.0] * 4 and [p["colour drift"] for p in pairs] == [0.0] * 4
     assert [p["class acc"] for p in pairs] == [1 / 3, 2 / 3, 0.0, 0.0]  # classes 0, 1, 2, 3 in turn
     # the push goes against the groups: never toward the typical group, always out of one's own
     assert [p["pulled"] for p in pairs] == [0.0] * 4
     assert [p["pulled (same-size base)"] for p in pairs] == [1.0] * 4
-    steady = drift.size_sweep_pairs(PaintModel(args.res, size_blurs=True), args, facts, n=2, cfg_scale=2.0,
-                                    steps=3)
+    steady = drift.size_sweep_pairs(PaintModel(args.res, size_blurs=True), args, facts, n=2,
+                                    sampling=Sampling(steps=3, scale=2.0))
     assert all(p["class drift"] == 0.0 and p["size acc"] == 1.0 for p in steady)
 
 
@@ -173,12 +176,78 @@ def test_drift_commits_each_run_and_a_rerun_only_assembles(tmp_path, monkeypatch
 
 
 #################################################################################
+#              The variants an experiment runs are the model's own              #
+#################################################################################
+
+
+def variant_tables():
+    """{where it is written: {variant: train.py flags}} for every list of variants an experiment runs."""
+    return {"experiments/compare.py COMPARED_ROUTES": compare.COMPARED_ROUTES,
+            "experiments/compare.py GATE_VARIANTS": compare.GATE_VARIANTS,
+            "experiments/compare.py PADDINGS": compare.PADDINGS,
+            "experiments/drift.py DRIFT_VARIANTS": drift.DRIFT_VARIANTS,
+            "experiments/drift.py DRIFT_GATES": drift.DRIFT_GATES,
+            "experiments/samplers.py MODELS": samplers.MODELS,
+            "experiments/transfer.py TRANSFER": transfer.TRANSFER}
+
+
+def test_every_variant_is_a_configuration_train_py_accepts():
+    """Each route, gate schedule, padding or other value a variant names is one of config's choices (for
+    routes and gates: model.ROUTES and conditioning.GATES), so a renamed or removed one fails here; the
+    performance report's rows pass through experiments.bench."""
+    from experiments import bench
+    tables = {**{where: (table, get_args) for where, table in variant_tables().items()},
+              "experiments/report.py ROWS": ({label: cpu for label, _, cpu in report.ROWS}, bench.get_args)}
+    for where, (table, parse) in tables.items():
+        for variant, flags in table.items():
+            try:
+                parse(flags)
+            except SystemExit as e:
+                pytest.fail(f"{where}: variant {variant!r} runs {flags}, which train.py refuses ({e}); "
+                            "change that line to a value train.py has")
+
+
+def test_the_routes_comparison_runs_every_route_and_drift_a_named_subset():
+    runs = [get_args(flags).cond for flags in compare.COMPARED_ROUTES.values()]
+    assert sorted(runs) == sorted(ROUTES), "experiments/compare.py COMPARED_ROUTES must cover model.ROUTES"
+    assert list(compare.COMPARED_ROUTES) == [common.ROUTE_LABELS[c] for c in ("ours", "adaln", "xattn",
+                                                                             "mmdit")]
+    for name in drift.DRIFT_ROUTES:
+        assert name in ROUTES, (f"experiments/drift.py DRIFT_ROUTES names {name!r}, which model.ROUTES does "
+                                "not have: rename or remove it on that line")
+    for name in common.ROUTE_LABELS:
+        assert name in ROUTES, (f"experiments/common.py ROUTE_LABELS names {name!r}, which model.ROUTES does "
+                                "not have: rename or remove its entry")
+    # the route train.py runs by default keeps its records' name ("default"): no flag
+    assert compare.COMPARED_ROUTES["ours"] == []
+    assert drift.DRIFT_VARIANTS["adaln (DiT)"] == ["--cond", "adaln"]
+
+
+def test_a_new_route_enrols_in_the_routes_comparison_but_not_in_drift(monkeypatch):
+    monkeypatch.setitem(ROUTES, "ours_again", ROUTES["ours"])
+    variants = common.route_variants(ROUTES)
+    assert list(variants)[-1] == "ours_again" and variants["ours_again"] == ["--cond", "ours_again"]
+    assert "ours_again" not in common.route_variants(drift.DRIFT_ROUTES)
+
+
+def test_the_default_gate_variants_are_the_default_gates():
+    """The variants labelled "(default)" run no gate flag, so their label holds only while conditioning's
+    DEFAULT_GATES are what it says: the size group cosine, the others ungated."""
+    from conditioning import DEFAULT_GATES
+    assert DEFAULT_GATES == {"size": "cosine", "crop": "none", "flip": "none"}, (
+        "conditioning.DEFAULT_GATES changed: rename the \"size cosine (default)\" variants of "
+        "experiments/compare.py GATE_VARIANTS and experiments/drift.py DRIFT_GATES")
+    for table in (compare.GATE_VARIANTS, drift.DRIFT_GATES):
+        assert table["size cosine (default)"] == []
+
+
+#################################################################################
 #                      A comparison end to end at toy size                      #
 #################################################################################
 
 @pytest.mark.slow
 def test_routes_trains_measures_and_writes_tables_figures_and_results_page(tmp_path, monkeypatch):
-    monkeypatch.setattr(compare, "ROUTES", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
+    monkeypatch.setattr(compare, "COMPARED_ROUTES", {"ours": [], "adaln (DiT)": ["--cond", "adaln"]})
     page = tmp_path / "RESULTS.md"
     page.write_text(f"# x\n\n{results.BEGIN}\nold text\n{results.END}\n\nkept\n")
     argv = ["routes", "--seeds", "0,1", "--steps", "2", "--log-every", "1", "--per-class", "1", "--drift-n",
@@ -210,7 +279,8 @@ def test_routes_trains_measures_and_writes_tables_figures_and_results_page(tmp_p
     real_run = compare.shapes_run
     monkeypatch.setattr(compare, "shapes_run", lambda a, flags,
                         seed: trained.append(flags) or real_run(a, flags, seed))
-    monkeypatch.setattr(compare, "ROUTES", {**compare.ROUTES, "xattn (PixArt-α)": ["--cond", "xattn"]})
+    monkeypatch.setattr(compare, "COMPARED_ROUTES",
+                        {**compare.COMPARED_ROUTES, "xattn (PixArt-α)": ["--cond", "xattn"]})
     experiments.main(argv)
     assert trained == [["--cond", "xattn"]] * 2
     assert json.loads((tmp_path / "docs" / "routes.json").read_text())[:2] == rows
@@ -260,7 +330,7 @@ def test_transfer_fine_tunes_each_variant_from_one_base_and_splits_the_held_out_
     alphas = {}
     for run in (tmp_path / "runs" / "transfer").glob("ft-*/0*"):
         ckpt = torch.load(checkpoints_in(str(run))[0], weights_only=False)
-        args, facts = argparse.Namespace(**ckpt["args"]), Facts(**ckpt["facts"])
+        args, facts = argparse.Namespace(**ckpt["args"]), SourceFacts(**ckpt["facts"])
         assert (facts.res, facts.base_res) == (64, 32)  # the base grid comes from the 32 px checkpoint
         alphas[args.res_shift] = make_diffusion(args, facts).alpha
     # shift 3 x sqrt(4 x the tokens) vs 3

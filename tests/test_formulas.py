@@ -11,7 +11,9 @@ import torch
 
 import train
 from conditioning import CONTROL_SIGNALS, SIGNAL, ControlEmbedder, make_control, normalise_control
+from ddpm import DDPM
 from diffusion import Diffusion
+from run import Process, restore
 
 #################################################################################
 #                                 Conditioning                                  #
@@ -66,7 +68,7 @@ def test_flow_noising_mixes_data_and_noise_by_t():
     """x_t = (1 - t) x0 + t eps with t the shifted logit-normal draw: t = 1 is pure noise."""
     x0 = torch.randn(6, 3, 4, 4)
     rec = Recorder()
-    Diffusion("flow", pred="v", alpha=3.0).loss(rec, x0, torch.Generator().manual_seed(4))
+    Diffusion(pred="v", alpha=3.0).loss(rec, x0, torch.Generator().manual_seed(4))
     z, eps = drawn(x0, 4, "flow")
     u = torch.sigmoid(z)
     t = 3.0 * u / (1 + 2.0 * u)
@@ -78,12 +80,12 @@ def test_flow_noising_mixes_data_and_noise_by_t():
 def test_ddpm_noising_is_the_chain_at_step_k():
     x0 = torch.randn(6, 3, 4, 4)
     rec = Recorder()
-    diff = Diffusion("ddpm")
+    diff = DDPM()
     diff.loss(rec, x0, torch.Generator().manual_seed(5))
     k, eps = drawn(x0, 5, "ddpm")
-    ab = diff.chain.ab[k].float().view(-1, 1, 1, 1)
+    alphas_cumprod = diff.chain.alphas_cumprod[k].float().view(-1, 1, 1, 1)
     assert torch.allclose(rec.t, k.float() / 1000)
-    assert torch.allclose(rec.x, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-6)
+    assert torch.allclose(rec.x, alphas_cumprod.sqrt() * x0 + (1 - alphas_cumprod).sqrt() * eps, atol=1e-6)
 
 
 #################################################################################
@@ -132,8 +134,8 @@ def test_the_training_step_clips_the_gradient_norm(clip):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     batch = (torch.zeros(2, 4), torch.zeros(2), torch.zeros(2, 7))
-    _, gnorm, updated = train.train_step(model, model, ema, opt, SteepLoss(), [batch], torch.Generator(), 0,
-                                         args, bf16=False)
+    state = train.TrainState(model, model, ema, opt, SteepLoss(), torch.Generator())
+    _, gnorm, updated = train.train_step(state, [batch], 0, args)
     raw = 100 * math.sqrt(20)  # 20 weights and biases, each gradient 100
     assert updated and float(gnorm) == pytest.approx(raw)  # the norm before clipping
     step = before - torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -142,7 +144,8 @@ def test_the_training_step_clips_the_gradient_norm(clip):
 
 
 def test_a_resume_restores_the_noise_stream_after_seeding_it():
-    """start_state seeds the generator and then restores the checkpoint's stream: the restored state wins."""
+    """build_state seeds the generator and run.start then restores the checkpoint's stream: the restored state
+    wins."""
     model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     g = torch.Generator().manual_seed(123)
@@ -150,9 +153,29 @@ def test_a_resume_restores_the_noise_stream_after_seeding_it():
     ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=7, epoch=2,
                 position=3, gen=[g.get_state()], torch_rng=torch.get_rng_state(), cuda_rng=[None],
                 loss_window=(1.5, 2, 3))
-    args = SimpleNamespace(seed=0)
-    gen, loop = train.start_state(args, "ckpt", ckpt, model, ema, opt, 0, False, torch.device("cpu"))
-    assert torch.equal(gen.get_state(), g.get_state())
+    args, proc = SimpleNamespace(seed=0), Process(0, 1, torch.device("cpu"), False)
+    state = train.TrainState(model, model, ema, opt, None, train.noise_generator(args, proc))
+    loop = train.Progress.fresh(proc.device, streamed=False)
+    restore(ckpt, state, loop, proc)
+    assert torch.equal(state.gen.get_state(), g.get_state())
     assert (loop.step, loop.epoch, loop.position, loop.n_acc, loop.n_steps) == (7, 2, 3, 2, 3)
-    fresh, _ = train.start_state(args, None, None, model, ema, opt, 0, False, torch.device("cpu"))
+    fresh = train.noise_generator(args, proc)
     assert torch.equal(fresh.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
+def test_a_non_finite_step_leaves_the_weights_and_the_optimizer_as_they_were():
+    """train.optimizer_step: fused AdamW takes the non-finite flag on the device (found_inf, as torch's
+    GradScaler passes it) and skips the update, its moments and its step count, without a host read; the
+    for-each AdamW reads the flag and skips the same way. A finite flag updates both alike."""
+    for fused in (True, False):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([p], lr=0.1, fused=fused)
+        p.grad = torch.full((3,), float("nan"))
+        train.optimizer_step(opt, torch.tensor(False))
+        assert torch.equal(p.detach(), torch.ones(3)), fused
+        assert not opt.state or (opt.state[p]["step"] == 0 and not opt.state[p]["exp_avg"].any()), fused
+        p.grad = torch.ones(3)
+        train.optimizer_step(opt, torch.tensor(True))
+        decayed_then_stepped = 1 - 0.1 * 0.01 - 0.1  # AdamW: weight decay 0.01, then a first step of about lr
+        assert opt.state[p]["step"] == 1
+        assert torch.allclose(p.detach(), torch.full((3,), decayed_then_stepped))

@@ -11,7 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import ROOT, TINY, assert_resumed_exactly, losses, train_and_resume
-from experiments import bench
+from experiments import bench, timed_step
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a GPU)")]
@@ -23,21 +23,21 @@ def gpu_state(extra=(), batch=8):
     """A small model on the GPU with every zero-initialised tensor given random values (so the whole network
     takes part), and a synthetic batch: bench's build, as train.py builds it."""
     _, args, facts = bench.get_args(SMALL + ["--batch", str(batch), *extra])
-    state = bench.build(args, facts, GPU)
+    state = timed_step.build(args, facts, GPU)
     with torch.no_grad():
         for p in state.model.parameters():
             if not p.any():
                 p.normal_(0, 0.1)
-    return args, facts, state, bench.synthetic_batch(args, facts, batch, GPU)
+    return args, facts, state, timed_step.synthetic_batch(args, facts, batch, GPU)
 
 
 def step_loss(state, args, data, path):
     """The loss of one training step under `path`, from the same weights and noise every call."""
     weights = {k: v.clone() for k, v in state.model.state_dict().items()}
-    bench.prepare(state, path, args)
+    timed_step.prepare(state, path, args)
     state.gen = torch.Generator(GPU).manual_seed(0)
-    with bench.numerics(path):
-        loss = bench.train_step(state, data, 0, args, path)
+    with timed_step.numerics(path):
+        loss = timed_step.train_step(state, data, 0, args, path)
     state.model.load_state_dict(weights)
     return float(loss)
 
@@ -45,8 +45,8 @@ def step_loss(state, args, data, path):
 @pytest.mark.parametrize("cond", ["ours", "adaln"])
 def test_bf16_step_matches_the_fp32_step(cond):
     args, _, state, data = gpu_state(["--cond", cond])
-    ref = step_loss(state, args, data, bench.Path("fp32", attn="math"))
-    fast = step_loss(state, args, data, bench.Path("fast", bf16=True, fused_adam=True))
+    ref = step_loss(state, args, data, timed_step.Path("fp32", attn="math"))
+    fast = step_loss(state, args, data, timed_step.Path("fast", bf16=True, fused_adam=True))
     assert torch.isfinite(torch.tensor(fast)) and abs(fast - ref) < 2e-2 * abs(ref), (fast, ref)
 
 
@@ -83,11 +83,11 @@ def test_fused_adamw_equals_foreach_adamw():
     after = {}
     for fused in (False, True):
         state.model.load_state_dict(start)
-        path = bench.Path("fp32", fused_adam=fused)
-        bench.prepare(state, path, args)
+        path = timed_step.Path("fp32", fused_adam=fused)
+        timed_step.prepare(state, path, args)
         state.gen = torch.Generator(GPU).manual_seed(0)
         for step in range(3):
-            bench.train_step(state, data, step, args, path)
+            timed_step.train_step(state, data, step, args, path)
         after[fused] = torch.cat([p.detach().flatten() for p in state.model.parameters()])
     torch.testing.assert_close(after[True], after[False], rtol=1e-5, atol=1e-6)
 
@@ -108,10 +108,35 @@ def test_one_process_torchrun_with_nccl_trains(tmp_path):
 
 
 def test_bf16_sampling_gives_finite_images():
+    from build import make_diffusion
     from diffusion import Sampling, generate
     args, facts, state, data = gpu_state(["--cond", "ours"])
     x, y, ctrl = data
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = generate(state.model.eval(), bench.make_diffusion(args, facts), torch.randn_like(x), y, ctrl,
+        out = generate(state.model.eval(), make_diffusion(args, facts), torch.randn_like(x), y, ctrl,
                        Sampling(steps=10, scale=2.0))
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_the_steps_between_two_log_lines_make_no_host_sync(tmp_path, monkeypatch):
+    """train.main on the GPU with CUDA's sync debug mode set to "error" from the first log line to the second:
+    any host read of a device value in those steps (an .item(), a blocking copy, a data-dependent branch)
+    raises. The log lines and checkpoints are where the loop reads the device, on purpose."""
+    import train
+
+    real_log_record, logged = train.log_record, []
+
+    def log_record(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)  # the log line itself reads the window: allowed
+        record = real_log_record(*args, **kwargs)
+        logged.append(record["step"])
+        if len(logged) == 1:
+            torch.cuda.set_sync_debug_mode("error")  # every step until the next log line
+        return record
+    monkeypatch.setattr(train, "log_record", log_record)
+    try:
+        train.main(TINY + ["--steps", "8", "--log-every", "4", "--ckpt-every", "1000", "--sample-every", "-1",
+                           "--out", str(tmp_path)])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert logged == [4, 8]

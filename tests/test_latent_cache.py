@@ -15,8 +15,8 @@ from PIL import Image
 
 import encode
 import latents
+from build import build_dataset
 from conditioning import CONTROL_SIGNALS
-from config import build_dataset
 from conftest import ROOT
 from latents import Autoencoder, LatentCacheDataset, shard_name
 
@@ -178,7 +178,8 @@ def test_a_damaged_shard_is_named_when_the_cache_is_opened(cache, tmp_path):
     with pytest.raises(RuntimeError, match=r"shard shard-000-00002.pt is damaged .*redoes only[\s\S]*python "
                        r"encode.py"):
         LatentCacheDataset(out)
-    from config import get_args, open_dataset
+    from build import open_dataset
+    from config import get_args
     with pytest.raises(SystemExit,
                        match="--dataset latents: latent cache .* shard shard-000-00002.pt is damaged"):
         open_dataset(get_args(["--dataset", "latents", "--data-path", out]))
@@ -187,15 +188,16 @@ def test_a_damaged_shard_is_named_when_the_cache_is_opened(cache, tmp_path):
 def test_a_cache_is_checked_against_the_model_and_diffusers_when_it_is_opened(cache, monkeypatch):
     """What validate cannot know before the cache is open: its resolution against the model's patch (with a
     way out that a cache has: no --vae none), and that decoding its latents needs diffusers."""
-    from config import get_args, open_dataset
+    from build import open_dataset
+    from config import get_args
     assert open_dataset(get_args(["--dataset", "latents", "--data-path", cache, "--model", "T/4"])).res == RES
     with pytest.raises(SystemExit, match=rf"the latent cache .* holds {RES} px images of --vae .*: --res "
                        rf"{RES} must be divisible by patch 8 x autoencoder factor 8 = 64; encode a cache at "
                        r"--res 64 or choose a smaller patch$"):
         open_dataset(get_args(["--dataset", "latents", "--data-path", cache, "--model", "T/8"]))
-    import config
-    real = config.importlib.util.find_spec
-    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None if name == "diffusers"
+    import build
+    real = build.importlib.util.find_spec
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None if name == "diffusers"
                         else real(name))
     with pytest.raises(SystemExit, match=r"the latent cache .*; decoding them \(the sample grids\) needs the "
                        r"optional package diffusers: pip install diffusers$"):

@@ -1,26 +1,29 @@
-"""model.py: shapes, zero-init identity, the routes' conditioning, positional embeddings, attention
-masking."""
+"""model.py: shapes, zero-init identity, the routes' conditioning (a route is one table row), positional
+embeddings, attention masking. (mDT-v2's own behaviour: test_mdt.py.)"""
 import pytest
 import torch
 
-from conditioning import SIGNAL, make_control
+from conditioning import CONTROL_GROUPS, SIGNAL, make_control
+from config import get_args
 from conftest import model_inputs, perturb, tiny_model
+from mdt import MDTv2, build_mdt
 from model import (
     CONDS,
+    ROUTES,
     SIZES,
     DiffusionTransformer,
     JointBlock,
-    MDTv2,
+    Route,
     build_model,
     count_params,
     sincos_1d,
     sincos_2d,
 )
 
-ROUTES = [(c, "dit") for c in CONDS] + [("adaln", "mdt"), ("ours", "mdt")]
+ROUTES_AND_ARCHS = [(c, "dit") for c in CONDS] + [("adaln", "mdt"), ("ours", "mdt")]
 
 
-@pytest.mark.parametrize("cond,arch", ROUTES)
+@pytest.mark.parametrize("cond,arch", ROUTES_AND_ARCHS)
 def test_forward_backward_shapes(cond, arch):
     """Every parameter gets a gradient (DDP requires it): in training mode mDT returns the unmasked and the
     masked prediction stacked, so the side block and the mask token are used too."""
@@ -33,56 +36,21 @@ def test_forward_backward_shapes(cond, arch):
     assert model.eval()(x, t, y, c).shape == x.shape  # sampling: one unmasked pass
 
 
-@pytest.mark.parametrize("decode_layers", [0, 2])
-def test_mdt_without_masking_builds_no_side_block(decode_layers):
-    """--mask-ratio 0: no token is dropped, so there is no side interpolator or mask token to fill them in,
-    and every parameter still gets a gradient (under DDP a parameter without one stops training at the second
-    step)."""
-    model = perturb(MDTv2(patch=4, depth=4, width=64, heads=2, decode_layers=decode_layers, mask_ratio=0,
-                          input_size=16, in_channels=3, num_classes=10, cond="ours"))
-    assert not hasattr(model, "side") and not hasattr(model, "mask_token")
-    x, t, y, c = model_inputs()
-    drop = torch.tensor([False, True, False])  # condition dropout, as in training
-    out = model.train()(x, t, y, c, ctrl_drop=drop, sem_drop=drop)
-    assert out.shape == x.shape  # one unmasked pass in training too
-    out.square().mean().backward()
-    assert [n for n, p in model.named_parameters() if p.grad is None] == []
-
-
-@pytest.mark.parametrize("cond", ["ours", "mmdit"])
-@pytest.mark.parametrize("depth", [2, 4])
-def test_mdt_without_decoder_trains_and_samples(cond, depth):
-    """No decoder blocks (T/4's default, or --decode-layers 0): the encoder's last block feeds the side
-    interpolator, which reads its context tokens, so that block keeps a full context stream; training and
-    sampling both run."""
-    kw = dict(input_size=16, in_channels=3, num_classes=10, cond=cond)
-    model = perturb(build_model("T/4", "mdt", **kw) if depth == 2 else
-                    MDTv2(patch=4, depth=depth, width=64, heads=2, decode_layers=0, **kw))
-    assert model.decode_layers == 0 and len(model.blocks) == depth
-    x, t, y, c = model_inputs()
-    drop = torch.tensor([False, True, False])
-    out = model.train()(x, t, y, c, ctrl_drop=drop, sem_drop=drop)
-    assert out.shape == (6,) + x.shape[1:]
-    out.square().mean().backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
-    assert model.eval()(x, t, y, c).shape == x.shape  # sampling: one unmasked pass, no side block
-
-
-@pytest.mark.parametrize("cond,arch", ROUTES)
+@pytest.mark.parametrize("cond,arch", ROUTES_AND_ARCHS)
 def test_fresh_model_outputs_zero_and_adaln_zero_blocks_are_identity(cond, arch):
     model = tiny_model(cond, arch)
     x, t, y, c = model_inputs()
     assert torch.equal(model(x, t, y, c), torch.zeros(2 * 3 if arch == "mdt" else 3, *x.shape[1:]))
-    vec, ctx, _ = model.condition(t, y, c)
+    cond_vector, ctx, _ = model.condition(t, y, c)
     tokens = torch.randn(3, 16, model.width)
     # PixArt-alpha init: random per-block offsets, but the cross-attention starts switched off
     if cond == "xattn":
-        vec6 = model.t_block(vec)
+        shared = model.t_block(cond_vector)
         for block in model.blocks:
-            assert torch.equal(block(tokens, ctx, vec6)[0], block(tokens, torch.randn_like(ctx), vec6)[0])
+            assert torch.equal(block(tokens, ctx, shared)[0], block(tokens, torch.randn_like(ctx), shared)[0])
         return
     for i, block in enumerate(model.blocks):
-        out, ctx_out = block(tokens, ctx, vec, skip=tokens)
+        out, ctx_out = block(tokens, ctx, cond_vector, skip=tokens)
         if block.skip is None:
             assert torch.equal(out, tokens)
         if ctx is not None and i < len(model.blocks) - 1:
@@ -92,9 +60,9 @@ def test_fresh_model_outputs_zero_and_adaln_zero_blocks_are_identity(cond, arch)
 def test_ours_keeps_semantics_out_of_adaln_and_gates_control():
     model = perturb(tiny_model("ours"))
     x, t, y, c = model_inputs()
-    vec_a = model.condition(t, y, c)[0]
-    vec_b = model.condition(t, (y + 1) % 10, c)[0]
-    assert torch.equal(vec_a, vec_b)  # the class only reaches the model through tokens
+    vector_a = model.condition(t, y, c)[0]
+    vector_b = model.condition(t, (y + 1) % 10, c)[0]
+    assert torch.equal(vector_a, vector_b)  # the class only reaches the model through tokens
     bigger = c.clone()
     bigger[:, SIGNAL["orig_h"]] = bigger[:, SIGNAL["orig_w"]] = 64
     ones, zeros = torch.ones(3), torch.zeros(3)
@@ -137,19 +105,6 @@ def test_xattn_is_adaln_single_with_cross_attention():
     x, t, y, c = model_inputs()
     assert torch.equal(model.condition(t, y, c)[0], model.condition(t, (y + 1) % 10, c)[0])
     assert not torch.allclose(model(x, t, y, c), model(x, t, (y + 1) % 10, c))
-
-
-def test_mdt_encoder_sees_only_the_kept_tokens():
-    model = perturb(tiny_model("adaln", "mdt", mask_ratio=0.5))
-    seen = []
-    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o[0].shape[1]))
-    x, t, y, c = model_inputs()
-    model(x, t, y, c)
-    assert seen[0] == 16 and 3 <= seen[1] <= 8  # unmasked pass, then 16 * (1 - r), r in [0.5, 0.7]
-    assert model.half == 1 and model.decode_layers == 2 and len(model.blocks) == 4
-    assert all(b.skip is not None for b in model.blocks[1:]) and model.blocks[0].skip is None
-    with pytest.raises(ValueError, match="decode-layers"):
-        MDTv2(input_size=16, patch=4, depth=4, width=64, heads=2, decode_layers=1)
 
 
 def test_unpatchify_is_dits_layout_and_ends_forward():
@@ -199,26 +154,26 @@ def test_non_square_and_larger_inputs():
 def test_padded_context_tokens_are_masked():
     block = JointBlock(32, 2)
     perturb(block)
-    x, c, vec = torch.randn(2, 9, 32), torch.randn(2, 4, 32), torch.randn(2, 32)
+    x, c, cond_vector = torch.randn(2, 9, 32), torch.randn(2, 4, 32), torch.randn(2, 32)
     mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
     c2 = c.clone()
     c2[~mask] = torch.randn(int((~mask).sum()), 32) * 10
-    out1, _ = block(x, c, vec, mask)
-    out2, _ = block(x, c2, vec, mask)
+    out1, _ = block(x, c, cond_vector, mask)
+    out2, _ = block(x, c2, cond_vector, mask)
     assert torch.allclose(out1, out2, atol=1e-5)
-    assert not torch.allclose(block(x, c, vec)[0], block(x, c2, vec)[0])
+    assert not torch.allclose(block(x, c, cond_vector)[0], block(x, c2, cond_vector)[0])
 
 
 def test_joint_attention_matches_a_plain_reference():
     """SDPA over [context; image] equals softmax(q k^T / sqrt(d)) v written out by hand."""
     block = perturb(JointBlock(32, 2))
-    x, c, vec = torch.randn(2, 9, 32), torch.randn(2, 3, 32), torch.randn(2, 32)
-    qi, ki, vi, mod_i = block.img.pre_attention(x, vec)
-    qc, kc, vc, mod_c = block.ctx.pre_attention(c, vec)
+    x, c, cond_vector = torch.randn(2, 9, 32), torch.randn(2, 3, 32), torch.randn(2, 32)
+    qi, ki, vi, img_modulation = block.img.pre_attention(x, cond_vector)
+    qc, kc, vc, _ = block.ctx.pre_attention(c, cond_vector)
     q, k, v = torch.cat([qc, qi], 2), torch.cat([kc, ki], 2), torch.cat([vc, vi], 2)
     attn = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
-    ref_x = block.img.post_attention(x, attn[:, :, 3:], mod_i)
-    assert torch.allclose(block(x, c, vec)[0], ref_x, atol=1e-5)
+    ref_x = block.img.post_attention(x, attn[:, :, 3:], img_modulation)
+    assert torch.allclose(block(x, c, cond_vector)[0], ref_x, atol=1e-5)
 
 
 def test_presets_and_bad_names():
@@ -226,13 +181,52 @@ def test_presets_and_bad_names():
     m = build_model("S/8", input_size=32, in_channels=4, num_classes=10)
     assert len(m.blocks) == 12 and m.width == 384 and count_params(m) > 1e6
     with pytest.raises(ValueError, match="unknown --model"):
-        build_model("XXL/2")
+        build_model("no-such-size/2")
     kw = dict(input_size=16, in_channels=3, num_classes=10)
     assert type(build_model("T/4", **kw)) is DiffusionTransformer
-    assert type(build_model("T/4", "mdt", **kw)) is MDTv2
-    with pytest.raises(ValueError, match="unknown --arch"):
-        build_model("T/4", arch="uvit", **kw)
+    assert type(build_mdt("T/4", **kw)) is MDTv2
+    with pytest.raises(SystemExit):  # --arch picks the builder (build.make_model); its choices are fixed
+        get_args(["--arch", "no-such-arch"])
     with pytest.raises(ValueError, match="unknown --cond"):
         tiny_model("no-such-route")
     with pytest.raises(ValueError, match="not divisible"):
         build_model("T/4", input_size=18, in_channels=3, num_classes=10)
+
+
+#################################################################################
+#                   A route is one row of ROUTES                                #
+#################################################################################
+
+def test_a_route_with_control_tokens_and_no_adaln_terms_is_one_table_row(monkeypatch):
+    """A `concat`-style route, added as one row: the control groups' embeddings join the semantic tokens in
+    the context, and the adaLN vector is the time embedding alone. It trains (every parameter gets a
+    gradient) and samples, and the control reaches the image only through the tokens."""
+    concat = Route("joint", ("semantic", "control"), True, "ada", (), "a test")
+    monkeypatch.setitem(ROUTES, "probe-concat", concat)
+    model = perturb(tiny_model("probe-concat"))
+    x, t, y, c = model_inputs()
+    cond_vector, ctx, mask = model.condition(t, y, c)
+    assert torch.equal(cond_vector, model.t_embed(t)) and mask is None
+    assert ctx.shape == (3, model.y_embed.tokens + len(CONTROL_GROUPS), model.width)
+    assert torch.equal(ctx[:, -len(CONTROL_GROUPS):], model.c_embed(c))
+    model(x, t, y, c, ctrl_drop=torch.tensor([True, False, False])).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    flipped = c.clone()
+    flipped[:, SIGNAL["flip"]] = 1 - flipped[:, SIGNAL["flip"]]
+    assert torch.equal(model.condition(t, y, flipped)[0], cond_vector)
+    assert not torch.allclose(model.eval()(x, t, y, c), model(x, t, y, flipped))
+
+
+def test_a_route_that_does_not_hold_together_is_refused(monkeypatch):
+    """Terms outside the tables, context tokens with nothing to read them, or an attention with nothing to
+    read, each say what is wrong."""
+    bad = {"probe-term": Route("joint", ("no-such-term",), True, "ada", (), "a test"),
+           "probe-unread": Route(None, ("semantic",), False, "ada", ("control",), "a test"),
+           "probe-empty": Route("cross", (), False, "single", ("control",), "a test")}
+    for name, route in bad.items():
+        monkeypatch.setitem(ROUTES, name, route)
+    with pytest.raises(ValueError, match="unknown terms.*no-such-term"):
+        tiny_model("probe-term")
+    for name in ("probe-unread", "probe-empty"):
+        with pytest.raises(ValueError, match="need an attention"):
+            tiny_model(name)

@@ -18,20 +18,23 @@ from PIL import Image
 
 import sample
 import train
+from conditioning import GATES, parse_gate
 from config import RECIPES, get_args
 from conftest import ROOT, TINY, assert_resumed_exactly, facts_of, losses
-from diffusion import Diffusion
+from ddpm import DDPM
 from unet import unet_size
 
 
 def print_config(argv, capsys):
     """--print-config's lines, as {flag: value} (a --no-X flag under its own name) and {flag: where it came
-    from}."""
+    from}; the warnings about flags that do nothing in the run, which come first, are left out."""
     with pytest.raises(SystemExit) as e:
         get_args(argv + ["--print-config"])
     assert e.value.code == 0
     values, sources = {}, {}
     for line in capsys.readouterr().out.splitlines():
+        if line.startswith("warning: "):
+            continue
         option, rest = line.split(None, 1)
         value, source = rest.rsplit(" # ", 1)
         values[option[2:]], sources[option[2:]] = json.loads(value), source.strip()
@@ -117,8 +120,9 @@ def test_a_gate_for_a_route_that_does_not_gate_is_refused_and_a_flag_without_eff
     validate(get_args(["--gate-size", "cosine_pow:4", "--mask-ratio", "0.5"]))
     warned = capsys.readouterr().out
     assert "warning: --mask-ratio does nothing in this run: it acts with --arch mdt" in warned
-    with pytest.raises(SystemExit):  # argparse: an unknown schedule, or the wrong number of parameters
-        get_args(["--gate-size", "cosine_pow:1,2"])
+    for bad in ("no-such-gate", "cosine_pow:1,2"):  # argparse: an unknown schedule, or the wrong parameters
+        with pytest.raises(SystemExit):
+            get_args(["--gate-size", bad])
     for bad in ("cosine_pow:-2", "cosine_pow:nan"):  # g(t) far above 1 at pure noise; not a number at all
         with pytest.raises(SystemExit):
             get_args(["--gate-size", bad])
@@ -126,8 +130,41 @@ def test_a_gate_for_a_route_that_does_not_gate_is_refused_and_a_flag_without_eff
     assert get_args(["--gate-size", "cosine_pow:0.5"]).gate_size == "cosine_pow:0.5"
 
 
+def test_a_gates_parameters_are_recorded_also_when_left_to_their_defaults(capsys):
+    """A run's configuration says which schedule it trained with, whether or not its parameter was written
+    out: a later change of the default power would otherwise change what a stored run means."""
+    args = get_args(["--gate-size", "cosine_pow", "--gate-crop", "linear"])
+    assert (args.gate_size, args.gate_crop, args.gate_flip) == ("cosine_pow:2.0", "linear", "none")
+    assert parse_gate(args.gate_size) == parse_gate("cosine_pow") == ("cosine_pow", (2.0,))
+    assert print_config(["--gate-size", "cosine_pow"], capsys)[0]["gate-size"] == "cosine_pow:2.0"
+    # every schedule given by its name alone is stored with all of its parameters written out
+    for name, schedule in GATES.items():
+        stored = get_args(["--gate-size", name]).gate_size
+        assert parse_gate(stored) == (name, schedule.params)
+        assert (":" in stored) == bool(schedule.params)
+
+
+def test_print_config_refuses_what_training_refuses_with_the_same_message(capsys):
+    """--print-config checks the flags first: a value training refuses prints training's message and exits
+    non-zero, and no configuration is printed."""
+    from config import validate
+    for bad in (["--lr", "-1"], ["--objective", "ddpm"], ["--cond", "adaln", "--gate-size", "linear"]):
+        with pytest.raises(SystemExit) as training:
+            validate(get_args(bad))
+        with pytest.raises(SystemExit) as printing:
+            get_args(bad + ["--print-config"])
+        assert printing.value.code == training.value.code and isinstance(printing.value.code, str)
+        assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit, match=r"--lr must be > 0, got -1.0"):
+        get_args(["--lr", "-1", "--print-config"])
+    # what belongs to the machine that trains is not checked: a configuration for data kept elsewhere prints
+    missing = print_config(["--dataset", "folder", "--data-path", "/no/such/folder", "--vae", "none"], capsys)
+    assert missing[0]["data-path"] == "/no/such/folder"
+
+
 def test_resume_with_another_optimizer_or_an_unusable_sampler_is_refused():
-    from config import config_mismatch, validate
+    from config import validate
+    from run import config_mismatch
 
     args = get_args(TINY)
     saved = dict(args=vars(args), facts=dataclasses.asdict(facts_of(args)))
@@ -172,6 +209,7 @@ def test_recipes_sample_as_their_papers_publish(capsys):
 def test_a_recipe_that_needs_a_package_not_installed_says_which(monkeypatch):
     import importlib.util
 
+    from build import check_sources
     from config import validate
 
     args = get_args(TINY + ["--recipe", "mdt"])
@@ -179,7 +217,7 @@ def test_a_recipe_that_needs_a_package_not_installed_says_which(monkeypatch):
     without_adan = lambda name, *a: None if name == "adan_pytorch" else real(name, *a)
     monkeypatch.setattr(importlib.util, "find_spec", without_adan)
     with pytest.raises(SystemExit, match="pip install adan-pytorch"):
-        validate(args)
+        check_sources(args)
     with pytest.raises(SystemExit, match=r"--sampler heun \(command line\) does not fit --objective ddpm "
                        r"\(recipe dit\)"):
         validate(get_args(TINY + ["--recipe", "dit", "--sampler", "heun"]))
@@ -223,11 +261,11 @@ def test_min_snr_weights_the_eps_loss_by_min_snr_gamma_over_snr():
     torch.manual_seed(0)
     x0 = torch.randn(64, 3, 4, 4)
     model = lambda x, t, **c: torch.zeros_like(x)  # the eps loss is then |noise|^2, whatever k
-    plain, weighted = Diffusion("ddpm"), Diffusion("ddpm", min_snr=5.0)
+    plain, weighted = DDPM(), DDPM(min_snr=5.0)
     a = plain.loss(model, x0, torch.Generator().manual_seed(1))
     b = weighted.loss(model, x0, torch.Generator().manual_seed(1))
     k = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1))  # the loss's first draw
-    snr = plain.chain.ab[k] / (1 - plain.chain.ab[k])
+    snr = plain.chain.alphas_cumprod[k] / (1 - plain.chain.alphas_cumprod[k])
     torch.testing.assert_close(b, a * (snr.clamp(max=5.0) / snr).float())
     assert (snr < 5).any() and (snr > 5).any()  # both sides of gamma were drawn
 
@@ -246,8 +284,8 @@ def test_sample_py_defaults_to_the_runs_evaluation_settings(tmp_path, monkeypatc
                         "--out", str(tmp_path)])
     seen = {}
 
-    def fake_grid(model, vae, args, facts, path, device, sampling, cfg_scales=None, **kw):
-        seen.update(cfg_scales=cfg_scales, steps=sampling.steps, method=sampling.method,
+    def fake_grid(trained, sampling, path, layout=sample.GridLayout(), **kw):
+        seen.update(cfg_scales=layout.cfg_scales, steps=sampling.steps, method=sampling.method,
                     schedule=sampling.schedule)
 
     monkeypatch.setattr(sample, "class_grid", fake_grid)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conditioning import make_control
-from diffusion import Chain, ddpm_betas, time_grid
+from ddpm import Chain, ddpm_betas
+from diffusion import time_grid
 from model import build_model, sincos_2d
 
 diffusers = pytest.importorskip("diffusers")
@@ -251,8 +252,8 @@ def test_ddpm_schedules_equal_ddpm_scheduler(ours, theirs):
     ref = diffusers.DDPMScheduler(num_train_timesteps=1000, **theirs)
     betas = ddpm_betas(ours, 1000)
     assert (betas.float() - ref.betas).abs().max() < 1e-7
-    assert (Chain(betas).ab.float() - ref.alphas_cumprod).abs().max() < 1e-6
-    assert math.isclose(float(Chain(betas).ab[-1]), float(ref.alphas_cumprod[-1]), rel_tol=1e-4)
+    assert (Chain(betas).alphas_cumprod.float() - ref.alphas_cumprod).abs().max() < 1e-6
+    assert math.isclose(float(Chain(betas).alphas_cumprod[-1]), float(ref.alphas_cumprod[-1]), rel_tol=1e-4)
 
 
 #################################################################################
@@ -272,8 +273,8 @@ def dpm_scheduler(**kw):
 
 def ddpm_eps(x, k):
     """eps at (possibly fractional) steps k (B,) of the linear chain."""
-    ab = Chain(ddpm_betas()).ab_at(k.double().tolist()).view(-1, 1, 1, 1)
-    a, s = ab.sqrt(), (1 - ab).sqrt()
+    alphas_cumprod = Chain(ddpm_betas()).alphas_cumprod_at(k.double().tolist()).view(-1, 1, 1, 1)
+    a, s = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     return (s * (x.double() - a * MU) / (a ** 2 * S ** 2 + s ** 2) + 0.05 * torch.tanh(x.double())).float()
 
 
@@ -285,18 +286,17 @@ def test_ddpm_dpm_solver_equals_diffusers_step_by_step(spacing, steps):
     step's x agrees with its scheduler's, fed the same eps. diffusers keeps its levels in float32 (from a
     float32 product of the betas), whose rounding alone moves the result by up to 7e-5 at 5 log-SNR steps: we
     hand it our levels in float64."""
-    from diffusion import Diffusion, spaced_steps
+    from ddpm import DDPM, spaced_steps
     ref = dpm_scheduler(prediction_type="epsilon", use_lu_lambdas=spacing == "logsnr")
-    ab = Chain(ddpm_betas()).ab
-    ours_steps = spaced_steps(1000, steps, spacing, ab)
+    ours_steps = spaced_steps(1000, steps, spacing, Chain(ddpm_betas()).alphas_cumprod)
     if spacing == "ddim":  # ADM's stride: handed to diffusers as custom timesteps
         ref.set_timesteps(timesteps=list(reversed(ours_steps)))
     else:
         ref.set_timesteps(steps)
     rounded = [round(k) for k in reversed(ours_steps)]
     assert ref.timesteps.tolist() == rounded
-    ab_ours = Chain(ddpm_betas()).ab_at(list(reversed(ours_steps)))
-    sigmas = torch.cat([((1 - ab_ours) / ab_ours).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    levels = Chain(ddpm_betas()).alphas_cumprod_at(list(reversed(ours_steps)))
+    sigmas = torch.cat([((1 - levels) / levels).sqrt(), torch.zeros(1, dtype=torch.float64)])
     # the same levels up to diffusers' float32 cumulative product of the betas: 8e-5 relative at step 0
     assert torch.allclose(ref.sigmas.double(), sigmas, rtol=2e-4)
     ref.sigmas = sigmas
@@ -312,7 +312,7 @@ def test_ddpm_dpm_solver_equals_diffusers_step_by_step(spacing, steps):
         ours.append(x.double())
         k = t.double() * 1000
         return ddpm_eps(x, k.round() if spacing == "logsnr" else k)
-    out = Diffusion("ddpm").sample(predict, noise, steps=steps, method="dpm++2m", spacing=spacing)
+    out = DDPM().sample(predict, noise, steps=steps, method="dpm++2m", spacing=spacing)
     assert len(ours) == len(theirs) == steps
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-5
     assert (out.double() - x).abs().max() < 1e-5
@@ -351,7 +351,7 @@ def test_flow_dpm_solver_equals_diffusers_in_sd3s_variables(shift, steps):
     def predict(x, t):
         ours.append(x.double())
         return flow_data(x, t)
-    out = Diffusion("flow", pred="x", alpha=shift).sample(predict, noise, steps=steps, method="dpm++2m")
+    out = Diffusion(pred="x", alpha=shift).sample(predict, noise, steps=steps, method="dpm++2m")
     assert len(ours) == len(theirs) == steps
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-5
     assert (out.double() - x * scale(steps)).abs().max() < 1e-5

@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 import train
-from checkpoint import RunLock, checkpoints_in, find_checkpoint
+from checkpoint import checkpoints_in, find_checkpoint
 from conftest import ROOT, TINY, losses, nan_loss, records
 from data import EVENTS, count_event, event_table, load_rgb
 from diffusion import Diffusion
+from run import INTERRUPTED, PREEMPTED, Preemption, Resumed, RunLock, new_run_dir, resumed_folder
 
 
 def wait_for(predicate, timeout=120):
@@ -162,7 +163,7 @@ def signalled_run(tmp_path, sig):
 @pytest.mark.slow
 def test_sigterm_single_process_checkpoints_and_exits_75(tmp_path):
     code, out, run, _, step = signalled_run(tmp_path, signal.SIGTERM)
-    assert code == train.PREEMPTED, out[-2000:]
+    assert code == PREEMPTED, out[-2000:]
     assert "preempted by signal" in out and step == max(losses(run))
 
 
@@ -308,8 +309,8 @@ def test_a_nan_on_one_rank_is_skipped_on_all(tmp_path):
 @pytest.mark.slow
 def test_nan_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(Diffusion, "loss", nan_loss({4, 5, 6}))
-    with pytest.raises(SystemExit, match=r"3 non-finite steps in a row ending at step 6; last good "
-                       r"checkpoint: .*ckpt-0000003\.pt"):
+    with pytest.raises(SystemExit, match=r"3 non-finite steps in a row by step 6 \(--max-bad-steps 3\); the "
+                       r"last checkpoint is .*ckpt-0000003\.pt"):
         train.main(TINY + ["--steps", "10", "--ckpt-every", "3", "--max-bad-steps", "3", "--out",
                            str(tmp_path)])
 
@@ -353,19 +354,19 @@ def test_a_checkpoint_written_while_a_resume_started_is_not_abandoned(tmp_path):
     for name in ("ckpt-0000001.pt", "ckpt-0000002.pt"):  # 2: damaged, passed over
         (run / name).write_bytes(b"x")
     time.sleep(0.05)  # file times come from a coarse clock
-    started = time.time()
+    resumed = Resumed(chosen, {"step": 1}, time.time())
     time.sleep(0.05)
     (run / "ckpt-0000003.pt").write_bytes(b"written since")
     with pytest.raises(SystemExit, match=r"ckpt-0000003.pt was written while this process started .*run the "
                        r"command again"):
-        train.run_folder(SimpleNamespace(resume=str(run)), chosen, {"step": 1}, 0, 1, started)
+        resumed_folder(SimpleNamespace(resume=str(run)), resumed, 0, 1)
     assert sorted(os.listdir(run)) == [".lock", "ckpt-0000001.pt", "ckpt-0000002.pt", "ckpt-0000003.pt"]
     os.remove(run / "ckpt-0000003.pt")  # the folder was given back: a second try locks it
-    run_dir, lock = train.run_folder(SimpleNamespace(resume=str(run)), chosen, {"step": 1}, 0, 1, started)
+    run_dir, lock = resumed_folder(SimpleNamespace(resume=str(run)), resumed, 0, 1)
     lock.release()
     assert os.listdir(run / "abandoned") == ["ckpt-0000002.pt"]
     (run / "ckpt-0000003.pt").write_bytes(b"written since")
-    run_dir, lock = train.run_folder(SimpleNamespace(resume=chosen), chosen, {"step": 1}, 0, 1, started)
+    run_dir, lock = resumed_folder(SimpleNamespace(resume=chosen), resumed, 0, 1)
     lock.release()
     assert sorted(os.listdir(run / "abandoned")) == ["ckpt-0000002.pt", "ckpt-0000003.pt"]
 
@@ -391,13 +392,13 @@ def test_a_released_lock_frees_the_folder_while_forked_workers_live(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_path):
     code, out, run, ckpt, step = signalled_run(tmp_path, signal.SIGINT)
-    assert code == train.INTERRUPTED, out[-2000:]
+    assert code == INTERRUPTED, out[-2000:]
     assert "Ctrl-C: finishing this step and writing a checkpoint" in out and "Traceback" not in out
     assert step == max(losses(run)) and f"stopped by Ctrl-C at step {step}: wrote {ckpt}" in out
 
 
 def test_a_second_ctrl_c_stops_at_once():
-    preempt = train.Preemption()
+    preempt = Preemption()
     try:
         preempt._handler(signal.SIGINT, None)
         assert preempt.signal == signal.SIGINT  # the first: a flag, the loop checkpoints
@@ -517,7 +518,8 @@ def test_an_autoencoder_that_cannot_be_downloaded_says_what_chose_it_and_how_to_
                                                                                                  monkeypatch):
     def offline(facts):
         raise OSError("stabilityai/sd-vae-ft-ema does not appear to have a file named config.json")
-    monkeypatch.setattr(train, "make_autoencoder", offline)
+    import build
+    monkeypatch.setattr(build, "make_autoencoder", offline)
     with pytest.raises(SystemExit, match=r"--vae sd-ema \(command line\): could not load .* downloaded from "
                        r"the Hugging Face hub \(stabilityai/sd-vae-ft-ema\).*--vae none"):
         train.main(["--model", "T/2", "--res", "16", "--batch", "2", "--steps", "1", "--shapes-size", "8",
@@ -556,3 +558,16 @@ def test_a_checkpoint_written_without_crcs_still_loads(tmp_path):
     finally:
         torch.serialization.set_crc32_options(True)
     assert torch.equal(read_checkpoint(path)["w"], torch.ones(64, 64))
+
+
+def test_a_new_run_is_numbered_after_the_highest_run_folder_whatever_else_lies_there(tmp_path):
+    """run.new_run_dir numbers by the highest NNN- folder under --out: a stray file or folder of another name
+    does not shift the number, and a gap is not filled (a deleted run's number is not given to another)."""
+    for name in ("000-shapes-T-4-ours", "003-shapes-T-4-ours"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "old-runs").mkdir()
+    args = SimpleNamespace(out=str(tmp_path), dataset="shapes", model="T/4", cond="ours")
+    assert os.path.basename(new_run_dir(args, 0, 1)) == "004-shapes-T-4-ours"
+    args.out = str(tmp_path / "new")
+    assert os.path.basename(new_run_dir(args, 0, 1)) == "000-shapes-T-4-ours"

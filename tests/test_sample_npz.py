@@ -27,8 +27,8 @@ def run(tmp_path_factory):
 def text_run(tmp_path_factory):
     """A text model (noisy_replicate padding) whose every weight is shaken, so that its padding noise shows in
     the pixels (after a step or two of training it would not)."""
+    from build import load_model
     from checkpoint import checkpoints_in
-    from sample import load_model
     run = train.main(TINY + ["--cond-type", "text", "--steps", "1", "--sample-every", "-1", "--out",
                              str(tmp_path_factory.mktemp("text"))])
     (path,) = checkpoints_in(run)

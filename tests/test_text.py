@@ -69,7 +69,7 @@ def test_zero_padding_zeroes_the_padding_and_returns_the_mask():
     out, keep = pad_text(f, mask, "zero")
     assert torch.equal(keep, mask) and torch.equal(out[mask], f[mask]) and not out[~mask].any()
     with pytest.raises(ValueError, match="unknown text padding"):
-        pad_text(f, mask, "mean")
+        pad_text(f, mask, "no-such-padding")
 
 
 def test_zero_padding_is_invisible_to_joint_attention():
@@ -164,7 +164,7 @@ def test_semantic_drop_flags_select_the_null_class_and_the_null_prompt_alike():
 def text_sampler(pad="noisy_replicate"):
     """A live 16 px text model (builtin encoder) and a call that samples two prompts from seeds 5 and 6 with
     both guidances on (three branches per step)."""
-    from diffusion import Diffusion, Sampling, generate, make_noise
+    from diffusion import Diffusion, Draw, Sampling, generate, make_noise
     from model import build_model
     enc = load_text_encoder("builtin")
     text = dict(text_dim=enc.dim, max_length=enc.max_length, pad=pad, pad_noise=0.1)
@@ -172,7 +172,7 @@ def text_sampler(pad="noisy_replicate"):
     y = enc.encode(["a red circle", "a big cyan diamond"])
     noise, ctrl = make_noise([5, 6], (3, 16, 16), "cpu"), torch.zeros(2, 7)
     sampling = Sampling(steps=3, scale=3.0, ctrl=0.5)
-    return lambda: generate(model, Diffusion(), noise, y, ctrl, sampling, seed=5)
+    return lambda: generate(model, Diffusion(), noise, y, ctrl, sampling, Draw(seed=5))
 
 
 def test_same_prompt_and_seed_give_the_same_image_whatever_the_global_rng():
@@ -355,8 +355,9 @@ def test_text_model_trains_and_samples_from_prompts(tmp_path):
 @pytest.mark.slow
 def test_class_to_text_transfer_loads_the_rest(tmp_path):
     import train
+    from build import make_model
     from checkpoint import checkpoints_in, init_from
-    from config import get_args, make_model
+    from config import get_args
     from conftest import TINY, facts_of
     run = train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "a")])
     args = get_args(TINY + ["--cond-type", "text"])

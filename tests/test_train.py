@@ -10,9 +10,11 @@ import torch
 
 import sample
 import train
-from config import Facts, get_args, make_diffusion
+from build import SourceFacts, load_model, make_diffusion
+from config import get_args
 from conftest import ROOT, TINY, assert_resumed_exactly, facts_of, init_loads_every_tensor, losses
 from diffusion import Sampling, generate, make_noise
+from run import Process, Run, restore
 from shapes import shapes_default_control
 
 
@@ -50,24 +52,29 @@ def test_checkpoint_keeps_each_ranks_cuda_rng(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: got[str(device)])
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: put.append((state, str(device))))
     model = torch.nn.Linear(2, 2)
-    ema, opt, gen = torch.nn.Linear(2, 2), torch.optim.AdamW(model.parameters()), torch.Generator()
-    loop = train.Progress(loss_sum=torch.zeros(()), step=3)
-    cuda = torch.device("cuda", 0)
-    facts = Facts(res=16, vae="none", base_res=16, source_dataset="shapes", num_classes=10)
-    path = train.save_checkpoint(str(tmp_path), model, ema, opt, gen, loop, SimpleNamespace(keep=2), facts, 0,
-                                 1, False, cuda)
+    state = SimpleNamespace(model=model, ema=torch.nn.Linear(2, 2), opt=torch.optim.AdamW(model.parameters()),
+                            gen=torch.Generator())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    progress = train.Progress.fresh(cpu, streamed=False)
+    progress.step = 3
+    facts = SourceFacts(res=16, vae="none", base_res=16, source_dataset="shapes", num_classes=10)
+    run = Run(str(tmp_path), None, Process(0, 1, cuda, False))
+    try:
+        path = run.save(state, progress, SimpleNamespace(keep=2), facts)
+    finally:
+        run.close()
     ckpt = torch.load(path, weights_only=False)
     assert torch.equal(ckpt["cuda_rng"][0], got["cuda:0"])
     assert torch.equal(ckpt["torch_rng"], torch.get_rng_state())
-    train.restore(ckpt, model, ema, opt, gen, train.Progress(loss_sum=torch.zeros(())), 0, False, cuda)
+    restore(ckpt, state, train.Progress.fresh(cpu, False), Process(0, 1, cuda, False))
     assert len(put) == 1 and torch.equal(put[0][0], got["cuda:0"]) and put[0][1] == "cuda:0"
     # older; CPU run
     for old in ({k: v for k, v in ckpt.items() if k != "cuda_rng"}, dict(ckpt, cuda_rng=[None])):
-        resumed = train.Progress(loss_sum=torch.zeros(()))
-        train.restore(old, model, ema, opt, gen, resumed, 0, False, cuda)
+        resumed = train.Progress.fresh(cpu, False)
+        restore(old, state, resumed, Process(0, 1, cuda, False))
         assert resumed.step == 3 and len(put) == 1
     # a GPU checkpoint on the CPU
-    train.restore(ckpt, model, ema, opt, gen, loop, 0, False, torch.device("cpu"))
+    restore(ckpt, state, progress, Process(0, 1, cpu, False))
     assert len(put) == 1
 
 
@@ -140,15 +147,15 @@ def test_imagenet_is_found_at_IMAGENET_DIR_or_says_where_to_put_it(tmp_path, mon
 def test_data_paths_are_checked_as_each_dataset_reads_them(tmp_path):
     """A captions CSV file and a glob of shards are valid paths; an ImageNet root holding train/ and val/, a
     missing caption file and a dataset smaller than one batch are refused before a run folder exists."""
-    from config import validate
+    from build import check_sources
     (tmp_path / "pairs.csv").write_text("image,caption\na.png,a cat\n")
     shards = tmp_path / "shards" / "*.tar"
     for dataset, path in (("captions", tmp_path / "pairs.csv"), ("webdataset", shards)):
         # does not raise
-        validate(get_args(["--dataset", dataset, "--data-path", str(path), "--vae", "none"]))
+        check_sources(get_args(["--dataset", dataset, "--data-path", str(path), "--vae", "none"]))
     with pytest.raises(SystemExit, match="no such folder or CSV file"):
-        validate(get_args(["--dataset", "captions", "--data-path", str(tmp_path / "missing.csv"), "--vae",
-                           "none"]))
+        check_sources(get_args(["--dataset", "captions", "--data-path", str(tmp_path / "missing.csv"),
+                                "--vae", "none"]))
     for split in ("train", "val"):
         image_folder(tmp_path / "imagenet" / split, classes=("n01", "n02"), per_class=1)
     runs = tmp_path / "runs"
@@ -165,10 +172,12 @@ def test_data_paths_are_checked_as_each_dataset_reads_them(tmp_path):
 
 def test_resume_auto_goes_with_init_from_and_a_named_resume_does_not(tmp_path):
     ckpt = tmp_path / "base.pt"
-    ckpt.write_bytes(b"")  # validate only looks for the file
+    ckpt.write_bytes(b"")  # check_sources only looks for the file
     args = get_args(TINY + ["--init-from", str(ckpt), "--resume", "auto", "--out", str(tmp_path / "runs")])
+    from build import check_sources
     from config import validate
     validate(args)  # the README's fine-tune: the same command starts from --init-from, then continues
+    check_sources(args)
     args.resume = str(tmp_path / "runs" / "000-run")
     with pytest.raises(SystemExit, match="give one"):
         validate(args)
@@ -191,7 +200,8 @@ def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
 @pytest.mark.slow
 def test_sampling_from_a_checkpoint(tmp_path):
     run = train.main(TINY + ["--steps", "3", "--out", str(tmp_path)])
-    model, args, facts, _, _ = sample.load_model(run, "cpu")
+    trained = load_model(run, "cpu")
+    model, args, facts = trained.model, trained.args, trained.facts
     noise = make_noise([0, 1], (3, 16, 16), "cpu")
     y = torch.tensor([0, 1])
     ctrl = torch.stack([shapes_default_control(16)] * 2)

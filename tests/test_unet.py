@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from conditioning import make_control
 from conftest import perturb
+from model import ROUTES
 from unet import UNET_CONDS, UNET_SIZES, Attention, build_unet
 
 NUM_CLASSES = 10
@@ -108,6 +109,18 @@ def test_sdpa_attention_matches_plain_reference():
     ref = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1) @ v
     ref = attn.out(ref.transpose(1, 2).reshape(2, 6, 32))
     torch.testing.assert_close(attn(x, ctx), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_unet_follows_the_routes_table():
+    """UNET_CONDS comes from model.ROUTES (the routes with the semantic tokens as their only context and only
+    control terms in the vector), and the embedding is e_t plus the route's adaLN terms."""
+    assert UNET_CONDS == ("ours", "xattn")
+    x, t, y, c = inputs()
+    for cond in UNET_CONDS:
+        model = perturb(tiny(cond))
+        e_ctrl = model.c_embed(c)
+        control = model.c_embed.gated(e_ctrl, t) if ROUTES[cond].gated else e_ctrl.sum(1)
+        assert torch.equal(model.embedding(t, c), model.t_embed(t) + control)
 
 
 def test_bad_options_name_the_choices():
