@@ -11,6 +11,7 @@ The network reads the time t = k / 1000 (its time embedder multiplies by 1000, s
 own integer steps). The table at the end (SAMPLERS, OBJECTIVES) names both objectives for the command line.
 """
 import bisect
+import copy
 import math
 
 import torch
@@ -54,6 +55,17 @@ class Chain:
         # the posterior mean's coefficients of x0 and of x_t (ADM's posterior_mean_coef1 and 2)
         self.coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.coef_xt = (1 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - self.alphas_cumprod)
+
+    def to(self, device):
+        """This chain with its tables on `device` (a copy; the CPU's is itself), so that a training step
+        indexes them by steps drawn there without waiting for a copy from the host."""
+        if torch.device(device) == self.betas.device:
+            return self
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(moved, name, value.to(device))
+        return moved
 
     def respaced(self, keep):
         """The chain that visits only the steps `keep` (sorted): its betas join the skipped steps (ADM
@@ -219,12 +231,19 @@ class DDPM(Diffusion):
         super().__init__(pred, alpha)
         self.learn_sigma, self.num_steps, self.min_snr = learn_sigma, num_steps, min_snr
         self.chain = Chain(ddpm_betas(beta_schedule, num_steps))
+        self.chains = {}  # the chain's tables per device, moved once
+
+    def chain_on(self, device):
+        """The chain with its tables on `device`, moved there once."""
+        if device not in self.chains:
+            self.chains[device] = self.chain.to(device)
+        return self.chains[device]
 
     def noised(self, x0, generator=None):
         """The training draw for data x0 (B, C, H, W): the step k, then the noise, from `generator`."""
         k = torch.randint(0, self.num_steps, (x0.shape[0],), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        return Noised(self.chain.q_sample(x0, k, noise), k.float() / self.num_steps, noise, k)
+        return Noised(self.chain_on(x0.device).q_sample(x0, k, noise), k.float() / self.num_steps, noise, k)
 
     def prediction_loss(self, out, x0, noised):
         """Per-sample loss (B,) of one prediction `out` (eps, then the variance channels with learn_sigma):
@@ -234,8 +253,8 @@ class DDPM(Diffusion):
         per_sample = ((eps - noised.noise.float()) ** 2).mean(dim=(1, 2, 3))
         # min-SNR-gamma (Hang et al. 2023; mDT-v2): the eps loss weighted by min(SNR, gamma) / SNR
         if self.min_snr > 0:
-            alphas_cumprod = self.chain.alphas_cumprod
-            snr = (alphas_cumprod / (1 - alphas_cumprod)).to(x0.device)[k]
+            alphas_cumprod = self.chain_on(x0.device).alphas_cumprod
+            snr = (alphas_cumprod / (1 - alphas_cumprod))[k]
             per_sample = per_sample * (snr.clamp(max=self.min_snr) / snr).float()
         # the variational bound trains the variance only: the mean is frozen (ADM's L_hybrid)
         if self.learn_sigma:
@@ -246,9 +265,10 @@ class DDPM(Diffusion):
     def vb_term(self, eps, out_var, x0, x_t, k):
         """Bits per dimension of the chain's step k under the model: KL to the true posterior, or the
         decoder's negative log-likelihood at k = 0."""
-        mean, logvar = self.chain.posterior(self.chain.predict_x0(x_t, k, eps), x_t, k)
-        model_logvar = self.chain.model_logvar(out_var, k)
-        true_mean, true_logvar = self.chain.posterior(x0, x_t, k)
+        chain = self.chain_on(x_t.device)
+        mean, logvar = chain.posterior(chain.predict_x0(x_t, k, eps), x_t, k)
+        model_logvar = chain.model_logvar(out_var, k)
+        true_mean, true_logvar = chain.posterior(x0, x_t, k)
         kl = normal_kl(true_mean, true_logvar, mean, model_logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
         nll = discretized_gaussian_nll(x0, mean, model_logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
         return torch.where(k == 0, nll, kl)
@@ -276,8 +296,8 @@ class DDPM(Diffusion):
         B, C = noise.shape[0], noise.shape[1]
 
         def data(x, i):  # eps -> x0, in fp32
-            k = torch.full((B,), levels[i] / self.num_steps, device=x.device)
-            eps = predict(x, k).float()[:, :C]
+            t = torch.full((B,), levels[i] / self.num_steps, device=x.device)  # the network's time
+            eps = predict(x, t).float()[:, :C]
             return (x.float() - float(sigmas[i]) * eps) / float(alphas[i])
         return dpm_solver_2m(data, noise, alphas, sigmas, step_range)
 

@@ -125,7 +125,8 @@ class Noised(NamedTuple):
     x_t: torch.Tensor  # (B, C, H, W)
     t: torch.Tensor  # (B,) the network's time in [0, 1], 1 = pure noise
     noise: torch.Tensor  # (B, C, H, W)
-    step: torch.Tensor = None  # (B,) DDPM's integer step k (t = k / num_steps); None for flow
+    # (B,) the integer step k of ddpm.DDPM's chain (t = k / num_steps), which its loss indexes; None for flow
+    step: torch.Tensor = None
 
 
 class Diffusion:

@@ -69,8 +69,8 @@ def stream_batches(dataset, args, batch, epoch, position):
                                              **loader_options(args, epoch, batch))
         drawn, got = list(drawn or [0] * workers), 0
         for img, y, ctrl, captions, tag in loader:
-            w, n = tag.tolist()
-            drawn[w], first, got = n, (w + 1) % workers, got + 1
+            worker, drawn_by_worker = tag.tolist()
+            drawn[worker], first, got = drawn_by_worker, (worker + 1) % workers, got + 1
             yield epoch, (list(drawn), first), (img, y, ctrl, captions)
         if got == 0:
             counts = dict(zip(EVENTS, dataset.events.sum(0).tolist()))

@@ -12,6 +12,7 @@ Synthesizer", sail-sg/MDT), the mDT-v2-XL/2 row of the paper's comparison.
 import torch
 import torch.nn as nn
 
+from diffusion import Noised
 from model import DiffusionTransformer, size_config
 
 ARCHS = ("dit", "mdt")  # the transformer architectures: model.DiffusionTransformer, MDTv2
@@ -77,7 +78,8 @@ class MDTv2(DiffusionTransformer):
         B, N, _ = x.shape
         ratio = self.mask_ratio + 0.2 * torch.rand(()).item()
         keep = max(1, int(N * (1 - ratio)))
-        return torch.rand(B, N).argsort(dim=1)[:, :keep].to(x.device)
+        # non_blocking: a copy from the host that need not wait for the device to finish its queue
+        return torch.rand(B, N).argsort(dim=1)[:, :keep].to(x.device, non_blocking=True)
 
     def trunk(self, x, ctx, cond_vector, pos, mask=None, keep=None):
         """Encoder halves joined by long shortcuts, then (only when tokens were dropped, `keep` (B, L)) the
@@ -148,12 +150,12 @@ class MaskedDiffusion:
 
     def loss(self, model, x0, generator=None, **cond):
         """Per-sample loss (B,): the noise level, then the noise, drawn from `generator` as the wrapped
-        objective draws them; then the model's (2 B) output, split into its B-sample predictions, each scored
-        against the same draw, summed (in eval mode, or with --mask-ratio 0, the one prediction's loss)."""
+        objective draws them; then the model's (n B) output -- n = 2 in training, the unmasked and the masked
+        prediction; 1 in eval mode or with --mask-ratio 0 -- scored as one batch against the draw repeated n
+        times (so every reduction runs as on one stacked batch), and the n losses of each sample summed."""
         noised = self.diffusion.noised(x0, generator)
-        out = model(noised.x_t, noised.t, **cond)  # (2 B, ...): the unmasked prediction, then the masked one
-        unmasked, *masked = out.split(x0.shape[0])
-        per_sample = self.diffusion.prediction_loss(unmasked, x0, noised)  # (B,)
-        for prediction in masked:
-            per_sample = per_sample + self.diffusion.prediction_loss(prediction, x0, noised)
-        return per_sample
+        out = model(noised.x_t, noised.t, **cond)  # (n B, ...): the unmasked prediction, then the masked one
+        n = out.shape[0] // x0.shape[0]
+        repeat = lambda v: None if v is None else v.repeat(n, *([1] * (v.ndim - 1)))
+        stacked = Noised(*map(repeat, noised))
+        return self.diffusion.prediction_loss(out, repeat(x0), stacked).view(n, -1).sum(0)  # (B,)

@@ -8,7 +8,7 @@ train.main makes these calls, in this order:
     resumed = read_resume(args, rank)            # the checkpoint --resume names, read before any work
     check_resume(args, facts, resumed, ...)      # the same run, or say why not
     run = open_run(args, resumed, proc)          # the folder: a new numbered one, or the resumed one, locked
-    gen, progress = run.start(state, args)       # fresh noise streams, or everything the checkpoint holds
+    run.start(state, progress)                   # fresh state kept, or everything the checkpoint holds
     ... run.log(record) / run.stop_requested(...) / run.save(state, progress, ...) ...
     run.close()
 
@@ -41,6 +41,7 @@ from checkpoint import (
     write_checkpoint,
     write_failure,
 )
+from conditioning import parse_gate
 from data import setup_distributed
 
 # exit status after a preemption signal (EX_TEMPFAIL): a checkpoint was written, resume to continue
@@ -52,13 +53,14 @@ INTERRUPTED = 130
 #                      Resuming: the same run, or say why not                   #
 #################################################################################
 
-# Flags that must agree between a checkpoint and the run that resumes it: the network's and the data's ...
+# Flags that must agree between a checkpoint and the run that resumes it: the network's and the data's
+# (MODEL_AND_DATA_FLAGS), and those that the saved data position, noise streams and optimizer state depend on
+# (EXACT_RESUME_FLAGS: changing them breaks an exact resume; another optimizer cannot read the saved moments).
+# Every source fact must agree too.
 MODEL_AND_DATA_FLAGS = ("model", "arch", "pred", "cond", "class_tokens", "pos_mode", "res_shift",
                         "gate_size", "gate_crop", "gate_flip", "dataset", "objective", "learn_sigma",
                         "beta_schedule", "qk_norm", "decode_layers", "cond_type", "text_encoder",
                         "text_max_length", "text_pad", "pad_noise", "text_null")
-# ... and those that the saved data position, noise streams and optimizer state depend on: changing them
-# breaks an exact resume (another optimizer cannot read the saved moments). Every source fact must agree too.
 EXACT_RESUME_FLAGS = ("batch", "seed", "shapes_size", "size_corr", "grad_accum", "optimizer")
 # Flags a resume may change without a word: where things go, how often the loop reports, what it samples at
 # the end. The rest is either compared by config_mismatch or named when it differs.
@@ -97,6 +99,12 @@ def read_resume(args, rank):
     return Resumed(path, ckpt, chosen_at)
 
 
+def comparable_setting(key, value):
+    """A flag as compared on resume: a gate schedule as its name and parameters, however it was written
+    (`cosine_pow`, `cosine_pow:2`, `cosine_pow:2.0` are one schedule)."""
+    return parse_gate(value) if key.startswith("gate_") and isinstance(value, str) else value
+
+
 def comparable_fact(key, value):
     """A source fact as compared on resume: a data path as an absolute path, so that `data/x` and
     `/home/me/data/x` given from the same folder are one dataset."""
@@ -110,7 +118,7 @@ def config_mismatch(saved, args, facts):
     keys = MODEL_AND_DATA_FLAGS + EXACT_RESUME_FLAGS + (("workers",) if args.dataset == "webdataset" else ())
     bad = [f"{k}: checkpoint {saved['args'].get(k)!r} vs now {getattr(args, k)!r}"
            for k in keys
-           if saved["args"].get(k) != getattr(args, k)]
+           if comparable_setting(k, saved["args"].get(k)) != comparable_setting(k, getattr(args, k))]
     now, was = dataclasses.asdict(facts), saved["facts"]
     return bad + [f"{k}: checkpoint {was.get(k)!r} vs now {v!r}"
                   for k, v in now.items()
@@ -144,7 +152,8 @@ def check_resume(args, facts, resumed, lr_at, rank=0):
                          f"{now:.3g} at step {step}. Resume with --steps {saved['steps']}, or train longer "
                          f"in a new run: --init-from {path} --steps N")
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
-               if k in saved and k not in FREE_ON_RESUME and saved[k] != v]
+               if k in saved and k not in FREE_ON_RESUME
+               and comparable_setting(k, saved[k]) != comparable_setting(k, v)]
     if args.steps != saved["steps"]:
         changed.append(f"--steps {saved['steps']} -> {args.steps} (the constant schedule continues)")
     if changed and rank == 0:
@@ -210,15 +219,15 @@ def new_run_dir(args, rank, world):
     run_dir = None
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        n = next_run_number(args.out)
+        number = next_run_number(args.out)
         while True:  # mkdir is atomic: two runs started together never share a folder
             run_dir = os.path.join(args.out,
-                                   f"{n:03d}-{args.dataset}-{args.model.replace('/', '-')}-{args.cond}")
+                                   f"{number:03d}-{args.dataset}-{args.model.replace('/', '-')}-{args.cond}")
             try:
                 os.makedirs(run_dir)
                 break
             except FileExistsError:
-                n += 1
+                number += 1
     if world > 1:
         box = [run_dir]
         dist.broadcast_object_list(box, src=0)

@@ -83,9 +83,12 @@ def make_optimizer(params, args, fused=False):
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, every parameter in one fused call."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+def update_ema(ema, model, decay, finite=None):
+    """ema <- decay * ema + (1 - decay) * model, every parameter in one fused call; `finite` (a bool on the
+    device) False leaves the EMA as it is, without reading the flag on the host."""
+    params = list(ema.parameters())
+    weight = 1.0 - decay if finite is None else [(1.0 - decay) * finite.float()] * len(params)
+    torch._foreach_lerp_(params, [p.detach() for p in model.parameters()], weight)
 
 
 def checkpoint_blocks(model):
@@ -95,8 +98,10 @@ def checkpoint_blocks(model):
     either way."""
     if not hasattr(model, "blocks"):
         raise SystemExit("--grad-ckpt wraps model.blocks: this architecture has none (use --arch dit or mdt)")
+    def recomputed(forward):
+        return lambda *args, **kwargs: checkpoint(forward, *args, use_reentrant=False, **kwargs)
     for block in model.blocks:
-        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(block.forward)
+        block.forward = recomputed(block.forward)
 
 
 #################################################################################
@@ -124,6 +129,7 @@ def optimizer_step(opt, finite):
     here, which costs nothing on a CPU and one host sync per step on a GPU (only --optimizer adan, which has
     no fused kernel, meets that)."""
     if opt.defaults.get("fused"):
+        # torch's own protocol between GradScaler and the fused optimizers; tests/test_formulas.py holds it
         opt.found_inf = (~finite).float()
         opt.step()
     elif finite:
@@ -137,27 +143,28 @@ def train_step(state, micro_batches, step, args):
     then this step's learning rate, gradient clipping, the optimizer, the EMA. Under DDP only the last
     micro-batch's backward all-reduces. Noise, noise levels and dropout come from state.gen, drawn micro-batch
     by micro-batch. A non-finite gradient norm leaves the weights as they were (under DDP the gradients are
-    averaged first, so every rank skips alike); the EMA then averages those same weights once more.
+    averaged first, so every rank skips alike), and the EMA as it was.
     -> (loss averaged over the micro-batches, grad norm, finite), all on the device: no host sync."""
-    n = len(micro_batches)
+    num_micro = len(micro_batches)
     for group in state.opt.param_groups:
         group["lr"] = lr_at(step, args)
     state.opt.zero_grad(set_to_none=True)
     total = 0.0
     for i, (x0, y, ctrl) in enumerate(micro_batches):
         sem_drop, ctrl_drop = drop_flags(x0.shape[0], args.p_drop_sem, args.p_drop_ctrl, state.gen, x0.device)
-        sync = i == n - 1 or not hasattr(state.net, "no_sync")  # DDP: all-reduce once, with the last backward
+        # DDP: all-reduce once, with the last backward
+        sync = i == num_micro - 1 or not hasattr(state.net, "no_sync")
         with nullcontext() if sync else state.net.no_sync():
             with torch.autocast(x0.device.type, dtype=torch.bfloat16) if state.bf16 else nullcontext():
                 loss = state.diffusion.loss(state.net, x0, state.gen, y=y, ctrl=ctrl, ctrl_drop=ctrl_drop,
                                             sem_drop=sem_drop).mean()
-            (loss / n).backward()
-        total = total + loss.detach() / n
+            (loss / num_micro).backward()
+        total = total + loss.detach() / num_micro
     gnorm = torch.nn.utils.clip_grad_norm_(state.model.parameters(),
                                            args.clip if args.clip > 0 else float("inf"))
     finite = torch.isfinite(gnorm)
     optimizer_step(state.opt, finite)
-    update_ema(state.ema, state.model, ema_decay(step, args))
+    update_ema(state.ema, state.model, ema_decay(step, args), finite)
     return total, gnorm, finite
 
 
@@ -197,12 +204,13 @@ class Progress:
         self.bad += ~finite
         self.bad_run = (self.bad_run + 1) * ~finite
         self.longest_bad_run = torch.maximum(self.longest_bad_run, self.bad_run)
-        self.step, self.n_steps = self.step + 1, self.n_steps + 1
+        self.n_steps += 1
 
 
 def log_record(progress, gnorm, args, run, dataset):
     """The log line of the steps since the last one (the loss averaged over them and over ranks), then a new
-    window. Every device value of the window is read here, in one transfer."""
+    window. Every device value of the window is read here, in one transfer. -> (the line, the longest run of
+    non-finite steps in the window)"""
     world = run.proc.world
     mean = progress.loss_sum / progress.n_acc.clamp(min=1)
     if world > 1:
@@ -222,9 +230,7 @@ def log_record(progress, gnorm, args, run, dataset):
         print(f"step {progress.step}: {int(bad)} step(s) with a non-finite loss or gradient since the last "
               f"log line, each left the weights as they were ({int(bad_run)} in a row now, "
               f"{progress.bad_total} in all)", flush=True)
-    if longest >= args.max_bad_steps:
-        run.stop_diverged(int(longest), progress.step, args)
-    return rec
+    return rec, int(longest)
 
 
 #################################################################################
@@ -267,6 +273,16 @@ def noise_generator(args, proc):
 #################################################################################
 #                                 Training loop                                 #
 #################################################################################
+
+
+class Data(NamedTuple):
+    """The training data: the dataset, its endless batches, how a batch becomes the model's inputs, and the
+    autoencoder that decodes the samples of a grid."""
+
+    dataset: object
+    batches: object
+    inputs: Inputs
+    vae: object
 
 
 def main(argv=None):
@@ -313,16 +329,6 @@ def main(argv=None):
     return run.dir
 
 
-class Data(NamedTuple):
-    """The training data: the dataset, its endless batches, how a batch becomes the model's inputs, and the
-    autoencoder that decodes the samples of a grid."""
-
-    dataset: object
-    batches: object
-    inputs: Inputs
-    vae: object
-
-
 def train(state, progress, run, data, args, facts):
     """Steps until --steps: a log line every --log-every steps, a checkpoint every --ckpt-every (and at the
     end, and when a signal asks to stop), a sample grid every --sample-every. The log and checkpoint steps
@@ -342,14 +348,17 @@ def train(state, progress, run, data, args, facts):
             micro.append(model_inputs(batch, data.inputs, state.gen, run.proc.device))
         loss, gnorm, finite = train_step(state, micro, progress.step, args)
         progress.count(loss, finite)
+        progress.step += 1
         step = progress.step
         if bar is not None:
             bar.update(1)
         log_step = step % args.log_every == 0 or step == args.steps
         ckpt_step = step % args.ckpt_every == 0 or step == args.steps
         if log_step:
-            record = log_record(progress, gnorm, args, run, data.dataset)
+            record, longest_bad_run = log_record(progress, gnorm, args, run, data.dataset)
             run.log(record)
+            if longest_bad_run >= args.max_bad_steps:
+                run.stop_diverged(longest_bad_run, step, args)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
         stopping = run.stop_requested(at_sync_point=log_step or ckpt_step)
@@ -364,6 +373,7 @@ def train(state, progress, run, data, args, facts):
                        grid_prompts(args, facts, data.dataset, batch))
     if bar is not None:
         bar.close()
+    run.preemption.restore()  # what follows (a grid, the checker) is no step: Ctrl-C stops it as usual
     return batch
 
 

@@ -143,9 +143,11 @@ def synthetic_batch(args, facts, batch, device, seed=0):
 def train_step(state, batch, step, args, path):
     """train.train_step, the step train.main takes, on this path's model and optimizer. With a fused AdamW
     (the fast path on a GPU) it reads no device value on the host, so the CPU queues the next step while the
-    GPU still runs this one. path.train_syncs adds, to every step, the two reads train.main makes only at its
-    log and checkpoint steps: the finite flag, and the preemption flag that several ranks agree on (a flag
-    tensor on the device, read back; the all-reduce itself left out)."""
+    GPU still runs this one; with the for-each AdamW (the reference path) train.optimizer_step reads the
+    finite flag once a step, as train.main does with that optimizer. path.train_syncs adds, to every step,
+    the two reads train.main makes only at its log and checkpoint steps: the finite flag, and the preemption
+    flag that several ranks agree on (a flag tensor on the device, read back; the all-reduce itself left
+    out)."""
     loss, _, finite = train.train_step(state, [batch], step, args)
     if path.train_syncs:
         bool(finite)

@@ -97,7 +97,7 @@ def test_ddpm_samplers_land_on_the_single_data_point(method, learn_sigma):
         diff.sample(predict, torch.randn(2, 3, 4, 4), steps=10, method="euler")
 
 
-def test_objective_and_prediction_must_agree():
+def test_objective_and_prediction_must_agree(capsys):
     with pytest.raises(ValueError, match="does not fit"):
         DDPM(pred="x")
     with pytest.raises(ValueError, match="does not fit"):
@@ -107,8 +107,9 @@ def test_objective_and_prediction_must_agree():
     with pytest.raises(TypeError, match="learn_sigma"):
         Diffusion(learn_sigma=True)
     assert OBJECTIVES == ("flow", "ddpm") and SAMPLERS == {"flow": Diffusion.samplers, "ddpm": DDPM.samplers}
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         get_args(["--objective", "no-such-objective"])
+    assert refused.value.code == 2 and "invalid choice: 'no-such-objective'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n", [30, 50, 250, 7, 1000, 3])

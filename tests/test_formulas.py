@@ -179,3 +179,18 @@ def test_a_non_finite_step_leaves_the_weights_and_the_optimizer_as_they_were():
         decayed_then_stepped = 1 - 0.1 * 0.01 - 0.1  # AdamW: weight decay 0.01, then a first step of about lr
         assert opt.state[p]["step"] == 1
         assert torch.allclose(p.detach(), torch.full((3,), decayed_then_stepped))
+
+
+def test_the_ema_skips_a_non_finite_step_and_takes_a_finite_one_as_before():
+    """train.update_ema with the step's finite flag on the device: False leaves the EMA bit-equal; True gives
+    the same bits as the plain update (a Python weight), so a finite run's EMA is unchanged by the flag."""
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    train.update_ema(ema, model, 0.999, torch.tensor(False))
+    assert all(torch.equal(before[k], v) for k, v in ema.state_dict().items())
+    plain = torch.nn.Linear(4, 3)
+    plain.load_state_dict(before)
+    train.update_ema(plain, model, 0.999)
+    train.update_ema(ema, model, 0.999, torch.tensor(True))
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in ema.state_dict().items())

@@ -118,7 +118,11 @@ def test_bf16_sampling_gives_finite_images():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
-def test_the_steps_between_two_log_lines_make_no_host_sync(tmp_path, monkeypatch):
+DIT_OBJECTIVE = ["--objective", "ddpm", "--pred", "eps", "--learn-sigma", "--min-snr", "5"]
+
+
+@pytest.mark.parametrize("flags", [[], DIT_OBJECTIVE, ["--arch", "mdt"]], ids=["flow", "ddpm", "mdt"])
+def test_the_steps_between_two_log_lines_make_no_host_sync(tmp_path, monkeypatch, flags):
     """train.main on the GPU with CUDA's sync debug mode set to "error" from the first log line to the second:
     any host read of a device value in those steps (an .item(), a blocking copy, a data-dependent branch)
     raises. The log lines and checkpoints are where the loop reads the device, on purpose."""
@@ -128,15 +132,15 @@ def test_the_steps_between_two_log_lines_make_no_host_sync(tmp_path, monkeypatch
 
     def log_record(*args, **kwargs):
         torch.cuda.set_sync_debug_mode(0)  # the log line itself reads the window: allowed
-        record = real_log_record(*args, **kwargs)
+        record, longest_bad_run = real_log_record(*args, **kwargs)
         logged.append(record["step"])
         if len(logged) == 1:
             torch.cuda.set_sync_debug_mode("error")  # every step until the next log line
-        return record
+        return record, longest_bad_run
     monkeypatch.setattr(train, "log_record", log_record)
     try:
-        train.main(TINY + ["--steps", "8", "--log-every", "4", "--ckpt-every", "1000", "--sample-every", "-1",
-                           "--out", str(tmp_path)])
+        train.main(TINY + flags + ["--steps", "8", "--log-every", "4", "--ckpt-every", "1000",
+                                   "--sample-every", "-1", "--out", str(tmp_path)])
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert logged == [4, 8]

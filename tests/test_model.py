@@ -176,7 +176,7 @@ def test_joint_attention_matches_a_plain_reference():
     assert torch.allclose(block(x, c, cond_vector)[0], ref_x, atol=1e-5)
 
 
-def test_presets_and_bad_names():
+def test_presets_and_bad_names(capsys):
     assert set(SIZES) >= {"XL", "L", "B", "S"}
     m = build_model("S/8", input_size=32, in_channels=4, num_classes=10)
     assert len(m.blocks) == 12 and m.width == 384 and count_params(m) > 1e6
@@ -185,8 +185,9 @@ def test_presets_and_bad_names():
     kw = dict(input_size=16, in_channels=3, num_classes=10)
     assert type(build_model("T/4", **kw)) is DiffusionTransformer
     assert type(build_mdt("T/4", **kw)) is MDTv2
-    with pytest.raises(SystemExit):  # --arch picks the builder (build.make_model); its choices are fixed
+    with pytest.raises(SystemExit) as refused:  # --arch picks the builder (build.make_model)
         get_args(["--arch", "no-such-arch"])
+    assert refused.value.code == 2 and "invalid choice: 'no-such-arch'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown --cond"):
         tiny_model("no-such-route")
     with pytest.raises(ValueError, match="not divisible"):
