@@ -10,8 +10,10 @@ model from the file alone.
 """
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import os
+import random
 from typing import NamedTuple
 
 import torch
@@ -119,25 +121,28 @@ class SourceFacts:
     text_len: int = None
     world: int = 1  # processes the run trains with (a resume must keep them)
     data_size: int = None  # items in the dataset (None: a stream), a resume's check that the data is the same
+    data_fingerprint: str = None  # its files' names, sampled content (data_fingerprint); None: shapes
 
 
-class ShapesOptions(NamedTuple):
-    """The embedded dataset's own settings (--shapes-size, --size-corr), and whether it shows a progress bar
-    while it renders."""
+class SourceOptions(NamedTuple):
+    """What some sources need besides a path: the embedded dataset's size and class <-> original-size
+    correlation (--shapes-size, --size-corr) and whether it shows a progress bar while it renders; the
+    encoding of a caption source's text files (--text-encoding)."""
 
     size: int = 10000
     size_corr: float = 0.0
     progress: bool = False
+    text_encoding: str = "utf-8"
 
 
-def build_dataset(name, res, data_path=None, seed=0, crop="random", hflip=True, shapes=ShapesOptions()):
+def build_dataset(name, res, data_path=None, seed=0, crop="random", hflip=True, options=SourceOptions()):
     """A dataset by name: `imagenet` and `folder` read an ImageFolder tree, `captions` a folder of images with
     .txt captions or a CSV file of image,caption rows, `webdataset` .tar shards (a stream), `latents` a latent
     cache (its crop was fixed when it was made; `res` None: the cache's own, else it must be the cache's),
-    `shapes` the embedded dataset (its size and class <-> original-size correlation: `shapes`)."""
+    `shapes` the embedded dataset; `options` (SourceOptions) what the shapes and caption sources need."""
     if name == "shapes":
-        return ShapesDataset(size=shapes.size, res=res, seed=seed, crop=crop, hflip=hflip,
-                             progress=shapes.progress, size_corr=shapes.size_corr)
+        return ShapesDataset(size=options.size, res=res, seed=seed, crop=crop, hflip=hflip,
+                             progress=options.progress, size_corr=options.size_corr)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if data_path is None and name != "imagenet":
@@ -147,9 +152,11 @@ def build_dataset(name, res, data_path=None, seed=0, crop="random", hflip=True, 
     if name == "folder":
         return ImageFolderDataset(data_path, res, seed=seed, crop=crop, hflip=hflip)
     if name == "captions":
-        return CaptionFolderDataset(data_path, res, seed=seed, crop=crop, hflip=hflip)
+        return CaptionFolderDataset(data_path, res, seed=seed, crop=crop, hflip=hflip,
+                                    text_encoding=options.text_encoding)
     if name == "webdataset":
-        return WebDatasetShards(data_path, res, seed=seed, crop=crop, hflip=hflip)
+        return WebDatasetShards(data_path, res, seed=seed, crop=crop, hflip=hflip,
+                                text_encoding=options.text_encoding)
     if name == "latents":
         cache = LatentCacheDataset(data_path, seed=seed, hflip=hflip)
         if res is not None and cache.res != res:
@@ -164,9 +171,10 @@ def open_dataset(args, progress=False):
     sets the resolution and the autoencoder: --res / --vae given on the command line must agree with it."""
     res = args.res if set_on_command_line(args, "res") or args.dataset != "latents" else None
     try:
-        shapes = ShapesOptions(size=args.shapes_size, size_corr=args.size_corr, progress=progress)
+        options = SourceOptions(size=args.shapes_size, size_corr=args.size_corr, progress=progress,
+                                text_encoding=args.text_encoding)
         dataset = build_dataset(args.dataset, res, args.data_path, seed=args.seed, crop=args.crop,
-                                hflip=args.hflip, shapes=shapes)
+                                hflip=args.hflip, options=options)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"--dataset {args.dataset}: {e}") from None
     if getattr(dataset, "is_latent", False):  # what validate could not check before the cache was open
@@ -188,6 +196,44 @@ def data_size(dataset):
     return len(dataset)
 
 
+def data_files(dataset):
+    """The files a dataset reads, in its own order: images, latent-cache shards or webdataset shards; None for
+    the embedded dataset, which its flags make."""
+    if hasattr(dataset, "_record"):  # an image folder or image-caption pairs: one file per item
+        return [dataset._record(j)[0] for j in range(len(dataset))]
+    if hasattr(dataset, "shards"):  # webdataset
+        return list(dataset.shards)
+    if hasattr(dataset, "cache_dir"):  # a latent cache: its shards and its metadata
+        return sorted(os.path.join(dataset.cache_dir, f) for f in os.listdir(dataset.cache_dir))
+    return None
+
+
+def data_fingerprint(dataset, sampled=64, seed=0):
+    """A cheap fingerprint of the training data's content: every file's name, the size and bytes of a seeded
+    sample of `sampled` files (their first and last MiB for larger files), and a caption set's text. Resume
+    compares it: it catches a file added, removed or renamed, any change of the captions, and a file replaced
+    or changed among those sampled (in a small dataset, all of them); a change to an unsampled file of a large
+    one can pass. None for the embedded dataset, which its flags make."""
+    files = data_files(dataset)
+    if files is None:
+        return None
+    digest = hashlib.sha256()
+    root = os.path.commonpath(files) if files else ""
+    for path in files:
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+    picked = sorted(random.Random(seed).sample(range(len(files)), min(sampled, len(files))))
+    for j in picked:
+        with open(files[j], "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest.update(str(size).encode() + f.read(2 ** 20))
+            if size > 2 ** 21:  # a shard: its head and its tail
+                f.seek(-2 ** 20, os.SEEK_END)
+                digest.update(f.read())
+    if hasattr(dataset, "captions") and hasattr(dataset, "_record"):
+        digest.update("\0".join(dataset.captions()).encode())
+    return digest.hexdigest()[:16]
+
+
 def read_source_facts(args, dataset, encoder=None, resumed=None, world=1, init=None):
     """SourceFacts of this run from its dataset, its text encoder, the checkpoint it resumes (`resumed`) or
     starts from (--init-from: `init`, its contents as checkpoint.read_init gave them, else opened here for its
@@ -207,7 +253,7 @@ def read_source_facts(args, dataset, encoder=None, resumed=None, world=1, init=N
                        latent_shift=dataset.shift if latent else None,
                        text_dim=encoder.dim if encoder is not None else None,
                        text_len=encoder.max_length if encoder is not None else None, world=world,
-                       data_size=data_size(dataset))
+                       data_size=data_size(dataset), data_fingerprint=data_fingerprint(dataset))
 
 
 #################################################################################
@@ -340,5 +386,5 @@ def load_model(path, device, flag="--ckpt"):
                          f"{ckpt.get('config_version')}, this code reads {CONFIG_VERSION})")
     args, facts = stored_args(ckpt["args"]), SourceFacts(**ckpt["facts"])
     model = make_model(args, facts)
-    load_weights(model, ckpt["ema"], file)
+    load_weights(model, ckpt["ema"], file, "EMA")
     return TrainedModel(model.to(device).eval(), None, args, facts, os.path.abspath(file), ckpt.get("step"))

@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 import zipfile
+import zlib
 
 import torch
 
@@ -39,9 +40,10 @@ from model import SIZES, sincos_2d
 CONFIG_VERSION = 3  # the schema of the stored configuration (3: flags and facts apart); another is refused
 # flags added since schema 3, each with the value that does what the code did before the flag existed: a
 # checkpoint that lacks one reads it so (stored_args)
-ADDED_FLAGS = dict(cfg_schedule="constant", cfg_power=4.0, sample_spacing=None, text_cache_gb=2.0)
+ADDED_FLAGS = dict(cfg_schedule="constant", cfg_power=4.0, sample_spacing=None, text_cache_gb=2.0,
+                   accept_data_change=False, t_min=0.0)
 # facts added since schema 3: a checkpoint that lacks one (None here) is not compared on it
-ADDED_FACTS = dict(data_size=None)
+ADDED_FACTS = dict(data_size=None, data_fingerprint=None)
 
 
 def stored_args(saved):
@@ -137,31 +139,64 @@ class WriteFailed(SystemExit):
     the file, the cause and what to do; nothing half-written was left."""
 
 
-def write_failure(path, e):
-    """One line for a failed write of `path`: the cause (the errno's, also when torch buries ENOSPC in a
-    RuntimeError) and the free space where it was going."""
-    code = getattr(e, "errno", None)
-    text = str(e)
+# what stops a write, as one cause: a full device, or one that refuses to be written
+SPACE, PERMISSION = "space", "permission"
+CAUSES = {errno.ENOSPC: ("no space left on the device", SPACE), errno.EDQUOT: ("disk quota exceeded", SPACE),
+          errno.EACCES: ("permission denied", PERMISSION), errno.EPERM: ("permission denied", PERMISSION),
+          errno.EROFS: ("read-only file system", PERMISSION)}
+
+
+def free_space(path):
+    """Bytes free to this user in the folder `path` goes to, or None where that cannot be told."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return None
+
+
+def write_cause(path, e):
+    """(the cause of a failed write of `path`, its kind: SPACE, PERMISSION or None). torch buries ENOSPC in a
+    RuntimeError, or stops at a short write ("unexpected pos", "file write failed") without a cause: when
+    the device is then (nearly) full, that is the cause."""
+    code, text = getattr(e, "errno", None), str(e)
     if code is None and ("ENOSPC" in text or "No space left" in text):
         code = errno.ENOSPC
-    cause = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-             errno.EROFS: "read-only file system"}.get(code)
-    if cause is None and "file write failed" in text:  # torch's short write: it does not say why
-        cause = "the write was cut short (a full disk or a quota?)"
-    cause = cause or f"{type(e).__name__}: {(text.splitlines() or [''])[0]}"
-    try:
-        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
-        free = f"; {st.f_bavail * st.f_frsize / 2 ** 30:.1f} GiB free there"
-    except OSError:
-        free = ""
-    return f"could not write {path}: {cause}{free}"
+    if code in CAUSES:
+        return CAUSES[code]
+    if "file write failed" in text or "unexpected pos" in text:  # torch's short write: it does not say why
+        free = free_space(path)
+        if free is not None and free < 2 ** 26:  # under 64 MiB left: the write met the end of the device
+            return CAUSES[errno.ENOSPC]
+        return "the write was cut short (a full disk or a quota?)", SPACE
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0]}", None
 
 
-def atomic_write(path, write, advice="free space (or write elsewhere) and run the command again"):
-    """write(f) to path.tmp, fsync, rename: a kill leaves no file or a complete one under `path`, never a
-    partial. A failed write removes the partial file and raises WriteFailed with `advice`."""
-    tmp = path + ".tmp"
+def write_failure(path, e):
+    """One line for a failed write of `path`: the cause and the free space where it was going."""
+    cause, _ = write_cause(path, e)
+    free = free_space(path)
+    return f"could not write {path}: {cause}" + (f"; {free / 2 ** 30:.1f} GiB free there" if free is not None
+                                                  else "")
+
+
+def write_remedy(path, e):
+    """What frees the way for the write that failed with `e`: space, or a folder that may be written."""
+    kind = write_cause(path, e)[1]
+    folder = os.path.dirname(os.path.abspath(path))
+    if kind == SPACE:
+        return f"free space in {folder} (or write elsewhere)"
+    if kind == PERMISSION:
+        return f"make {folder} writable (or write elsewhere)"
+    return "fix that (or write elsewhere)"
+
+
+def atomic_write(path, write, advice="then run the command again"):
+    """write(f) to path.PID.tmp, fsync, rename: a kill leaves no file or a complete one under `path`, never a
+    partial. The temporary name is this process's own, so two processes writing one name never write into
+    the same file: each renames a complete one, and the last rename wins. A failed write removes the partial
+    file and raises WriteFailed with `advice`."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -172,14 +207,15 @@ def atomic_write(path, write, advice="free space (or write elsewhere) and run th
     except (OSError, RuntimeError) as e:  # a full disk: no half-written file left to fill it further
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise WriteFailed(f"{write_failure(path, e)}. Nothing half-written was left; {advice}") from None
+        raise WriteFailed(f"{write_failure(path, e)}. Nothing half-written was left; "
+                          f"{write_remedy(path, e)}; {advice}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
 
 
-def write_checkpoint(path, state, advice="free space and run the command again"):
+def write_checkpoint(path, state, advice="then run the command again"):
     """torch.save, atomically: a kill mid-write leaves the previous checkpoint intact."""
     atomic_write(path, lambda f: torch.save(state, f), advice)
 
@@ -210,7 +246,28 @@ def export_safetensors(model, args, facts, step, path):
         config_version=json.dumps(CONFIG_VERSION), step=json.dumps(step),
     )
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata["tensor_crc32"] = json.dumps({k: tensor_crc32(v) for k, v in tensors.items()})
     atomic_write(path, lambda f: f.write(save(tensors, metadata)))
+
+
+def tensor_crc32(tensor):
+    """CRC-32 of a tensor's bytes, as an export records it for each of its tensors."""
+    return zlib.crc32(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
+def check_tensor_crcs(path, tensors, meta):
+    """An export of ours records each tensor's CRC-32 (`tensor_crc32`): a tensor whose bytes changed since is
+    named and the file refused. A file without them (another program's, or an export from before they were
+    recorded) is read with a one-line note that nothing checks its bytes."""
+    if "tensor_crc32" not in meta:
+        print(f"note: {path} records no checksums of its tensors; its bytes are not checked")
+        return
+    recorded = json.loads(meta["tensor_crc32"])
+    for name, tensor in tensors.items():
+        if recorded.get(name) != tensor_crc32(tensor):
+            raise SystemExit(f"{path}: tensor {name} does not match the checksum the export recorded (the "
+                             "file was changed or damaged since it was written): export it again from its "
+                             "checkpoint (sample.py --ckpt RUN --export FILE)")
 
 
 def read_safetensors(path):
@@ -220,6 +277,7 @@ def read_safetensors(path):
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    check_tensor_crcs(path, tensors, meta)
     if "config" not in meta:
         return tensors
     # a foreign file may carry a `config` key and nothing else
@@ -233,11 +291,25 @@ def read_safetensors(path):
 #################################################################################
 
 
+def checkpoint_step(path):
+    """The step of a checkpoint file named ckpt-STEP.pt, or None for any other name (a `.tmp` file is a write
+    that never finished)."""
+    found = re.fullmatch(r"ckpt-(\d+)\.pt", os.path.basename(path))
+    return int(found.group(1)) if found else None
+
+
+def run_number(name):
+    """The number of a run folder named NNN-..., or None for a folder of any other name (not a run)."""
+    found = re.match(r"(\d+)-", os.path.basename(name))
+    return int(found.group(1)) if found else None
+
+
 def checkpoints_in(folder):
-    """Complete checkpoints of a run folder, newest first (a `.tmp` file is a write that never finished)."""
-    names = sorted((f for f in os.listdir(folder) if f.startswith("ckpt-") and f.endswith(".pt")),
-                   reverse=True)
-    return [os.path.join(folder, f) for f in names]
+    """Complete checkpoints of a run folder, newest (highest step) first, by number: ckpt-10000000.pt comes
+    after ckpt-9999999.pt."""
+    steps = {f: checkpoint_step(f) for f in os.listdir(folder)}
+    return [os.path.join(folder, f) for f in sorted((f for f in steps if steps[f] is not None),
+                                                     key=steps.get, reverse=True)]
 
 
 def load_latest(paths):
@@ -253,14 +325,12 @@ def load_latest(paths):
 
 def find_checkpoint(path, out="runs", flag="--resume"):
     """Resolve --resume (or sample.py's --ckpt: `flag` names it in messages): a checkpoint file, a run folder
-    (its newest complete checkpoint), or `auto` (the newest complete checkpoint of the newest run folder under
-    --out that has one; None if there is none)."""
-    if path == "auto":
-        folders = (sorted((os.path.join(out,
-                                        d) for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))),
-                          reverse=True)
-                   if os.path.isdir(out)
-                   else [])
+    (its newest complete checkpoint), or `auto` (the newest complete checkpoint of the highest-numbered run
+    folder under --out that has one; None if there is none)."""
+    if path == "auto":  # the run folders (NNN-...), highest number first: 1000-... after 999-...
+        runs = [os.path.join(out, d) for d in (os.listdir(out) if os.path.isdir(out) else [])
+                if os.path.isdir(os.path.join(out, d)) and run_number(d) is not None]
+        folders = sorted(runs, key=run_number, reverse=True)
         for folder in folders:
             found = load_latest(checkpoints_in(folder))
             if found[0]:
@@ -292,7 +362,25 @@ def checkpoint_weights(ckpt):
     return state if isinstance(state, dict) else None
 
 
-def load_weights(model, state, file):
+def non_finite_tensor(state):
+    """The name of the first floating-point tensor of a state dict that holds a NaN or an infinity, or None.
+    A CRC sees changed bytes; this sees weights a diverged run wrote with intact bytes."""
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def refuse_non_finite(state, file, what):
+    """Stop with one line when the weights `state` of `file` are not all finite."""
+    name = non_finite_tensor(state)
+    if name is not None:
+        raise SystemExit(f"{file}: its {what} tensor {name} holds NaN or infinite values (the run had "
+                         "diverged when it was written): use an earlier checkpoint of the run, or start "
+                         "again with a lower --lr")
+
+
+def load_weights(model, state, file, what="weights"):
     """model.load_state_dict(state), or a message when the weights do not fit the model the file's
     configuration builds: a checkpoint written by a version of this code whose network had other tensors."""
     own = model.state_dict()
@@ -306,6 +394,7 @@ def load_weights(model, state, file):
                          f"the model: {', '.join(unexpected) or 'none'}; other shapes: "
                          f"{', '.join(wrong) or 'none'}. Sample it with the code that trained it, or start a "
                          f"new run from it with --init-from, which loads what matches")
+    refuse_non_finite(state, file, what)
     model.load_state_dict(state)
 
 
@@ -375,6 +464,7 @@ def init_from(model, path, rank=0, contents=None):
                for k, v in state.items()
                if k not in loaded]
     new = [k for k in own if k not in state]
+    refuse_non_finite({k: state[k] for k in loaded}, f"--init-from {path}", "weight")
     model.load_state_dict({**own, **{k: state[k] for k in loaded}})
     if rank == 0:
         print(f"--init-from {path}: loaded {len(loaded)} tensors, skipped {len(skipped)}, new {len(new)}")

@@ -19,13 +19,15 @@ import os
 
 import torch
 
+from checks import above, at_least, end_point, finite, seed
 from conditioning import DEFAULT_GATES, GATES, TEXT_NULLS, TEXT_PADS, parse_gate
-from data import MAX_WORKERS
+from data import MAX_WORKERS, text_encoding
 from ddpm import BETA_SCHEDULES, DEFAULT_SPACING, OBJECTIVES, SAMPLERS, SPACINGS, check_spacing, spaced_steps
-from diffusion import CFG_SCHEDULES, Sampling
+from diffusion import CFG_SCHEDULES, T_MIN, Sampling
 from latents import latent_geometry
 from mdt import ARCHS, mdt_decode_layers
 from model import CONDS, MODELS, POS_MODES, ROUTES, SIZES
+from text import check_text_length
 from unet import UNET_CONDS, UNET_SIZES, unet_size
 
 #################################################################################
@@ -65,11 +67,13 @@ RECIPES = {
                 decay="constant", clip=0.0, ema=0.0, batch=256, sampler="ddim", sample_steps=250,
                 cfg_scale=1.5),
     # SD3 (Esser et al. 2024): mmDiT, rectified flow with logit-normal t, QK-norm; sampled as
-    # Stability-AI/sd3.5 sd3_infer.py's CONFIGS["sd3_medium"] does: DPM++ 2M, 50 steps, guidance 5.0
+    # Stability-AI/sd3.5 sd3_infer.py's CONFIGS["sd3_medium"] does: DPM++ 2M, 50 steps, guidance 5.0, its
+    # grid (get_sigmas) from t = 1 down to sd3_impls.py's ModelSamplingDiscreteFlow.sigma_min, the shifted
+    # t = 0.001 (at sd3_medium's shift 1: 0.001), then 0
     "sd3": dict(arch="dit", cond="mmdit", objective="flow", pred="v", t_mean=0.0, t_std=1.0,
                 optimizer="adamw", lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.0, warmup=1000,
                 decay="constant", clip=1.0, ema=0.9999, ema_warmup="on", batch=1024, sampler="dpm++2m",
-                sample_steps=50, cfg_scale=5.0),
+                sample_steps=50, cfg_scale=5.0, t_min=0.001),
     # small images on a CPU in minutes (any folder, any resolution): pixel space, a small model, a high lr
     # with cosine decay, a short EMA, 4 class tokens (more attention mass for the label early in training),
     # x-prediction (the network outputs the clean image, easier for 48-value pixel patches than the velocity;
@@ -118,10 +122,11 @@ def gate_spec(text):
         name, params = parse_gate(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    g = GATES[name].fn(torch.linspace(0, 1, 101, dtype=torch.float64), *params)
-    if not (torch.isfinite(g).all() and g.min() >= 0 and g.max() <= 1):
+    values = GATES[name].fn(torch.linspace(0, 1, 101, dtype=torch.float64), *params)
+    if not (torch.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
         raise argparse.ArgumentTypeError(f"gate {text!r}: g(t) must stay within [0, 1] for t in [0, 1] (it "
-                                         f"reaches {g.min():.3g} .. {g.max():.3g}); {GATES[name].meaning}")
+                                         f"reaches {values.min():.3g} .. {values.max():.3g}); "
+                                         f"{GATES[name].meaning}")
     if params and ":" not in text:
         return f"{name}:{','.join(repr(float(v)) for v in params)}"
     return text
@@ -178,6 +183,8 @@ def data_flags(p):
          "res); 0 = independent")
     flag("--vae", default="sd-ema", help="none (pixel space) | sd-ema | sd-mse | a diffusers AutoencoderKL "
          "path (a latent cache: its own)")
+    flag("--text-encoding", type=text_encoding, default="utf-8", help="captions / webdataset: the encoding "
+         "of the caption files (.txt, .csv); a file that does not decode in it is named with its line")
 
 
 def model_flags(p):
@@ -297,6 +304,9 @@ def sampling_flags(p):
          "sampler visits: ddim (ADM's integer stride), ddpm (ADM's even spacing), time (uniform, diffusers' "
          "linspace), logsnr (uniform in log-SNR; dpm++2m only); None: the sampler's own "
          f"({', '.join(f'{method}: {spacing}' for method, spacing in DEFAULT_SPACING.items())})")
+    flag("--t-min", type=float, default=T_MIN, help="flow: the last noise level the sampler evaluates, the "
+         "same at every step count; its last step returns the data prediction there (docs/samplers.md). 0: "
+         "the grid before this flag, whose last level moves with --sample-steps")
 
 
 def run_flags(p):
@@ -320,6 +330,9 @@ def run_flags(p):
     flag("--keep", type=int, default=2, help="checkpoints kept in the run folder")
     flag("--eval-per-class", type=int, default=20, help="shapes: checker evaluation samples per class at the "
          "end")
+    flag("--accept-data-change", action="store_true", default=False, help="--resume on training data whose "
+         "fingerprint (file names, sizes, sampled content) differs from the checkpoint's: go on, saying so "
+         "(refused without it)")
     flag("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
     flag("--max-skip-rate", type=float, default=0.05, help="stop if more than this fraction of images are "
          "unreadable")
@@ -410,6 +423,8 @@ FLAGS_ACTING_ONLY_WITH = {
     "--cfg-schedule power-cosine": (lambda args: args.cfg_schedule == "power-cosine", ("cfg_power",)),
     "--optimizer adan": (lambda args: args.optimizer == "adan", ("beta3",)),
     "--dataset shapes": (lambda args: args.dataset == "shapes", ("shapes_size",)),
+    "--dataset captions or webdataset": (lambda args: args.dataset in ("captions", "webdataset"),
+                                         ("text_encoding",)),
 }
 
 
@@ -507,22 +522,36 @@ def check_routes(args):
                              f"({', '.join(n for n, r in ROUTES.items() if r.gated)})")
 
 
+def worker_count(value):
+    """--workers: 0 (load in the main process) up to MAX_WORKERS, whose event counts data.py keeps apart."""
+    if at_least("--workers", value, 0) > MAX_WORKERS:
+        raise SystemExit(f"--workers {value}: at most {MAX_WORKERS} per process")
+    return value
+
+
 def check_ranges(args):
-    """Every number in its range."""
+    """Every number in its range, by the rules sample.py, encode.py and the experiments share."""
+    flag = lambda name: f"--{name.replace('_', '-')}"
     for name in ("batch", "steps", "res", "class_tokens", "log_every", "ckpt_every", "keep", "max_bad_steps",
-                 "grad_accum", "sample_steps", "shapes_size"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+                 "grad_accum", "sample_steps", "shapes_size"):  # counts and sizes
+        at_least(flag(name), getattr(args, name), 1)
+    for name in ("base_res", "decode_layers"):  # None: derived (mdt.mdt_decode_layers checks the layers)
+        if getattr(args, name) is not None:
+            at_least(flag(name), getattr(args, name), 1 if name == "base_res" else 0)
     for name in ("p_drop_sem", "p_drop_ctrl", "ema", "max_skip_rate", "beta1", "beta2", "beta3"):
         if not 0 <= getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-    for name in ("lr", "shift", "t_std", "eps"):
-        if not getattr(args, name) > 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("warmup", "clip", "workers", "min_snr", "wd", "pad_noise", "eval_per_class",
-                 "text_cache_gb"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr", "shift", "t_std", "eps", "cfg_power"):
+        above(flag(name), getattr(args, name))
+    for name in ("warmup", "clip", "min_snr", "wd", "pad_noise", "eval_per_class", "text_cache_gb"):
+        at_least(flag(name), getattr(args, name), 0)
+    finite("--t-mean", args.t_mean)
+    end_point("--t-min", args.t_min)
+    at_least("--cfg-scale", args.cfg_scale, 0, " (1 = no guidance)")
+    at_least("--sample-every", args.sample_every, -1, " (0 = only at the end, -1 = none)")
+    seed("--seed", args.seed)
+    worker_count(args.workers)
+    check_text_length(args.text_max_length)
     if not 0 <= args.mask_ratio < 0.8:
         raise SystemExit(f"--mask-ratio must be in [0, 0.8) (0.2 is added at random), got {args.mask_ratio}")
     if not 0 <= args.size_corr <= 1 or (args.size_corr and args.dataset != "shapes"):
@@ -530,12 +559,6 @@ def check_ranges(args):
     if args.batch % args.grad_accum:
         raise SystemExit(f"--batch {args.batch} must be divisible by --grad-accum {args.grad_accum} (each "
                          f"step averages {args.grad_accum} equal micro-batches)")
-    if args.workers > MAX_WORKERS:
-        raise SystemExit(f"--workers {args.workers}: at most {MAX_WORKERS} per process")
-    if args.cfg_scale < 0:
-        raise SystemExit(f"--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}")
-    if not args.cfg_power > 0:
-        raise SystemExit(f"--cfg-power must be > 0, got {args.cfg_power}")
 
 
 #################################################################################
@@ -547,7 +570,7 @@ def run_sampling(args, **override):
     """The run's sampling settings (diffusion.Sampling) from its flags -- its recipe's sampler, steps, spacing
     and guidance -- with `override` replacing any of them."""
     own = Sampling(method=args.sampler, steps=args.sample_steps, spacing=args.sample_spacing,
-                   scale=args.cfg_scale, schedule=args.cfg_schedule, power=args.cfg_power)
+                   scale=args.cfg_scale, schedule=args.cfg_schedule, power=args.cfg_power, t_min=args.t_min)
     own = own._replace(**override)
     # the sampler that a None stands for, named here once, so that every record says what was used
     method = own.method or SAMPLERS[args.objective][0]

@@ -15,6 +15,9 @@ Readers: image folders (ImageNet layout) and image-caption pairs (a folder or a 
 on this file -- CC12M-style webdataset tar shards, streamed (shards.py), the embedded `shapes` (shapes.py) and
 a latent cache (latents.py) -- and the choice of one by name (build.build_dataset) stand above it.
 """
+import argparse
+import codecs
+import io
 import os
 
 import numpy as np
@@ -65,7 +68,7 @@ def crop_flip(img, res, rng, margin=1.0, crop="random", hflip=True, orig_size=No
 # What can go wrong with an item in a crawl, and what we do about it. The skipped kinds are replaced (another
 # item takes the slot, so batches stay full and ranks stay in step); the converted ones become 8-bit RGB. Both
 # are counted.
-SKIPPED = ("unreadable", "truncated", "tiny", "empty_caption")
+SKIPPED = ("unreadable", "truncated", "tiny", "empty_caption", "undecodable_caption")
 CONVERTED = ("cmyk", "palette", "16bit", "alpha", "gray")
 EVENTS = ("ok",) + SKIPPED + CONVERTED
 MAX_WORKERS = 64  # data-loader workers per rank whose event counts are kept apart
@@ -78,6 +81,12 @@ class BadImage(Exception):
     def __init__(self, kind, message):
         super().__init__(message)
         self.kind = kind
+
+
+class NoUsableData(Exception):
+    """An item and every stand-in drawn for it were bad: the data, not one file, is broken. Raised in a loader
+    worker, it reaches the training process wrapped in the worker's traceback; the loop reports its last
+    line alone (loader.batches)."""
 
 
 # EXIF orientation (tag 0x0112) -> the transpose that shows the image upright
@@ -146,7 +155,8 @@ def count_event(events, kind, message=None):
     row, col = 0 if worker is None else worker.id + 1, EVENTS.index(kind)
     events[row, col] += 1
     if kind != "ok" and events[row, col] == 1:
-        what = "an item with an empty caption" if kind == "empty_caption" else f"{kind} image"
+        what = dict(empty_caption="an item with an empty caption",
+                    undecodable_caption="an item whose caption does not decode").get(kind, f"{kind} image")
         print(f"data: {'skipping' if kind in SKIPPED else 'converting'} {what} ({message}); "
               f"further {kind} items are counted in the log without a message", flush=True)
 
@@ -212,8 +222,8 @@ class ImageFileDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, j, 1])
             img, ctrl = crop_flip(img, self.res, rng, crop=self.crop, hflip=self.hflip)
             return img, label, ctrl, caption
-        raise RuntimeError(f"item {i} of {self.where} and 49 stand-ins drawn for it are all bad: is the data "
-                           "corrupt?")
+        raise NoUsableData(f"item {i} of {self.where} and the 49 stand-ins drawn for it are all bad images "
+                           "(unreadable, truncated or too small): check --data-path")
 
 
 #################################################################################
@@ -265,13 +275,47 @@ class ImageFolderDataset(ImageFileDataset):
 #################################################################################
 
 
-def read_caption(data):
-    """A caption from the bytes of a .txt file: UTF-8 (a stray bad byte becomes U+FFFD instead of losing the
-    item), without the surrounding whitespace and newlines."""
-    return data.decode("utf-8", errors="replace").strip()
+def text_encoding(name):
+    """--text-encoding's value (an argparse type): the name of an encoding Python knows."""
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown text encoding {name!r}; e.g. utf-8, latin-1, cp1252, "
+                                         "utf-16") from None
+    return name
 
 
-def caption_folder_pairs(root):
+def decode_text(data, where, encoding="utf-8"):
+    """The bytes of a text file (`where` names it) as a str in `encoding`. Bytes that do not decode are a
+    ValueError naming the file, the line and the flag that chooses another encoding: never mojibake, never a
+    character silently replaced."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{where}, line {line}: byte 0x{data[e.start]:02x} is not {encoding} text; name the "
+                         "file's encoding with --text-encoding (e.g. --text-encoding latin-1)") from None
+
+
+def read_text(path, encoding="utf-8", where=None):
+    """A whole text file as a str, decoded as decode_text says (`where`: how messages name it)."""
+    with open(path, "rb") as f:
+        return decode_text(f.read(), where or path, encoding)
+
+
+def read_lines(path, encoding="utf-8", where=None):
+    """A text file's lines (read_text), split as open() splits them (any of \\n, \\r\\n, \\r), without their
+    line ends."""
+    return [line.rstrip("\n") for line in io.StringIO(read_text(path, encoding, where), newline=None)]
+
+
+def read_caption(data, where, encoding="utf-8"):
+    """A caption from the bytes of a .txt file (decode_text), without the surrounding whitespace and
+    newlines."""
+    return decode_text(data, where, encoding).strip()
+
+
+def caption_folder_pairs(root, encoding="utf-8"):
     """(image path, caption) of every image under `root`, at any depth, in sorted order (every rank lists the
     same); the caption is the same-stem .txt (or .TXT) file beside the image, "" when there is none."""
     pairs = []
@@ -280,20 +324,20 @@ def caption_folder_pairs(root):
         for f in images:
             caption, stem = "", os.path.splitext(f)[0]
             if stem in texts:
-                with open(os.path.join(folder, texts[stem]), "rb") as t:
-                    caption = read_caption(t.read())
+                caption = read_text(os.path.join(folder, texts[stem]), encoding).strip()
             pairs.append((os.path.join(folder, f), caption))
     return pairs
 
 
-def caption_csv_pairs(path):
+def caption_csv_pairs(path, encoding="utf-8"):
     """(image path, caption) of every row of a CSV file whose header row names (at least) the columns
     image,caption; image paths are relative to the CSV file's folder (absolute ones stay as they are)."""
     import csv
 
     base = os.path.dirname(os.path.abspath(path))
-    # utf-8-sig: a spreadsheet's byte-order mark must not become part of the first column's name
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+    text = read_text(path, encoding)
+    # a spreadsheet's UTF-8 byte-order mark must not become part of the first column's name
+    with io.StringIO(text[1:] if text.startswith("\ufeff") else text, newline="") as f:
         reader = csv.DictReader(f, skipinitialspace=True)
         if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: a caption CSV must start with a header row naming the columns "
@@ -313,20 +357,21 @@ class CaptionFolderDataset(ImageFileDataset):
     one-off count of the listing mixed into them would distort the skip rate the trainer checks. Unreadable
     images show only when read: they are skipped, counted and stood in for as in ImageFolderDataset. Captions
     are read once, at construction (one small file per image in a folder: for millions of images prefer a CSV,
-    or webdataset shards).
+    or webdataset shards), in `text_encoding`: a file that does not decode in it stops the listing with a
+    ValueError naming the file and the line (decode_text).
     """
 
     num_classes = 1
 
-    def __init__(self, root, res, seed=0, crop="random", hflip=True):
+    def __init__(self, root, res, seed=0, crop="random", hflip=True, text_encoding="utf-8"):
         if not root or not os.path.exists(root):
             raise FileNotFoundError(f"--data-path {root!r} does not exist; point it at a folder of images, "
                                     "each with a same-stem .txt caption beside it, or at a CSV file with "
                                     "columns image,caption")
         if os.path.isdir(root):
-            pairs = caption_folder_pairs(root)
+            pairs = caption_folder_pairs(root, text_encoding)
         elif root.lower().endswith(".csv"):
-            pairs = caption_csv_pairs(root)
+            pairs = caption_csv_pairs(root, text_encoding)
         else:
             raise ValueError(f"--data-path {root!r}: give a folder of images with .txt captions, or a .csv "
                              "file")
@@ -355,7 +400,7 @@ class CaptionFolderDataset(ImageFileDataset):
 #################################################################################
 #                 Ranks: which process of a torchrun job reads what             #
 #################################################################################
-# Every entry point (train.py, sample.py, latents.py --encode, fid.py) starts its processes with
+# Every entry point (train.py, sample.py, encode.py, fid.py) starts its processes with
 # setup_distributed; the readers split their work by data_rank.
 
 

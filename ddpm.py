@@ -215,6 +215,14 @@ def fractional_index(v, ys):
     return min(max(j - 1 + (v - ys[j - 1]) / (ys[j] - ys[j - 1]), 0.0), len(ys) - 1.0)
 
 
+def fresh_noise(x, generator):
+    """Noise shaped like x for the ancestral sampler's step: from one generator, or from one per sample (a
+    list: each sample's own stream, so its noise does not depend on the batch it is drawn in)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in generator])
+    return torch.randn(x.shape, generator=generator, device=x.device)
+
+
 #################################################################################
 #                     The DDPM objective: loss and sampling                     #
 #################################################################################
@@ -274,10 +282,12 @@ class DDPM(Diffusion):
         return torch.where(k == 0, nll, kl)
 
     @torch.no_grad()
-    def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None, spacing=None):
+    def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None, spacing=None,
+               t_min=None):
         """From noise to data in `steps` network evaluations; method None is ddim. spacing: which of the 1000
         steps are visited, the method's own (DEFAULT_SPACING) when None. `generator` feeds the ancestral
-        sampler's fresh noise; the other samplers are deterministic given `noise`."""
+        sampler's fresh noise; the other samplers are deterministic given `noise`. t_min is flow's end point
+        (diffusion.time_grid): the chain ends at its own step 0."""
         method, step_range = self.sampler_steps(method, steps, progress)
         spacing = spacing or DEFAULT_SPACING[method]
         check_spacing(method, spacing)
@@ -303,7 +313,7 @@ class DDPM(Diffusion):
 
     def walk_chain(self, predict, noise, chain, method, step_range, generator=None):
         """DDIM (eta = 0) or ancestral sampling down the respaced `chain`; `generator` feeds the ancestral
-        sampler's fresh noise."""
+        sampler's fresh noise (fresh_noise: one generator, or one per sample)."""
         x, B, C = noise, noise.shape[0], noise.shape[1]
         for i in step_range:
             j = torch.full((B,), len(chain.steps) - 1 - i, dtype=torch.long, device=x.device)
@@ -319,7 +329,7 @@ class DDPM(Diffusion):
             if self.learn_sigma:
                 logvar = chain.model_logvar(out[:, C:], j)
             fresh = j[0] > 0  # no noise on the last step, onto the data
-            z = torch.randn(x.shape, generator=generator, device=x.device) if fresh else torch.zeros_like(x)
+            z = fresh_noise(x, generator) if fresh else torch.zeros_like(x)
             x = mean + (0.5 * logvar).exp() * z
         return x
 

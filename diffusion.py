@@ -4,7 +4,8 @@ guidance, and `generate`, which draws a batch of guided samples from fixed per-s
 
     flow (default, SD3)  x_t = (1 - t) x_0 + t eps         t in [0, 1], t = 0 data, t = 1 pure noise
                          target v = eps - x_0              t ~ sigmoid(N(mean, std)), then shifted
-                         samplers: Euler, Heun (integrate dx/dt = v from t = 1 to 0), DPM-Solver++(2M)
+                         samplers: Euler, Heun (integrate dx/dt = v from t = 1 to a fixed t_min, then
+                         return the data prediction there), DPM-Solver++(2M)
 
 DDPM, the objective of the DiT and LDM recipes (`--objective ddpm`), is a subclass in ddpm.py with the same
 interface (a loss, a sampler), so every architecture and conditioning route trains and samples through the
@@ -24,6 +25,11 @@ from conditioning import padding_noise
 
 FLOW_PREDS = ("v", "x")  # what the network predicts: the velocity, or the clean image
 FLOW_SAMPLERS = ("euler", "heun", "dpm++2m")  # the default first
+# The flow samplers' last evaluation level (time_grid, --t-min): below it the network is not asked. Training
+# draws t below 0.05 with probability 2.6e-5 at the shapes recipe (logit-normal, shift 3) and 1.6e-3 at the
+# ImageNet default (shift 1), and the x-prediction loss clamps t there; on the default model every sampler
+# comes closer to a fine solve from this end point than from 0.01 or 0.02 (docs/samplers.md, "Convergence").
+T_MIN = 0.05
 CFG_SCHEDULES = ("constant", "power-cosine")
 
 #################################################################################
@@ -54,9 +60,22 @@ def sample_t(n, mean=0.0, std=1.0, alpha=1.0, generator=None, device="cpu"):
     return shift_time(t, alpha)
 
 
-def time_grid(steps, alpha=1.0, device="cpu"):
-    """steps + 1 noise levels from 1 down to 0, shifted like the training t."""
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), alpha).float()
+def time_grid(steps, alpha=1.0, device="cpu", t_min=T_MIN):
+    """The flow samplers' noise levels, shifted like the training t: `steps` levels at which the network is
+    evaluated, from 1 down to t_min (evenly spaced before the shift, so the last one is t_min after it),
+    then 0, where the last step lands on the data prediction D(x, t_min). The end point t_min does not move
+    with the step count, so more steps converge to one answer. t_min = 0 is the grid before the fixed end
+    point (and older checkpoints' setting): steps + 1 levels evenly from 1 to 0, whose last evaluation
+    level, shift_time(1 / steps), moves with the step count (0.058 at 50 steps, 0.0075 at 400, shift 3)."""
+    if not t_min:
+        levels = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+        return shift_time(levels, alpha).float()
+    u_min = t_min / (alpha - (alpha - 1) * t_min)  # the unshifted time that shift_time takes to t_min
+    levels = torch.linspace(1.0, u_min, steps, device=device, dtype=torch.float64)
+    grid = torch.cat([shift_time(levels, alpha), torch.zeros(1, device=device, dtype=torch.float64)])
+    if steps > 1:
+        grid[-2] = t_min  # exactly, not up to the rounding of the shift
+    return grid.float()
 
 
 def to_velocity(out, x_t, t, pred, min_t=0.05):
@@ -174,12 +193,17 @@ class Diffusion:
         return method, step_range
 
     @torch.no_grad()
-    def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None, spacing=None):
+    def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None, spacing=None,
+               t_min=T_MIN):
         """From noise to data in `steps` network evaluations (Heun: about twice as many) along the shifted
-        time grid; method None is euler. Every flow sampler is deterministic given `noise`: `generator` and
-        `spacing` are DDPM's (ddpm.DDPM.sample)."""
+        time grid from 1 to the end point t_min (time_grid), then one step to 0; method None is euler.
+        Every flow sampler's last step returns the data prediction at t_min, D(x, t_min): Euler's is
+        x - t_min v = D, Heun's is its Euler step, DPM-Solver++'s onto sigma = 0 is D itself. (A v-prediction
+        model needs the end point as much as an x-prediction one: its last step too returns D = x - t v at
+        the last level evaluated, and without a fixed t_min that level moves with the step count.) Every
+        flow sampler is deterministic given `noise`; `generator` and `spacing` are DDPM's (DDPM.sample)."""
         method, step_range = self.sampler_steps(method, steps, progress)
-        grid = time_grid(steps, self.alpha, noise.device)
+        grid = time_grid(steps, self.alpha, noise.device, t_min)
         time_at = lambda i: grid[i].expand(noise.shape[0])  # the network time of level i, one per sample
         if method == "dpm++2m":
             # The flow ODE dx/dt = (x - D) / t is the probability-flow ODE of alpha = 1, sigma = t, so
@@ -216,6 +240,7 @@ class Sampling(NamedTuple):
     scale: float = 1.0  # semantic guidance, 1 = none
     ctrl: float = 0.0  # control guidance, 0 = none
     interval: tuple = (0.0, 1.0)  # guide only while t is in [lo, hi]
+    t_min: float = T_MIN  # flow: the last noise level evaluated (time_grid); 0: the grid before it was fixed
     schedule: str = "constant"  # the semantic scale along t: constant or power-cosine (mDT-v2)
     power: float = 4.0  # power-cosine's exponent
 
@@ -286,13 +311,18 @@ def make_noise(seeds, shape, device):
     return torch.stack(noise).to(device)
 
 
+FRESH_SEED = 1 << 41  # added to a sample's seed for the stream of its fresh noise (ancestral sampling)
+
+
 class Draw(NamedTuple):
     """How generate walks its samples: the chunk size, a progress bar, and the seeds of the noise it draws."""
 
     batch: int = 256  # samples per sampler call
     progress: bool = False  # a progress bar over each chunk's steps
-    seed: int = 0  # the ancestral (ddpm) sampler's fresh noise; the other samplers are deterministic
-    seeds: object = None  # (B,) each sample's noise seed, for its text padding noise; None: seed, seed + 1..
+    seed: int = 0  # the first sample's seed when `seeds` is None
+    # (B,) each sample's seed: its text padding noise and the ancestral (ddpm) sampler's fresh noise are
+    # drawn from it (the other samplers are deterministic given the noise); None: seed, seed + 1, ...
+    seeds: object = None
 
 
 @torch.no_grad()
@@ -302,17 +332,19 @@ def generate(model, diffusion, noise, y, ctrl, sampling=Sampling(), draw=Draw())
     A prompt's padding noise (noisy_replicate) is drawn here once per sample from its seed (draw.seeds), so
     it is the same in every guidance branch and step, and a prompt with a seed gives the same image in any
     batch, on any rank, whatever the global RNG did before."""
+    seeds = range(draw.seed, draw.seed + noise.shape[0]) if draw.seeds is None else draw.seeds
     if isinstance(y, tuple) and len(y) == 2:  # a prompt: (features, mask) -> (features, mask, padding noise)
         B, L, d = y[0].shape
-        seeds = range(draw.seed, draw.seed + B) if draw.seeds is None else draw.seeds
         y = (*y, padding_noise(seeds, L, d, y[0].device))
     out = []
-    generator = torch.Generator(noise.device).manual_seed(draw.seed)
+    # the ancestral sampler's fresh noise: each sample's own stream, from its seed (apart from the stream of
+    # its starting noise), so a sample is the same in any batch, chunk or rank
+    generators = [torch.Generator(noise.device).manual_seed(FRESH_SEED + int(s)) for s in seeds]
     for i in range(0, noise.shape[0], draw.batch):
         chunk = slice(i, i + draw.batch)
         y_chunk = tuple(v[chunk] for v in y) if isinstance(y, tuple) else y[chunk]  # labels or a prompt
         ctrl_chunk = ctrl[chunk]
         predict = lambda x, t: guided_prediction(model, x, t, y_chunk, ctrl_chunk, sampling)
         out.append(diffusion.sample(predict, noise[chunk], sampling.steps, sampling.method, draw.progress,
-                                    generator, sampling.spacing))
+                                    generators[chunk], sampling.spacing, sampling.t_min))
     return torch.cat(out)

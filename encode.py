@@ -18,11 +18,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from build import ShapesOptions, build_dataset
+from build import SourceOptions, build_dataset, imagenet_dir
 from checkpoint import atomic_write
+from checks import at_least, check_output, seed
 from conditioning import CONTROL_SIGNALS
-from config import DATASETS
-from data import EVENTS, setup_distributed
+from config import DATASETS, worker_count
+from data import EVENTS, setup_distributed, text_encoding
 from latents import CACHE_FORMAT, Autoencoder, encode_command, latent_geometry, shard_path
 
 #################################################################################
@@ -93,7 +94,7 @@ def agree_on_meta(meta, out, rank, world):
         os.makedirs(out, exist_ok=True)
         meta_path = os.path.join(out, "meta.json")
         if os.path.exists(meta_path):
-            with open(meta_path) as f:
+            with open(meta_path, encoding="utf-8") as f:
                 saved = json.load(f)
             diff = [f"{k}: cache {saved.get(k)!r} vs now {v!r}" for k, v in meta.items() if saved.get(k) != v]
             if diff:
@@ -189,24 +190,37 @@ def write_stats(dataset, args, meta, mine, rank, world, device):
           f"scale {scale}: [{scaled}]", flush=True)
 
 
+def check_numbers(args):
+    """Every number in its range before any process group or file, by train.py's rules for the same flags
+    (config.py)."""
+    for flag in ("shard_size", "batch", "res", "shapes_size"):
+        at_least(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
+    worker_count(args.workers)
+    seed("--seed", args.seed)
+
+
 def encode_cache(args):
     """Encode `args.dataset` into a latent cache at `args.out` with every rank of the job; resumes a partial
     one."""
+    check_numbers(args)
     # a long timeout: on a re-run the missing shards may all be one rank's, and the others wait
     rank, world, device = setup_distributed(timeout=timedelta(hours=12))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    for flag, low in (("shard_size", 1), ("batch", 1), ("res", 1), ("shapes_size", 1), ("workers", 0)):
-        if getattr(args, flag) < low:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     factor = latent_geometry(args.vae)[0]
     if args.res % factor:
         raise SystemExit(f"--res {args.res} must be divisible by the autoencoder factor {factor}")
+    # a cache inside its own data would be read as data (a class of .pt files) by the next listing
+    data = imagenet_dir(args.data_path) if args.dataset == "imagenet" else args.data_path
+    check_output(args.out, "folder", datasets={"--data-path": data} if data else None)
     # hflip=False: the cache stores both orientations itself; crop and any seeded draw use epoch 0
-    shapes = ShapesOptions(size=args.shapes_size, progress=rank == 0)
-    dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, crop=args.crop,
-                            hflip=False, shapes=shapes)
+    options = SourceOptions(size=args.shapes_size, progress=rank == 0, text_encoding=args.text_encoding)
+    try:
+        dataset = build_dataset(args.dataset, args.res, args.data_path, seed=args.seed, crop=args.crop,
+                                hflip=False, options=options)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # a wrong path, a caption that does not decode
+        raise SystemExit(f"--dataset {args.dataset}: {e}") from None
     vae = Autoencoder(args.vae).to(device)
     meta = cache_meta(args, dataset, vae, world)
     agree_on_meta(meta, args.out, rank, world)
@@ -247,6 +261,8 @@ def main(argv=None):
     flag("--batch", type=int, default=64,
          help="images per encoder call on each rank (each also encoded mirrored)")
     flag("--workers", type=int, default=8, help="data-loader workers per rank")
+    flag("--text-encoding", type=text_encoding, default="utf-8", help="captions: the encoding of the caption "
+         "files (.txt, .csv); a file that does not decode in it is named with its line")
     return encode_cache(parser.parse_args(argv))
 
 

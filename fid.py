@@ -18,10 +18,16 @@ follows the TensorFlow graph they use: Inception-v3 with the 2015-12-05 weights 
 bilinear resize to 299 x 299, the graph's (x - 128) / 128 input scaling, fp32 features (TF32 off) and float64
 statistics.
 
+A number that is computable but weak is printed with a `caution:` line under it (and kept in the result JSON):
+fewer images than the 2048 feature dimensions, images smaller than 32 px. Statistics that give no number at
+all (NaN, a sigma that is not a covariance) are refused, naming the file.
+
 This file stands alone: it imports nothing of the project, so it can be copied next to any model's samples (as
 the ADM suite's evaluator.py is used).
 """
 import argparse
+import codecs
+import io
 import json
 import os
 import struct
@@ -239,6 +245,17 @@ class FolderImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def smallest_size(self):
+        """(H, W) of the image with the shortest side, from the files' headers (no pixel is decoded)."""
+        sizes = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as im:
+                    sizes.append(im.size[::-1])
+            except (OSError, ValueError):  # extraction has already named an unreadable file
+                continue
+        return min(sizes, key=min, default=(0, 0))
+
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as im:
@@ -282,6 +299,10 @@ class NpzImages(torch.utils.data.Dataset):
     def __len__(self):
         return self.shape[0]
 
+    def smallest_size(self):
+        """(H, W) of every image of the array."""
+        return self.shape[1], self.shape[2]
+
     def __getitem__(self, i):
         if self.array is None:  # mapped lazily so that data-loader workers open their own map
             self.array = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
@@ -316,23 +337,25 @@ def open_input(path):
         images = NpzImages(path) if "arr_0" in keys else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise SystemExit(f"{path}: not a readable .npz ({type(e).__name__}: {e}); a copy cut short? (a "
-                         "stopped sample.py leaves its .rankN.npz parts, never a partial file under the "
-                         "final name)") from None
+                         "stopped sample.py leaves its .HOST-PID.rankN.npz parts, never a partial file under "
+                         "the final name)") from None
     if stats is None and images is None:
         raise SystemExit(f"{path}: an .npz needs `arr_0` (uint8 images N x H x W x 3) or `mu` and `sigma` "
                          f"(statistics from --save-stats); this one holds {sorted(keys)}")
     if stats is not None and (stats[0].ndim != 1 or stats[1].shape != (len(stats[0]),) * 2):
         raise SystemExit(f"{path}: mu {stats[0].shape} and sigma {stats[1].shape} do not fit (D,) and (D, D)")
+    if stats is not None:
+        check_covariance(path, *stats)
     return Input(stats, images)
 
 
-def save_stats(path, mu, sigma):
-    """mu and sigma as an .npz at `path`, written whole or not at all (a temporary file, then a rename), which
-    fid.py reads back as REF or SAMPLE."""
-    tmp = f"{path}.tmp"
+def write_whole(path, write):
+    """write(f) to `path` whole or not at all: a temporary file of this process's own (two processes writing
+    one name never share one), fsync, then a rename."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename
     except BaseException:  # a full disk: no half-written file left behind
@@ -340,6 +363,12 @@ def save_stats(path, mu, sigma):
             os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+def save_stats(path, mu, sigma):
+    """mu and sigma as an .npz at `path`, written whole or not at all, which fid.py reads back as REF or
+    SAMPLE."""
+    write_whole(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 class Process(NamedTuple):
@@ -427,6 +456,9 @@ def statistics(features, chunk=4096):
         x = np.asarray(features[i : i + chunk], dtype=np.float64)
         total += x.sum(0)
         outer += x.T @ x
+    if not (np.isfinite(total).all() and np.isfinite(outer).all()):
+        raise SystemExit("the Inception features hold NaN or inf, so no FID can be computed from them; check "
+                         "the weights file (--inception), or omit it to use the published one")
     mu = total / n
     return mu, (outer - n * np.outer(mu, mu)) / (n - 1)
 
@@ -441,6 +473,69 @@ def sqrtm_psd(a):
     """Symmetric square root of a symmetric positive semi-definite matrix."""
     w, v = np.linalg.eigh(a)
     return (v * np.sqrt(psd_eigenvalues(w))) @ v.T
+
+
+# A covariance is symmetric with eigenvalues >= 0; rounding leaves negative ones of about d * eps times the
+# largest variance (float32 statistics: ~1e-6 of it). A stored sigma far outside that is no covariance, and no
+# FID comes out of it: the ADM suite, pytorch-fid and clean-fid refuse likewise when sqrtm's imaginary part
+# exceeds 1e-3. (Statistics computed here are covariances by construction.)
+COVARIANCE_TOLERANCE = 1e-4
+
+
+def check_covariance(path, mu, sigma):
+    """Stored statistics FID can use: finite, sigma symmetric and positive semi-definite within
+    COVARIANCE_TOLERANCE of its largest variance; anything else is refused, naming the file."""
+    again = "compute them again from the images (fid.py IMAGES --save-stats OUT.npz)"
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise SystemExit(f"{path}: mu / sigma hold NaN or inf, so no FID can be computed from them; {again}")
+    scale = max(np.abs(np.diagonal(sigma)).max(), np.finfo(np.float64).tiny)
+    if np.abs(sigma - sigma.T).max() > COVARIANCE_TOLERANCE * scale:
+        raise SystemExit(f"{path}: sigma is not symmetric, so it is not a covariance; {again}")
+    lowest = np.linalg.eigvalsh(sigma).min()
+    if lowest < -COVARIANCE_TOLERANCE * scale:
+        raise SystemExit(f"{path}: sigma has the eigenvalue {lowest:.3g} (largest variance {scale:.3g}), so "
+                         f"it is not a covariance and no FID can be computed; {again}")
+
+
+#################################################################################
+#                   What makes an FID less than it claims                       #
+#################################################################################
+# Two things leave the number computable but weak, and both are said next to it (and kept in the result JSON)
+# rather than refused, as the ADM suite, pytorch-fid and clean-fid print a warning and still give the number:
+# - fewer images than the 2048 feature dimensions: the covariance is singular (rank N - 1), and FID is biased
+#   upward, strongly so for small sets (Chong & Forsyth, "Effectively Unbiased FID", 2020); FIDs over
+#   different counts do not compare (papers use 50 000 samples; pytorch-fid's README calls 2048 required);
+# - images far smaller than Inception's 299 x 299 input: upsampled 10x and more, their features describe the
+#   interpolation more than the images; 32 px (CIFAR-10) is the smallest size FID is commonly reported at.
+SMALLEST_SIDE = 32
+
+
+def covariance_rank(sigma):
+    """The numerical rank of a covariance (its eigenvalues above rounding noise)."""
+    return int((psd_eigenvalues(np.linalg.eigvalsh(sigma)) > 0).sum())
+
+
+def cautions(side, data, stats):
+    """What weakens FID over one input (`side`: REF or SAMPLE; `data` its Input as read, `stats` its (mu,
+    sigma)), one line each: too few images for the feature dimensions, or images far smaller than
+    Inception's input."""
+    said, dims = [], len(stats[0])
+    if data.stats is None and len(data.images) < dims:  # statistics computed here, from the images
+        said.append(f"{side} has {len(data.images)} images, fewer than the {dims} feature dimensions: its "
+                    "covariance is singular and FID is biased upward; compare FIDs only over equal counts "
+                    f"(50 000 is the usual one, {dims} the least pytorch-fid asks for)")
+    elif data.stats is not None and (rank := covariance_rank(stats[1])) < dims:
+        said.append(f"{side}'s stored covariance has rank {rank} of {dims}: it comes from fewer images than "
+                    "feature dimensions, so FID is biased upward; compare FIDs only over equal counts "
+                    "(50 000 is the usual one)")
+    if data.images is not None and data.stats is None:
+        h, w = data.images.smallest_size()
+        if min(h, w) < SMALLEST_SIDE:
+            said.append(f"{side} has images of {h} x {w} px, upsampled {299 / max(min(h, w), 1):.0f}x to "
+                        "Inception's 299 x 299: the features describe the interpolation more than the images "
+                        f"(FID is seldom reported below {SMALLEST_SIDE} px, CIFAR-10's size); compare FIDs "
+                        "only at equal sizes")
+    return said
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -556,6 +651,92 @@ def clip_score(images, prompts, model_path, batch=50, device="cpu"):
 
 
 #################################################################################
+#                       Text in, results out: checked first                     #
+#################################################################################
+# The rules of the project's other entry points (data.py's text files, checks.check_output), copied:
+# fid.py imports nothing of the project.
+
+
+def text_encoding(name):
+    """--text-encoding's value (an argparse type): the name of an encoding Python knows."""
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown text encoding {name!r}; e.g. utf-8, latin-1, cp1252, "
+                                         "utf-16") from None
+    return name
+
+
+def read_lines(path, encoding="utf-8"):
+    """A text file's lines (split as open() splits them), decoded in `encoding`; bytes that do not decode end
+    the run with the file, the line and the flag that chooses another encoding."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SystemExit(f"--prompts {path}, line {line}: byte 0x{data[e.start]:02x} is not {encoding} text; "
+                         "name the file's encoding with --text-encoding (e.g. --text-encoding latin-1)"
+                         ) from None
+    return [line.rstrip("\n") for line in io.StringIO(text, newline=None)]
+
+
+def holds_kind(path, ext):
+    """Whether an existing file is empty or of the kind `ext` names: an .npz (a zip of arrays, not
+    torch.save's zip of records), or text for .json."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head or ext == ".json":
+        return b"\0" not in head
+    try:
+        with zipfile.ZipFile(path) as z:
+            return not any(name.endswith("data.pkl") for name in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def output_problem(path, ext, inputs, flag):
+    """Why `path` may not be written as `flag`'s output, or None: it must end in `ext` (.npz or .json), be
+    none of the command's `inputs` ({flag: path}) and lie in no folder of images among them, and a file
+    already under its name must be of the kind written (an .npz; text for .json). Its folder is made."""
+    noun = "an .npz" if ext == ".npz" else "a JSON file"
+    for in_flag, given in inputs.items():
+        if not given or not os.path.exists(given):
+            continue
+        if os.path.isdir(given) and os.path.realpath(path).startswith(os.path.realpath(given) + os.sep):
+            return (f"{flag} {path}: lies in {in_flag} {given}, a folder of images this command reads; "
+                    "write outside it")
+        if os.path.exists(path) and os.path.samefile(given, path):
+            return (f"{flag} {path}: that is {in_flag}, an input of this command: writing it would destroy "
+                    "it; choose another path")
+    if os.path.isfile(path) and not holds_kind(path, ext):
+        return (f"{flag} {path}: the file there is not {noun}: writing would destroy it; choose another "
+                "path, or move that file away first")
+    if not path.lower().endswith(ext):
+        return f"{flag} {path}: writes {noun}; end the path in {ext}"
+    if os.path.isdir(path):
+        return f"{flag} {path}: a folder; name the file to write ({noun}) in it"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        return f"{flag} {path}: its folder cannot be made ({e.strerror or e}); choose another path"
+    return None
+
+
+def check_outputs(args, parser):
+    """--save-stats (an .npz) and --out (a JSON file), checked by output_problem before any work."""
+    inputs = {"REF": args.ref, "SAMPLE": args.sample, "--inception": args.inception, "--clip": args.clip,
+              "--prompts": args.prompts,
+              "SAMPLE's settings": args.sample[: -len(".npz")] + ".json"
+              if args.sample and args.sample.endswith(".npz") else None}
+    for flag, path, ext in (("--save-stats", args.save_stats, ".npz"), ("--out", args.out, ".json")):
+        problem = path and output_problem(path, ext, inputs, flag)
+        if problem:
+            parser.error(problem)
+
+
+#################################################################################
 #                                   CLI                                         #
 #################################################################################
 
@@ -579,6 +760,8 @@ def get_args(argv=None):
     p.add_argument("--k", type=int, default=3, help="neighbourhood size of precision / recall")
     p.add_argument("--clip", default=None, metavar="MODEL", help="also CLIP score with this CLIP checkpoint")
     p.add_argument("--prompts", default=None, help="text file, one prompt per SAMPLE image (for --clip)")
+    p.add_argument("--text-encoding", type=text_encoding, default="utf-8",
+                   help="the encoding of the --prompts file")
     p.add_argument("--out", default=None,
                    help="result JSON (default: SAMPLE.metrics.json when SAMPLE has a sidecar JSON of its "
                    "settings)")
@@ -586,13 +769,25 @@ def get_args(argv=None):
     for flag, low in (("batch", 1), ("workers", 0), ("splits", 1), ("k", 1)):
         if getattr(args, flag) < low:
             p.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
-    if args.save_stats and not args.save_stats.endswith(".npz"):
-        p.error(f"--save-stats {args.save_stats}: writes an .npz; end the path in .npz")
     if args.sample is None and args.save_stats is None:
         p.error("give SAMPLE, or --save-stats OUT to only compute REF's statistics")
     if args.clip and not args.prompts:
         p.error("--clip needs --prompts FILE (one prompt per sample image)")
+    check_outputs(args, p)
+    if args.clip:
+        read_lines(args.prompts, args.text_encoding)  # one that does not decode fails now, not after the work
     return args
+
+
+def check_counts(args, ref, sample):
+    """--splits and --k against the images there are, before any feature is computed (inception_score and
+    precision_recall would refuse them only afterwards)."""
+    if args.inception_score and len(sample.images) < args.splits:
+        raise SystemExit(f"Inception Score with {args.splits} splits needs at least {args.splits} images, "
+                         f"got {len(sample.images)} in SAMPLE; give --splits {len(sample.images)} or fewer")
+    if args.pr and min(len(ref.images), len(sample.images)) <= args.k:
+        raise SystemExit(f"precision / recall with k = {args.k} need more than {args.k} images on each side, "
+                         f"got {len(ref.images)} (REF) and {len(sample.images)} (SAMPLE)")
 
 
 def inception_weights(path, process):
@@ -638,12 +833,11 @@ def sample_metrics(args, ref_stats, sample, feats, weights, device):
         res["precision"], res["recall"] = precision_recall(feats["ref"][0], feats["sample"][0], args.k,
                                                            device=device)
     if args.clip:
-        with open(args.prompts) as f:
-            prompts = [line.rstrip("\n") for line in f]
+        prompts = read_lines(args.prompts, args.text_encoding)
         res["clip_score"] = clip_score(sample.images, prompts, args.clip, args.batch, device)
     sidecar = args.sample[: -len(".npz")] + ".json"
     if args.sample.endswith(".npz") and os.path.isfile(sidecar):
-        with open(sidecar) as f:
+        with open(sidecar, encoding="utf-8") as f:  # JSON is UTF-8
             res["settings"] = json.load(f)
     return res
 
@@ -654,12 +848,13 @@ def report(args, res):
     print("  ".join(f"{k} {res[k]:.4f}"
                     for k in ("fid", "inception_score", "precision", "recall", "clip_score")
                     if k in res))
+    for line in res.get("cautions", []):  # right under the number they qualify
+        print(f"caution: {line}")
     if "settings" in res:
         print("settings: " + json.dumps(res["settings"]))
     out = args.out or (args.sample[: -len(".npz")] + ".metrics.json" if "settings" in res else None)
     if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_whole(out, lambda f: f.write((json.dumps(res, indent=1) + "\n").encode()))
         print(f"wrote {out}")
 
 
@@ -673,6 +868,7 @@ def main(argv=None):
         raise SystemExit(f"--pr compares features: REF {args.ref!r} holds statistics only; give its images")
     if (args.pr or args.inception_score or args.clip) and sample.images is None:
         raise SystemExit(f"--is / --pr / --clip need SAMPLE images; {args.sample!r} holds statistics only")
+    check_counts(args, ref, sample)
     # FID prefers stored statistics; features only where they are missing or another metric needs them
     need = {"ref": ref.stats is None or args.pr,
             "sample": args.sample is not None and (sample.stats is None or args.inception_score or args.pr)}
@@ -680,12 +876,19 @@ def main(argv=None):
     res = None
     if process.rank == 0:
         ref_stats = ref.stats if ref.stats is not None else statistics(feats["ref"][0])
+        said = cautions("REF", ref, ref_stats)
         if args.save_stats:
             save_stats(args.save_stats, *ref_stats)
             print(f"wrote {args.save_stats} (statistics of {args.ref})")
         if args.sample:
-            res = sample_metrics(args, ref_stats, sample, feats, weights, process.device)
+            sample_stats = sample.stats if sample.stats is not None else statistics(feats["sample"][0])
+            said += cautions("SAMPLE", sample, sample_stats)
+            res = sample_metrics(args, ref_stats, sample._replace(stats=sample_stats), feats, weights,
+                                 process.device)
+            res["cautions"] = said
             report(args, res)
+        else:
+            print("".join(f"caution: {line}\n" for line in said), end="")
     if process.world > 1:  # no barrier: the other ranks need not wait for rank 0's metrics
         dist.destroy_process_group()
     return res

@@ -170,7 +170,7 @@ def read_cache(cache_dir):
         raise FileNotFoundError(f"{cache_dir!r} is not a latent cache (no meta.json); make one with\n  "
                                 "python encode.py --dataset imagenet --data-path DIR --res 256 --vae sd-ema "
                                 f"--out {cache_dir}")
-    with open(meta_path) as f:
+    with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     if meta.get("format") != CACHE_FORMAT:
         raise ValueError(f"{cache_dir}: latent cache format {meta.get('format')}, this code reads "
@@ -192,7 +192,7 @@ def read_cache(cache_dir):
         raise RuntimeError(f"latent cache {cache_dir} is unfinished ({len(missing)} of {meta['num_shards']} "
                            f"shards missing{'' if os.path.exists(stats_path) else ', no stats.json'}); "
                            "finish it with\n  " + encode_command(meta, cache_dir))
-    with open(stats_path) as f:
+    with open(stats_path, encoding="utf-8") as f:
         return meta, json.load(f)
 
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from data import EVENTS, SKIPPED
+from data import EVENTS, SKIPPED, NoUsableData
 from text import caption_features
 
 
@@ -41,6 +41,15 @@ def ignore_sigint(worker_id):
 
 
 def batches(dataset, args, proc, batch, progress):
+    """batches_in_order(...), where data that holds no usable image ends the run with one line, not a loader
+    worker's traceback."""
+    try:
+        yield from batches_in_order(dataset, args, proc, batch, progress)
+    except NoUsableData as e:  # from a worker: the message is its traceback, whose last line is ours
+        raise SystemExit(str(e).strip().splitlines()[-1].split(f"{NoUsableData.__name__}: ")[-1]) from None
+
+
+def batches_in_order(dataset, args, proc, batch, progress):
     """Yield (epoch, position after it, batch) forever, from where `progress` stands. A streamed dataset
     (webdataset shards) splits itself across ranks and workers; its position is (samples drawn per worker,
     the worker of the next batch) -- different on every rank, so checkpoints keep one per rank."""

@@ -18,10 +18,9 @@ interleaved. The files themselves (atomic writes, checksums, safe loading) are c
 """
 import dataclasses
 import json
+import math
 import os
-import re
 import signal
-import socket
 import time
 from typing import NamedTuple
 
@@ -34,13 +33,18 @@ from checkpoint import (
     CONFIG_VERSION,
     WriteFailed,
     atomic_write,
+    checkpoint_step,
     checkpoints_in,
     find_checkpoint,
     load_weights,
+    non_finite_tensor,
+    run_number,
     stored_args,
     write_checkpoint,
     write_failure,
+    write_remedy,
 )
+from checks import OwnerLock
 from conditioning import parse_gate
 from data import setup_distributed
 
@@ -65,7 +69,7 @@ EXACT_RESUME_FLAGS = ("batch", "seed", "shapes_size", "size_corr", "grad_accum",
 # Flags a resume may change without a word: where things go, how often the loop reports, what it samples at
 # the end. The rest is either compared by config_mismatch or named when it differs.
 FREE_ON_RESUME = ("resume", "out", "print_config", "sources", "recipe", "log_every", "ckpt_every",
-                  "sample_every", "keep", "eval_per_class", "workers", "steps")
+                  "sample_every", "keep", "eval_per_class", "workers", "steps", "accept_data_change")
 
 
 class Resumed(NamedTuple):
@@ -111,6 +115,12 @@ def comparable_fact(key, value):
     return os.path.abspath(value) if key == "data_path" and value else value
 
 
+# what a resume on other data is told (config_mismatch)
+DATA_CHANGED = ("data_fingerprint: the training data changed since the checkpoint (a file added, removed, "
+                "renamed or changed, or a caption): resume on the same data, or give --accept-data-change to "
+                "go on with this data")
+
+
 def config_mismatch(saved, args, facts):
     """Human-readable list of the settings that differ between a checkpoint (its stored `args` and `facts`)
     and this run."""
@@ -120,11 +130,17 @@ def config_mismatch(saved, args, facts):
            for k in keys
            if comparable_setting(k, saved["args"].get(k)) != comparable_setting(k, getattr(args, k))]
     now, was = dataclasses.asdict(facts), saved["facts"]
-    return bad + [f"{k}: checkpoint {was.get(k)!r} vs now {v!r}"
-                  for k, v in now.items()
-                  if comparable_fact(k, was.get(k)) != comparable_fact(k, v)
-                  # a fact added since the checkpoint's schema was not recorded: not compared
-                  and not (k in ADDED_FACTS and was.get(k) == ADDED_FACTS[k])]
+    differ = [k for k, v in now.items()
+              if comparable_fact(k, was.get(k)) != comparable_fact(k, v)
+              # a fact added since the checkpoint's schema was not recorded: not compared
+              and not (k in ADDED_FACTS and was.get(k) == ADDED_FACTS[k])]
+    if "data_fingerprint" in differ and getattr(args, "accept_data_change", False):
+        differ.remove("data_fingerprint")
+        print(f"resume: the training data differs from the checkpoint's (fingerprint "
+              f"{was['data_fingerprint']} -> {now['data_fingerprint']}); going on, as --accept-data-change "
+              "says", flush=True)
+    return bad + [DATA_CHANGED if k == "data_fingerprint" else
+                  f"{k}: checkpoint {was.get(k)!r} vs now {now[k]!r}" for k in differ]
 
 
 def check_resume(args, facts, resumed, lr_at, rank=0):
@@ -146,11 +162,14 @@ def check_resume(args, facts, resumed, lr_at, rank=0):
                          "for no more: the run is finished. To train on, start a new run from it: "
                          f"--init-from {path} --steps N (a schedule of its own)")
     if args.steps != saved["steps"] and "cosine" in (args.decay, saved["decay"]):
-        was, now = lr_at(step, stored_args(saved)), lr_at(step, args)
+        old = stored_args(saved)
+        # the first step from here at which the two schedules part (in the warm-up they agree)
+        apart = next(s for s in range(step, max(args.steps, saved["steps"]) + 1)
+                     if lr_at(s, old) != lr_at(s, args))
         raise SystemExit(f"--resume {path}: --steps {args.steps}, but the run's cosine schedule is laid over "
-                         f"--steps {saved['steps']}: the learning rate would jump from {was:.3g} to "
-                         f"{now:.3g} at step {step}. Resume with --steps {saved['steps']}, or train longer "
-                         f"in a new run: --init-from {path} --steps N")
+                         f"--steps {saved['steps']}: from step {apart} the learning rate would be "
+                         f"{lr_at(apart, args):.3g} instead of {lr_at(apart, old):.3g}. Resume with --steps "
+                         f"{saved['steps']}, or train longer in a new run: --init-from {path} --steps N")
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
                if k in saved and k not in FREE_ON_RESUME
                and comparable_setting(k, saved[k]) != comparable_setting(k, v)]
@@ -167,51 +186,28 @@ def check_resume(args, facts, resumed, lr_at, rank=0):
 
 
 class RunLock:
-    """The run folder's owner: an exclusive advisory lock (fcntl.flock) on RUN/.lock, taken before the process
-    touches anything in the folder and held until it ends; the OS releases it when the process dies, however
-    it dies, so a killed job never blocks its own restart. A second process on the same folder -- a requeued
-    job while the old one still runs, two `--resume auto` -- is refused with the holder's pid, host and start
-    time. Advisory: it binds processes of this code; on NFS it holds within one host only."""
+    """The run folder's owner: checks.OwnerLock on RUN/.lock, taken before the process touches anything in
+    the folder and held until it ends. A second process on the same folder -- a requeued job while the old
+    one still runs, two `--resume auto` -- is refused with the holder's pid, host and start time."""
 
     def __init__(self, run_dir):
-        self.path, self.file = os.path.join(run_dir, ".lock"), None
-        try:
-            import fcntl
-        except ImportError:  # not on POSIX: no lock, and we say so
-            print(f"warning: no file locking on this system; nothing stops a second process on {run_dir}")
-            return
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "a process that has not written its name yet"
-            f.close()
-            raise SystemExit(f"{run_dir} is in use by another training process ({holder}): two processes on "
-                             "one run folder would overwrite each other's checkpoints and log. Wait for it "
-                             "to end or stop it (a killed process frees the folder at once), or train into "
-                             "another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        self.file = f
+        self.lock = OwnerLock(os.path.join(run_dir, ".lock"), lambda holder: (
+            f"{run_dir} is in use by another training process ({holder}): two processes on one run folder "
+            "would overwrite each other's checkpoints and log. Wait for it to end or stop it (a killed "
+            "process frees the folder at once), or train into another --out"))
+        refused = self.lock.take()
+        if refused:
+            raise SystemExit(refused)
 
     def release(self):
-        if self.file is not None:
-            import fcntl
-
-            # unlocked first: the loader workers forked while it was held share the lock until they exit
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
+        self.lock.release()
 
 
 def next_run_number(out):
     """One more than the highest number of a run folder under `out` (NNN-...), 0 for none: a stray file or
     folder of another name does not shift the numbering."""
-    numbers = [int(m.group(1)) for name in os.listdir(out) if (m := re.match(r"(\d+)-", name))]
-    return max(numbers, default=-1) + 1
+    numbers = [run_number(name) for name in os.listdir(out)]
+    return max((n for n in numbers if n is not None), default=-1) + 1
 
 
 def new_run_dir(args, rank, world):
@@ -239,7 +235,7 @@ def refuse_newer(run_dir, resumed, lock):
     """--resume auto (or a folder) chose the newest checkpoint when this process started; a checkpoint that
     appeared since was written by a process that held the folder until now (a requeued job's predecessor,
     stopped by the scheduler while this one started). Resuming the older one would abandon it: refused."""
-    later = [f for f in checkpoints_in(run_dir) if os.path.basename(f) > os.path.basename(resumed.path)]
+    later = [f for f in checkpoints_in(run_dir) if checkpoint_step(f) > checkpoint_step(resumed.path)]
     newer = [f for f in later if os.stat(f).st_ctime >= resumed.chosen_at]  # a rename sets ctime
     if newer:
         lock.release()
@@ -251,7 +247,8 @@ def set_aside_later(ckpt_path):
     """Resuming an older checkpoint abandons the later ones: move them to abandoned/, out of the way of
     --resume auto and of pruning."""
     run_dir = os.path.dirname(os.path.abspath(ckpt_path))
-    later = [f for f in checkpoints_in(run_dir) if os.path.basename(f) > os.path.basename(ckpt_path)]
+    step = checkpoint_step(ckpt_path)
+    later = [f for f in checkpoints_in(run_dir) if step is not None and checkpoint_step(f) > step]
     if later:
         os.makedirs(os.path.join(run_dir, "abandoned"), exist_ok=True)
         for f in later:
@@ -266,7 +263,7 @@ def rewind_log(run_dir, step):
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         # a last line cut short by a kill lacks its newline
         lines = [line if line.endswith("\n") else line + "\n" for line in f]
 
@@ -279,7 +276,7 @@ def rewind_log(run_dir, step):
     if not later:
         return
     os.makedirs(os.path.join(run_dir, "abandoned"), exist_ok=True)
-    with open(os.path.join(run_dir, "abandoned", f"log-after-{step:07d}.jsonl"), "a") as f:
+    with open(os.path.join(run_dir, "abandoned", f"log-after-{step:07d}.jsonl"), "a", encoding="utf-8") as f:
         f.writelines(later)
     atomic_write(path, lambda f: f.write("".join(keep).encode()))
     print(f"resume: {len(later)} log line(s) after step {step} moved to abandoned/")
@@ -386,7 +383,8 @@ class Run:
     def __init__(self, run_dir, lock, proc, resumed=None):
         self.dir, self.lock, self.proc, self.resumed = run_dir, lock, proc, resumed
         self.last_ckpt = resumed.path if resumed is not None else None
-        self.log_file = open(os.path.join(run_dir, "log.jsonl"), "a") if proc.rank == 0 else None
+        log_path = os.path.join(run_dir, "log.jsonl")
+        self.log_file = open(log_path, "a", encoding="utf-8") if proc.rank == 0 else None
         self.preemption = Preemption()
 
     def close(self):
@@ -403,12 +401,15 @@ class Run:
         """One line of log.jsonl (rank 0; the other ranks write nothing)."""
         if self.log_file is None:
             return
+        # strict JSON: a value that is not a finite number (a window of skipped steps has no mean loss): null
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         try:
-            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.write(json.dumps(record, allow_nan=False) + "\n")
             self.log_file.flush()
         except OSError as e:
-            raise WriteFailed(f"{write_failure(self.log_file.name, e)}. The last checkpoint holds the run: "
-                              f"free space, then --resume {self.dir}") from None
+            name = self.log_file.name
+            raise WriteFailed(f"{write_failure(name, e)}; {write_remedy(name, e)}. The last checkpoint holds "
+                              f"the run: then --resume {self.dir}") from None
 
     def check_replicas(self, model, step):
         """DDP must keep the replicas identical; check it rather than trust it, and log the answer."""
@@ -461,13 +462,20 @@ class Run:
     def start(self, state, progress):
         """Continue where the resumed checkpoint stopped (restore), or leave the fresh state as it is."""
         if self.resumed is not None:
-            restore(self.resumed.ckpt, state, progress, self.proc)
+            restore(self.resumed.ckpt, state, progress, self.proc, self.resumed.path)
 
     def save(self, state, progress, args, facts):
         """Gather every rank's noise stream, CUDA RNG state and data position, write ckpt-STEP.pt from rank 0
         and keep the newest --keep."""
         path = os.path.join(self.dir, f"ckpt-{progress.step:07d}.pt")
         device, world = self.proc.device, self.proc.world
+        # weights a finite gradient still drove to NaN or infinity: no checkpoint to resume into the same fate
+        finite = torch.stack([p.detach().isfinite().all() for p in state.model.parameters()]).all()
+        if not finite:
+            where = (f"the last good checkpoint is {self.last_ckpt}: resume it with a lower --lr"
+                     if self.last_ckpt else "no checkpoint was written before: start again with a lower --lr")
+            raise SystemExit(f"stopping at step {progress.step}: the weights hold NaN or infinite values "
+                             f"(tensor {non_finite_tensor(state.model.state_dict())}); {where}")
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         gens, cuda_rngs, places = [state.gen.get_state()], [cuda_rng], [(progress.epoch, progress.position)]
         if world > 1:
@@ -484,21 +492,22 @@ class Run:
                         torch_rng=torch.get_rng_state(), cuda_rng=cuda_rngs,
                         loss_window=(progress.loss_sum.item(), int(progress.n_acc.item()), progress.n_steps),
                         args=vars(args), facts=dataclasses.asdict(facts), config_version=CONFIG_VERSION)
-            last = self.last_ckpt or "none yet"
-            write_checkpoint(path, ckpt, advice=f"the last good checkpoint is {last}: free space, then "
-                             f"continue with --resume {self.dir}")
+            write_checkpoint(path, ckpt, advice=(
+                f"then continue with --resume {self.dir} (the last good checkpoint is {self.last_ckpt})"
+                if self.last_ckpt else "the run wrote no checkpoint before this one: then run the command "
+                "again (it starts the run anew)"))
             for f in [f for f in checkpoints_in(self.dir) if f != path][args.keep - 1 :]:
                 os.remove(f)
         self.last_ckpt = path
         return path
 
 
-def restore(ckpt, state, progress, proc):
+def restore(ckpt, state, progress, proc, file="--resume"):
     """Continue exactly where a checkpoint stopped: weights, optimizer, step, this rank's data position and
     noise stream, the global RNGs (CPU, and this rank's GPU), the log window a preemption may have cut."""
     rank, device = proc.rank, proc.device
-    load_weights(state.model, ckpt["model"], "--resume")
-    load_weights(state.ema, ckpt["ema"], "--resume")
+    load_weights(state.model, ckpt["model"], file, "model")
+    load_weights(state.ema, ckpt["ema"], file, "EMA")
     state.opt.load_state_dict(ckpt["opt"])
     progress.step, progress.epoch, progress.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
     if progress.streamed:  # a stream keeps one position (and epoch) per rank

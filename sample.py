@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import os
 from typing import NamedTuple
 
@@ -25,12 +24,24 @@ import torch
 
 from build import latent_shape, load_model, make_autoencoder, make_diffusion, sampling_control, use_bf16
 from checkpoint import atomic_write, export_safetensors
-from conditioning import CONTROL_SIGNALS, SIGNAL
+from checks import (
+    IMAGE_TYPES,
+    OutputLock,
+    above,
+    at_least,
+    check_output,
+    end_point,
+    job_tag,
+    number_list,
+    seed,
+)
+from conditioning import CONTROL_SIGNALS, SIGNAL, parse_gate
 from config import check_sampling, run_sampling
-from data import setup_distributed
+from data import read_lines, setup_distributed, text_encoding
 from ddpm import SAMPLERS, SPACINGS
 from diffusion import CFG_SCHEDULES, Draw, Sampling, generate, make_noise
 from latents import latent_geometry, to_uint8
+from model import ROUTES
 from shapes import EvalPlan, class_prompts, evaluate_shapes
 from text import semantic_input
 
@@ -66,9 +77,9 @@ def default_prompts(facts, classes):
 
 
 def class_grid(trained, sampling, path, layout=GridLayout(), progress=False):
-    """Save a PNG grid of `trained`'s samples as `layout` says, drawn as `sampling` (diffusion.Sampling) says.
-    The same noise is reused across rows and control variants, so a change from column to column is caused
-    by the condition alone."""
+    """Save an image grid (of the type `path` ends in) of `trained`'s samples as `layout` says, drawn as
+    `sampling` (diffusion.Sampling) says. The same noise is reused across rows and control variants, so a
+    change from column to column is caused by the condition alone."""
     from torchvision.utils import save_image
     model, args, facts = trained.model, trained.args, trained.facts
     device = next(model.parameters()).device
@@ -99,8 +110,10 @@ def class_grid(trained, sampling, path, layout=GridLayout(), progress=False):
                                 Draw(progress=progress, seeds=[seeds[i] for i in sel.tolist()]))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images = trained.vae.decode(latents)
+    # the image type the name says (checks.IMAGE_TYPES): PIL knows .jpg as JPEG
+    kind = os.path.splitext(path)[1][1:].lower().replace("jpg", "jpeg") or "png"
     atomic_write(path,
-                 lambda f: save_image(images, f, format="png", nrow=len(cols), padding=1, pad_value=1.0))
+                 lambda f: save_image(images, f, format=kind, nrow=len(cols), padding=1, pad_value=1.0))
     model.train(was_training)
     return path
 
@@ -142,14 +155,17 @@ def sample_npz(trained, sampling, path, job, rank=0, world=1):
     says, and their settings to the same path .json.
 
     Sample i starts from the noise of seed `job.seed + i`, and global batch b (samples b * batch ...) is drawn
-    by rank b % world: every image comes out of the same computation whatever the number of ranks (the
-    ancestral sampler's fresh noise is seeded per batch, so it too; a text model's padding noise is seeded
-    per sample, from seed + i). Each rank saves its batches to a part file next to `path` (so `path` must be
+    by rank b % world: every image comes out of the same computation whatever the number of ranks or the batch
+    size (the ancestral sampler's fresh noise and a text model's padding noise are seeded per sample, from
+    seed + i). Each rank saves its batches to a part file next to `path` (so `path` must be
     on a file system every rank sees); rank 0 assembles them in order, holding N x H x W x 3 bytes (10 GB for
     50k at 256 px), writes `path` and its .json atomically (a full disk or a kill leaves the parts, never a
-    partial file under the name), then removes the parts.
+    partial file under the name), then removes the parts. The parts' and the assembled file's temporary names
+    carry the job's tag (job_tag), so that no other job's files are ever read or replaced; that two jobs never
+    write one `path` at all is OutputLock's part.
     """
     from tqdm import tqdm
+    tag = job_tag(rank, world)  # first: every rank takes part in the broadcast before any sampling
     model, vae, args, facts = trained.model, trained.vae, trained.args, trained.facts
     num_samples, batch, seed = job.num_samples, job.batch, job.seed
     device = next(model.parameters()).device
@@ -170,7 +186,7 @@ def sample_npz(trained, sampling, path, job, rank=0, world=1):
                          ctrl, sampling, Draw(batch=batch, seed=seed + start, seeds=seed + idx))
         images.append(to_uint8(vae.decode(x)).permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, 3)
         index.append(idx)
-    part = lambda r: f"{path[:-len('.npz')]}.rank{r}.npz"
+    part = lambda r: f"{path[:-len('.npz')]}.{tag}.rank{r}.npz"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(part(rank), lambda f: np.savez(f, arr_0=np.concatenate(images), index=np.concatenate(index)))
     if world > 1:
@@ -182,6 +198,7 @@ def sample_npz(trained, sampling, path, job, rank=0, world=1):
                 arr[z["index"]] = z["arr_0"]
         settings = dict(job.record or {}, num_samples=num_samples, labels=job.labels, seed=seed, batch=batch,
                         sampler=sampling.method, steps=sampling.steps, spacing=sampling.spacing,
+                        t_min=sampling.t_min if args.objective == "flow" else None,
                         cfg_scale=sampling.scale, cfg_schedule=sampling.schedule, cfg_power=sampling.power,
                         ctrl_scale=sampling.ctrl, interval=list(sampling.interval),
                         control=dict(zip(CONTROL_SIGNALS, job.control.tolist())),
@@ -192,10 +209,11 @@ def sample_npz(trained, sampling, path, job, rank=0, world=1):
         # the samples whole under a temporary name first (a failure leaves an earlier pair as it was), then
         # the pair is swapped: an earlier .json never stays beside these samples
         settings_path = path[:-len(".npz")] + ".json"
-        atomic_write(path + ".new", lambda f: np.savez(f, arr_0=arr, labels=y_all))
+        whole = f"{path}.{tag}.new"
+        atomic_write(whole, lambda f: np.savez(f, arr_0=arr, labels=y_all))
         if os.path.exists(settings_path):
             os.remove(settings_path)
-        os.replace(path + ".new", path)
+        os.replace(whole, path)
         atomic_write(settings_path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
         for r in range(world):
             os.remove(part(r))
@@ -205,35 +223,6 @@ def sample_npz(trained, sampling, path, job, rank=0, world=1):
 #################################################################################
 #                                   CLI                                         #
 #################################################################################
-
-def finite(flag, v):
-    """One number of a flag; anything but a finite number ends the run with what was wrong."""
-    try:
-        x = float(v)
-    except ValueError:
-        x = math.nan
-    if not math.isfinite(x):
-        raise SystemExit(f"{flag}: {v!r} is not a finite number")
-    return x
-
-
-def floats(s, flag):
-    """A flag's comma-separated finite numbers, or None if it is unset."""
-    return [finite(flag, v) for v in s.split(",")] if s else None
-
-
-def ints(s, flag, low=0):
-    """A flag's comma-separated whole numbers (each >= low unless low is None), or None if it is unset."""
-    if not s:
-        return None
-    try:
-        values = [int(v) for v in s.split(",")]
-    except ValueError:
-        raise SystemExit(f"{flag}: {s!r} is not a comma-separated list of whole numbers") from None
-    if low is not None and min(values) < low:
-        raise SystemExit(f"{flag}: every value must be >= {low}, got {s!r}")
-    return values
-
 
 def npz_name(flags, sampling, control, base):
     """--num-samples' default file name: every sampling flag that changes the samples and is not at its
@@ -246,12 +235,11 @@ def npz_name(flags, sampling, control, base):
             name += f"-{signal.replace('_', '')}{control[SIGNAL[signal]].item():g}"
     lo, hi = sampling.interval
     schedule = f"{sampling.schedule}{sampling.power:g}"
-    extras = dict(spacing=flags.spacing, schedule=schedule if sampling.schedule != "constant" else None,
+    extras = dict(spacing=flags.spacing, tmin=None if flags.t_min is None else f"{flags.t_min:g}",
+                  schedule=schedule if sampling.schedule != "constant" else None,
                   ctrl=f"{sampling.ctrl:g}" if sampling.ctrl else None,
                   interval=f"{lo:g}-{hi:g}" if (lo, hi) != (0, 1) else None,
                   labels=flags.labels if flags.labels != "equal" else None, seed=flags.seed or None,
-                  # it seeds the ancestral sampler's noise per batch
-                  batch=flags.batch if flags.batch != 64 else None,
                   precision=flags.precision if flags.precision != "auto" else None, vae=flags.vae)
     return name + "".join(f"-{k}{v}" for k, v in extras.items() if v is not None) + ".npz"
 
@@ -262,13 +250,14 @@ def parse(argv=None):
     flag("--ckpt", required=True, help="checkpoint file (.pt, or a .safetensors export) or run folder")
     flag("--export", default=None, help="write the EMA weights to this .safetensors file, the run's "
          "configuration as JSON in its metadata, and exit: --ckpt and train.py --init-from read it")
-    flag("--out", default=None, help="PNG path (default: <run folder>/grid.png), or the .npz path of "
-         "--num-samples (default: <run folder>/samples-N-cfgS-SAMPLERSTEPS.npz, plus every setting not at "
-         "its default: -flip1-ctrl2)")
+    flag("--out", default=None, help="a grid's image, .png, .jpg, .jpeg or .webp (default: <run "
+         "folder>/grid.png), or the .npz of --num-samples (default: <run "
+         "folder>/samples-N-cfgS-SAMPLERSTEPS.npz, plus every setting not at its default: -flip1-ctrl2)")
     flag("--classes", default=None, help="comma-separated class indices (default: the first 10)")
     flag("--prompt", action="append", default=None, help="text model: a prompt (one grid row); repeat for "
          "more rows")
     flag("--prompts", default=None, help="text model: a file of prompts, one per line")
+    flag("--text-encoding", type=text_encoding, default="utf-8", help="the encoding of the --prompts file")
     flag("--seeds", default="0,1,2,3", help="comma-separated noise seeds, one grid column each")
     flag("--cfg-scale", default=None, help="semantic guidance scale(s), comma-separated (default: the run's "
          "train.py --cfg-scale, which its recipe sets)")
@@ -282,6 +271,8 @@ def parse(argv=None):
          "the run's --cfg-schedule)")
     flag("--cfg-power", type=float, default=None, help="power-cosine's exponent (default: the run's "
          "--cfg-power)")
+    flag("--t-min", type=float, default=None, help="flow: the sampler's end point, the last noise level it "
+         "evaluates (default: the run's train.py --t-min; 0: the grid whose end moves with --steps)")
     flag("--vae", default=None, help="decode with this autoencoder instead of the checkpoint's (e.g. sd-mse "
          "for DiT)")
     flag("--flip", default=None, help="flip values to sweep, e.g. 0,1")
@@ -302,30 +293,40 @@ def parse(argv=None):
 
 
 def check_numbers(flags):
-    """The numbers first: a bad one fails here, not after the model is loaded or deep inside the sampler."""
-    finite("--ctrl-scale", flags.ctrl_scale)
-    if flags.cfg_power is not None and not finite("--cfg-power", flags.cfg_power) > 0:
-        raise SystemExit(f"--cfg-power must be > 0, got {flags.cfg_power}")
-    interval = floats(flags.interval, "--interval")
-    if interval is None or len(interval) != 2:
+    """The numbers and lists first, by the rules train.py's flags meet (config.py): a bad one fails here, not
+    after the model is loaded or deep inside the sampler, and an empty list is refused, never read as the
+    default."""
+    at_least("--ctrl-scale", flags.ctrl_scale, 0, " (0 = no control guidance)")
+    if flags.cfg_power is not None:
+        above("--cfg-power", flags.cfg_power)
+    if flags.t_min is not None:
+        end_point("--t-min", flags.t_min)
+    interval = number_list(flags.interval, "--interval")
+    if len(interval) != 2:
         raise SystemExit(f"--interval: give two numbers LO,HI (guidance applies while LO <= t <= HI), got "
                          f"{flags.interval!r}")
     if not 0 <= interval[0] <= interval[1] <= 1:
         raise SystemExit(f"--interval {flags.interval}: need 0 <= LO <= HI <= 1 (t runs from 1, noise, to 0, "
                          "data)")
-    scales = floats(flags.cfg_scale, "--cfg-scale")
-    if scales and min(scales) < 0:
-        raise SystemExit(f"--cfg-scale {flags.cfg_scale}: a guidance scale is >= 0 (1 = no guidance)")
+    scales = number_list(flags.cfg_scale, "--cfg-scale")
+    for scale in scales or []:
+        at_least("--cfg-scale", scale, 0, " (1 = no guidance)")
     for flag in ("steps", "batch"):
-        if getattr(flags, flag) is not None and getattr(flags, flag) < 1:
-            raise SystemExit(f"--{flag} must be >= 1, got {getattr(flags, flag)}")
+        if getattr(flags, flag) is not None:
+            at_least(f"--{flag}", getattr(flags, flag), 1)
     for flag in ("num_samples", "eval_per_class"):  # 0 = not asked for
-        if getattr(flags, flag) < 0:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(flags, flag)}")
-    if flags.export and not flags.export.endswith(".safetensors"):
-        raise SystemExit(f"--export {flags.export}: writes a .safetensors file; end the path in .safetensors")
-    ints(flags.seeds, "--seeds")
-    ints(flags.classes, "--classes", low=None)  # their range is the model's: checked once it is loaded
+        at_least(f"--{flag.replace('_', '-')}", getattr(flags, flag), 0)
+    seed("--seed", flags.seed)
+    for value in number_list(flags.seeds, "--seeds", whole=True):
+        seed("--seeds", value)
+    number_list(flags.classes, "--classes", whole=True)  # their range is the model's: checked once loaded
+    for flip in number_list(flags.flip, "--flip") or []:
+        if flip not in (0, 1):
+            raise SystemExit(f"--flip must be 0 or 1 (1 = mirrored), got {flip:g}")
+    for size in number_list(flags.orig_size, "--orig-size") or []:
+        above("--orig-size", size)
+    for offset in number_list(flags.crop_offset, "--crop-offset") or []:
+        at_least("--crop-offset", offset, 0)
     return scales, tuple(interval)
 
 
@@ -343,7 +344,7 @@ def plan_of(flags, trained, scales, interval):
     checked against the model's objective before any sampling."""
     args = trained.args
     over = dict(method=flags.sampler, steps=flags.steps, spacing=flags.spacing, schedule=flags.cfg_schedule,
-                power=flags.cfg_power)
+                power=flags.cfg_power, t_min=flags.t_min)
     sampling = run_sampling(args, ctrl=flags.ctrl_scale, interval=interval,
                             **{k: v for k, v in over.items() if v is not None})
     sampling = sampling._replace(scale=(scales or [args.cfg_scale])[0])
@@ -365,19 +366,48 @@ def plan_of(flags, trained, scales, interval):
 def control_sweep(flags, facts):
     """One control vector per combination of --flip, --orig-size and --crop-offset, from the sampling
     default."""
-    flips, sizes = floats(flags.flip, "--flip"), floats(flags.orig_size, "--orig-size")
-    offsets = floats(flags.crop_offset, "--crop-offset")
+    flips, sizes = number_list(flags.flip, "--flip"), number_list(flags.orig_size, "--orig-size")
+    offsets = number_list(flags.crop_offset, "--crop-offset")
     controls = []
     for flip, size, off in itertools.product(flips or [None], sizes or [None], offsets or [None]):
-        c = sampling_control(facts)
+        control = sampling_control(facts)
         if flip is not None:
-            c[SIGNAL["flip"]] = flip
+            control[SIGNAL["flip"]] = flip
         if size is not None:
-            c[SIGNAL["orig_h"]] = c[SIGNAL["orig_w"]] = size
+            control[SIGNAL["orig_h"]] = control[SIGNAL["orig_w"]] = size
         if off is not None:
-            c[SIGNAL["crop_top"]] = c[SIGNAL["crop_left"]] = off
-        controls.append(c)
+            control[SIGNAL["crop_top"]] = control[SIGNAL["crop_left"]] = off
+        controls.append(control)
     return controls
+
+
+# the sweep flag of each control group whose gate a run may have set `off`
+SWEEPS = {"flip": "flip", "size": "orig_size", "crop": "crop_offset"}
+
+
+def untrained_conditions(flags, plan, args):
+    """One line for each condition this call asks for that the model never received in training: a control
+    swept through a group whose gate was off (it never reached the network, so the samples cannot follow
+    it), a mirrored sample from a model never shown a mirrored image, guidance away from a null condition
+    that training never dropped to. The samples are still drawn: these are warnings, not errors."""
+    said = []
+    if ROUTES[args.cond].gated:  # the other routes add the control ungated: their --gate-* do nothing
+        for group, dest in SWEEPS.items():
+            spec, value = getattr(args, f"gate_{group}"), getattr(flags, dest)
+            if value is not None and parse_gate(spec)[0] == "off":
+                said.append(f"--{dest.replace('_', '-')} {value}: this model was trained with --gate-{group} "
+                            f"{spec}, so the {group} control never reached the network and the samples "
+                            "cannot follow it")
+    if 1.0 in (number_list(flags.flip, "--flip") or []) and not args.hflip:
+        said.append("--flip 1: this model was trained with --no-hflip, so it never saw a mirrored image")
+    unguided = [f"{s:g}" for s in plan.scales if s != 1]
+    if unguided and args.p_drop_sem == 0:
+        said.append(f"guidance scale {','.join(unguided)}: this model was trained with --p-drop-sem 0, so "
+                    "the unconditional prediction guidance pushes away from was never trained")
+    if plan.sampling.ctrl and args.p_drop_ctrl == 0:
+        said.append(f"--ctrl-scale {plan.sampling.ctrl:g}: this model was trained with --p-drop-ctrl 0, so "
+                    "the prediction without control that control guidance pushes away from was never trained")
+    return said
 
 
 def read_prompts(flags, trained):
@@ -386,8 +416,11 @@ def read_prompts(flags, trained):
     if flags.prompts:
         if not os.path.isfile(flags.prompts):
             raise SystemExit(f"--prompts {flags.prompts!r}: no such file")
-        with open(flags.prompts) as f:
-            found = [line.strip() for line in f if line.strip()]
+        try:
+            lines = read_lines(flags.prompts, flags.text_encoding, f"--prompts {flags.prompts}")
+        except ValueError as e:  # not in --text-encoding: the file and line named
+            raise SystemExit(str(e)) from None
+        found = [line.strip() for line in lines if line.strip()]
         if not found:
             raise SystemExit(f"--prompts {flags.prompts!r}: the file holds no prompt (one per line)")
         prompts += found
@@ -430,7 +463,7 @@ def eval_mode(flags, trained, plan):
     print(json.dumps(dict(res, cfg_scale=sampling.scale, cfg_schedule=sampling.schedule,
                           ctrl_scale=sampling.ctrl, interval=list(sampling.interval),
                           per_class=flags.eval_per_class, sampler=sampling.method, steps=sampling.steps,
-                          spacing=sampling.spacing)))
+                          spacing=sampling.spacing, t_min=sampling.t_min)))
     return res
 
 
@@ -449,13 +482,12 @@ def npz_mode(flags, trained, plan, rank, world):
     control = plan.controls[0]
     out = flags.out or os.path.join(os.path.dirname(trained.file),
                                     npz_name(flags, plan.sampling, control, sampling_control(facts)))
-    if not out.endswith(".npz"):
-        raise SystemExit(f"--out {out!r}: --num-samples writes an .npz; end the path in .npz")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # fails now, not after the sampling
+    check_output(out, (".npz",), input_files(flags, trained))  # the default name too (main checked --out)
     device = next(trained.model.parameters()).device
     job = NpzJob(flags.num_samples, control, flags.labels, flags.seed, flags.batch,
                  use_bf16(flags.precision, device), record=dict(ckpt=trained.file, ckpt_step=trained.step))
-    sample_npz(trained, plan.sampling, out, job, rank, world)
+    with OutputLock(out, rank=rank, world=world):  # a second writer of `out` is refused before it samples
+        sample_npz(trained, plan.sampling, out, job, rank, world)
     if rank == 0:
         print(f"wrote {out} and its settings {out[: -len('.npz')]}.json")
     if world > 1:
@@ -464,22 +496,40 @@ def npz_mode(flags, trained, plan, rank, world):
 
 
 def grid_mode(flags, trained, plan):
-    """The default: a PNG grid of classes (or prompts) x guidance scales x control variants x seeds."""
+    """The default: an image grid of classes (or prompts) x guidance scales x control variants x seeds."""
     prompts = read_prompts(flags, trained)
-    classes = ints(flags.classes, "--classes", low=None)
+    classes = number_list(flags.classes, "--classes", whole=True)
     if classes and not 0 <= min(classes) <= max(classes) < trained.facts.num_classes:
         raise SystemExit(f"--classes: the model knows classes 0..{trained.facts.num_classes - 1}")
     folder = os.path.dirname(os.path.abspath(flags.ckpt)) if os.path.isfile(flags.ckpt) else flags.ckpt
     out = flags.out or os.path.join(folder, "grid.png")
-    layout = GridLayout(classes, ints(flags.seeds, "--seeds"), plan.controls, plan.scales, prompts or None)
+    check_output(out, IMAGE_TYPES, input_files(flags, trained))  # the default name too (main checked --out)
+    seeds = number_list(flags.seeds, "--seeds", whole=True)
+    layout = GridLayout(classes, seeds, plan.controls, plan.scales, prompts or None)
     class_grid(trained, plan.sampling, out, layout, progress=True)
     print(f"wrote {out}")
     return out
 
 
+def input_files(flags, trained=None):
+    """What this call reads, by flag (an output may be none of them): --ckpt (and the checkpoint file a run
+    folder resolved to) and --prompts."""
+    return {"--ckpt": flags.ckpt, "--ckpt's checkpoint": trained and trained.file, "--prompts": flags.prompts}
+
+
+def check_outputs(flags):
+    """What this call writes, checked before any work by checks.check_output: --export a .safetensors
+    file, --num-samples' --out an .npz, a grid's --out an image (.png, .jpg, .jpeg or .webp)."""
+    if flags.export:
+        check_output(flags.export, (".safetensors",), input_files(flags), "--export")
+    elif flags.out and not flags.eval_per_class:
+        check_output(flags.out, (".npz",) if flags.num_samples else IMAGE_TYPES, input_files(flags))
+
+
 def main(argv=None):
     flags = parse(argv)
     scales, interval = check_numbers(flags)
+    check_outputs(flags)
     rank, world = 0, 1
     if flags.num_samples:  # torchrun: one process per GPU, the local rank picks it
         rank, world, device = setup_distributed()
@@ -489,6 +539,8 @@ def main(argv=None):
     if flags.export:
         return export_mode(flags, trained)
     plan = plan_of(flags, trained, scales, interval)
+    for line in untrained_conditions(flags, plan, trained.args) if rank == 0 else []:
+        print(f"warning: {line}", flush=True)
     facts = trained.facts
     if flags.vae:  # decode with another autoencoder of the same latent layout
         if latent_geometry(flags.vae) != latent_geometry(facts.vae):

@@ -108,10 +108,11 @@ def tar_samples(path):
         yield key, files
 
 
-def sample_caption(files):
-    """A webdataset sample's caption: its .txt, else (missing or empty) the "caption" field of its .json
-    (img2dataset writes both); "" when neither has one."""
-    caption = read_caption(files["txt"]) if "txt" in files else ""
+def sample_caption(files, where, encoding="utf-8"):
+    """A webdataset sample's caption: its .txt (in `encoding`; a ValueError naming `where` if it does not
+    decode), else (missing or empty) the "caption" field of its .json (img2dataset writes both); "" when
+    neither has one."""
+    caption = read_caption(files["txt"], f"{where}.txt", encoding) if "txt" in files else ""
     if caption or "json" not in files:
         return caption
     import json
@@ -143,8 +144,9 @@ class WebDatasetShards(IterableDataset):
     above). Items (image, 0, control, caption) as in data.CaptionFolderDataset; the randomness of a sample's
     crop and flip comes from (seed, epoch, shard, position in the shard), whichever worker reads it.
 
-    A sample with an unreadable image, or an empty or missing caption, is skipped and counted in `events` (one
-    row per loader worker, as in data.ImageFolderDataset); the stream just goes on, so batches stay full. A
+    A sample with an unreadable image, or an empty, missing or undecodable caption (not `text_encoding`), is
+    skipped and counted in `events` (one row per loader worker, as in data.ImageFolderDataset; the first of
+    each kind is printed with its file); the stream just goes on, so batches stay full. A
     shard that breaks off inside a file (a truncated tar) counts one `unreadable` and the rest of it is left
     out (a break inside a header looks to tarfile like the end of the archive: nothing to count).
 
@@ -164,7 +166,7 @@ class WebDatasetShards(IterableDataset):
     num_classes = 1
 
     def __init__(self, path_or_glob, res, seed=0, crop="random", hflip=True, shuffle_buffer=1000, rank=None,
-                 world=None):
+                 world=None, text_encoding="utf-8"):
         self.shards = list_shards(path_or_glob)
         # read now, in the trainer: loader workers have no process group
         self.rank, self.world = data_rank(rank, world)
@@ -172,7 +174,7 @@ class WebDatasetShards(IterableDataset):
             raise ValueError(f"{len(self.shards)} shards cannot feed {self.world} ranks: a rank reads whole "
                              f"shards, so each needs one at least (better: at least ranks x loader workers)")
         self.res, self.seed, self.crop, self.hflip = res, seed, crop, hflip
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.text_encoding = shuffle_buffer, text_encoding
         self.epoch, self.skip, self.first_worker = 0, None, 0
         self._worker, self._drawn = 0, 0  # set in each loader worker as it reads, for collate
         self.events = event_table()
@@ -211,7 +213,11 @@ class WebDatasetShards(IterableDataset):
     def _item(self, k, p, key, files):
         """The item of one sample, or None (counted) when it must be skipped."""
         where = f"{self.shards[k]}:{key}"
-        caption = sample_caption(files)
+        try:
+            caption = sample_caption(files, where, self.text_encoding)
+        except ValueError as e:  # a stream is not stopped for one caption: counted, and the first one said
+            count_event(self.events, "undecodable_caption", str(e))
+            return None
         if not caption:
             why = "an empty .txt" if "txt" in files else "no .txt"
             why += ", no caption in the .json" if "json" in files else ""

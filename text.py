@@ -25,6 +25,21 @@ from conditioning import sinusoidal
 # Hugging Face model types whose checkpoints hold more than the text encoder: load only the encoder half
 HF_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
                "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}
+# The most tokens per prompt any encoder here is asked for: T5's and BERT's 512 positions, the longest
+# context of the encoders a diffusion model is usually paired with (CLIP reads 77). Every token is a context
+# token of each attention call and a row of the caption cache, so a length far beyond it only costs memory
+# (100 000 tokens took ~10 GB before the first step).
+MAX_TEXT_LENGTH = 512
+
+
+def check_text_length(max_length, most=MAX_TEXT_LENGTH, encoder="any encoder here"):
+    """--text-max-length: None (the encoder's default) or a whole number in 1..`most`, the most `encoder`
+    reads."""
+    if max_length is not None and not 1 <= max_length <= most:
+        raise SystemExit(f"--text-max-length must be in 1..{most} (the most tokens {encoder} reads), got "
+                         f"{max_length}; leave it out for the encoder's default (builtin 16, Hugging Face "
+                         f"min(77, its own))")
+    return max_length
 
 
 class BuiltinTextEncoder:
@@ -46,6 +61,7 @@ class BuiltinTextEncoder:
     EMPTY = "<empty>"
 
     def __init__(self, dim=64, max_length=16, device="cpu"):
+        check_text_length(max_length)
         self.dim, self.max_length, self.device = dim, max_length, torch.device(device)
         # scaled down so the word identity dominates, as in a sum of token and position embeddings
         self.pos = 0.5 * sinusoidal(torch.arange(max_length), dim, max_period=100.0)  # (L, d)
@@ -105,12 +121,15 @@ class HFTextEncoder:
             config = transformers.AutoConfig.from_pretrained(path)
             model_cls = getattr(transformers, HF_ENCODERS.get(config.model_type, "AutoModel"))
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            # its own limit is known before its weights load: a length past it fails here, not in the model
+            most = hf_max_tokens(config, self.tokenizer)
+            check_text_length(max_length, most, f"text encoder {name_or_path!r}")
             self.model = model_cls.from_pretrained(path, **{dtype_kw: dtype})
         except (OSError, ValueError) as e:
             raise SystemExit(f"could not load text encoder {name_or_path!r}: {e}") from None
         self.model.to(self.device).eval().requires_grad_(False)
         # 77: CLIP's context, SD's choice
-        self.max_length = max_length or min(77, self.tokenizer.model_max_length)
+        self.max_length = max_length or min(77, most)
         self.dim = self.model.config.hidden_size
 
     @torch.no_grad()
@@ -123,12 +142,23 @@ class HFTextEncoder:
         return out.last_hidden_state.float(), batch["attention_mask"].bool()
 
 
+def hf_max_tokens(config, tokenizer):
+    """The most tokens a Hugging Face encoder reads: its tokenizer's model_max_length or its learned
+    positions (a CLIP checkpoint keeps them in its text_config), whichever are known and fewer. T5's relative
+    positions set none, and a tokenizer that states no limit holds a huge placeholder: then
+    MAX_TEXT_LENGTH."""
+    positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    known = [n for n in (tokenizer.model_max_length, positions) if isinstance(n, int) and 0 < n < 10 ** 6]
+    return min(known + [MAX_TEXT_LENGTH])
+
+
 def load_text_encoder(name_or_path="builtin", device="cpu", max_length=None):
     """`builtin` (no download; 64 channels, 16 tokens) or a Hugging Face model id / local directory (77 tokens
     unless `max_length` says otherwise). Either has encode(list of str) -> (features (B, L, d), mask (B, L))
     and the attributes dim, max_length, name."""
+    check_text_length(max_length)  # 0 is refused here, never read as "the default"
     if name_or_path == "builtin":
-        return BuiltinTextEncoder(max_length=max_length or 16, device=device)
+        return BuiltinTextEncoder(max_length=16 if max_length is None else max_length, device=device)
     return HFTextEncoder(name_or_path, device, max_length)
 
 
@@ -236,7 +266,8 @@ class TextCache:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         state = dict(features=self.features, mask=self.mask, captions=self.captions, encoder=self.encoder,
                      max_length=self.max_length)
-        atomic_write(path, lambda f: torch.save(state, f), advice="free space or give another --out")
+        atomic_write(path, lambda f: torch.save(state, f),
+                     advice="then run the command again (or give another --out)")
         self.path = path
 
     @classmethod

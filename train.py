@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from build import (
     TrainedModel,
     check_sources,
+    imagenet_dir,
     load_autoencoder,
     make_diffusion,
     make_model,
@@ -37,6 +38,7 @@ from build import (
     read_source_facts,
 )
 from checkpoint import atomic_write, init_from, read_init
+from checks import check_output
 from conditioning import drop_flags
 from config import get_args, run_sampling, validate
 from data import image_health
@@ -290,6 +292,9 @@ def main(argv=None):
     args = get_args(argv, description=__doc__)
     validate(args)
     check_sources(args)  # build.py: the data, checkpoints and packages the flags name are on this machine
+    if args.dataset != "shapes":  # run folders inside the data would be read as data (a class, a shard)
+        data = imagenet_dir(args.data_path) if args.dataset == "imagenet" else args.data_path
+        check_output(args.out, "folder", flag="--out", datasets={"--data-path": data})
     proc = setup_process(args)  # run.py, from here to run.close(): the job's processes and the run folder
     resumed = read_resume(args, proc.rank)
     init = read_init(args.init_from) if args.init_from and resumed is None else None  # a new run's weights

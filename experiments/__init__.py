@@ -14,6 +14,7 @@ common.py (runs, records, statistics, tables, plots) and measures.py (what is me
     python -m experiments drift       # at convergence, class <-> size correlated data: routes, gates
     python -m experiments padding-converged   # text padding at the drift budget, 95 % intervals
     python -m experiments samplers    # each sampler at 5 .. 50 network evaluations, flow and DDPM
+    python -m experiments convergence # flow samplers: distance to a fine solve at 5 .. 200 NFE, by end point
     python -m experiments mechanism   # the README's figure of the mechanism, drawn from the code
     python -m experiments all         # routes, gates, padding, transfer, figures, then the results page
     python -m experiments results     # only the results page, from the tables already written

@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from build import SourceFacts, make_diffusion
+from checks import at_least, check_output
 from config import get_args as train_args
 from config import run_sampling, validate
 from latents import latent_geometry
@@ -114,15 +115,15 @@ def get_args(argv=None):
     add("--json", default=None, help="append the result line to this file (default: print it as the last "
         "line)")
     bench, rest = p.parse_known_args(argv)
+    if bench.json:  # before any work: a line appended to a checkpoint or an .npz would spoil it
+        check_output(bench.json, (".jsonl", ".json"), flag="--json")
     args = train_args(rest)
     # The benchmark reads no images: everything else is validated, so that a bad model, res or vae fails as
     # it does in train.py.
     validate(argparse.Namespace(**{**vars(args), "dataset": "shapes", "data_path": None}))
-    for name in ("steps", "max_batch_limit"):
-        if getattr(bench, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(bench, name)}")
-    if bench.warmup < 0 or bench.sample_batch < 0 or bench.peak_size < 0:
-        raise SystemExit("--warmup, --sample-batch and --peak-size must be >= 0")
+    for name, low in (("steps", 1), ("max_batch_limit", 1), ("warmup", 0), ("sample_batch", 0),
+                      ("peak_size", 0)):  # 0: none, or the device's default size
+        at_least(f"--{name.replace('_', '-')}", getattr(bench, name), low)
     return bench, args, source_facts(args)
 
 
@@ -494,7 +495,7 @@ def main(argv=None):
     )
     line = json.dumps(record)
     if bench.json:
-        with open(bench.json, "a") as f:
+        with open(bench.json, "a", encoding="utf-8") as f:
             f.write(line + "\n")
         print(f"result appended to {bench.json}")
     else:

@@ -17,6 +17,7 @@ import torch
 
 from build import SourceFacts, make_model
 from checkpoint import damaged_record, write_checkpoint
+from checks import check_output
 from config import get_args
 
 
@@ -25,6 +26,7 @@ def main(argv=None):
     p.add_argument("--cond", default="adaln", help="the route of the XL/2 model whose shapes are used")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the file is written (and removed)")
     options = p.parse_args(argv)
+    check_output(options.dir, "folder", flag="--dir")
     args = get_args(["--dataset", "imagenet", "--model", "XL/2", "--res", "256", "--cond", options.cond])
     facts = SourceFacts(res=256, vae=args.vae, base_res=256, source_dataset="imagenet", num_classes=1000)
     with torch.device("meta"):

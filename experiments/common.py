@@ -33,17 +33,17 @@ def run(name, argv, out):
     folder = os.path.join(out, name)
     done = os.path.join(folder, "done.json")
     if os.path.exists(done):
-        with open(done) as f:
+        with open(done, encoding="utf-8") as f:
             return json.load(f)["run_dir"]
     t0 = time.time()
     run_dir = train.main(argv + ["--out", folder])
-    with open(done, "w") as f:
+    with open(done, "w", encoding="utf-8") as f:
         json.dump(dict(run_dir=run_dir, wall_s=time.time() - t0, argv=argv, device=device_name()), f)
     return run_dir
 
 
 def run_info(run_dir):
-    with open(os.path.join(os.path.dirname(run_dir), "done.json")) as f:
+    with open(os.path.join(os.path.dirname(run_dir), "done.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -53,7 +53,7 @@ def last_ckpt(run_dir):
 
 def train_losses(run_dir):
     """{step: mean training loss over the --log-every steps before it}."""
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
+    with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
@@ -62,14 +62,15 @@ def measured(run_dir, key, fn):
     path = os.path.join(run_dir, "measurements.json")
     cache = {}
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             cache = json.load(f)
     if key not in cache:
         t0 = time.time()
         cache[key] = dict(fn(), wall_s=time.time() - t0)
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # this process's own: two never write into one file
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(cache, f, indent=1)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     return cache[key]
 
 
@@ -123,7 +124,7 @@ def committed_record(path, key):
     settings."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         record = json.load(f)
     if record["key"] != key:
         raise SystemExit(f"{path} was measured with {record['key']}, not {key}: move it aside to remeasure")
@@ -133,9 +134,10 @@ def committed_record(path, key):
 def commit_record(path, record):
     """Write a run's record atomically (a stopped process leaves the old file or none, never half of one)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # this process's own: two never write into one file
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
     return record
 
 
@@ -201,9 +203,9 @@ def summarise(variants, columns):
 def save_table(options, name, rows, md):
     """NAME.json (the rows) and NAME.md (the table, printed too) under --docs; returns the Markdown."""
     os.makedirs(options.docs, exist_ok=True)
-    with open(os.path.join(options.docs, f"{name}.json"), "w") as f:
+    with open(os.path.join(options.docs, f"{name}.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
-    with open(os.path.join(options.docs, f"{name}.md"), "w") as f:
+    with open(os.path.join(options.docs, f"{name}.md"), "w", encoding="utf-8") as f:
         f.write(md)
     print(md)
     return md

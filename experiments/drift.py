@@ -136,7 +136,7 @@ def committed_seeds(options, flags, corr, scale):
     """--assemble: the seeds whose record at this scale is committed (nothing is trained or measured)."""
     paths = {s: drift_path(options, flags, corr, s) for s in options.seeds}
     def has(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return str(scale) in json.load(f)["ctrl_scales"]
     return [s for s, p in paths.items() if os.path.exists(p) and has(p)]
 

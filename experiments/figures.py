@@ -65,7 +65,7 @@ def figures(options):
     for name in ("routes", "gates", "padding"):
         path = os.path.join(options.docs, f"{name}.json")
         if os.path.exists(path):
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 tables[name] = {r["variant"]: r["per_seed"] for r in json.load(f)}
     routes = tables.get("routes", {})
     pair = {v: routes[v][0]["run_dir"] for v in (ROUTE_LABELS["ours"], ROUTE_LABELS["adaln"]) if v in routes}

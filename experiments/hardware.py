@@ -40,7 +40,7 @@ def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
@@ -169,7 +169,7 @@ def cpu_seconds():
     difference is what other processes took from the cores, which on a shared CPU slows every op (OpenMP
     threads wait on a descheduled sibling) and explains a slow figure."""
     try:
-        with open("/proc/stat") as f:
+        with open("/proc/stat", encoding="utf-8") as f:
             user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
     except (OSError, ValueError):
         return None

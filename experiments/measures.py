@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from build import (
-    ShapesOptions,
     SourceFacts,
+    SourceOptions,
     build_dataset,
     latent_shape,
     load_model,
@@ -117,7 +117,7 @@ def heldout_loss(run_dir, n=256, levels=8, seed=999, weights="model", null=False
     model = make_model(args, facts)
     model.load_state_dict(ckpt[weights])
     model.eval()
-    data = build_dataset("shapes", facts.res, seed=seed, shapes=ShapesOptions(size=n))
+    data = build_dataset("shapes", facts.res, seed=seed, options=SourceOptions(size=n))
     g = torch.Generator().manual_seed(seed)
     total = np.zeros(levels)
     for start in range(0, n, 64):

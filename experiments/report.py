@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from checks import check_output
+
 from . import bench
 from .timed_step import Path, describe
 
@@ -95,7 +97,7 @@ def report(out, rows=ROWS):
     lines += ["", "Each row's command:", ""]
     lines += [f"- {label}: `python -m experiments.bench {' '.join(flags)}`" for label, flags, _ in records]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    with open(out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {out} ({(time.time() - t0) / 60:.1f} min)")
     return out
@@ -104,7 +106,9 @@ def report(out, rows=ROWS):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join("docs", "perf.md"), help="the Markdown page to write")
-    return report(p.parse_args(argv).out)
+    out = p.parse_args(argv).out
+    check_output(out, (".md",))
+    return report(out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ SECTIONS = (("routes", "Conditioning routes", ("size_sweep.png", "loss_routes.pn
             ("drift_gates", "Gate schedules at high rho", ()),
             ("drift_ctrl_scale", "Control guidance at high rho", ("drift_ctrl_scale.png",)),
             ("padding_converged", "Text padding at 2000 steps", ()),
-            ("samplers", "Samplers: steps against quality", ("samplers.png",)))
+            ("samplers", "Samplers: steps against quality", ("samplers.png",)),
+            ("convergence", "Flow samplers: convergence to one answer", ("convergence.png",)))
 
 
 def update_results(options, page=os.path.join("docs", "RESULTS.md")):
@@ -30,18 +31,18 @@ def update_results(options, page=os.path.join("docs", "RESULTS.md")):
         md = os.path.join(options.docs, f"{name}.md")
         if not os.path.exists(md):
             continue
-        with open(md) as f:
+        with open(md, encoding="utf-8") as f:
             parts.append(f"#### {title}\n\n" + f.read().strip() + "\n")
         for png in pngs:
             if os.path.exists(os.path.join(options.docs, png)):
                 rel = os.path.relpath(os.path.join(options.docs, png),
                                       os.path.dirname(os.path.abspath(page)) or ".")
                 parts.append(f"![{png}]({rel})\n")
-    with open(page) as f:
+    with open(page, encoding="utf-8") as f:
         text = f.read()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{page}: no results block ({BEGIN} ... {END}) to replace")
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    with open(page, "w") as f:
+    with open(page, "w", encoding="utf-8") as f:
         f.write(head + BEGIN + "\n" + "\n".join(parts) + END + tail)

@@ -1,17 +1,24 @@
 """
-Steps against quality: the shapes checker's class and flip accuracy of a flow model and a DDPM model, each
-sampled by every sampler of its objective at 5, 10, 20 and 50 network evaluations (NFE), over 3 seeds of
-noise.
+Steps against quality, two studies of the samplers at growing numbers of network evaluations (NFE).
 
-    python -m experiments samplers --shapes-size 10000               # trains both models first (2000 steps)
+    python -m experiments samplers --shapes-size 10000               # trains the DDPM model (2000 steps)
     python -m experiments samplers --shapes-size 10000 --assemble    # the table and figure from the records
+    python -m experiments convergence --per-class 20 [--run RUN]     # the flow samplers, on the default run
 
-The flow model is the default run (`python train.py`: x-prediction, noise shift 3); the DDPM model the same
-recipe with DiT's objective (`--objective ddpm --pred eps --learn-sigma`: eps and a learned variance on the
-linear betas). NFE counts calls of the guided network (each runs the conditional and the unconditional branch
-in one batch): Heun takes 2 per step but one on its last, so its NFE are odd (5, 9, 19, 49). Each (model,
-sampler, NFE, noise seed) cell is a committed record under docs/experiments/samplers_runs/ holding every
-sample's outcome; a cell pools its seeds' samples, with a 95 % bootstrap interval (seeds, then samples).
+`samplers`: the shapes checker's class and flip accuracy of a DDPM model -- the shapes recipe with DiT's
+objective (`--objective ddpm --pred eps --learn-sigma`: eps and a learned variance on the linear betas) --
+sampled by every sampler of its objective at 5, 10, 20 and 50 NFE over 3 seeds of noise, and the distance of
+40 fixed (noise, class) pairs to its ODE's solution. Each (model, sampler, NFE, noise seed) cell is a
+committed record under docs/experiments/samplers_runs/ holding every sample's outcome; a cell pools its seeds'
+samples, with a 95 % bootstrap interval (seeds, then samples).
+
+`convergence`: the flow samplers (Euler, Heun, DPM++ 2M) on the default run's model (`python train.py`:
+x-prediction, noise shift 3) at 5 .. 200 NFE, for several end points t_min (diffusion.time_grid) and the grid
+before the end point was fixed: the distance of the same 40 pairs to a fine solve on the same grid, and the
+checker's class accuracy. Records under docs/experiments/convergence_runs/.
+
+NFE counts calls of the guided network (each runs the conditional and the unconditional branch in one batch):
+Heun takes 2 per step but one on its last, so its NFE are odd (5, 9, 19, 49, 99, 199).
 """
 import os
 import time
@@ -22,28 +29,30 @@ import torch
 from build import load_model, make_diffusion
 from checkpoint import read_checkpoint
 from config import run_sampling
+from diffusion import FLOW_SAMPLERS, T_MIN
 from shapes import EvalPlan, evaluate_shapes
 
 from .common import (
     bootstrap,
     commit_record,
     committed_record,
+    device_name,
     interval,
     last_ckpt,
     pyplot,
+    run,
     save_figure,
     save_table,
     shapes_run,
 )
 
-MODELS = {"flow (default run)": [], "ddpm (DiT's objective)": ["--objective", "ddpm", "--pred", "eps",
-                                                               "--learn-sigma"]}
-SAMPLERS = {"flow (default run)": ("euler", "heun", "dpm++2m"),
-            "ddpm (DiT's objective)": ("ddim", "ddpm", "dpm++2m")}
+# (the flow model, the default run, is measured by `convergence` below, at its fixed end point)
+MODELS = {"ddpm (DiT's objective)": ["--objective", "ddpm", "--pred", "eps", "--learn-sigma"]}
+SAMPLERS = {"ddpm (DiT's objective)": ("ddim", "ddpm", "dpm++2m")}
 NFES = (5, 10, 20, 50)
 # the converged solution of each model's probability-flow ODE, which the deterministic samplers approach: its
 # highest-order sampler at about 200 network evaluations
-REFERENCE = {"flow (default run)": ("heun", 100), "ddpm (DiT's objective)": ("dpm++2m", 200)}
+REFERENCE = {"ddpm (DiT's objective)": ("dpm++2m", 200)}
 ODE_PAIRS = 40  # (noise, class) pairs whose distance to the reference is measured, per noise seed
 
 
@@ -200,4 +209,161 @@ def plot_samplers(path, rows):
             ax.minorticks_off()
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+#################################################################################
+#          The flow samplers' convergence, on the default run's model            #
+#################################################################################
+# python -m experiments convergence --per-class 20 [--run RUN]: each flow sampler's distance to a fine solve
+# on the same grid, at 5 .. 200 NFE, for each end point of T_MINS; the checker's class accuracy beside it.
+
+CONVERGENCE_NFES = (5, 10, 20, 50, 100, 200)
+T_MINS = (0.0, 0.01, 0.02, 0.05)  # 0: the grid before the end point was fixed, whose last level moves
+FINE = ("heun", 500)  # each grid's fine solve (999 network evaluations), which the distances are to
+CHECKED = (0.0, T_MIN)  # the grids whose samples the checker grades at every NFE (and the fine solve: T_MIN)
+
+
+def end_label(t_min):
+    return "moving (before)" if t_min == 0 else f"{t_min:g}"
+
+
+class DefaultModel:
+    """The default run's model (`python train.py`): --run's folder, else trained once into --out; loaded
+    on first need, so that committed records are assembled without it."""
+
+    def __init__(self, options):
+        self.options, self.trained = options, None
+
+    def __call__(self):
+        if self.trained is None:
+            run_dir = self.options.run or run("shapes/train-py", [], self.options.out)
+            self.trained = Trained("flow (default run)", load_model(run_dir, "cpu"), run_dir)
+        return self.trained
+
+
+def grid_distances(options, model, t_min):
+    """The committed record of one end point: the RMS distance (pixels in [-1, 1]) of the ODE_PAIRS pairs
+    (ode_pairs, seed 0) drawn by each flow sampler at each NFE of CONVERGENCE_NFES from the same pairs drawn
+    by FINE on the same grid."""
+    key = dict(model="default run", t_min=t_min, pairs=ODE_PAIRS, cfg_scale=options.cfg_scale,
+               fine=list(FINE), nfes=list(CONVERGENCE_NFES))
+    path = os.path.join(options.docs, "convergence_runs", f"distance-tmin{t_min:g}.json")
+    record = committed_record(path, key)
+    if options.assemble or record is not None:
+        return record
+    t0, trained = time.time(), model()
+    at = lambda method, steps: run_sampling(trained.loaded.args, method=method, steps=steps,
+                                            scale=options.cfg_scale, t_min=t_min)
+    fine = ode_pairs(trained, at(*FINE), 0)
+    rmse = {}
+    for method in FLOW_SAMPLERS:
+        for nfe in CONVERGENCE_NFES:
+            steps, spent = steps_for(method, nfe)
+            x = ode_pairs(trained, at(method, steps), 0)
+            rmse.setdefault(method, {})[spent] = float((x - fine).pow(2).mean().sqrt())
+    return commit_record(path, dict(key=key, rmse=rmse, measure_s=time.time() - t0,
+                                    ckpt_step=read_checkpoint(last_ckpt(trained.run_dir))["step"]))
+
+
+def checker_cell(options, model, t_min, method, nfe):
+    """The committed record of the checker's outcome on every sample of one (end point, sampler, NFE):
+    --per-class seeds per class, each drawn with flip 0 and 1, at guidance --cfg-scale."""
+    steps, spent = (FINE[1], 2 * FINE[1] - 1) if nfe == "fine" else steps_for(method, nfe)
+    key = dict(model="default run", t_min=t_min, sampler=method, sample_steps=steps,
+               per_class=options.per_class, cfg_scale=options.cfg_scale)
+    path = os.path.join(options.docs, "convergence_runs", f"checker-tmin{t_min:g}-{method}-nfe{spent}.json")
+    record = committed_record(path, key)
+    if options.assemble or record is not None:
+        return record
+    t0, trained = time.time(), model()
+    args, facts = trained.loaded.args, trained.loaded.facts
+    sampling = run_sampling(args, method=method, steps=steps, scale=options.cfg_scale, t_min=t_min)
+    res = evaluate_shapes(trained.loaded.model, make_diffusion(args, facts), args, facts,
+                          EvalPlan(options.per_class, sampling, per_sample=True), "cpu")
+    return commit_record(path, dict(key=key, nfe=spent, class_ok=res["per_sample"]["class_ok"],
+                                    flip_ok=res["per_sample"]["flip_ok"], measure_s=time.time() - t0,
+                                    ckpt_step=read_checkpoint(last_ckpt(trained.run_dir))["step"]))
+
+
+def distances_of(rows):
+    return " / ".join(f"{r['rmse']:.4f}" for r in rows)
+
+
+def convergence(options):
+    model = DefaultModel(options)
+    distances = {t: grid_distances(options, model, t) for t in T_MINS}
+    cells = {(t, m, n): checker_cell(options, model, t, m, n)
+             for t in CHECKED for m in FLOW_SAMPLERS for n in CONVERGENCE_NFES}
+    fine = checker_cell(options, model, T_MIN, FINE[0], "fine")
+    rows = []
+    for t, record in distances.items():
+        for m in FLOW_SAMPLERS:
+            for n, (spent, d) in zip(CONVERGENCE_NFES, (record or {}).get("rmse", {}).get(m, {}).items()):
+                cell = cells.get((t, m, n))
+                rows.append(dict(t_min=t, sampler=m, nfe=int(spent), rmse=d,
+                                 class_acc=bootstrap([cell["class_ok"]]) if cell else None,
+                                 flip_acc=bootstrap([cell["flip_ok"]]) if cell else None))
+    if not rows:
+        return None
+    md = ("| end point t_min | sampler | distance to the fine solve at 5 / 10 / 20 / 50 / 100 / 200 NFE | "
+          "class acc at the same NFE |\n|---|---|---|---|\n")
+    for t in T_MINS:
+        for m in FLOW_SAMPLERS:
+            mine = [r for r in rows if r["t_min"] == t and r["sampler"] == m]
+            if not mine:
+                continue
+            acc = [f"{r['class_acc']['mean']:.3f}" for r in mine if r["class_acc"]]
+            name = m + (f" ({' / '.join(str(r['nfe']) for r in mine)} NFE)" if m == "heun" else "")
+            md += (f"| {end_label(t)} | {name} | {distances_of(mine)} | "
+                   f"{' / '.join(acc) if len(acc) == len(mine) else '—'} |\n")
+    fine_acc = bootstrap([fine["class_ok"]]) if fine else None
+    measure_s = sum(r["measure_s"] for r in [*distances.values(), *cells.values(), fine] if r)
+    md += (f"\n`python -m experiments convergence --per-class {options.per_class}`, on the default run's "
+           "model (`python train.py`: shapes, XS/4, x-prediction, shift 3, 2000 steps), guidance "
+           f"{options.cfg_scale:g}. Distance: the RMS pixel difference (values in [-1, 1]) of {ODE_PAIRS} "
+           f"fixed (noise, class) pairs from the same pairs drawn by {FINE[0]} at {FINE[1]} steps "
+           f"({2 * FINE[1] - 1} NFE) on the same grid (the same end point); 'moving (before)' is the grid "
+           "before the end point was fixed (t_min 0: its last level is shift_time(1 / steps)). Class "
+           f"accuracy: the shapes checker on {options.per_class} seeds per class x flip 0 / 1 "
+           f"({options.per_class * 20} samples per cell, random crops); — where not measured. "
+           + (f"The fine solve itself ({FINE[0]}, {FINE[1]} steps, t_min {T_MIN:g}): class accuracy "
+              f"{interval(fine_acc)}. " if fine_acc else "")
+           + f"95 % bootstrap intervals: convergence.json. Measuring took {measure_s / 60:.0f} min on "
+           f"{device_name()}.\n")
+    save_table(options, "convergence", dict(rows=rows, fine_class_acc=fine_acc), md)
+    plot_convergence(os.path.join(options.docs, "convergence.png"), rows, fine_acc)
+    return md
+
+
+def plot_convergence(path, rows, fine_acc):
+    """A panel per flow sampler: the distance to the fine solve against NFE (log-log), a line per end point
+    (the moving one dashed); and the class accuracy against NFE, a line per (sampler, end point) graded."""
+    plt = pyplot()
+    panels = len(FLOW_SAMPLERS) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.0 * panels, 3.6), dpi=100)
+    for ax, method in zip(axes, FLOW_SAMPLERS):
+        for i, t in enumerate(T_MINS):
+            mine = [r for r in rows if r["sampler"] == method and r["t_min"] == t]
+            if mine:
+                ax.plot([r["nfe"] for r in mine], [r["rmse"] for r in mine], marker="o", color=f"C{i}",
+                        ls="--" if t == 0 else "-", label=f"t_min {end_label(t)}")
+        ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", title=method,
+               ylabel="RMS distance to the fine solve")
+    ax = axes[-1]
+    for i, method in enumerate(FLOW_SAMPLERS):
+        for t in CHECKED:
+            mine = [r for r in rows if r["sampler"] == method and r["t_min"] == t and r["class_acc"]]
+            if mine:
+                ax.plot([r["nfe"] for r in mine], [r["class_acc"]["mean"] for r in mine], marker="o",
+                        color=f"C{i}", ls="--" if t == 0 else "-", label=f"{method}, t_min {end_label(t)}")
+    if fine_acc:
+        ax.axhline(fine_acc["mean"], color="k", lw=0.8, label=f"fine solve ({FINE[0]} {FINE[1]})")
+    ax.set(xscale="log", xlabel="network evaluations (NFE)", ylabel="class accuracy", ylim=(0.8, 1.0),
+           title="shapes checker")
+    for ax in axes:
+        ax.set_xticks(CONVERGENCE_NFES, [str(n) for n in CONVERGENCE_NFES])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     return save_figure(fig, path)

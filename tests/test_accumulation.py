@@ -180,7 +180,7 @@ def test_grad_ckpt_changes_neither_loss_nor_gradients():
 def test_bad_grad_accum_fails_fast():
     with pytest.raises(SystemExit, match=r"--batch 16 must be divisible by --grad-accum 3"):
         train.main(TINY + ["--grad-accum", "3"])
-    with pytest.raises(SystemExit, match="--grad-accum must be positive"):
+    with pytest.raises(SystemExit, match="--grad-accum must be >= 1"):
         train.main(TINY + ["--grad-accum", "0"])
     with pytest.raises(SystemExit, match="--grad-ckpt .* --arch unet"):
         train.main(["--arch", "unet", "--model", "XS", "--cond", "xattn", "--grad-ckpt"])

@@ -7,6 +7,8 @@ import torch
 
 from ddpm import DDPM
 from diffusion import (
+    FLOW_SAMPLERS,
+    T_MIN,
     Diffusion,
     Sampling,
     guided_prediction,
@@ -27,6 +29,13 @@ def test_shift_formula():
     assert resolution_shift(1024, 256) == 2.0 and resolution_shift(256, 256) == 1.0
     g = time_grid(10, 2.0)
     assert g[0] == 1 and g[-1] == 0 and torch.all(g[1:] < g[:-1])
+    # the fixed end point: 10 levels from 1 down to t_min (evenly before the shift), then 0
+    assert len(g) == 11 and g[-2] == torch.tensor(T_MIN)
+    u = torch.linspace(1, T_MIN / (2 - T_MIN), 10, dtype=torch.float64)  # shift_time(u[-1], 2) = T_MIN
+    assert torch.allclose(g[:-1].double(), shift_time(u, 2.0), atol=1e-7)
+    # t_min = 0: the grid before the end point was fixed, 11 levels evenly from 1 to 0 (its end moves)
+    assert torch.equal(time_grid(10, 2.0, t_min=0), shift_time(torch.linspace(1, 0, 11, dtype=torch.float64),
+                                                                2.0).float())
 
 
 def test_logit_normal_t():
@@ -219,16 +228,28 @@ def test_flow_dpm_solver_lands_on_the_single_data_point(pred, alpha, steps):
     assert torch.allclose(out, x0, atol=1e-5)
 
 
+def gaussian_solution(z, t_min=T_MIN):
+    """What a flow sampler converges to from pure noise z when it ends at t_min: the data prediction D at
+    t_min on the exact path x(t) = (1 - t) MU + sigma(t) z, sigma(t) = sqrt((1 - t)^2 S^2 + t^2), which is
+    MU + (1 - t) S^2 z / sigma(t) -- the ODE's own end MU + S z at t_min = 0, and about S t_min^2 / (2 S^2)
+    from it otherwise (2.5e-3 of z at 0.05)."""
+    a = 1 - t_min
+    return MU + a * S ** 2 * z / math.sqrt(a ** 2 * S ** 2 + t_min ** 2)
+
+
 def test_dpm_solver_is_second_order_on_gaussian_data():
     """On Gaussian data the sampler's error falls as 1/steps^2: about 4x per doubling (a first-order sampler:
-    2x), below 1e-3 of the exact map's output at 160 flow / 80 DDPM steps."""
+    2x), below 1e-3 of the exact map's output at 160 flow / 80 DDPM steps. (Flow: the exact output at the
+    default end point, gaussian_solution.)"""
     z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     exact = MU + S * z
 
     def error(diff, predict, start, n, method, **kw):
         return ((diff.sample(predict, start.clone(), steps=n, method=method, **kw) - exact) / z).abs().mean()
     flow = Diffusion(pred="x")
-    e40, e80, e160 = (error(flow, gaussian_data_prediction, z, n, "dpm++2m") for n in (40, 80, 160))
+    flow_error = lambda n: ((flow.sample(gaussian_data_prediction, z.clone(), steps=n, method="dpm++2m")
+                             - gaussian_solution(z)) / z).abs().mean()
+    e40, e80, e160 = (flow_error(n) for n in (40, 80, 160))
     assert e160 < 1e-3 and 3.0 < e40 / e80 < 5.0 and 3.0 < e80 / e160 < 5.0
     ddpm = DDPM()
     last = ddpm.chain.alphas_cumprod[-1].float()
@@ -243,6 +264,78 @@ def test_dpm_solver_is_second_order_on_gaussian_data():
     i50, i100, i200 = (error(ddpm, eps, start, n, "ddim", spacing="time") for n in (50, 100, 200))
     assert 1.8 < i50 / i100 < 2.2 and 1.8 < i100 / i200 < 2.2
     assert i200 > 10 * error(ddpm, eps, start, 50, "dpm++2m", spacing="time")
+
+
+def gaussian_velocity(x, t):
+    """Flow, pred v: the exact velocity (x - D) / t of N(MU, S^2) data."""
+    data = gaussian_data_prediction(x, t).double()
+    return ((x.double() - data) / t.double().view(-1, 1, 1, 1)).float()
+
+
+@pytest.mark.parametrize("method", FLOW_SAMPLERS)
+@pytest.mark.parametrize("pred", ["x", "v"])
+@pytest.mark.parametrize("alpha", [1.0, 3.0])
+def test_flow_samplers_never_ask_below_the_end_point(method, pred, alpha):
+    """The fixed end point: a network that is exact above t_min and wrong below it gives the same samples,
+    to the bit, at any step count -- the samplers never evaluate it below t_min and return its data
+    prediction there. (On the grid before the end point was fixed, the last level fell below t_min once the
+    steps were many -- 0.029 at 100 steps and shift 3 -- and the samples took the wrong part.)"""
+    exact = gaussian_data_prediction if pred == "x" else gaussian_velocity
+    seen = []
+
+    def wrong_below(x, t):
+        seen.append(float(t.min()))
+        below = (t.double() < T_MIN * (1 - 1e-6)).view(-1, 1, 1, 1)  # t_min itself, rounded to fp32, is not
+        return torch.where(below, exact(x, t) + 1.0, exact(x, t))
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    diffusion = Diffusion(pred=pred, alpha=alpha)
+    for steps in (2, 5, 40, 200):
+        out = diffusion.sample(wrong_below, z.clone(), steps=steps, method=method)
+        assert torch.equal(out, diffusion.sample(exact, z.clone(), steps=steps, method=method)), steps
+        assert min(seen) == pytest.approx(T_MIN, rel=1e-6)
+    assert not torch.equal(diffusion.sample(wrong_below, z.clone(), steps=200, method=method, t_min=0),
+                           diffusion.sample(exact, z.clone(), steps=200, method=method, t_min=0))
+
+
+def test_generate_passes_the_end_point():
+    """Sampling.t_min reaches the sampler: the smallest network time of a generate call is the record's
+    t_min, and t_min = 0 is the grid whose last level is 1 / steps (shift 1)."""
+    from conftest import model_inputs, perturb, tiny_model
+    from diffusion import generate
+    model = perturb(tiny_model("ours"))
+    x, _, y, c = model_inputs()
+    for t_min, last in ((0.1, 0.1), (0.0, 1 / 4)):
+        times = []
+        probe = lambda x, t, *a, **kw: times.append(float(t.min())) or model(x, t, *a, **kw)
+        generate(probe, Diffusion(), x, y, c, Sampling(steps=4, scale=2.0, t_min=t_min))
+        assert len(times) == 4 and min(times) == pytest.approx(last, rel=1e-6)
+
+
+@pytest.mark.parametrize("pred", ["x", "v"])
+@pytest.mark.parametrize("alpha", [1.0, 3.0])
+def test_flow_samplers_keep_their_order_with_the_end_point(pred, alpha):
+    """On Gaussian data, with the fixed end point (default t_min), against the exact answer there
+    (gaussian_solution): Euler's error halves per doubling of the steps, Heun's and DPM++ 2M's fall about 4x
+    (second order). Measured, unshifted, per doubling: Euler 2.00-2.02 (20 -> 40 -> 80 steps), Heun 3.98-3.99
+    (20 -> 40 -> 80), DPM++ 2M 4.2-4.4 (40 -> 80 -> 160). At shift 3 Heun's error changes sign between 40
+    and 80 steps (ratios 10.3, then 1.45, then 3.0 and 3.5 towards 4), so there each sampler's order is read
+    over a quadrupling of the steps: Euler 4.0, Heun 15 (20 -> 80), DPM++ 2M 15 (40 -> 160)."""
+    z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact = gaussian_solution(z)
+    diffusion = Diffusion(pred=pred, alpha=alpha)
+    predict = gaussian_data_prediction if pred == "x" else gaussian_velocity
+    error = lambda method, n: ((diffusion.sample(predict, z.clone(), steps=n, method=method) - exact)
+                               / z).abs().mean().item()
+    for method, (n, low, high) in {"euler": (20, 1.8, 2.2), "heun": (20, 3.5, 4.5),
+                                       "dpm++2m": (40, 3.5, 5.0)}.items():
+        e = [error(method, n * k) for k in (1, 2, 4)]  # Heun's 20 steps: 39 network evaluations
+        if alpha == 1.0:
+            assert low < e[0] / e[1] < high and low < e[1] / e[2] < high, (method, e)
+        elif method == "euler":
+            assert 3.5 < e[0] / e[2] < 4.5, e
+        else:
+            assert 10 < e[0] / e[2] < 40, (method, e)  # second order: 16; first: 4
+    assert error("euler", 80) < 0.02 and error("heun", 80) < 1e-4 and error("dpm++2m", 160) < 2e-3
 
 
 def test_power_cosine_guidance_is_mdts_schedule():

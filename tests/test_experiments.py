@@ -391,3 +391,37 @@ def test_padding_converged_commits_per_sample_outcomes_with_intervals(tmp_path, 
     assert zero["vs_default"]["lo"] <= 0 <= zero["vs_default"]["hi"]
     assert ("zero − noisy_replicate (default), class + colour acc: 0.000 ["
             in (tmp_path / "docs" / "padding_converged.md").read_text())
+
+
+@pytest.mark.slow
+def test_convergence_measures_each_end_point_against_a_fine_solve_on_its_own_grid(tmp_path, monkeypatch):
+    """experiments convergence on a 2-step run: a record per end point and per graded cell; Heun at the fine
+    solve's own step count is at distance 0 from it (the same grid, the same end point); a rerun with the run
+    folder gone only assembles."""
+    import train
+    run_dir = train.main(["--steps", "2", "--shapes-size", "64", "--eval-per-class", "0", "--sample-every",
+                          "-1", "--out", str(tmp_path / "runs")])
+    monkeypatch.setattr(samplers, "T_MINS", (0.0, 0.05))
+    monkeypatch.setattr(samplers, "CHECKED", (0.0, 0.05))
+    monkeypatch.setattr(samplers, "T_MIN", 0.05)
+    monkeypatch.setattr(samplers, "CONVERGENCE_NFES", (2, 3))
+    monkeypatch.setattr(samplers, "FINE", ("heun", 2))  # 3 network evaluations: Heun's cell at 3 NFE
+    argv = ["convergence", "--per-class", "1", "--run", run_dir, "--docs", str(tmp_path / "docs"),
+            "--results", str(tmp_path / "R.md")]
+    (tmp_path / "R.md").write_text(f"{results.BEGIN}\n{results.END}\n")
+    experiments.main(argv)
+    table = json.loads((tmp_path / "docs" / "convergence.json").read_text())
+    rows = {(r["t_min"], r["sampler"], r["nfe"]): r for r in table["rows"]}
+    assert sorted({k[0] for k in rows}) == [0.0, 0.05] and len(rows) == 2 * 3 * 2
+    for (t_min, method, nfe), r in rows.items():
+        assert (r["rmse"] == 0) == (method == "heun" and nfe == 3), (t_min, method, nfe, r["rmse"])
+        assert 0 <= r["class_acc"]["lo"] <= r["class_acc"]["mean"] <= r["class_acc"]["hi"] <= 1
+    assert 0 <= table["fine_class_acc"]["mean"] <= 1
+    # a distance record per end point, a checker record per graded cell (the fine solve's is Heun's at 3 NFE)
+    assert len(os.listdir(tmp_path / "docs" / "convergence_runs")) == 2 + 2 * 3 * 2
+    assert Image.open(tmp_path / "docs" / "convergence.png").size[0] > 300
+    assert "#### Flow samplers: convergence" in (tmp_path / "R.md").read_text()
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    experiments.main(argv)  # the committed records are enough: no model is loaded
+    assert json.loads((tmp_path / "docs" / "convergence.json").read_text()) == table

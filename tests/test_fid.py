@@ -4,6 +4,7 @@ recall on cases with a known answer, and bad input that says what to fix. Random
 downloads."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -321,3 +322,91 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path, capsys):
     except ImportError:
         with pytest.raises(SystemExit, match="pip install transformers"):
             fid.clip_score([], [], "clip")
+
+
+#################################################################################
+#          FID you can trust: weak numbers said, impossible ones refused        #
+#################################################################################
+
+
+def image_npz(path, n, size, seed=0):
+    """An ADM-style .npz of n random uint8 images of size x size px."""
+    rng = np.random.default_rng(seed)
+    np.savez(path, arr_0=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+    return str(path)
+
+
+def test_fid_over_fewer_images_than_feature_dimensions_says_so_next_to_the_number(weights, tmp_path, capsys):
+    """3 images of 32 px: the covariance is singular, which the ADM suite / pytorch-fid / clean-fid print a
+    warning for and still score; so does fid.py, under the number and in the result JSON."""
+    ref, sample = image_npz(tmp_path / "ref.npz", 3, 32), image_npz(tmp_path / "sample.npz", 3, 32, seed=1)
+    out = str(tmp_path / "metrics.json")
+    res = fid.main([ref, sample, "--inception", weights, "--workers", "0", "--out", out])
+    printed = capsys.readouterr().out.splitlines()
+    few = "has 3 images, fewer than the 2048 feature dimensions: its covariance is singular and FID is biased"
+    assert printed[0].startswith("fid ") and np.isfinite(res["fid"])
+    assert printed[1] == f"caution: REF {few}" + printed[1].split("biased", 1)[1]
+    assert printed[2].startswith(f"caution: SAMPLE {few}")
+    assert not any("px" in line for line in printed)  # 32 px is not too small
+    with open(out) as f:
+        assert json.load(f)["cautions"] == res["cautions"] == [p[len("caution: "):] for p in printed[1:3]]
+
+
+def test_stored_statistics_of_few_images_say_so(tmp_path, capsys):
+    """A statistics file says nothing of its image count; the rank of its covariance does."""
+    rng = np.random.default_rng(6)
+    low, _ = random_cov(rng, 96, n=20)  # rank 19
+    full, _ = random_cov(rng, 96)
+    np.savez(tmp_path / "low.npz", mu=np.zeros(96), sigma=low)
+    np.savez(tmp_path / "full.npz", mu=np.zeros(96), sigma=full)
+    res = fid.main([str(tmp_path / "full.npz"), str(tmp_path / "low.npz")])
+    assert res["cautions"] == ["SAMPLE's stored covariance has rank 19 of 96: it comes from fewer images "
+                               "than feature dimensions, so FID is biased upward; compare FIDs only over "
+                               "equal counts (50 000 is the usual one)"]
+    assert "caution: SAMPLE's stored covariance has rank 19 of 96" in capsys.readouterr().out
+    assert fid.main([str(tmp_path / "full.npz"), str(tmp_path / "full.npz")])["cautions"] == []
+
+
+def test_fid_over_images_far_smaller_than_inceptions_input_says_so(weights, tmp_path, capsys):
+    ref = image_npz(tmp_path / "tiny.npz", 3, 1)  # 1 x 1 px: each image is one colour after the resize
+    res = fid.main([ref, ref, "--inception", weights, "--workers", "0"])
+    tiny = [line for line in res["cautions"] if "px" in line]
+    assert [line.split(":")[0] for line in tiny] == [
+        f"{side} has images of 1 x 1 px, upsampled 299x to Inception's 299 x 299"
+        for side in ("REF", "SAMPLE")]
+    assert "below 32 px" in tiny[0] and "caution: SAMPLE has images of 1 x 1 px" in capsys.readouterr().out
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.new("RGB", (40, 12)).save(folder / "a.png")  # a folder: the smallest side of any file counts
+    Image.new("RGB", (64, 64)).save(folder / "b.png")
+    assert fid.open_input(str(folder)).images.smallest_size() == (12, 40)
+
+
+def test_statistics_that_are_no_covariance_are_refused(tmp_path):
+    """What cannot give an FID at all is refused, naming the file (the reference tools raise when sqrtm's
+    imaginary part passes 1e-3); a float32 covariance of few images, rounding and all, still loads."""
+    rng = np.random.default_rng(7)
+    sigma, _ = random_cov(rng, 64, n=20)
+    cases = {"nan": (np.full(64, np.nan), sigma, "mu / sigma hold NaN or inf"),
+             "asymmetric": (np.zeros(64), sigma + np.triu(np.ones((64, 64)), 1), "sigma is not symmetric"),
+             "negative": (np.zeros(64), sigma - 2 * np.eye(64) * np.diagonal(sigma).max(),
+                          "so it is not a covariance and no FID can be computed")}
+    for name, (mu, s, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=s)
+        with pytest.raises(SystemExit, match=f"{name}.npz: .*{re.escape(message)}.*--save-stats"):
+            fid.open_input(str(tmp_path / f"{name}.npz"))
+    np.savez(tmp_path / "f32.npz", mu=np.zeros(64, np.float32), sigma=sigma.astype(np.float32))
+    assert fid.open_input(str(tmp_path / "f32.npz")).stats is not None
+    with pytest.raises(SystemExit, match="Inception features hold NaN or inf.*--inception"):
+        fid.statistics(np.full((3, 4), np.nan, np.float32))
+
+
+def test_is_splits_and_pr_k_are_checked_against_the_images_before_any_feature(tmp_path, monkeypatch):
+    npz = image_npz(tmp_path / "three.npz", 3, 8)
+    monkeypatch.setattr(fid, "inception_features", lambda *a: pytest.fail("features computed first"))
+    with pytest.raises(SystemExit, match="Inception Score with 10 splits needs at least 10 images, got 3 in "
+                                         "SAMPLE; give --splits 3 or fewer"):
+        fid.main([npz, npz, "--is"])
+    with pytest.raises(SystemExit, match=r"precision / recall with k = 3 need more than 3 images on each "
+                                         r"side, got 3 \(REF\) and 3 \(SAMPLE\)"):
+        fid.main([npz, npz, "--pr"])

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 # lowest first; a file imports only files of the layers before its own
 LAYERS = [
-    ["conditioning"],  # the paper's mechanism
+    ["conditioning", "checks"],  # the paper's mechanism; what a command line's values must be
     ["model", "diffusion", "data"],  # the denoiser and its routes, the flow objective, a training example
     ["mdt", "unet", "ddpm", "latents", "shards"],  # baselines, DDPM, the autoencoder, webdataset shards
     ["checkpoint"], ["text"], ["shapes", "loader"],  # loader: a run's data order, a batch to the model

@@ -11,7 +11,7 @@ import torch
 
 from conditioning import make_control
 from ddpm import Chain, ddpm_betas
-from diffusion import time_grid
+from diffusion import T_MIN, shift_time, time_grid
 from model import build_model, sincos_2d
 
 diffusers = pytest.importorskip("diffusers")
@@ -198,18 +198,24 @@ def test_xattn_route_equals_diffusers_pixart_transformer():
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_shift_equals_flow_match_euler_scheduler(shift):
     """SD3's shift of a sigma grid is ours, value for value: given our unshifted levels as its sigmas,
-    diffusers' scheduler shifts them to our time grid. The default grids differ by design: diffusers spaces N
-    sigmas from 1 to its smallest training sigma (1/1000 unshifted) and appends 0; ours spaces N + 1 levels
-    evenly from 1 to 0, so its last level before data is t = 1/N (0.02 at 50 steps), before the shift."""
+    diffusers' scheduler shifts them to our time grid (here the grid before the fixed end point, t_min = 0:
+    N + 1 levels evenly from 1 to 0, whose last level before data is t = 1/N before the shift). Its default
+    grid is ours with a fixed end point: N levels evenly (before the shift) from 1 down to a level that does
+    not depend on N -- its smallest training sigma, the shifted t = 0.001, shifted once more (0.001 at shift
+    1, 0.0089 at shift 3) -- then 0."""
     n = 50
-    ours = time_grid(n, shift)
+    ours = time_grid(n, shift, t_min=0)
     ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
     ref.set_timesteps(sigmas=torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1].tolist())
     assert len(ref.sigmas) == len(ours) == n + 1
     assert (ours - ref.sigmas).abs().max() < 1e-6
-    default = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
-    default.set_timesteps(n)
-    assert abs(default.sigmas[-2].item() - 1e-3) < 1e-6 and abs(time_grid(n)[-2].item() - 1 / n) < 1e-7
+    assert abs(time_grid(n, t_min=0)[-2].item() - 1 / n) < 1e-7
+    for steps in (10, 50):
+        default = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+        default.set_timesteps(steps)
+        end = float(default.sigmas[-2])
+        assert end == pytest.approx(shift_time(shift_time(1e-3, shift), shift), rel=1e-6)
+        assert (time_grid(steps, shift, t_min=end) - default.sigmas).abs().max() < 1e-6
     assert float(default.sigmas[-1]) == float(ours[-1]) == 0.0
 
 
@@ -326,17 +332,19 @@ def flow_data(x, t):
             + 0.05 * torch.tanh(x.double())).float()
 
 
+@pytest.mark.parametrize("t_min", [0.0, T_MIN])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("steps", [1, 2, 5, 20, 50])
-def test_flow_dpm_solver_equals_diffusers_in_sd3s_variables(shift, steps):
+def test_flow_dpm_solver_equals_diffusers_in_sd3s_variables(shift, steps, t_min):
     """Our flow DPM++ 2M is SD3's reference sampler (sd3.5 sd3_impls.py sample_dpmpp_2m: lambda = -log t on
     x itself). That is diffusers' DPMSolverMultistepScheduler in its variance-preserving form with Karras
     sigmas equal to our t grid, after the change of variables x_vp = x / sqrt(1 + t^2) (where its alpha_t =
     1 / sqrt(1 + t^2) and lambda = -log t): fed the same data prediction, every step agrees. (diffusers' own
     flow setting, use_flow_sigmas, takes lambda = log((1 - t) / t) instead: another second-order method, not
-    SD3's.)"""
+    SD3's.) On the grid the test was written for (t_min = 0, the end moving with the steps) and on the
+    default one, with the fixed end point."""
     from diffusion import Diffusion, time_grid
-    ts = time_grid(steps, shift).double()
+    ts = time_grid(steps, shift, t_min=t_min).double()
     ref = dpm_scheduler(prediction_type="sample")
     ref.set_timesteps(steps)  # only its count of steps is used: the levels are ours
     ref.sigmas = ts.clone()
@@ -351,7 +359,7 @@ def test_flow_dpm_solver_equals_diffusers_in_sd3s_variables(shift, steps):
     def predict(x, t):
         ours.append(x.double())
         return flow_data(x, t)
-    out = Diffusion(pred="x", alpha=shift).sample(predict, noise, steps=steps, method="dpm++2m")
+    out = Diffusion(pred="x", alpha=shift).sample(predict, noise, steps=steps, method="dpm++2m", t_min=t_min)
     assert len(ours) == len(theirs) == steps
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-5
     assert (out.double() - x * scale(steps)).abs().max() < 1e-5

@@ -4,6 +4,7 @@ stops) cleanly. Faults inside train.py are injected by patching it from here, or
 wrapper script (train_script)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,7 +132,8 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
         proc.kill()
         proc.wait()
     run = only_run(out)
-    assert os.path.getsize(os.path.join(run, "ckpt-0000004.pt.tmp")) > 0  # killed in the middle of that write
+    # killed in the middle of that write, to a temporary file of its own
+    assert os.path.getsize(os.path.join(run, f"ckpt-0000004.pt.{proc.pid}.tmp")) > 0
     for f in checkpoints_in(run):  # the write is atomic: every file under a complete name loads
         torch.load(f, weights_only=False)
     path, state = find_checkpoint(run)
@@ -275,6 +277,24 @@ def test_too_many_broken_files_stop_the_run(tmp_path):
                     "--max-skip-rate", "0.01", "--log-every", "5", "--out", str(tmp_path / "runs")])
 
 
+@pytest.mark.slow
+def test_a_folder_of_only_bad_images_ends_with_one_line_not_a_loader_traceback(tmp_path):
+    """Every file unreadable: the loader workers' exception reaches the training process wrapped in their
+    traceback; the run ends with its message alone."""
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "data" / cls)
+        for i in range(6):
+            (tmp_path / "data" / cls / f"{i}.png").write_text("not an image")
+    cmd = [sys.executable, "train.py", "--dataset", "folder", "--data-path", str(tmp_path / "data"),
+           "--recipe", "small", "--model", "T/4", "--res", "16", "--batch", "4", "--steps", "2",
+           "--workers", "2", "--out", str(tmp_path / "runs")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert re.search(r"item \d+ of .*data and the 49 stand-ins drawn for it are all bad images .*check "
+                     r"--data-path$", done.stderr, re.M), done.stderr[-3000:]
+
+
 # ----------------------------------------------------------------- divergence ---
 
 
@@ -283,7 +303,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(Diffusion, "loss", nan_loss({3}))
     run = train.main(TINY + ["--steps", "6", "--out", str(tmp_path)])
     recs = [r for r in records(run) if "loss" in r]
-    assert recs[-1]["skipped_steps"] == 1 and np.isnan(recs[2]["loss"]) and np.isfinite(recs[3]["loss"])
+    assert recs[-1]["skipped_steps"] == 1 and recs[2]["loss"] is None and np.isfinite(recs[3]["loss"])
     state = torch.load(checkpoints_in(run)[0], weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
@@ -416,9 +436,10 @@ def test_a_resume_refuses_to_bend_the_schedule_or_redo_a_finished_run_and_names_
     run = train.main(TINY + ["--steps", "4", "--ckpt-every", "2", "--keep", "5", "--sample-every", "-1",
                              "--out", str(tmp_path)])
     half = os.path.join(run, "ckpt-0000002.pt")
-    with pytest.raises(SystemExit, match=r"cosine schedule is laid over --steps 4: the learning rate would "
-                       r"jump from .* at step 2\. Resume with --steps 4, or train longer in a new run: "
-                       r"--init-from"):
+    # resumed inside the warm-up (5 steps), where both schedules agree: named is the step where they part
+    with pytest.raises(SystemExit, match=r"cosine schedule is laid over --steps 4: from step 6 the learning "
+                       r"rate would be 0\.00155 instead of 0\.0002\. Resume with --steps 4, or train longer "
+                       r"in a new run: --init-from"):
         train.main(TINY + ["--steps", "8", "--resume", half, "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"at step 4 and --steps 4 asks for no more: the run is finished"):
         train.main(TINY + ["--steps", "4", "--resume", run, "--out", str(tmp_path)])
@@ -447,6 +468,15 @@ def test_a_resume_with_other_data_is_refused(tmp_path):
     more = folder(tmp_path / "one", 10)  # two more images per class in the same folder
     with pytest.raises(SystemExit, match="data_size: checkpoint 16 vs now 20"):
         train.main(flags + ["--data-path", more, "--decay", "constant", "--resume", run])
+    for cls in ("a", "b"):  # back to the 8 images each ...
+        for i in (8, 9):
+            os.remove(tmp_path / "one" / cls / f"{i}.png")
+    # ... but one of them swapped for another picture under the same name: the same names, the same count
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(tmp_path / "one" / "a" / "3.png")
+    with pytest.raises(SystemExit, match="data_fingerprint: the training data changed since the checkpoint"):
+        train.main(flags + ["--data-path", one, "--decay", "constant", "--resume", run])
+    assert train.main(flags + ["--data-path", one, "--decay", "constant", "--resume", run,
+                               "--accept-data-change"]) == run
 
 
 # --------------------------------------------------------- damaged bytes, full disks ---
@@ -486,9 +516,45 @@ def test_a_full_disk_says_which_file_and_what_to_do_and_leaves_nothing_half_writ
     path = str(tmp_path / "ckpt-0000002.pt")
     with pytest.raises(checkpoint.WriteFailed,
                        match=rf"could not write .*ckpt-0000002.pt: {cause}; .* GiB free there\. Nothing "
-                       r"half-written was left; the last good checkpoint is ckpt-0000001.pt"):
+                       r"half-written was left; free space in .* \(or write elsewhere\); the last good "
+                       r"checkpoint is ckpt-0000001.pt"):
         checkpoint.write_checkpoint(path, {}, advice="the last good checkpoint is ckpt-0000001.pt")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("error, cause, remedy", [
+    (OSError(13, "Permission denied"), "permission denied", "make .* writable"),
+    (OSError(30, "Read-only file system"), "read-only file system", "make .* writable"),
+    # torch's short write on a device left with (nearly) nothing free: the full disk is the cause
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1024"),
+     "no space left on the device", "free space in")])
+def test_a_write_that_fails_names_its_own_cause_and_remedy(tmp_path, monkeypatch, error, cause, remedy):
+    """A read-only or unwritable folder is not told to free space; torch's "unexpected pos" on a full device
+    is named as the full device it is."""
+    import checkpoint
+
+    def fails(state, f):
+        raise error
+    monkeypatch.setattr(checkpoint.torch, "save", fails)
+    monkeypatch.setattr(checkpoint, "free_space", lambda path: 0)
+    with pytest.raises(checkpoint.WriteFailed, match=rf": {cause}; 0.0 GiB free there\. Nothing half-written "
+                       rf"was left; {remedy}"):
+        checkpoint.write_checkpoint(str(tmp_path / "ckpt-0000001.pt"), {})
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_first_checkpoint_does_not_advise_a_resume(tmp_path, monkeypatch):
+    """The run has no checkpoint to resume from: the message says to run the command again."""
+    import checkpoint
+
+    def fails(state, f):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", fails)
+    with pytest.raises(SystemExit, match=r"ckpt-0000002.pt: no space left on the device.*free space in .*; "
+                       r"the run wrote no checkpoint before this one: then run the command again") as stop:
+        train.main(TINY + ["--steps", "4", "--ckpt-every", "2", "--sample-every", "-1", "--out",
+                           str(tmp_path)])
+    assert "--resume" not in str(stop.value)
 
 
 @pytest.mark.slow
@@ -504,8 +570,8 @@ def test_a_full_disk_during_training_ends_with_one_line_naming_the_checkpoint_to
         return real(state, f)
     monkeypatch.setattr(checkpoint.torch, "save", second_fails)
     with pytest.raises(SystemExit, match=r"could not write .*ckpt-0000004.pt: no space left on the device.* "
-                       r"the last good checkpoint is .*ckpt-0000002.pt: free space, then continue with "
-                       r"--resume"):
+                       r"free space in .*; then continue with --resume .* \(the last good checkpoint is "
+                       r".*ckpt-0000002.pt\)"):
         train.main(TINY + ["--steps", "6", "--ckpt-every", "2", "--sample-every", "-1", "--out",
                            str(tmp_path)])
     run = only_run(tmp_path)

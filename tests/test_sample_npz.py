@@ -2,6 +2,7 @@
 same file from two ranks as from one."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checks
 import fid
 import sample
 import train
@@ -79,7 +81,8 @@ def test_npz_makes_its_folder_names_its_settings_and_a_failed_write_loses_nothin
     assert os.path.isfile(out) and os.path.isfile(tmp_path / "new" / "deeper" / "s.json")
     args = npz_args(run, "unused", "--ctrl-scale", "1.5", "--interval", "0.20, 1.0")
     named = sample.main(args[:args.index("--out")] + args[args.index("--out") + 2:])  # the default name
-    assert os.path.basename(named) == "samples-7-cfg2-euler2-flip1-ctrl1.5-interval0.2-1-seed5-batch3.npz"
+    # --batch changes no sample (each has its own seeds), so it is not in the name
+    assert os.path.basename(named) == "samples-7-cfg2-euler2-flip1-ctrl1.5-interval0.2-1-seed5.npz"
     os.remove(named)  # keep the run folder as the other tests expect it
     os.remove(named[:-len(".npz")] + ".json")
     # an earlier run's pair under this name
@@ -91,13 +94,15 @@ def test_npz_makes_its_folder_names_its_settings_and_a_failed_write_loses_nothin
             raise OSError(28, "No space left on device")
         real_savez(f, **arrays)
     monkeypatch.setattr(sample.np, "savez", full_disk)
-    with pytest.raises(WriteFailed, match="f.npz.new: no space left on the device.*Nothing half-written"):
+    tag = checks.job_tag()  # this process's: the parts and the assembled file are named for the job
+    with pytest.raises(WriteFailed, match=rf"f\.npz\.{re.escape(tag)}\.new: no space left on the device.*"
+                       "Nothing half-written"):
         sample.main(npz_args(run, tmp_path / "f.npz"))
     with np.load(tmp_path / "f.npz") as z:  # the earlier pair as it was, no partial file beside it
         assert len(z["arr_0"]) == 1
     assert json.loads((tmp_path / "f.json").read_text()) == {"cfg_scale": 9}
     assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".new"))]
-    with np.load(tmp_path / "f.rank0.npz") as z:  # every sample is still on disk
+    with np.load(tmp_path / f"f.{tag}.rank0.npz") as z:  # every sample is still on disk
         assert z["arr_0"].shape == (7, 16, 16, 3) and sorted(z["index"].tolist()) == list(range(7))
 
 

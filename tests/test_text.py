@@ -290,7 +290,8 @@ def test_a_damaged_cache_is_encoded_again_and_a_failed_write_leaves_nothing(tmp_
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(WriteFailed, match=r"could not write .*other.pt: no space left on the device.*Nothing "
-                       r"half-written was left; free space or give another --out"):
+                       r"half-written was left; free space in .*; then run the command again \(or give "
+                       r"another --out\)"):
         cache.save(str(tmp_path / "other.pt"))
     assert sorted(os.listdir(tmp_path)) == ["text.pt"]
 
