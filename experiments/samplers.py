@@ -350,17 +350,18 @@ def plot_convergence(path, rows, fine_acc):
                         ls="--" if t == 0 else "-", label=f"t_min {end_label(t)}")
         ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", title=method,
                ylabel="RMS distance to the fine solve")
-    ax = axes[-1]
+    ax, lowest = axes[-1], 1.0
     for i, method in enumerate(FLOW_SAMPLERS):
         for t in CHECKED:
             mine = [r for r in rows if r["sampler"] == method and r["t_min"] == t and r["class_acc"]]
             if mine:
                 ax.plot([r["nfe"] for r in mine], [r["class_acc"]["mean"] for r in mine], marker="o",
                         color=f"C{i}", ls="--" if t == 0 else "-", label=f"{method}, t_min {end_label(t)}")
+                lowest = min([lowest] + [r["class_acc"]["mean"] for r in mine])
     if fine_acc:
         ax.axhline(fine_acc["mean"], color="k", lw=0.8, label=f"fine solve ({FINE[0]} {FINE[1]})")
-    ax.set(xscale="log", xlabel="network evaluations (NFE)", ylabel="class accuracy", ylim=(0.8, 1.0),
-           title="shapes checker")
+    ax.set(xscale="log", xlabel="network evaluations (NFE)", ylabel="class accuracy",
+           ylim=(max(0.0, lowest - 0.05), 1.0), title="shapes checker")
     for ax in axes:
         ax.set_xticks(CONVERGENCE_NFES, [str(n) for n in CONVERGENCE_NFES])
         ax.minorticks_off()
