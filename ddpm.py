@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from diffusion import Diffusion, Noised, dpm_solver_2m
+from diffusion import Diffusion, Noised, Sampling, dpm_solver_2m
 
 DDPM_PREDS = ("eps",)
 DDPM_SAMPLERS = ("ddim", "ddpm", "dpm++2m")  # the default first
@@ -282,16 +282,17 @@ class DDPM(Diffusion):
         return torch.where(k == 0, nll, kl)
 
     @torch.no_grad()
-    def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None, spacing=None,
-               t_min=None):
-        """From noise to data in `steps` network evaluations; method None is ddim. spacing: which of the 1000
-        steps are visited, the method's own (DEFAULT_SPACING) when None. `generator` feeds the ancestral
-        sampler's fresh noise; the other samplers are deterministic given `noise`. t_min is flow's end point
-        (diffusion.time_grid): the chain ends at its own step 0."""
-        method, step_range = self.sampler_steps(method, steps, progress)
-        spacing = spacing or DEFAULT_SPACING[method]
+    def sample(self, predict, noise, sampling=None, progress=False, generator=None):
+        """From noise to data as `sampling` (a Sampling; None: its defaults) says: its method (None: ddim) in
+        its steps network evaluations; its spacing, which of the 1000 steps are visited, the method's own
+        (DEFAULT_SPACING) when None. `generator` feeds the ancestral sampler's fresh noise; the other samplers
+        are deterministic given `noise`. Its t_min is flow's end point (diffusion.time_grid): the chain ends
+        at its own step 0."""
+        sampling = sampling or Sampling()
+        method, step_range = self.sampler_steps(sampling.method, sampling.steps, progress)
+        spacing = sampling.spacing or DEFAULT_SPACING[method]
         check_spacing(method, spacing)
-        keep = spaced_steps(self.num_steps, steps, spacing, self.chain.alphas_cumprod)
+        keep = spaced_steps(self.num_steps, sampling.steps, spacing, self.chain.alphas_cumprod)
         if method == "dpm++2m":
             return self.dpm_solver(predict, noise, keep, step_range)
         return self.walk_chain(predict, noise, self.chain.respaced(keep), method, step_range, generator)

@@ -193,17 +193,18 @@ class Diffusion:
         return method, step_range
 
     @torch.no_grad()
-    def sample(self, predict, noise, steps=50, method=None, progress=False, generator=None, spacing=None,
-               t_min=T_MIN):
-        """From noise to data in `steps` network evaluations (Heun: about twice as many) along the shifted
-        time grid from 1 to the end point t_min (time_grid), then one step to 0; method None is euler.
+    def sample(self, predict, noise, sampling=None, progress=False, generator=None):
+        """From noise to data as `sampling` (a Sampling; None: its defaults) says: its method (None: euler)
+        in its steps network evaluations (Heun: about twice as many) along the shifted time grid from 1 to its
+        end point t_min (time_grid), then one step to 0; its guidance is `predict`'s, not the sampler's.
         Every flow sampler's last step returns the data prediction at t_min, D(x, t_min): Euler's is
         x - t_min v = D, Heun's is its Euler step, DPM-Solver++'s onto sigma = 0 is D itself. (A v-prediction
         model needs the end point as much as an x-prediction one: its last step too returns D = x - t v at
         the last level evaluated, and without a fixed t_min that level moves with the step count.) Every
-        flow sampler is deterministic given `noise`; `generator` and `spacing` are DDPM's (DDPM.sample)."""
-        method, step_range = self.sampler_steps(method, steps, progress)
-        grid = time_grid(steps, self.alpha, noise.device, t_min)
+        flow sampler is deterministic given `noise`; `generator` and the spacing are DDPM's (DDPM.sample)."""
+        sampling = sampling or Sampling()
+        method, step_range = self.sampler_steps(sampling.method, sampling.steps, progress)
+        grid = time_grid(sampling.steps, self.alpha, noise.device, sampling.t_min)
         time_at = lambda i: grid[i].expand(noise.shape[0])  # the network time of level i, one per sample
         if method == "dpm++2m":
             # The flow ODE dx/dt = (x - D) / t is the probability-flow ODE of alpha = 1, sigma = t, so
@@ -345,6 +346,5 @@ def generate(model, diffusion, noise, y, ctrl, sampling=Sampling(), draw=Draw())
         y_chunk = tuple(v[chunk] for v in y) if isinstance(y, tuple) else y[chunk]  # labels or a prompt
         ctrl_chunk = ctrl[chunk]
         predict = lambda x, t: guided_prediction(model, x, t, y_chunk, ctrl_chunk, sampling)
-        out.append(diffusion.sample(predict, noise[chunk], sampling.steps, sampling.method, draw.progress,
-                                    generators[chunk], sampling.spacing, sampling.t_min))
+        out.append(diffusion.sample(predict, noise[chunk], sampling, draw.progress, generators[chunk]))
     return torch.cat(out)

@@ -17,7 +17,7 @@ from ddpm import (
     normal_kl,
     spaced_steps,
 )
-from diffusion import Diffusion
+from diffusion import Diffusion, Sampling
 
 
 def noise_of(x0, seed):
@@ -91,10 +91,10 @@ def test_ddpm_samplers_land_on_the_single_data_point(method, learn_sigma):
         a = alphas_cumprod[(t * 1000).round().long()].view(-1, 1, 1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         return torch.cat([eps, torch.zeros_like(x)], 1) if learn_sigma else eps
-    out = diff.sample(predict, torch.randn(2, 3, 4, 4), steps=10, method=method, generator=torch.Generator())
+    out = diff.sample(predict, torch.randn(2, 3, 4, 4), Sampling(method, 10), generator=torch.Generator())
     assert torch.allclose(out, x0, atol=1e-3)
     with pytest.raises(ValueError, match="does not fit"):
-        diff.sample(predict, torch.randn(2, 3, 4, 4), steps=10, method="euler")
+        diff.sample(predict, torch.randn(2, 3, 4, 4), Sampling("euler", 10))
 
 
 def test_objective_and_prediction_must_agree(capsys):
@@ -161,7 +161,7 @@ def test_ddpm_dpm_solver_lands_on_the_single_data_point(spacing, steps, learn_si
         alphas_cumprod = diff.chain.alphas_cumprod_at((t.double() * 1000).tolist()).float().view(-1, 1, 1, 1)
         eps = (x - alphas_cumprod.sqrt() * x0) / (1 - alphas_cumprod).sqrt()
         return torch.cat([eps, torch.zeros_like(x)], 1) if learn_sigma else eps
-    out = diff.sample(predict, torch.randn(2, 3, 4, 4), steps=steps, method="dpm++2m", spacing=spacing)
+    out = diff.sample(predict, torch.randn(2, 3, 4, 4), Sampling("dpm++2m", steps, spacing))
     assert torch.allclose(out, x0, atol=1e-4)
 
 
@@ -179,6 +179,6 @@ def test_time_and_logsnr_spacings():
     gaps = log_sigma.diff()
     assert torch.allclose(gaps, gaps.mean().expand_as(gaps), rtol=1e-6)
     with pytest.raises(ValueError, match="fractional steps"):
-        DDPM().sample(lambda x, t: x, torch.zeros(1, 3, 2, 2), steps=5, method="ddim", spacing="logsnr")
+        DDPM().sample(lambda x, t: x, torch.zeros(1, 3, 2, 2), Sampling("ddim", 5, "logsnr"))
     with pytest.raises(ValueError, match="unknown step spacing"):
         spaced_steps(1000, 5, "no-such-spacing")

@@ -84,8 +84,8 @@ def test_flow_samplers_are_exact_on_straight_paths(method, alpha, pred, steps):
     grid passes below t = 0.05, where the training loss's clamp would stop the path short of x0."""
     x0 = torch.randn(2, 3, 4, 4)
     predict = (lambda x, t: x0) if pred == "x" else (lambda x, t: (x - x0) / t.view(-1, 1, 1, 1))
-    out = Diffusion(pred=pred, alpha=alpha).sample(predict, torch.randn(2, 3, 4, 4), steps=steps,
-                                                   method=method)
+    out = Diffusion(pred=pred, alpha=alpha).sample(predict, torch.randn(2, 3, 4, 4),
+                                                   Sampling(method, steps))
     assert torch.allclose(out, x0, atol=1e-4)
 
 
@@ -223,8 +223,8 @@ def test_flow_dpm_solver_lands_on_the_single_data_point(pred, alpha, steps):
     """One data point: D is x0 at every level, and DPM-Solver++ reproduces it in any number of steps."""
     x0 = torch.randn(2, 3, 4, 4)
     predict = (lambda x, t: x0) if pred == "x" else (lambda x, t: (x - x0) / t.view(-1, 1, 1, 1))
-    out = Diffusion(pred=pred, alpha=alpha).sample(predict, torch.randn(2, 3, 4, 4), steps=steps,
-                                                   method="dpm++2m")
+    out = Diffusion(pred=pred, alpha=alpha).sample(predict, torch.randn(2, 3, 4, 4),
+                                                   Sampling("dpm++2m", steps))
     assert torch.allclose(out, x0, atol=1e-5)
 
 
@@ -245,9 +245,9 @@ def test_dpm_solver_is_second_order_on_gaussian_data():
     exact = MU + S * z
 
     def error(diff, predict, start, n, method, **kw):
-        return ((diff.sample(predict, start.clone(), steps=n, method=method, **kw) - exact) / z).abs().mean()
+        return ((diff.sample(predict, start.clone(), Sampling(method, n, **kw)) - exact) / z).abs().mean()
     flow = Diffusion(pred="x")
-    flow_error = lambda n: ((flow.sample(gaussian_data_prediction, z.clone(), steps=n, method="dpm++2m")
+    flow_error = lambda n: ((flow.sample(gaussian_data_prediction, z.clone(), Sampling("dpm++2m", n))
                              - gaussian_solution(z)) / z).abs().mean()
     e40, e80, e160 = (flow_error(n) for n in (40, 80, 160))
     assert e160 < 1e-3 and 3.0 < e40 / e80 < 5.0 and 3.0 < e80 / e160 < 5.0
@@ -290,11 +290,11 @@ def test_flow_samplers_never_ask_below_the_end_point(method, pred, alpha):
     z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     diffusion = Diffusion(pred=pred, alpha=alpha)
     for steps in (2, 5, 40, 200):
-        out = diffusion.sample(wrong_below, z.clone(), steps=steps, method=method)
-        assert torch.equal(out, diffusion.sample(exact, z.clone(), steps=steps, method=method)), steps
+        out = diffusion.sample(wrong_below, z.clone(), Sampling(method, steps))
+        assert torch.equal(out, diffusion.sample(exact, z.clone(), Sampling(method, steps))), steps
         assert min(seen) == pytest.approx(T_MIN, rel=1e-6)
-    assert not torch.equal(diffusion.sample(wrong_below, z.clone(), steps=200, method=method, t_min=0),
-                           diffusion.sample(exact, z.clone(), steps=200, method=method, t_min=0))
+    assert not torch.equal(diffusion.sample(wrong_below, z.clone(), Sampling(method, 200, t_min=0)),
+                           diffusion.sample(exact, z.clone(), Sampling(method, 200, t_min=0)))
 
 
 def test_generate_passes_the_end_point():
@@ -324,7 +324,7 @@ def test_flow_samplers_keep_their_order_with_the_end_point(pred, alpha):
     exact = gaussian_solution(z)
     diffusion = Diffusion(pred=pred, alpha=alpha)
     predict = gaussian_data_prediction if pred == "x" else gaussian_velocity
-    error = lambda method, n: ((diffusion.sample(predict, z.clone(), steps=n, method=method) - exact)
+    error = lambda method, n: ((diffusion.sample(predict, z.clone(), Sampling(method, n)) - exact)
                                / z).abs().mean().item()
     for method, (n, low, high) in {"euler": (20, 1.8, 2.2), "heun": (20, 3.5, 4.5),
                                        "dpm++2m": (40, 3.5, 5.0)}.items():

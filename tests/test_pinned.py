@@ -10,6 +10,7 @@ from test_diffusion import MU, S, gaussian_eps
 
 from checkpoint import CONFIG_VERSION, find_checkpoint
 from ddpm import DDPM
+from diffusion import Sampling
 from run import read_resume
 
 #################################################################################
@@ -31,7 +32,7 @@ def test_ancestral_ddpm_sampler_draws_the_data_distribution_to_first_order():
     start = last.sqrt() * MU + (last * S ** 2 + 1 - last).sqrt() * z
     shortfall = []
     for n in (50, 100, 200):
-        out = ddpm.sample(gaussian_eps(ddpm.chain), start.clone(), steps=n, method="ddpm",
+        out = ddpm.sample(gaussian_eps(ddpm.chain), start.clone(), Sampling("ddpm", n),
                           generator=torch.Generator().manual_seed(n))
         assert abs(out.mean().item() - MU) < 0.005, (n, out.mean())
         shortfall.append(S - out.std().item())

@@ -11,7 +11,7 @@ import torch
 
 from conditioning import make_control
 from ddpm import Chain, ddpm_betas
-from diffusion import T_MIN, shift_time, time_grid
+from diffusion import T_MIN, Sampling, shift_time, time_grid
 from model import build_model, sincos_2d
 
 diffusers = pytest.importorskip("diffusers")
@@ -318,7 +318,7 @@ def test_ddpm_dpm_solver_equals_diffusers_step_by_step(spacing, steps):
         ours.append(x.double())
         k = t.double() * 1000
         return ddpm_eps(x, k.round() if spacing == "logsnr" else k)
-    out = DDPM().sample(predict, noise, steps=steps, method="dpm++2m", spacing=spacing)
+    out = DDPM().sample(predict, noise, Sampling("dpm++2m", steps, spacing))
     assert len(ours) == len(theirs) == steps
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-5
     assert (out.double() - x).abs().max() < 1e-5
@@ -359,7 +359,7 @@ def test_flow_dpm_solver_equals_diffusers_in_sd3s_variables(shift, steps, t_min)
     def predict(x, t):
         ours.append(x.double())
         return flow_data(x, t)
-    out = Diffusion(pred="x", alpha=shift).sample(predict, noise, steps=steps, method="dpm++2m", t_min=t_min)
+    out = Diffusion(pred="x", alpha=shift).sample(predict, noise, Sampling("dpm++2m", steps, t_min=t_min))
     assert len(ours) == len(theirs) == steps
     assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) < 1e-5
     assert (out.double() - x * scale(steps)).abs().max() < 1e-5
