@@ -13,7 +13,7 @@ common.py (runs, records, statistics, tables, plots) and measures.py (what is me
     python -m experiments recipes     # each published recipe (train.py --recipe NAME) on shapes
     python -m experiments drift       # at convergence, class <-> size correlated data: routes, gates
     python -m experiments padding-converged   # text padding at the drift budget, 95 % intervals
-    python -m experiments samplers    # each sampler at 5 .. 50 network evaluations, flow and DDPM
+    python -m experiments samplers    # each DDPM sampler at 5 .. 50 network evaluations
     python -m experiments convergence # flow samplers: distance to a fine solve at 5 .. 200 NFE, by end point
     python -m experiments mechanism   # the README's figure of the mechanism, drawn from the code
     python -m experiments all         # routes, gates, padding, transfer, figures, then the results page
@@ -21,6 +21,7 @@ common.py (runs, records, statistics, tables, plots) and measures.py (what is me
     python -m experiments.bench       # the training step timed (bench.py's own docstring)
     python -m experiments.report      # experiments.bench's GPU rows, written as one page
     python -m experiments.checkpoint_cost   # what the checkpoint checksum costs at XL/2
+    python -m experiments.class_use RUN ...  # by noise level: where a model uses its class, where its loss is
 
 Defaults: seeds 0,1,2 and 800 steps per run (about 6 minutes per run on one CPU thread). Each finished run's
 measurements are a committed record (docs/experiments/*_runs/*.json): a table is assembled from them, and only
