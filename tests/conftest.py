@@ -4,9 +4,12 @@ loss.
 
 `python -m pytest -q -m "not slow" tests` is the fast inner loop (no training runs, subprocesses or torchrun);
 CI runs everything."""
+import io
 import json
 import os
 import sys
+import tarfile
+import time
 
 import numpy as np
 import torch
@@ -86,6 +89,29 @@ def model_inputs(b=3, res=16):
     """(x, t, y, ctrl) for tiny_model: flip alternating over the batch."""
     ctrl = torch.stack([make_control(16, 16, 0, 0, i % 2, res) for i in range(b)])
     return torch.randn(b, 3, res, res), torch.rand(b), torch.randint(0, 10, (b,)), ctrl
+
+
+#################################################################################
+#                    Files and processes the tests make                         #
+#################################################################################
+
+def write_shard(path, samples):
+    """A webdataset .tar shard. samples: (key, {extension: bytes}) in tar order."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def wait_for(predicate, timeout=120):
+    """Poll `predicate` until it is true (for another process's progress); TimeoutError after `timeout` s."""
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
 
 
 #################################################################################

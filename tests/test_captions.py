@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from build import SourceFacts, build_dataset, sampling_control
 from conditioning import CONTROL_SIGNALS, SIGNAL
+from conftest import write_shard
 from data import EVENTS, CaptionFolderDataset, folder_default_control
 from shards import WebDatasetShards
 
@@ -147,16 +148,6 @@ def test_caption_paths_fail_clearly(tmp_path):
 
 
 # --------------------------------------------------------------- tar shards ---
-
-def write_shard(path, samples):
-    """samples: (key, {extension: bytes}) in tar order."""
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

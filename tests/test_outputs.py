@@ -9,9 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-import tarfile
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -28,7 +26,7 @@ from build import SourceOptions, build_dataset, open_dataset
 from checkpoint import checkpoints_in
 from checks import check_output
 from config import get_args
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, wait_for, write_shard
 from data import EVENTS
 from shards import WebDatasetShards
 
@@ -273,16 +271,6 @@ def test_train_reads_captions_in_the_text_encoding_it_is_given(tmp_path):
     assert open_dataset(get_args(flags + ["--text-encoding", "latin-1"])).captions()[0].startswith("un café")
 
 
-def write_shard(path, samples):
-    """samples: (key, {extension: bytes}) in tar order."""
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_a_shard_caption_that_does_not_decode_is_skipped_counted_and_named(tmp_path, capsys):
     """A stream is not stopped for one caption: it is skipped and counted like an unreadable image (a shard of
     nothing else stops at --max-skip-rate), and the first one is named with the flag."""
@@ -373,14 +361,6 @@ def test_a_grid_is_written_in_the_type_its_name_says(run, tmp_path, name, kind):
         assert im.format == kind
 
 
-def wait_for(predicate, timeout=300):
-    t0 = time.time()
-    while not predicate():
-        if time.time() - t0 > timeout:
-            raise TimeoutError
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_two_writers_of_one_npz_never_mix_the_second_is_refused_at_once(run, tmp_path):
     """Two real `sample.py --num-samples` processes with one --out: the first holds the file from before its
@@ -405,7 +385,7 @@ def test_two_writers_of_one_npz_never_mix_the_second_is_refused_at_once(run, tmp
     first = subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: started.exists() or first.poll() is not None)
+        wait_for(lambda: started.exists() or first.poll() is not None, timeout=300)
         assert first.poll() is None, first.communicate()
         second = subprocess.run([sys.executable, "sample.py", *args, "--seed", "7"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=300)

@@ -19,18 +19,10 @@ from PIL import Image
 
 import train
 from checkpoint import checkpoints_in, find_checkpoint
-from conftest import ROOT, TINY, losses, nan_loss, records
+from conftest import ROOT, TINY, losses, nan_loss, records, wait_for
 from data import EVENTS, count_event, event_table, load_rgb
 from diffusion import Diffusion
 from run import INTERRUPTED, PREEMPTED, Preemption, Resumed, RunLock, new_run_dir, resumed_folder
-
-
-def wait_for(predicate, timeout=120):
-    t0 = time.time()
-    while not predicate():
-        if time.time() - t0 > timeout:
-            raise TimeoutError
-        time.sleep(0.05)
 
 
 def only_run(out):
