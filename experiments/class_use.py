@@ -96,16 +96,17 @@ def measure(trained, pixels, labels, ctrl, generator):
 
     width = (EDGES[1] - EDGES[0]) / SUB
     fine = [EDGES[0] + width * j for j in range(SUB * (len(EDGES) - 1) + 1)]
-    weighted = [d * loss_at(lo + width / 2) for d, lo in zip(level_density(diffusion, fine), fine)]
-    total = sum(weighted)
-    density, rows = level_density(diffusion), []
+    fine_density = level_density(diffusion, fine)
+    weighted = [d * loss_at(lo + width / 2) for d, lo in zip(fine_density, fine)]
+    total, rows = sum(weighted), []
     for i in range(len(EDGES) - 1):
         centre = (EDGES[i] + EDGES[i + 1]) / 2
         noised = noised_at(diffusion, images, noise, centre)
         err = lambda out: float(((clean_prediction(diffusion, out, noised) - images) ** 2).mean())
         share = sum(weighted[SUB * i:SUB * (i + 1)]) / total
         gain = err(predict(noised, drop=True)) / err(predict(noised)) - 1
-        rows.append(dict(log_snr=centre, density=density[i], loss_share=share, class_gain=gain))
+        density = sum(fine_density[SUB * i:SUB * (i + 1)])  # EDGES are every SUB-th of the fine edges
+        rows.append(dict(log_snr=centre, density=density, loss_share=share, class_gain=gain))
     noisy = [r for r in rows if r["log_snr"] < 0]  # SNR < 1: more noise than image
     return dict(step=trained.step, objective=diffusion.objective, pred=diffusion.pred,
                 min_snr=getattr(diffusion, "min_snr", 0.0), levels=rows,

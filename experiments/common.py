@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import train
-from checkpoint import checkpoints_in
+from checkpoint import atomic_write, checkpoints_in
 from config import get_args
 from diffusion import Sampling
 
@@ -67,10 +67,7 @@ def measured(run_dir, key, fn):
     if key not in cache:
         t0 = time.time()
         cache[key] = dict(fn(), wall_s=time.time() - t0)
-        tmp = f"{path}.{os.getpid()}.tmp"  # this process's own: two never write into one file
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(cache, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(json.dumps(cache, indent=1).encode("utf-8")))
     return cache[key]
 
 
@@ -134,10 +131,7 @@ def committed_record(path, key):
 def commit_record(path, record):
     """Write a run's record atomically (a stopped process leaves the old file or none, never half of one)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # this process's own: two never write into one file
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(record).encode("utf-8")))
     return record
 
 

@@ -263,7 +263,7 @@ def grid_distances(options, model, t_min):
             x = ode_pairs(trained, at(method, steps), 0)
             rmse.setdefault(method, {})[spent] = float((x - fine).pow(2).mean().sqrt())
     return commit_record(path, dict(key=key, rmse=rmse, measure_s=time.time() - t0,
-                                    ckpt_step=read_checkpoint(last_ckpt(trained.run_dir))["step"]))
+                                    ckpt_step=trained.loaded.step))
 
 
 def checker_cell(options, model, t_min, method, nfe):
@@ -283,7 +283,7 @@ def checker_cell(options, model, t_min, method, nfe):
                           EvalPlan(options.per_class, sampling, per_sample=True), "cpu")
     return commit_record(path, dict(key=key, nfe=spent, class_ok=res["per_sample"]["class_ok"],
                                     flip_ok=res["per_sample"]["flip_ok"], measure_s=time.time() - t0,
-                                    ckpt_step=read_checkpoint(last_ckpt(trained.run_dir))["step"]))
+                                    ckpt_step=trained.loaded.step))
 
 
 def distances_of(rows):
