@@ -820,10 +820,9 @@ def inception_features(args, inputs, need, process):
 
 
 def sample_metrics(args, ref_stats, sample, feats, weights, device):
-    """FID of SAMPLE against REF's statistics, the metrics --is / --pr / --clip ask for, and SAMPLE's sampler
-    settings from its sidecar JSON where it has one."""
-    sample_stats = sample.stats if sample.stats is not None else statistics(feats["sample"][0])
-    res = dict(fid=frechet_distance(*sample_stats, *ref_stats), ref=os.path.abspath(args.ref),
+    """FID of SAMPLE (its statistics already in sample.stats, main's) against REF's statistics, the metrics
+    --is / --pr / --clip ask for, and SAMPLE's sampler settings from its sidecar JSON where it has one."""
+    res = dict(fid=frechet_distance(*sample.stats, *ref_stats), ref=os.path.abspath(args.ref),
                sample=os.path.abspath(args.sample),
                num_samples=len(sample.images) if sample.images is not None else None,
                inception_weights=os.path.abspath(weights) if weights is not None else None)
