@@ -118,7 +118,7 @@ def comparable_fact(key, value):
 # what a resume on other data is told (config_mismatch)
 DATA_CHANGED = ("data_fingerprint: the training data changed since the checkpoint (a file added, removed, "
                 "renamed or changed, or a caption): resume on the same data, or give --accept-data-change to "
-                "go on with this data")
+                "go on with this data (as many items as before: a changed data_size is refused either way)")
 
 
 def config_mismatch(saved, args, facts):
@@ -134,11 +134,6 @@ def config_mismatch(saved, args, facts):
               if comparable_fact(k, was.get(k)) != comparable_fact(k, v)
               # a fact added since the checkpoint's schema was not recorded: not compared
               and not (k in ADDED_FACTS and was.get(k) == ADDED_FACTS[k])]
-    if "data_fingerprint" in differ and getattr(args, "accept_data_change", False):
-        differ.remove("data_fingerprint")
-        print(f"resume: the training data differs from the checkpoint's (fingerprint "
-              f"{was['data_fingerprint']} -> {now['data_fingerprint']}); going on, as --accept-data-change "
-              "says", flush=True)
     return bad + [DATA_CHANGED if k == "data_fingerprint" else
                   f"{k}: checkpoint {was.get(k)!r} vs now {now[k]!r}" for k in differ]
 
@@ -153,6 +148,12 @@ def check_resume(args, facts, resumed, lr_at, rank=0):
         return
     path, ckpt = resumed.path, resumed.ckpt
     bad = config_mismatch(ckpt, args, facts)
+    if DATA_CHANGED in bad and getattr(args, "accept_data_change", False):
+        bad.remove(DATA_CHANGED)
+        if rank == 0:
+            print(f"resume: the training data differs from the checkpoint's (fingerprint "
+                  f"{ckpt['facts']['data_fingerprint']} -> {facts.data_fingerprint}); going on, as "
+                  "--accept-data-change says", flush=True)
     if bad:
         raise SystemExit(f"--resume {path}: checkpoint was made with another configuration:\n  "
                          + "\n  ".join(bad) + "\nresume with the same flags, or start a new run")
