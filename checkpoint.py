@@ -312,6 +312,13 @@ def checkpoints_in(folder):
                                                      key=steps.get, reverse=True)]
 
 
+def checkpoints_after(folder, ckpt_path):
+    """The complete checkpoints of `folder` at a later step than `ckpt_path`, newest first; none when that
+    file's name carries no step."""
+    step = checkpoint_step(ckpt_path)
+    return [] if step is None else [f for f in checkpoints_in(folder) if checkpoint_step(f) > step]
+
+
 def load_latest(paths):
     """(path, state) of the first checkpoint in `paths` that loads; damaged files are reported and passed over
     (a file that is refused as unsafe is not damaged: its SystemExit stops the search)."""

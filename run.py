@@ -33,7 +33,7 @@ from checkpoint import (
     CONFIG_VERSION,
     WriteFailed,
     atomic_write,
-    checkpoint_step,
+    checkpoints_after,
     checkpoints_in,
     find_checkpoint,
     load_weights,
@@ -236,8 +236,8 @@ def refuse_newer(run_dir, resumed, lock):
     """--resume auto (or a folder) chose the newest checkpoint when this process started; a checkpoint that
     appeared since was written by a process that held the folder until now (a requeued job's predecessor,
     stopped by the scheduler while this one started). Resuming the older one would abandon it: refused."""
-    later = [f for f in checkpoints_in(run_dir) if checkpoint_step(f) > checkpoint_step(resumed.path)]
-    newer = [f for f in later if os.stat(f).st_ctime >= resumed.chosen_at]  # a rename sets ctime
+    # a rename sets ctime
+    newer = [f for f in checkpoints_after(run_dir, resumed.path) if os.stat(f).st_ctime >= resumed.chosen_at]
     if newer:
         lock.release()
         raise SystemExit(f"--resume: {newer[0]} was written while this process started (by another process "
@@ -248,8 +248,7 @@ def set_aside_later(ckpt_path):
     """Resuming an older checkpoint abandons the later ones: move them to abandoned/, out of the way of
     --resume auto and of pruning."""
     run_dir = os.path.dirname(os.path.abspath(ckpt_path))
-    step = checkpoint_step(ckpt_path)
-    later = [f for f in checkpoints_in(run_dir) if step is not None and checkpoint_step(f) > step]
+    later = checkpoints_after(run_dir, ckpt_path)
     if later:
         os.makedirs(os.path.join(run_dir, "abandoned"), exist_ok=True)
         for f in later:
