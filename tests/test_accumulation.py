@@ -108,12 +108,13 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch():
 
 
 # run under torchrun by the test below: 2 ranks x --grad-accum 2 on the same fixed batch, rank 0 saves the
-# weights
+# weights; the ranks leave the group together, as train.py's do (run.finish_distributed says why)
 TWO_RANKS = """
 import sys
 sys.path[:0] = {paths!r}
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from run import finish_distributed
 from test_accumulation import step_on_fixed_batch
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -121,7 +122,7 @@ loss, weights = step_on_fixed_batch(2, rank, world, wrap=DDP)
 dist.all_reduce(loss)
 if rank == 0:
     torch.save((loss / world, weights), {out!r})
-dist.destroy_process_group()
+finish_distributed(world)
 """
 
 
