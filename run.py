@@ -162,20 +162,26 @@ def check_resume(args, facts, resumed, lr_at, rank=0):
         raise SystemExit(f"--resume {path}: the checkpoint is at step {step} and --steps {args.steps} asks "
                          "for no more: the run is finished. To train on, start a new run from it: "
                          f"--init-from {path} --steps N (a schedule of its own)")
-    if args.steps != saved["steps"] and "cosine" in (args.decay, saved["decay"]):
+    cosine = "cosine" in (args.decay, saved["decay"])
+    if args.steps != saved["steps"] and cosine:
         old = stored_args(saved)
-        # the first step from here at which the two schedules part (in the warm-up they agree)
-        apart = next(s for s in range(step, max(args.steps, saved["steps"]) + 1)
-                     if lr_at(s, old) != lr_at(s, args))
-        raise SystemExit(f"--resume {path}: --steps {args.steps}, but the run's cosine schedule is laid over "
-                         f"--steps {saved['steps']}: from step {apart} the learning rate would be "
-                         f"{lr_at(apart, args):.3g} instead of {lr_at(apart, old):.3g}. Resume with --steps "
-                         f"{saved['steps']}, or train longer in a new run: --init-from {path} --steps N")
+        # the first step from here at which the two schedules part (in the warm-up they agree); none when
+        # both runs end inside it, and then the new --steps bends nothing
+        apart = next((s for s in range(step, max(args.steps, saved["steps"]) + 1)
+                      if lr_at(s, old) != lr_at(s, args)), None)
+        if apart is not None:
+            raise SystemExit(f"--resume {path}: --steps {args.steps}, but the run's cosine schedule is laid "
+                             f"over --steps {saved['steps']}: from step {apart} the learning rate would be "
+                             f"{lr_at(apart, args):.3g} instead of {lr_at(apart, old):.3g}. Resume with "
+                             f"--steps {saved['steps']}, or train longer in a new run: --init-from {path} "
+                             "--steps N")
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
                if k in saved and k not in FREE_ON_RESUME
                and comparable_setting(k, saved[k]) != comparable_setting(k, v)]
     if args.steps != saved["steps"]:
-        changed.append(f"--steps {saved['steps']} -> {args.steps} (the constant schedule continues)")
+        same = ("both runs end inside the warm-up: the learning rate is the same at every step" if cosine
+                else "the constant schedule continues")
+        changed.append(f"--steps {saved['steps']} -> {args.steps} ({same})")
     if changed and rank == 0:
         print(f"resume: these flags differ from the checkpoint's run and take effect from step {step}: "
               + ", ".join(changed), flush=True)

@@ -2,6 +2,7 @@
 non-finite losses. Each test injects the fault and checks that no work is lost and the run continues (or
 stops) cleanly. Faults inside train.py are injected by patching it from here, or for a subprocess from a
 wrapper script (train_script)."""
+import dataclasses
 import json
 import os
 import re
@@ -18,8 +19,9 @@ import torch
 from PIL import Image
 
 import train
-from checkpoint import checkpoints_in, find_checkpoint
-from conftest import ROOT, TINY, losses, nan_loss, records, wait_for
+from checkpoint import CONFIG_VERSION, checkpoints_in, find_checkpoint
+from config import get_args
+from conftest import ROOT, TINY, facts_of, losses, nan_loss, records, wait_for
 from data import EVENTS, count_event, event_table, load_rgb
 from diffusion import Diffusion
 from run import INTERRUPTED, PREEMPTED, Preemption, Resumed, RunLock, new_run_dir, resumed_folder
@@ -440,6 +442,24 @@ def test_a_resume_refuses_to_bend_the_schedule_or_redo_a_finished_run_and_names_
                        str(tmp_path)])
     assert ("resume: these flags differ from the checkpoint's run and take effect from step 2: --lr 0.002 -> "
             "0.001") in capsys.readouterr().out
+
+
+def test_a_resume_may_change_steps_when_both_runs_end_inside_the_warm_up(capsys):
+    """A cosine run of 4 steps with a 10-step warm-up resumed with --steps 8: the two schedules agree at every
+    step either run trains, so nothing bends and the resume goes on, naming the change. With an 8-step warm-up
+    and --steps 12 they part one step after it, and the resume is refused at that step."""
+    def resume(steps, warmup):
+        was = get_args(TINY + ["--steps", "4", "--warmup", str(warmup)])
+        ckpt = dict(args=vars(was), facts=dataclasses.asdict(facts_of(was)), config_version=CONFIG_VERSION,
+                    step=2)
+        now = get_args(TINY + ["--steps", str(steps), "--warmup", str(warmup)])
+        train.check_resume(now, facts_of(now), Resumed("run/ckpt-0000002.pt", ckpt, 0.0), train.lr_at)
+
+    resume(8, warmup=10)
+    assert ("--steps 4 -> 8 (both runs end inside the warm-up: the learning rate is the same at every step)"
+            in capsys.readouterr().out)
+    with pytest.raises(SystemExit, match=r"from step 9 the learning rate would be 0\.00174 instead of "):
+        resume(12, warmup=8)
 
 
 @pytest.mark.slow
