@@ -42,7 +42,7 @@ from config import (
 from data import CaptionFolderDataset, ImageFolderDataset, folder_default_control
 from ddpm import DDPM
 from diffusion import Diffusion, noise_shift
-from latents import Autoencoder, LatentCacheDataset, encode_command, latent_geometry
+from latents import Autoencoder, LatentCacheDataset, encode_command, latent_geometry, shard_path
 from mdt import MaskedDiffusion, build_mdt
 from model import build_model
 from shapes import ShapesDataset, shapes_default_control
@@ -203,8 +203,11 @@ def data_files(dataset):
         return [dataset._record(j)[0] for j in range(len(dataset))]
     if hasattr(dataset, "shards"):  # webdataset
         return list(dataset.shards)
-    if hasattr(dataset, "cache_dir"):  # a latent cache: its shards and its metadata
-        return sorted(os.path.join(dataset.cache_dir, f) for f in os.listdir(dataset.cache_dir))
+    if hasattr(dataset, "cache_dir"):  # a latent cache: its metadata and the shards its meta.json names (not
+        # the folder's listing: a stray file there, such as a killed writer's .tmp, is no change of the data)
+        where, meta = dataset.cache_dir, dataset.meta
+        return sorted([os.path.join(where, "meta.json"), os.path.join(where, "stats.json")]
+                      + [shard_path(where, k, meta) for k in range(meta["num_shards"])])
     return None
 
 

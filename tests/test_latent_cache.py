@@ -15,7 +15,7 @@ from PIL import Image
 
 import encode
 import latents
-from build import build_dataset
+from build import build_dataset, data_files, data_fingerprint
 from conditioning import CONTROL_SIGNALS
 from conftest import ROOT
 from latents import Autoencoder, LatentCacheDataset, shard_name
@@ -166,6 +166,24 @@ def test_build_dataset_latents_checks_the_resolution(cache):
         build_dataset("latents", RES)
     with pytest.raises(FileNotFoundError, match=r"not a latent cache[\s\S]*\n  python encode.py"):
         build_dataset("latents", RES, data_path=os.path.dirname(cache))
+
+
+def test_the_fingerprint_of_a_cache_is_its_files_not_the_folders_listing(cache, tmp_path):
+    """A resume compares the data's fingerprint: of a latent cache, its meta.json, stats.json and the shards
+    meta.json names (on a finished cache, the folder's whole listing, as before, so older checkpoints still
+    match). A killed writer's stray .tmp file or any other file beside them changes nothing; a changed shard
+    changes it."""
+    out = str(tmp_path / "cache")
+    shutil.copytree(cache, out)
+    ds = build_dataset("latents", RES, data_path=out)
+    assert data_files(ds) == sorted(os.path.join(out, f) for f in os.listdir(out))
+    before = data_fingerprint(ds)
+    for stray in ("shard-000-00001.pt.4242.tmp", "notes.txt"):
+        (tmp_path / "cache" / stray).write_bytes(b"left behind")
+    assert data_fingerprint(build_dataset("latents", RES, data_path=out)) == before
+    first, second = (os.path.join(out, shard_name(k, ds.meta["world"])) for k in (0, 1))
+    shutil.copyfile(second, first)
+    assert data_fingerprint(build_dataset("latents", RES, data_path=out)) != before
 
 
 def test_a_damaged_shard_is_named_when_the_cache_is_opened(cache, tmp_path):
