@@ -298,6 +298,13 @@ def checkpoint_step(path):
     return int(found.group(1)) if found else None
 
 
+def unfinished_checkpoint_writes(folder):
+    """The ckpt-STEP.pt.PID.tmp files of `folder`: checkpoint writes that never finished (atomic_write's
+    temporary files, left by a kill)."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if re.fullmatch(r"ckpt-\d+\.pt\.\d+\.tmp", f))
+
+
 def run_number(name):
     """The number of a run folder named NNN-..., or None for a folder of any other name (not a run)."""
     found = re.match(r"(\d+)-", os.path.basename(name))

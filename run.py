@@ -40,6 +40,7 @@ from checkpoint import (
     non_finite_tensor,
     run_number,
     stored_args,
+    unfinished_checkpoint_writes,
     write_checkpoint,
     write_failure,
     write_remedy,
@@ -262,6 +263,18 @@ def set_aside_later(ckpt_path):
         print(f"resume: moved {len(later)} later checkpoint(s) to {os.path.join(run_dir, 'abandoned')}")
 
 
+def remove_unfinished_writes(run_dir):
+    """Only the folder's owner writes checkpoints, so once the folder is ours a checkpoint write that a kill
+    cut short (as large as a checkpoint) is nobody's: removed, and said."""
+    stale = unfinished_checkpoint_writes(run_dir)
+    freed = sum(os.path.getsize(f) for f in stale)
+    for f in stale:
+        os.remove(f)
+    if stale:
+        print(f"resume: removed {len(stale)} unfinished checkpoint write(s) that a killed run left "
+              f"({freed / 2**20:.1f} MiB): {', '.join(os.path.basename(f) for f in stale)}")
+
+
 def rewind_log(run_dir, step):
     """The log as it was at the checkpoint's step: lines of later steps (those a resume replays), and a line a
     kill cut short, move to abandoned/log-after-STEP.jsonl, so that every step appears once in log.jsonl and
@@ -299,6 +312,7 @@ def resumed_folder(args, resumed, rank, world):
             if not os.path.isfile(args.resume):  # auto or a folder: still the newest, now that it is ours?
                 refuse_newer(run_dir, resumed, lock)
             set_aside_later(resumed.path)
+            remove_unfinished_writes(run_dir)
             rewind_log(run_dir, resumed.ckpt["step"])
         except SystemExit as e:
             refused = str(e.code)

@@ -93,9 +93,9 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
+def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path, capsys):
     """The kill lands while the 4th checkpoint's temporary file is half written: the writer is patched to
-    write half its bytes, say so, and wait to be killed."""
+    write half its bytes, say so, and wait to be killed. The resume removes that file, and says so."""
     out, writing = tmp_path / "runs", tmp_path / "writing"
     script = train_script(tmp_path, f"""
         import io
@@ -127,15 +127,20 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path):
         proc.wait()
     run = only_run(out)
     # killed in the middle of that write, to a temporary file of its own
-    assert os.path.getsize(os.path.join(run, f"ckpt-0000004.pt.{proc.pid}.tmp")) > 0
+    partial = os.path.join(run, f"ckpt-0000004.pt.{proc.pid}.tmp")
+    assert os.path.getsize(partial) > 0
     for f in checkpoints_in(run):  # the write is atomic: every file under a complete name loads
         torch.load(f, weights_only=False)
     path, state = find_checkpoint(run)
     s = state["step"]
     assert s == 3  # the partial file is passed over
+    capsys.readouterr()
     train.main(TINY + ["--steps", str(s + 2), "--decay", "constant", "--ckpt-every", "1", "--resume", "auto",
                        "--out", str(out)])
     assert [r["step"] for r in records(run) if "loss" in r][-2:] == [s + 1, s + 2]
+    assert not os.path.exists(partial)
+    assert ("resume: removed 1 unfinished checkpoint write(s) that a killed run left"
+            in capsys.readouterr().out)
 
 
 # ----------------------------------------------------------------- preemption ---
