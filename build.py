@@ -66,11 +66,16 @@ def imagenet_dir(data_path):
     return data_path or os.environ.get("IMAGENET_DIR") or IMAGENET_DEFAULT
 
 
+def data_root(args):
+    """Where --dataset reads from: --data-path (for imagenet, imagenet_dir's default when it is unset)."""
+    return imagenet_dir(args.data_path) if args.dataset == "imagenet" else args.data_path
+
+
 def check_sources(args):
     """What this machine must hold for the run, before any work: the data, the checkpoint to start from and
     the one to resume, the optional packages the flags ask for."""
     check_packages(args)
-    path = imagenet_dir(args.data_path) if args.dataset == "imagenet" else args.data_path
+    path = data_root(args)
     if args.dataset == "imagenet" and not os.path.isdir(path):
         raise SystemExit(f"--dataset imagenet: no ImageNet train split at {path!r}. Set IMAGENET_DIR to it, "
                          f"put it at {IMAGENET_DEFAULT} (DIR/<class>/<images>), or pass --data-path DIR")
@@ -248,7 +253,7 @@ def read_source_facts(args, dataset, encoder=None, resumed=None, world=1, init=N
         base_res = resumed["facts"]["base_res"]
     elif base_res is None and args.init_from:
         base_res = base_res_of(read_init(args.init_from) if init is None else init)
-    data_path = imagenet_dir(args.data_path) if args.dataset == "imagenet" else args.data_path
+    data_path = data_root(args)
     return SourceFacts(res=res, vae=vae, base_res=base_res or res,
                        source_dataset=dataset.meta["dataset"] if latent else args.dataset,
                        num_classes=dataset.num_classes, data_path=data_path,

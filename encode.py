@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from build import SourceOptions, build_dataset, imagenet_dir
+from build import SourceOptions, build_dataset, data_root
 from checkpoint import atomic_write
 from checks import at_least, check_output, seed
 from conditioning import CONTROL_SIGNALS
@@ -212,7 +212,7 @@ def encode_cache(args):
     if args.res % factor:
         raise SystemExit(f"--res {args.res} must be divisible by the autoencoder factor {factor}")
     # a cache inside its own data would be read as data (a class of .pt files) by the next listing
-    data = imagenet_dir(args.data_path) if args.dataset == "imagenet" else args.data_path
+    data = data_root(args)
     check_output(args.out, "folder", datasets={"--data-path": data} if data else None)
     # hflip=False: the cache stores both orientations itself; crop and any seeded draw use epoch 0
     options = SourceOptions(size=args.shapes_size, progress=rank == 0, text_encoding=args.text_encoding)

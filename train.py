@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from build import (
     TrainedModel,
     check_sources,
-    imagenet_dir,
+    data_root,
     load_autoencoder,
     make_diffusion,
     make_model,
@@ -293,7 +293,7 @@ def main(argv=None):
     validate(args)
     check_sources(args)  # build.py: the data, checkpoints and packages the flags name are on this machine
     if args.dataset != "shapes":  # run folders inside the data would be read as data (a class, a shard)
-        data = imagenet_dir(args.data_path) if args.dataset == "imagenet" else args.data_path
+        data = data_root(args)
         check_output(args.out, "folder", flag="--out", datasets={"--data-path": data})
     proc = setup_process(args)  # run.py, from here to run.close(): the job's processes and the run folder
     resumed = read_resume(args, proc.rank)
