@@ -11,6 +11,7 @@ describes the layout). A re-run with the same settings and as many processes kee
 encodes the rest; other settings are refused with the command that made the cache.
 """
 import argparse
+import codecs
 import json
 import os
 from datetime import timedelta
@@ -80,8 +81,10 @@ def cache_meta(args, dataset, vae, world):
         data_path=os.path.abspath(args.data_path) if args.dataset != "shapes" else None,
         shapes_size=args.shapes_size if args.dataset == "shapes" else None, seed=args.seed, res=args.res,
         crop=args.crop, vae=os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae,
-                                      scale=vae.scale,
-        shift=vae.shift, dtype=args.dtype, latent_shape=[channels, args.res // factor, args.res // factor],
+        scale=vae.scale, shift=vae.shift, dtype=args.dtype,
+        latent_shape=[channels, args.res // factor, args.res // factor],
+        # the captions' encoding by its codec's own name (utf8, UTF-8 and utf-8 are one codec)
+        text_encoding=codecs.lookup(args.text_encoding).name if args.dataset == "captions" else None,
         num_items=n, num_classes=dataset.num_classes, control_signals=list(CONTROL_SIGNALS),
         shard_size=args.shard_size, num_shards=-(-n // args.shard_size), world=world)))
 
@@ -96,6 +99,9 @@ def agree_on_meta(meta, out, rank, world):
         if os.path.exists(meta_path):
             with open(meta_path, encoding="utf-8") as f:
                 saved = json.load(f)
+            # a cache from before meta.json recorded the captions' encoding: its encoding is unknown, so the
+            # one given now is taken, as it was then
+            saved.setdefault("text_encoding", meta["text_encoding"])
             diff = [f"{k}: cache {saved.get(k)!r} vs now {v!r}" for k, v in meta.items() if saved.get(k) != v]
             if diff:
                 problem = (f"--out {out} holds a latent cache made with other settings:\n  "

@@ -153,9 +153,11 @@ def encode_command(meta, out):
     launch = f"torchrun --nproc_per_node={meta['world']}" if meta["world"] > 1 else "python"
     data = (f" --data-path {meta['data_path']}" if meta["data_path"] else " --shapes-size "
             f"{meta['shapes_size']}")
+    encoding = meta.get("text_encoding")  # named when the captions were read in another than utf-8
+    text = f" --text-encoding {encoding}" if encoding not in (None, "utf-8") else ""
     return (f"{launch} encode.py --dataset {meta['dataset']}{data} --res {meta['res']} --vae {meta['vae']} "
             f"--crop {meta['crop']} --seed {meta['seed']} --shard-size {meta['shard_size']} --dtype "
-            f"{meta['dtype']} --out {out}")
+            f"{meta['dtype']}{text} --out {out}")
 
 
 #################################################################################

@@ -168,6 +168,40 @@ def test_build_dataset_latents_checks_the_resolution(cache):
         build_dataset("latents", RES, data_path=os.path.dirname(cache))
 
 
+def test_a_caption_cache_records_the_encoding_its_captions_were_read_in(tiny_vae, tmp_path):
+    """Captions written in cp1252 (curly quotes; latin-1 reads the same bytes as control characters): the
+    cache holds them as cp1252 reads them and its meta.json says so, and finishing it with another
+    --text-encoding is refused with the command that made it, which names the encoding (another spelling of
+    the same codec is the same encoding; a cache from before meta.json held the key takes the one given)."""
+    root = tmp_path / "pairs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_bytes(b"a \x93quoted\x94 square " + str(i).encode())
+    out = str(tmp_path / "cache")
+
+    def encode_captions(encoding):
+        return encode.main(["--dataset", "captions", "--data-path", str(root), "--res", str(RES), "--vae",
+                            tiny_vae, "--out", out, "--batch", "2", "--workers", "0", "--text-encoding",
+                            encoding])
+
+    encode_captions("cp1252")
+    assert load_json(os.path.join(out, "meta.json"))["text_encoding"] == "cp1252"
+    assert sorted(sum((s["caption"] for s in shards(out)), [])) == [f"a \u201cquoted\u201d square {i}"
+                                                                     for i in range(3)]
+    with pytest.raises(SystemExit, match=r"text_encoding: cache 'cp1252' vs now 'iso8859-1'[\s\S]*"
+                                         r"--text-encoding cp1252 --out"):
+        encode_captions("latin-1")  # named by its codec's own name
+    encode_captions("CP1252")  # another spelling of the same codec
+    # a cache whose meta.json predates the key: the encoding given now is taken, whichever it is
+    meta = load_json(os.path.join(out, "meta.json"))
+    del meta["text_encoding"]
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    encode_captions("latin-1")
+
+
 def test_the_fingerprint_of_a_cache_is_its_files_not_the_folders_listing(cache, tmp_path):
     """A resume compares the data's fingerprint: of a latent cache, its meta.json, stats.json and the shards
     meta.json names (on a finished cache, the folder's whole listing, as before, so older checkpoints still
