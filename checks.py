@@ -247,12 +247,19 @@ class OwnerLock:
             self.file = None
 
 
+def from_rank0(value, world=1):
+    """Rank 0's `value` on every rank (a collective: every rank calls it): what rank 0 alone decided (a
+    folder's name, a refusal), so that every rank goes on, or stops, together."""
+    if world > 1:
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
 def job_tag(rank=0, world=1):
     """A name unique to this sampling job and the same on each of its ranks: rank 0's host and process id."""
-    box = [f"{socket.gethostname()}-{os.getpid()}"]
-    if world > 1:
-        torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    return from_rank0(f"{socket.gethostname()}-{os.getpid()}", world)
 
 
 class OutputLock:
@@ -264,11 +271,7 @@ class OutputLock:
         self.lock = OwnerLock(f"{path}.lock", lambda holder: (
             f"{flag} {path}: another process is writing it ({holder}); two writers would mix their samples. "
             "Wait for it to end, or write to another path"), remove_on_release=True)
-        refusal = self.lock.take() if rank == 0 else None
-        if world > 1:  # every rank stops if rank 0 was refused
-            box = [refusal]
-            torch.distributed.broadcast_object_list(box, src=0)
-            refusal = box[0]
+        refusal = from_rank0(self.lock.take() if rank == 0 else None, world)  # every rank stops if refused
         if refusal:
             raise SystemExit(refusal)
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from build import SourceOptions, build_dataset, data_root
 from checkpoint import atomic_write
-from checks import at_least, check_output, seed
+from checks import at_least, check_output, from_rank0, seed
 from conditioning import CONTROL_SIGNALS
 from config import DATASETS, worker_count
 from data import EVENTS, setup_distributed, text_encoding
@@ -114,10 +114,7 @@ def agree_on_meta(meta, out, rank, world):
                        "--out")
         else:
             write_json(meta_path, meta)
-    if world > 1:
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        problem = box[0]
+    problem = from_rank0(problem, world)
     if problem:
         raise SystemExit(problem)
 

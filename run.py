@@ -45,7 +45,7 @@ from checkpoint import (
     write_failure,
     write_remedy,
 )
-from checks import OwnerLock
+from checks import OwnerLock, from_rank0
 from conditioning import parse_gate
 from data import setup_distributed
 
@@ -232,11 +232,7 @@ def new_run_dir(args, rank, world):
                 break
             except FileExistsError:
                 number += 1
-    if world > 1:
-        box = [run_dir]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = box[0]
-    return run_dir
+    return from_rank0(run_dir, world)
 
 
 def refuse_newer(run_dir, resumed, lock):
@@ -316,10 +312,7 @@ def resumed_folder(args, resumed, rank, world):
             rewind_log(run_dir, resumed.ckpt["step"])
         except SystemExit as e:
             refused = str(e.code)
-    if world > 1:
-        box = [refused]
-        dist.broadcast_object_list(box, src=0)
-        refused = box[0]
+    refused = from_rank0(refused, world)
     if refused:
         raise SystemExit(refused)
     return run_dir, lock
