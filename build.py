@@ -30,6 +30,7 @@ from checkpoint import (
     stored_args,
     with_dit_weights,
 )
+from checks import from_rank0
 from config import (
     DATA_PATHS,
     DATASETS,
@@ -242,10 +243,27 @@ def data_fingerprint(dataset, sampled=64, seed=0):
     return digest.hexdigest()[:16]
 
 
-def read_source_facts(args, dataset, encoder=None, resumed=None, world=1, init=None):
+def shared_fingerprint(dataset, rank=0, world=1):
+    """data_fingerprint as rank 0 reads it, on every rank; a file it cannot read stops every rank together,
+    with one message (not rank 0 alone, while the others wait for its answer)."""
+    fingerprint, error = None, None
+    if rank == 0:
+        try:
+            fingerprint = data_fingerprint(dataset)
+        except OSError as e:
+            error = f"the training data could not be read for its fingerprint: {e}; check the files and rerun"
+    fingerprint, error = from_rank0((fingerprint, error), world)
+    if error:
+        raise SystemExit(error)
+    return fingerprint
+
+
+def read_source_facts(args, dataset, encoder=None, resumed=None, proc=None, init=None):
     """SourceFacts of this run from its dataset, its text encoder, the checkpoint it resumes (`resumed`) or
     starts from (--init-from: `init`, its contents as checkpoint.read_init gave them, else opened here for its
-    base resolution) and its number of processes."""
+    base resolution) and its processes (`proc`, run.Process; None: one). Rank 0 alone reads the data's
+    fingerprint and tells the others, so that every rank judges a resume by the same one."""
+    rank, world = (proc.rank, proc.world) if proc is not None else (0, 1)
     latent = getattr(dataset, "is_latent", False)
     res, vae = (dataset.res, dataset.vae) if latent else (args.res, args.vae)
     base_res = args.base_res
@@ -261,7 +279,9 @@ def read_source_facts(args, dataset, encoder=None, resumed=None, world=1, init=N
                        latent_shift=dataset.shift if latent else None,
                        text_dim=encoder.dim if encoder is not None else None,
                        text_len=encoder.max_length if encoder is not None else None, world=world,
-                       data_size=data_size(dataset), data_fingerprint=data_fingerprint(dataset))
+                       data_size=data_size(dataset),
+                       data_fingerprint=shared_fingerprint(dataset, rank, world))
+
 
 
 #################################################################################

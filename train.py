@@ -306,7 +306,7 @@ def main(argv=None):
     if not streamed:  # say it now, not after a run folder was made for a run that cannot take a step
         epoch_indices(len(dataset), 0, args.seed, proc, local_batch)
     encoder, text_cache = text_features(dataset, args, proc.device, proc.rank, proc.world)
-    facts = read_source_facts(args, dataset, encoder, resumed and resumed.ckpt, proc.world, init)
+    facts = read_source_facts(args, dataset, encoder, resumed and resumed.ckpt, proc, init)
     check_resume(args, facts, resumed, lr_at, proc.rank)
 
     # ---- model, EMA, optimizer, autoencoder; then the run folder (a failure above leaves none behind)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import train
+from build import build_dataset, data_fingerprint, shared_fingerprint
 from checkpoint import CONFIG_VERSION, checkpoints_in, find_checkpoint
 from config import get_args
 from conftest import ROOT, TINY, facts_of, losses, nan_loss, records, wait_for
@@ -494,6 +495,21 @@ def test_a_resume_with_other_data_is_refused(tmp_path):
         train.main(flags + ["--data-path", one, "--decay", "constant", "--resume", run])
     assert train.main(flags + ["--data-path", one, "--decay", "constant", "--resume", run,
                                "--accept-data-change"]) == run
+
+
+def test_the_data_fingerprint_is_read_by_rank_0_and_a_file_gone_stops_with_one_line(tmp_path):
+    """Rank 0 alone reads the files (another rank takes its answer, so here, in one process, it reads
+    nothing); a file listed but gone by then ends the run with a message, not a traceback."""
+    for i in range(3):
+        os.makedirs(tmp_path / "a", exist_ok=True)
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(tmp_path / "a" / f"{i}.png")
+    ds = build_dataset("folder", 16, str(tmp_path))
+    assert shared_fingerprint(ds) == data_fingerprint(ds) is not None
+    os.remove(tmp_path / "a" / "1.png")
+    assert shared_fingerprint(ds, rank=1) is None
+    gone = r"the training data could not be read for its fingerprint: .*1\.png'; check the files"
+    with pytest.raises(SystemExit, match=gone):
+        shared_fingerprint(ds)
 
 
 # --------------------------------------------------------- damaged bytes, full disks ---
