@@ -16,6 +16,7 @@ A run folder has one owner: RunLock, an advisory lock held by the training proce
 and released by the OS when it dies, so that a second process on the same folder is refused, not
 interleaved. The files themselves (atomic writes, checksums, safe loading) are checkpoint.py's.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -39,7 +40,6 @@ from checkpoint import (
     load_weights,
     non_finite_tensor,
     run_number,
-    stored_args,
     unfinished_checkpoint_writes,
     write_checkpoint,
     write_failure,
@@ -143,8 +143,9 @@ def check_resume(args, facts, resumed, lr_at, rank=0):
     """A resume continues the same run: made with this configuration (checked once the data and the text
     encoder have told their facts, before a model or a folder is made), and with steps left to train. The
     cosine schedule (`lr_at`, train.py's) is laid over --steps, so another --steps would bend the learning
-    rate between two steps: refused, with the way to train longer. Any other flag that differs from the
-    checkpoint's run is named; it takes effect from the resumed step."""
+    rate between two steps: refused, with the way to train longer, unless every step left to train keeps
+    its rate (they all lie in the warm-up). Any other flag that differs from the checkpoint's run is named;
+    it takes effect from the resumed step."""
     if resumed is None:
         return
     path, ckpt = resumed.path, resumed.ckpt
@@ -163,24 +164,23 @@ def check_resume(args, facts, resumed, lr_at, rank=0):
         raise SystemExit(f"--resume {path}: the checkpoint is at step {step} and --steps {args.steps} asks "
                          "for no more: the run is finished. To train on, start a new run from it: "
                          f"--init-from {path} --steps N (a schedule of its own)")
-    cosine = "cosine" in (args.decay, saved["decay"])
+    cosine = args.decay == "cosine"
     if args.steps != saved["steps"] and cosine:
-        old = stored_args(saved)
-        # the first step from here at which the two schedules part (in the warm-up they agree); none when
-        # both runs end inside it, and then the new --steps bends nothing
-        apart = next((s for s in range(step, max(args.steps, saved["steps"]) + 1)
-                      if lr_at(s, old) != lr_at(s, args)), None)
+        # what --steps alone changes (any other flag as now: a new --lr or --warmup is named below): the first
+        # step left to train whose rate the checkpoint's --steps would have set otherwise
+        was = argparse.Namespace(**{**vars(args), "steps": saved["steps"]})
+        apart = next((s for s in range(step, args.steps) if lr_at(s, was) != lr_at(s, args)), None)
         if apart is not None:
-            raise SystemExit(f"--resume {path}: --steps {args.steps}, but the run's cosine schedule is laid "
-                             f"over --steps {saved['steps']}: from step {apart} the learning rate would be "
-                             f"{lr_at(apart, args):.3g} instead of {lr_at(apart, old):.3g}. Resume with "
-                             f"--steps {saved['steps']}, or train longer in a new run: --init-from {path} "
-                             "--steps N")
+            now, then = lr_at(apart, args), lr_at(apart, was)
+            raise SystemExit(f"--resume {path}: --steps {args.steps}, but the cosine schedule is laid over "
+                             f"--steps ({saved['steps']} in the run): from step {apart} the learning rate "
+                             f"would be {now:.3g} instead of {then:.3g}. Resume with --steps "
+                             f"{saved['steps']}, or train longer in a new run: --init-from {path} --steps N")
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in vars(args).items()
                if k in saved and k not in FREE_ON_RESUME
                and comparable_setting(k, saved[k]) != comparable_setting(k, v)]
     if args.steps != saved["steps"]:
-        same = ("both runs end inside the warm-up: the learning rate is the same at every step" if cosine
+        same = ("every step left to train is in the warm-up, at the rate it had" if cosine
                 else "the constant schedule continues")
         changed.append(f"--steps {saved['steps']} -> {args.steps} ({same})")
     if changed and rank == 0:

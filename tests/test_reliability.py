@@ -437,9 +437,9 @@ def test_a_resume_refuses_to_bend_the_schedule_or_redo_a_finished_run_and_names_
                              "--out", str(tmp_path)])
     half = os.path.join(run, "ckpt-0000002.pt")
     # resumed inside the warm-up (5 steps), where both schedules agree: named is the step where they part
-    with pytest.raises(SystemExit, match=r"cosine schedule is laid over --steps 4: from step 6 the learning "
-                       r"rate would be 0\.00155 instead of 0\.0002\. Resume with --steps 4, or train longer "
-                       r"in a new run: --init-from"):
+    with pytest.raises(SystemExit, match=r"cosine schedule is laid over --steps \(4 in the run\): from "
+                       r"step 6 the learning rate would be 0\.00155 instead of 0\.0002\. Resume with "
+                       r"--steps 4, or train longer in a new run: --init-from"):
         train.main(TINY + ["--steps", "8", "--resume", half, "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"at step 4 and --steps 4 asks for no more: the run is finished"):
         train.main(TINY + ["--steps", "4", "--resume", run, "--out", str(tmp_path)])
@@ -450,22 +450,26 @@ def test_a_resume_refuses_to_bend_the_schedule_or_redo_a_finished_run_and_names_
             "0.001") in capsys.readouterr().out
 
 
-def test_a_resume_may_change_steps_when_both_runs_end_inside_the_warm_up(capsys):
-    """A cosine run of 4 steps with a 10-step warm-up resumed with --steps 8: the two schedules agree at every
-    step either run trains, so nothing bends and the resume goes on, naming the change. With an 8-step warm-up
-    and --steps 12 they part one step after it, and the resume is refused at that step."""
-    def resume(steps, warmup):
-        was = get_args(TINY + ["--steps", "4", "--warmup", str(warmup)])
+def test_a_resume_may_change_steps_when_every_step_left_keeps_its_rate(capsys):
+    """Another --steps under a cosine schedule is refused only where it bends the rate of a step this run
+    still trains: resumed at step 2 with --steps 8 and a 10-step warm-up, every step left lies in the
+    warm-up, whether the run had 4 steps or 100, so the resume goes on and names the change; with an 8-step
+    warm-up and --steps 12 the rates part one step after it, and the resume is refused at that step. A change
+    of decay is named, not blamed on --steps."""
+    def resume(steps, warmup, saved_steps=4, decay="cosine"):
+        was = get_args(TINY + ["--steps", str(saved_steps), "--warmup", str(warmup), "--decay", decay])
         ckpt = dict(args=vars(was), facts=dataclasses.asdict(facts_of(was)), config_version=CONFIG_VERSION,
                     step=2)
         now = get_args(TINY + ["--steps", str(steps), "--warmup", str(warmup)])
         train.check_resume(now, facts_of(now), Resumed("run/ckpt-0000002.pt", ckpt, 0.0), train.lr_at)
+        return capsys.readouterr().out
 
-    resume(8, warmup=10)
-    assert ("--steps 4 -> 8 (both runs end inside the warm-up: the learning rate is the same at every step)"
-            in capsys.readouterr().out)
+    for saved_steps in (4, 100):
+        assert (f"--steps {saved_steps} -> 8 (every step left to train is in the warm-up, at the rate it had)"
+                in resume(8, warmup=10, saved_steps=saved_steps))
     with pytest.raises(SystemExit, match=r"from step 9 the learning rate would be 0\.00174 instead of "):
         resume(12, warmup=8)
+    assert "--decay 'constant' -> 'cosine'" in resume(8, warmup=10, saved_steps=100, decay="constant")
 
 
 @pytest.mark.slow
