@@ -261,14 +261,21 @@ def set_aside_later(ckpt_path):
 
 def remove_unfinished_writes(run_dir):
     """Only the folder's owner writes checkpoints, so once the folder is ours a checkpoint write that a kill
-    cut short (as large as a checkpoint) is nobody's: removed, and said."""
-    stale = unfinished_checkpoint_writes(run_dir)
-    freed = sum(os.path.getsize(f) for f in stale)
-    for f in stale:
-        os.remove(f)
-    if stale:
-        print(f"resume: removed {len(stale)} unfinished checkpoint write(s) that a killed run left "
-              f"({freed / 2**20:.1f} MiB): {', '.join(os.path.basename(f) for f in stale)}")
+    cut short (as large as a checkpoint) is nobody's: removed, and said. Best effort: one that cannot be
+    removed is named and left, and the resume goes on."""
+    removed, freed = [], 0
+    for f in unfinished_checkpoint_writes(run_dir):
+        try:
+            size = os.path.getsize(f)
+            os.remove(f)
+        except OSError as e:
+            print(f"resume: could not remove the unfinished checkpoint write {f} ({e}); remove it by hand")
+            continue
+        removed.append(os.path.basename(f))
+        freed += size
+    if removed:
+        print(f"resume: removed {len(removed)} unfinished checkpoint write(s) that a killed run left "
+              f"({freed / 2**20:.1f} MiB): {', '.join(removed)}")
 
 
 def rewind_log(run_dir, step):
@@ -312,6 +319,11 @@ def resumed_folder(args, resumed, rank, world):
             rewind_log(run_dir, resumed.ckpt["step"])
         except SystemExit as e:
             refused = str(e.code)
+        except OSError as e:  # the folder cannot be set in order: every rank stops, not rank 0 alone
+            refused = f"--resume {resumed.path}: the run folder {run_dir} could not be prepared: {e}"
+            if lock is not None:
+                lock.release()
+                lock = None
     refused = from_rank0(refused, world)
     if refused:
         raise SystemExit(refused)

@@ -144,6 +144,37 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_one(tmp_path, capsys):
             in capsys.readouterr().out)
 
 
+def test_unfinished_writes_are_removed_best_effort_and_a_folder_that_fails_stops_with_one_line(
+        tmp_path, monkeypatch, capsys):
+    """remove_unfinished_writes names a write it cannot remove and goes on; any other OSError while the
+    resumed folder is set in order becomes the one refusal every rank raises."""
+    import run as run_module
+    for name in ("ckpt-0000004.pt.111.tmp", "ckpt-0000005.pt.222.tmp", "samples.png.333.tmp"):
+        (tmp_path / name).write_bytes(b"x" * 1024)
+    real_remove = os.remove
+
+    def remove(path):
+        if path.endswith(".111.tmp"):
+            raise PermissionError(13, "Permission denied", path)
+        real_remove(path)
+
+    monkeypatch.setattr(run_module.os, "remove", remove)
+    run_module.remove_unfinished_writes(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "could not remove the unfinished checkpoint write" in out and "ckpt-0000004.pt.111.tmp" in out
+    assert "removed 1 unfinished checkpoint write(s)" in out and "ckpt-0000005.pt.222.tmp" in out
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000004.pt.111.tmp", "samples.png.333.tmp"]
+
+    def broken_log(run_dir, step):
+        raise OSError(5, "Input/output error", os.path.join(run_dir, "log.jsonl"))
+
+    monkeypatch.setattr(run_module, "rewind_log", broken_log)
+    ckpt = os.path.join(str(tmp_path), "ckpt-0000003.pt")
+    resumed = Resumed(ckpt, dict(step=3), 0.0)
+    with pytest.raises(SystemExit, match=r"could not be prepared: \[Errno 5\] Input/output error"):
+        run_module.resumed_folder(SimpleNamespace(resume=ckpt), resumed, 0, 1)
+
+
 # ----------------------------------------------------------------- preemption ---
 
 def signalled_run(tmp_path, sig):
