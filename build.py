@@ -210,7 +210,9 @@ def data_files(dataset):
     if hasattr(dataset, "shards"):  # webdataset
         return list(dataset.shards)
     if hasattr(dataset, "cache_dir"):  # a latent cache: its metadata and the shards its meta.json names (not
-        # the folder's listing: a stray file there, such as a killed writer's .tmp, is no change of the data)
+        # the folder's listing: a stray file there, such as a killed writer's .tmp, is no change of the data;
+        # for a clean cache the two are the same list, so only a checkpoint fingerprinted while a stray file
+        # sat there sees a change, once: --accept-data-change)
         where, meta = dataset.cache_dir, dataset.meta
         return sorted([os.path.join(where, "meta.json"), os.path.join(where, "stats.json")]
                       + [shard_path(where, k, meta) for k in range(meta["num_shards"])])
