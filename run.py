@@ -549,9 +549,9 @@ def restore(ckpt, state, progress, proc, file="--resume"):
 
 def finish_distributed(world):
     """Leave the process group together (a no-op in one process). Together matters: once a process has
-    wrapped a model in DDP, torch (2.x, gloo at least) keeps the process group alive past
-    destroy_process_group, and a rank that exits while another is still in the group can abort at exit
-    (SIGABRT, "terminate called without an active exception"), failing a job whose work is done."""
+    wrapped a model in DDP, torch keeps the process group alive past destroy_process_group (seen with torch
+    2.14 and gloo), and a rank that exits while another is still in the group can abort at exit (SIGABRT,
+    "terminate called without an active exception"), failing a job whose work is done."""
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
