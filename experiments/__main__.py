@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--variants", default=None, help="routes / gates / padding / "
                    "drift / recipes: only these variants (comma-separated names as in the tables)")
     p.add_argument("--steps", type=int, default=None, help="steps per run: routes / gates / padding 800, "
-                   "drift and padding-converged 2000, recipes 300")
+                   "drift and padding-converged 2000, recipes 300, samplers 4000")
     p.add_argument("--corrs", default="0,0.9",
                    help="drift: class <-> size correlations rho of the data (train.py --size-corr)")
     p.add_argument("--drift-pairs", type=int, default=100, help="drift: (noise, class) pairs per run")
@@ -107,7 +107,7 @@ def main(argv=None):
     check_numbers(options)
     check_outputs(options)
     options.steps = options.steps or {"drift": 2000, "padding-converged": 2000, "recipes": 300,
-                          "samplers": 2000}.get(options.experiment, 800)
+                          "samplers": 4000}.get(options.experiment, 800)
     if options.experiment == "all":  # not drift, padding-converged and recipes: hours of CPU at their budgets
         for name in ("routes", "gates", "padding", "transfer", "figures"):
             EXPERIMENTS[name](options)
