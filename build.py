@@ -285,7 +285,6 @@ def read_source_facts(args, dataset, encoder=None, resumed=None, proc=None, init
                        data_fingerprint=shared_fingerprint(dataset, rank, world))
 
 
-
 #################################################################################
 #                         The network and its objective                         #
 #################################################################################

@@ -28,7 +28,6 @@ from typing import NamedTuple
 import torch
 
 from build import load_model, make_diffusion
-from checkpoint import read_checkpoint
 from config import run_sampling
 from diffusion import FLOW_SAMPLERS, T_MIN
 from shapes import EvalPlan, evaluate_shapes
@@ -39,7 +38,6 @@ from .common import (
     committed_record,
     device_name,
     interval,
-    last_ckpt,
     pyplot,
     run,
     save_figure,
@@ -135,7 +133,7 @@ def cell(options, model_name, method, nfe, seed):
                                     sampling=list(sampling),
                                     ode_rmse=ode_error(options, trained, sampling, seed),
                                     run=os.path.basename(run_dir),
-                                    ckpt_step=read_checkpoint(last_ckpt(run_dir))["step"]))
+                                    ckpt_step=trained.loaded.step))
 
 
 def samplers(options):
